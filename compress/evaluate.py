@@ -1,0 +1,20 @@
+"""Score an in-memory model: token-level held-out perplexity + lm-eval tasks."""
+from __future__ import annotations
+
+import time
+
+
+def evaluate(model, tokenizer, eval_config, progress: bool = True) -> dict:
+    from .eval.corpora import load_documents
+    from .eval.lm_eval_runner import run_lm_eval
+    from .eval.perplexity import perplexity
+    from .eval.windows import token_windows
+
+    start = time.perf_counter()
+    windows = token_windows(tokenizer, load_documents("wikipedia", "heldout"), eval_config.seq_len,
+                            eval_config.perplexity_windows)
+    result = {"perplexity": {**perplexity(model, windows, progress=progress), "seq_len": eval_config.seq_len}}
+    if eval_config.tasks:
+        result["lm_eval"] = run_lm_eval(model, tokenizer, list(eval_config.tasks), limit=eval_config.limit)
+    result["wall_time_s"] = time.perf_counter() - start
+    return result

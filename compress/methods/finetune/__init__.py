@@ -1,0 +1,4 @@
+from .apply import Finetune
+from .config import FinetuneConfig
+
+__all__ = ["Finetune", "FinetuneConfig"]

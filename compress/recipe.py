@@ -1,0 +1,139 @@
+"""Recipes: YAML -> a validated, frozen ``Recipe`` before any model is loaded.
+
+Stage configs come from the method registry and are told apart by their ``method``
+field (a pydantic discriminated union), so each method owns its own fields and errors
+carry the field path, e.g. ``stages[0].reduction``.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from .errors import CompressError
+from .registry import all_methods, suggest
+
+# Task names shipped in compress/eval/tasks plus our own token-level perplexity.
+EVAL_TASKS = ("wikipedia_ppl", "shakespeare_ppl", "wikipedia_lastword")
+CORPORA = ("wikipedia", "shakespeare")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CalibrationConfig(_Strict):
+    corpus: Literal[CORPORA] = "wikipedia"  # type: ignore[valid-type]
+    samples: int = Field(64, ge=1, le=100_000, description="number of calibration windows")
+    seq_len: int = Field(512, ge=8, le=32_768)
+
+
+class EvalConfig(_Strict):
+    tasks: list[str] = Field(default_factory=lambda: ["wikipedia_ppl"])
+    compare_dense: bool = True
+    # token-level held-out perplexity (DESIGN.md §4); None = every held-out window
+    perplexity_windows: int | None = Field(None, ge=1)
+    seq_len: int = Field(512, ge=8, le=32_768)
+    limit: int | None = Field(None, ge=1, description="lm-eval documents per task (None = all)")
+
+    @model_validator(mode="after")
+    def _known_tasks(self):
+        for task in self.tasks:
+            if task not in EVAL_TASKS:
+                raise ValueError(f"unknown eval task {task!r}{suggest(task, EVAL_TASKS)}; known: {', '.join(EVAL_TASKS)}")
+        return self
+
+
+class PushConfig(_Strict):
+    repo_id: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")
+    private: bool = True
+    revision: str | None = None
+
+
+class OutputConfig(_Strict):
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    push_to_hub: PushConfig | None = None
+
+
+def _stage_union():
+    configs = tuple(method.config_class for method in all_methods().values())
+    return Annotated[Union[configs], Field(discriminator="method")]  # noqa: UP007
+
+
+@functools.cache
+def recipe_model() -> type[BaseModel]:
+    """The Recipe pydantic model, built once the method registry is loaded."""
+    return create_model(
+        "Recipe",
+        __config__=ConfigDict(extra="forbid", frozen=True),
+        name=(str, Field(pattern=r"^[A-Za-z0-9][\w.-]*$")),
+        description=(str, ""),
+        stages=(list[_stage_union()], Field(min_length=1)),
+        calibration=(CalibrationConfig, CalibrationConfig()),
+        eval=(EvalConfig, EvalConfig()),
+        output=(OutputConfig, OutputConfig()),
+    )
+
+
+def _where(loc: tuple) -> str:
+    """('stages', 0, 'welore', 'reduction') -> 'stages[0].reduction' (drop the union tag)."""
+    methods = all_methods()
+    parts: list[str] = []
+    for i, item in enumerate(loc):
+        if isinstance(item, int):
+            parts[-1] += f"[{item}]" if parts else f"[{item}]"
+        elif item in methods and i > 0 and isinstance(loc[i - 1], int):
+            continue
+        else:
+            parts.append(str(item))
+    return ".".join(parts) or "recipe"
+
+
+def format_error(error: ValidationError) -> str:
+    """One line: the first problem with its field path, and how many more there are."""
+    errors = error.errors()
+    first = errors[0]
+    if first["type"] == "union_tag_invalid":
+        tag = first["ctx"]["tag"]
+        message = f"unknown method {tag!r}{suggest(tag, all_methods())}; known: {first['ctx']['expected_tags']}"
+        where = _where(first["loc"]) + ".method"
+    elif first["type"] == "union_tag_not_found":
+        message, where = "missing 'method'", _where(first["loc"])
+    else:
+        message = first["msg"].removeprefix("Value error, ")
+        where = _where(first["loc"])
+        if first["type"] == "extra_forbidden":
+            message = "unknown field"
+        if "input" in first and first["type"] not in ("missing", "extra_forbidden") and not isinstance(first["input"], dict):
+            message += f" (got {first['input']!r})"
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {message}{more}"
+
+
+def parse_recipe(data: dict, source: str = "recipe"):
+    if not isinstance(data, dict):
+        raise CompressError(f"{source}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return recipe_model().model_validate(data)
+    except ValidationError as exc:
+        raise CompressError(f"{source}: {format_error(exc)}") from None
+
+
+def load_recipe(path: str | Path):
+    path = Path(path)
+    if not path.is_file():
+        raise CompressError(f"recipe {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise CompressError(f"{path}:{line} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    return parse_recipe(data, str(path))
+
+
+def recipe_to_yaml(recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,135 @@
+"""report.json + report.md (tables) + plots for one run."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+PROTOCOL = (
+    "Protocol (DESIGN.md §4): compression ratio = fraction of the targeted modules' parameters removed; "
+    "perplexity = token-level exp(mean NLL) over non-overlapping windows of held-out Wikipedia "
+    "(articles with index % 4 == 0), dense baseline measured in the same run with the same settings; "
+    "lm-eval's *_ppl tasks report word perplexity (labelled as such)."
+)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        return f"{value:,.4g}" if abs(value) < 1e6 else f"{value:.3e}"
+    return str(value)
+
+
+def md_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def flatten_eval(evaluation: dict) -> dict[str, float]:
+    """{"wikipedia token perplexity": x, "wikipedia_ppl word_perplexity": y, ...}."""
+    flat = {}
+    if "perplexity" in evaluation:
+        flat["wikipedia held-out token perplexity"] = evaluation["perplexity"]["perplexity"]
+    for task, metrics in evaluation.get("lm_eval", {}).items():
+        for metric, value in metrics.items():
+            if not metric.endswith("_stderr"):
+                flat[f"{task} {metric} (lm-eval)"] = value
+    return flat
+
+
+def eval_rows(dense: dict | None, compressed: dict) -> list[list]:
+    compressed_flat, dense_flat = flatten_eval(compressed), flatten_eval(dense or {})
+    rows = []
+    for key, value in compressed_flat.items():
+        base = dense_flat.get(key)
+        ratio = value / base if base not in (None, 0) else None
+        rows.append([key, base, value, ratio])
+    return rows
+
+
+def render_markdown(report: dict) -> str:
+    size = report["size"]
+    out = [f"# {report['recipe']['name']}: {report['source']['id']}", "",
+           f"Base model: `{report['source'].get('base_model', '')}` ({report['source']['kind']}). "
+           f"Created {report['created']} with compress {report['versions']['compress']}.", "",
+           "## Size", "",
+           md_table(["", "dense", "compressed", "compressed / dense"], [
+               ["parameters (whole model)", size["params_before"], size["params_after"],
+                size["params_after"] / size["params_before"]],
+               ["parameters (targeted modules)", size["targeted_params_before"], size["targeted_params_after"],
+                size["targeted_params_after"] / max(size["targeted_params_before"], 1)],
+               ["bytes on disk (safetensors)", size["bytes_before"], size["bytes_after"],
+                size["bytes_after"] / size["bytes_before"]],
+           ]), "",
+           f"Compression ratio (targeted parameters removed): **{size['compression_ratio']:.1%}**.", ""]
+    out += ["## Evaluation", "", md_table(["metric", "dense", "compressed", "compressed / dense"],
+                                          eval_rows(report.get("eval_dense"), report["eval_compressed"])), "",
+            PROTOCOL, ""]
+    for i, stage in enumerate(report["stages"]):
+        out += [f"## Stage {i}: {stage['method']}", "",
+                md_table(["", "value"], [[k, v] for k, v in stage["summary"].items()]), ""]
+        if stage["rows"]:
+            headers = list(stage["rows"][0])
+            out += [md_table(headers, [[row.get(h) for h in headers] for row in stage["rows"]]), ""]
+    out += [f"![{name}]({name})" for name in report.get("figures", [])]
+    return "\n".join(out) + "\n"
+
+
+def plot_figures(report: dict, series: list[dict], folder: Path) -> list[str]:
+    """Rank kept per matrix and normalised spectra (low-rank stages); loss curves (training stages)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for i, (stage, extra) in enumerate(zip(report["stages"], series)):
+        rows = [r for r in stage["rows"] if "rank" in r]
+        if rows:
+            fig, ax = plt.subplots(figsize=(12, 4))
+            colors = ["tab:blue" if r.get("kind", "LRC") == "LRC" else "tab:gray" for r in rows]
+            ax.bar(range(len(rows)), [r["rank"] / r["full_rank"] for r in rows], color=colors, width=1.0)
+            ax.set(xlabel="targeted matrix (model order)", ylabel="rank kept / full rank", ylim=(0, 1.05),
+                   title=f"stage {i} ({stage['method']}): rank kept per matrix (grey = left dense)")
+            name = f"ranks_stage{i}.png"
+            fig.tight_layout(), fig.savefig(folder / name, dpi=110), plt.close(fig)
+            written.append(name)
+        if "spectra" in extra:
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            by_kind: dict[str, list] = {}
+            for module, spectrum in extra["spectra"].items():
+                by_kind.setdefault(module.rsplit(".", 1)[-1], []).append(spectrum)
+            for (kind, spectra), color in zip(sorted(by_kind.items()), plt.cm.tab10.colors):
+                for j, spectrum in enumerate(spectra):
+                    x = [k / (len(spectrum) - 1) for k in range(len(spectrum))]
+                    ax.plot(x, spectrum, color=color, alpha=0.35, lw=0.8, label=kind if j == 0 else None)
+            tau = stage["summary"].get("tau")
+            if tau is not None:
+                ax.axhline(tau, color="black", ls="--", lw=1, label=f"tau = {tau:.3f}")
+            ax.set(xlabel="singular value index / (rank - 1)", ylabel="normalised s'",
+                   title=f"stage {i}: normalised singular spectra", yscale="log", ylim=(1e-4, 1.1))
+            ax.legend(fontsize=8)
+            name = f"spectra_stage{i}.png"
+            fig.tight_layout(), fig.savefig(folder / name, dpi=110), plt.close(fig)
+            written.append(name)
+        if "train_loss" in extra:
+            fig, ax = plt.subplots(figsize=(7, 4))
+            ax.plot(extra["train_loss"])
+            ax.set(xlabel="step", ylabel="training loss", title=f"stage {i} ({stage['method']}): loss")
+            name = f"loss_stage{i}.png"
+            fig.tight_layout(), fig.savefig(folder / name, dpi=110), plt.close(fig)
+            written.append(name)
+    return written
+
+
+def write_report(report: dict, series: list[dict], folder: Path) -> None:
+    folder = Path(folder)
+    report["figures"] = plot_figures(report, series, folder)
+    (folder / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (folder / "report.md").write_text(render_markdown(report))
