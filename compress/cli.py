@@ -112,9 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """--quiet: silence the progress bars of transformers / huggingface_hub / datasets too."""
+    import os
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "quiet", False):
+            _quiet_libraries()
         args.func(args)
     except CompressError as exc:
         print(f"error: {exc}", file=sys.stderr)

