@@ -1,4 +1,4 @@
-"""`compress` command line: run / validate / ls / eval. Thin: parsing and printing only."""
+"""`compress` command line: run / validate / ls / eval / push. Thin: parsing and printing only."""
 from __future__ import annotations
 
 import argparse
@@ -80,6 +80,15 @@ def _cmd_eval(args) -> None:
         Path(args.json).write_text(json.dumps({"model": args.model_id, **result}, indent=2))
 
 
+def _cmd_push(args) -> None:
+    from .hub import describe_plan, plan_push, push_run
+
+    if args.dry_run:
+        print(describe_plan(plan_push(args.run_dir, args.repo_id, args.private, args.revision)))
+    else:
+        push_run(args.run_dir, args.repo_id, private=args.private, revision=args.revision)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compress", description="Compress pretrained language models, with numbers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="also write the results to this file")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=_cmd_eval)
+
+    push = sub.add_parser("push", help="upload a finished run folder to the Hugging Face Hub (one commit)")
+    push.add_argument("run_dir", type=Path, help="output folder of `compress run`")
+    push.add_argument("repo_id", help="owner/name on the hub (created if missing)")
+    visibility = push.add_mutually_exclusive_group()
+    visibility.add_argument("--private", dest="private", action="store_true", default=True,
+                            help="create the repo private (default; an existing repo keeps its visibility)")
+    visibility.add_argument("--public", dest="private", action="store_false", help="create the repo public")
+    push.add_argument("--revision", help="branch to commit to (created if missing; default: main)")
+    push.add_argument("--dry-run", action="store_true", help="print the files, sizes and model card; no network")
+    push.add_argument("--quiet", action="store_true", help="no progress bars")
+    push.set_defaults(func=_cmd_push)
     return parser
 
 

@@ -15,6 +15,9 @@ def evaluate(model, tokenizer, eval_config, progress: bool = True) -> dict:
                             eval_config.perplexity_windows)
     result = {"perplexity": {**perplexity(model, windows, progress=progress), "seq_len": eval_config.seq_len}}
     if eval_config.tasks:
-        result["lm_eval"] = run_lm_eval(model, tokenizer, list(eval_config.tasks), limit=eval_config.limit)
+        result["lm_eval"] = {}
+        for task in eval_config.tasks:  # one call per task: each has its own document limit
+            result["lm_eval"].update(run_lm_eval(model, tokenizer, [task], limit=eval_config.limit_for(task),
+                                                 max_length=eval_config.lm_eval_max_length))
     result["wall_time_s"] = time.perf_counter() - start
     return result

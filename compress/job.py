@@ -51,8 +51,14 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
     out = Path(out)
     if out.exists() and not overwrite:
         raise CompressError(f"output {out} already exists; pass --overwrite to replace it")
-    if recipe.output.push_to_hub is not None:
-        raise CompressError("output.push_to_hub: pushing is not available yet; use `compress push` later")
+    push = recipe.output.push_to_hub
+    if push is not None:  # fail before the heavy work, not after it
+        from .hub import resolve_token
+
+        try:
+            resolve_token()
+        except CompressError as exc:
+            raise CompressError(f"output.push_to_hub is set but {exc}; the run was not started") from None
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -114,4 +120,13 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
         }
         write_report(report, [r.series for r in results], tmp)
     echo(f"wrote {out}")
+    if push is not None:  # the run folder is complete and in place: a failed push leaves it intact
+        from .hub import push_run
+
+        try:
+            push_run(out, push.repo_id, private=push.private, revision=push.revision, echo=echo)
+        except CompressError as exc:
+            flags = ("" if push.private else " --public") + (f" --revision {push.revision}" if push.revision else "")
+            raise CompressError(f"{exc} (the run itself succeeded and is intact in {out}; retry with "
+                                f"`compress push {out} {push.repo_id}{flags}`)") from None
     return out

@@ -9,21 +9,17 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CompressError
+from .eval.cache import compress_cache_dir
 from .utils import atomic_folder
 
 MANIFEST = "compress_manifest.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress"))
 
 
 @dataclass(frozen=True)
@@ -106,7 +102,7 @@ def dequantize_gguf(path: Path, dtype=None):
 def ensure_bundled(alias: str) -> Path:
     """The cached safetensors folder of a bundled alias, converting it on first use."""
     entry = BUNDLED[alias]
-    folder = cache_dir() / "models" / alias
+    folder = compress_cache_dir() / "models" / alias
     if (folder / MANIFEST).is_file():
         return folder
     files = [_package_file(package, name, entry.pip) for package, name in entry.parts]

