@@ -116,14 +116,18 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in results/welore.json")
     args = parser.parse_args()
     if args.row:
         print(json.dumps(run_row(args.row[0], float(args.row[1]), args.windows, args.steps, args.model)))
         return
     plan = [("dense", 0.0)] + [(k, r) for r in REDUCTIONS for k in ("welore", "svd-uniform")]
     plan.append(("welore+finetune", 0.3))
-    rows = []
+    rows = json.loads((RESULTS / "welore.json").read_text()) if args.resume else []
+    done = {(r["method"], r["reduction"]) for r in rows}
     for kind, reduction in plan:
+        if (kind, reduction) in done:
+            continue
         cmd = [sys.executable, __file__, "--row", kind, str(reduction), "--windows", str(args.windows),
                "--steps", str(args.steps), "--model", args.model]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout

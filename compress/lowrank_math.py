@@ -39,3 +39,296 @@ def normalised_spectrum(weight: torch.Tensor) -> torch.Tensor:
     s = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False).S
     span = (s.max() - s.min()).clamp_min(torch.finfo(torch.float64).tiny)
     return (s - s.min()) / span
+
+
+# --------------------------------------------------------------------------------------------
+# Activation-aware decompositions. Convention: X is (in_features x tokens), so the input
+# covariance is C = X X^T (in x in); W is (out x in) and the layer computes W x.
+# Every function works in float64 and returns factors A (out x k), B (k x in), W ~= A B.
+# --------------------------------------------------------------------------------------------
+
+def damped_cholesky(cov: torch.Tensor, start: float = 1e-6, grow: float = 10.0,
+                    max_tries: int = 30) -> tuple[torch.Tensor, float]:
+    """Lower Cholesky factor L of ``cov + eps I`` (L L^T), with the smallest working damping.
+
+    ``eps`` starts at ``start * mean(diag(cov))`` (0 only if the matrix is exactly positive
+    definite already) and grows by ``grow`` until the factorisation succeeds, so rank-deficient
+    or all-zero activations still give a finite, invertible factor. Returns ``(L, eps)``.
+    """
+    cov = cov.detach().to(torch.float64)
+    cov = (cov + cov.T) / 2
+    n = cov.shape[0]
+    eye = torch.eye(n, dtype=cov.dtype, device=cov.device)
+    L, info = torch.linalg.cholesky_ex(cov)
+    if int(info) == 0 and torch.isfinite(L).all() and bool((L.diagonal() > 0).all()):
+        return L, 0.0
+    scale = float(cov.diagonal().mean().clamp_min(0))
+    eps = start * scale if scale > 0 and torch.isfinite(torch.tensor(scale)) else 1e-6
+    for _ in range(max_tries):
+        L, info = torch.linalg.cholesky_ex(cov + eps * eye)
+        if int(info) == 0 and torch.isfinite(L).all() and bool((L.diagonal() > 0).all()):
+            return L, eps
+        eps *= grow
+    raise FloatingPointError("damped_cholesky: covariance could not be factorised (non-finite entries?)")
+
+
+def shrink(cov: torch.Tensor, diag_source: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """``cov + shrinkage * diag(diag_source)``: shrink a covariance toward the diagonal.
+
+    Adding the same ``s diag(C_cc)`` to C_cc and to C_dc is exactly the least-squares problem
+    with extra pseudo-tokens ``sqrt(s C_ii) e_i`` on which the dense and the current inputs
+    agree: a ridge penalty that fights over-fitting the calibration set.
+    """
+    if shrinkage <= 0:
+        return cov.to(torch.float64)
+    return cov.to(torch.float64) + shrinkage * torch.diag(diag_source.to(torch.float64).diagonal())
+
+
+def _split_sqrt(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    root = S[:rank].clamp_min(0).sqrt()
+    return U[:, :rank] * root, root[:, None] * Vh[:rank]
+
+
+def asvd_factors(weight: torch.Tensor, abs_mean: torch.Tensor, rank: int,
+                 alpha: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """ASVD (arXiv 2312.05821): SVD of ``W diag(s)``, ``s = mean|x|^alpha``, then un-scale B.
+
+    Channels that carry large activations are kept more faithfully. ``s`` is clamped away
+    from zero (a channel that is never active gets the smallest positive scale seen).
+    """
+    W = weight.detach().to(torch.float64)
+    s = abs_mean.detach().to(torch.float64).clamp_min(0) ** alpha
+    positive = s[s > 0]
+    floor = float(positive.min()) if positive.numel() else 1.0
+    s = s.clamp_min(max(floor, 1e-12))
+    U, S, Vh = torch.linalg.svd(W * s, full_matrices=False)
+    A, B = _split_sqrt(U, S, Vh, rank)
+    return A, B / s
+
+
+def whitened_factors(weight: torch.Tensor, cov: torch.Tensor, rank: int, cross: torch.Tensor | None = None,
+                     shrinkage: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact rank-k minimiser of ``||W X_d - W' X_c||_F`` given only second moments.
+
+    ``cov = C_cc = X_c X_c^T`` (the inputs the compressed layer will see) and
+    ``cross = C_dc = X_d X_c^T`` (dense-model inputs against current inputs). With
+    ``cross=None`` the target is ``W X_c`` itself (C_dc = C_cc): that is SVD-LLM's
+    truncation-aware whitening (arXiv 2403.07378).
+
+    Derivation: with ``C_cc = L L^T`` the objective is ``const + ||W' L - W C_dc L^{-T}||_F^2``,
+    so ``W' = [W C_dc L^{-T}]_k L^{-1}`` (Eckart-Young on the whitened target). ``shrinkage``
+    adds ``s diag(C_cc)`` to both covariances first (see :func:`shrink`). Cholesky is damped
+    (:func:`damped_cholesky`), so rank-deficient activations stay finite.
+    """
+    W = weight.detach().to(torch.float64)
+    C = shrink(cov, cov, shrinkage)
+    L, _ = damped_cholesky(C)
+    if cross is None:
+        Z = W @ L  # W C L^{-T} = W L L^T L^{-T} = W L
+    else:
+        D = shrink(cross, cov, shrinkage)
+        # Z = W D L^{-T}  <=>  Z^T = L^{-1} (W D)^T
+        Z = torch.linalg.solve_triangular(L, (W @ D).T, upper=False).T
+    U, S, Vh = torch.linalg.svd(Z, full_matrices=False)
+    A, Bw = _split_sqrt(U, S, Vh, rank)
+    # B = Bw L^{-1}  <=>  B^T = L^{-T} Bw^T
+    B = torch.linalg.solve_triangular(L.T, Bw.T, upper=True).T
+    return A, B
+
+
+def output_error(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, cov: torch.Tensor,
+                 cross: torch.Tensor | None = None, dense_cov: torch.Tensor | None = None) -> float:
+    """``||W X_d - A B X_c||_F^2`` from second moments (``cross``/``dense_cov`` None: X_d = X_c)."""
+    W = weight.detach().to(torch.float64)
+    Wp = A.to(torch.float64) @ B.to(torch.float64)
+    cov = cov.to(torch.float64)
+    cross = cov if cross is None else cross.to(torch.float64)
+    dense_cov = cov if dense_cov is None else dense_cov.to(torch.float64)
+    value = (W @ dense_cov * W).sum() - 2 * (W @ cross * Wp).sum() + (Wp @ cov * Wp).sum()
+    return float(value)
+
+
+def refine_factors(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, cov: torch.Tensor,
+                   cross: torch.Tensor | None = None, shrinkage: float = 0.0,
+                   sweeps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form least-squares refits of ``||W X_d - A B X_c||_F`` (alternating, ``sweeps`` rounds).
+
+    B-step (A fixed): ``B = (A^T A)^{-1} A^T W C_dc C_cc^{-1}``; A-step (B fixed):
+    ``A = W C_dc B^T (B C_cc B^T)^{-1}``. Each step cannot increase the objective, so the
+    result is never worse than the input factors on the (shrunk) calibration statistics.
+    After :func:`whitened_factors` with the same ``cross``/``shrinkage`` it is already optimal.
+    """
+    W = weight.detach().to(torch.float64)
+    A, B = A.to(torch.float64), B.to(torch.float64)
+    C = shrink(cov, cov, shrinkage)
+    D = C if cross is None else shrink(cross, cov, shrinkage)
+    L, eps = damped_cholesky(C)
+    C = C + eps * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+    WD = W @ D
+    for _ in range(sweeps):
+        T = torch.cholesky_solve(WD.T, L).T  # W D C^{-1}
+        B = torch.linalg.lstsq(A, T).solution
+        G = B @ C @ B.T
+        Lg, _ = damped_cholesky(G, start=1e-10)
+        A = torch.cholesky_solve((WD @ B.T).T, Lg).T
+    # rebalance the scales of the two factors (keeps fine-tuning well conditioned)
+    na, nb = A.norm(dim=0), B.norm(dim=1)
+    ratio = torch.where((na > 0) & (nb > 0), (nb / na.clamp_min(1e-300)).sqrt(), torch.ones_like(na))
+    return A * ratio, B / ratio[:, None]
+
+
+def factors_for_budget_rank(out_features: int, in_features: int, params: int) -> int:
+    """Largest rank whose factors fit in ``params`` parameters (at least 1)."""
+    return max(1, params // (out_features + in_features))
+
+
+def truncation_error_profile(weight: torch.Tensor, cov: torch.Tensor, out_weights: torch.Tensor | None = None,
+                             backend: str = "whiten", abs_mean: torch.Tensor | None = None, alpha: float = 0.5,
+                             shrinkage: float = 0.0) -> torch.Tensor:
+    """Weighted output error ``sum_o f_o E[(W x - W'_k x)_o^2]`` for every rank k = 0 .. min(m, n).
+
+    ``W'_k`` is the backend's rank-k truncation (``svd``, ``asvd`` or ``whiten``; dense-target
+    coincides with ``whiten`` on dense statistics). All ranks come from one SVD: writing the
+    discarded part as ``U_{>k} diag(S_{>k}) R_{>k}`` the error is the tail sum of
+    ``G * M`` with ``G = U^T diag(f) U`` and ``M = diag(S) R C R^T diag(S)``. With ``f`` the
+    mean squared loss gradient per output channel (diagonal empirical Fisher) half of this is
+    a second-order estimate of the loss increase per token, comparable across matrices.
+    Returns float64 of length ``min(m, n) + 1`` (entry k = error at rank k; last entry 0).
+    """
+    W = weight.detach().to(torch.float64)
+    C = cov.detach().to(torch.float64)
+    f = torch.ones(W.shape[0], dtype=torch.float64, device=W.device) if out_weights is None \
+        else out_weights.detach().to(torch.float64)
+    if backend == "svd":
+        U, S, R = torch.linalg.svd(W, full_matrices=False)
+    elif backend == "asvd":
+        if abs_mean is None:
+            raise ValueError("asvd profile needs abs_mean")
+        s = abs_mean.detach().to(torch.float64).clamp_min(0) ** alpha
+        positive = s[s > 0]
+        s = s.clamp_min(max(float(positive.min()) if positive.numel() else 1.0, 1e-12))
+        U, S, Vh = torch.linalg.svd(W * s, full_matrices=False)
+        R = Vh / s
+    elif backend in ("whiten", "whiten_dense_target"):
+        L, _ = damped_cholesky(shrink(C, C, shrinkage))
+        U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
+        R = torch.linalg.solve_triangular(L.T, Vh.T, upper=True).T  # Vh L^{-1}
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
+    G = U.T @ (f[:, None] * U)
+    SR = S[:, None] * R
+    M = SR @ C @ SR.T
+    P = G * M
+    r = P.shape[0]
+    # tail(k) = sum_{i,j >= k} P_ij  via  tail(k) = tail(k+1) + P_kk + 2 sum_{j>k} P_kj
+    row_after = torch.flip(torch.cumsum(torch.flip(torch.triu(P, diagonal=1), dims=[1]), dim=1), dims=[1])[:, 0] \
+        if r else P.new_zeros(0)
+    contrib = P.diagonal() + 2 * row_after
+    tail = torch.flip(torch.cumsum(torch.flip(contrib, dims=[0]), dim=0), dims=[0])
+    return torch.cat([tail, tail.new_zeros(1)]).clamp_min(0)
+
+
+def allocate_ranks(curves: dict[str, tuple[int, int, torch.Tensor]], reduction: float,
+                   tolerance: float = 0.005, allow_dense: bool = True) -> dict[str, int | None]:
+    """Ranks minimising the summed loss curves under a global parameter budget.
+
+    ``curves[name] = (out_features, in_features, loss)`` with ``loss[k]`` the estimated loss at
+    rank k (k = 0 .. min(m, n)). A matrix either keeps a rank below its break-even rank or stays
+    dense (``None``, loss 0) when ``allow_dense``. The removed fraction lands in
+    ``[reduction, reduction + tolerance]``: a Lagrangian bisection on the price of a parameter
+    finds the convex-hull allocation, then a greedy pass spends what is left of the budget on
+    the rank increments with the best loss drop per parameter.
+    """
+    names = list(curves)
+    dense = {n: curves[n][0] * curves[n][1] for n in names}
+    total = sum(dense.values())
+    budget = int((1.0 - reduction) * total)
+    options = {}
+    for name in names:
+        m, n, loss = curves[name]
+        kmax = breakeven_rank(m, n)
+        ks = torch.arange(1, kmax + 1)
+        params = (ks * (m + n)).to(torch.float64)
+        losses = loss.to(torch.float64)[1:kmax + 1].clone()
+        # enforce monotone non-increasing loss in k (numerical noise)
+        losses = torch.cummin(losses, 0).values
+        if allow_dense:
+            params = torch.cat([params, params.new_tensor([float(m * n)])])
+            losses = torch.cat([losses, losses.new_zeros(1)])
+        options[name] = (params, losses)
+
+    def hull(params: torch.Tensor, losses: torch.Tensor) -> list[int]:
+        """Indices of the lower convex hull of (params, loss), from the cheapest option up."""
+        params, losses = params.tolist(), losses.tolist()
+        pts: list[int] = []
+        for i in range(len(params)):
+            while len(pts) >= 2:
+                a, b = pts[-2], pts[-1]
+                # drop b if it lies on or above the segment a -> i
+                cross = ((params[b] - params[a]) * (losses[i] - losses[a])
+                         - (params[i] - params[a]) * (losses[b] - losses[a]))
+                if cross <= 0:
+                    pts.pop()
+                else:
+                    break
+            pts.append(i)
+        return pts
+
+    import heapq
+
+    choice = {name: 0 for name in names}
+    spent = sum(float(options[n][0][0]) for n in names)
+    if spent > budget:
+        raise ValueError("allocate_ranks: budget unreachable even at rank 1 everywhere")
+    hulls = {name: hull(*options[name]) for name in names}
+    position = {name: 0 for name in names}
+    heap = []
+
+    def push(name):
+        h, p = hulls[name], position[name]
+        if p + 1 < len(h):
+            params, losses = options[name]
+            a, b = h[p], h[p + 1]
+            gain = float(losses[a] - losses[b]) / float(params[b] - params[a])
+            heapq.heappush(heap, (-gain, name))
+
+    for name in names:
+        push(name)
+    # greedy along each matrix's convex hull: the best loss drop per parameter first
+    while heap:
+        _, name = heapq.heappop(heap)
+        params = options[name][0]
+        nxt = hulls[name][position[name] + 1]
+        extra = float(params[nxt] - params[choice[name]])
+        if spent + extra > budget:
+            continue  # this matrix's next hull step does not fit: leave it where it is
+        spent += extra
+        choice[name] = nxt
+        position[name] += 1
+        push(name)
+    # greedy fill: single-step increases with the best loss drop per parameter that still fit
+    while True:
+        best, best_gain = None, 0.0
+        for name, i in choice.items():
+            params, losses = options[name]
+            if i + 1 >= len(params):
+                continue
+            extra = float(params[i + 1] - params[i])
+            if spent + extra > budget:
+                continue
+            gain = float(losses[i] - losses[i + 1]) / extra
+            if best is None or gain > best_gain:
+                best, best_gain = name, gain
+        if best is None:
+            break
+        spent += float(options[best][0][choice[best] + 1] - options[best][0][choice[best]])
+        choice[best] += 1
+    out = {}
+    for name, i in choice.items():
+        m, n, _ = curves[name]
+        kmax = breakeven_rank(m, n)
+        out[name] = None if i >= kmax else i + 1
+    achieved = 1 - spent / total
+    if achieved > reduction + tolerance + 1e-12:
+        raise ValueError(f"allocate_ranks: achieved {achieved:.4f}, outside the tolerance of {reduction}")
+    return out

@@ -240,7 +240,12 @@ def run_lm_eval(
 
 
 def _evaluate(model, tokenizer, names, include_dir, limit, batch_size, max_length, bootstrap_iters):
+    import logging
+
     import lm_eval
+
+    # lm-eval warns about passing an in-memory model, which is exactly what we mean to do
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 

@@ -6,11 +6,31 @@ from pydantic import Field
 
 from ..base import StageConfig
 
+Backend = Literal["svd", "asvd", "whiten", "whiten_dense_target"]
+
 
 class LowRankConfig(StageConfig):
-    """Truncated factorisation of each targeted Linear with the same parameter reduction everywhere."""
+    """Truncated factorisation of each targeted Linear under a parameter budget.
+
+    ``backend`` picks the decomposition (see ``compress.lowrank_math``): ``svd`` (data-free),
+    ``asvd`` (activation-scaled columns), ``whiten`` (SVD-LLM), ``whiten_dense_target`` (exact
+    rank-k fit of the *dense* layer's output from the compressed prefix's inputs). The
+    activation-aware backends calibrate layer by layer (``sequential``).
+    """
 
     method: Literal["lowrank"] = "lowrank"
-    reduction: float = Field(gt=0, lt=1, description="fraction of each targeted matrix's parameters to remove")
-    backend: Literal["svd"] = "svd"
-    allocation: Literal["uniform"] = "uniform"
+    reduction: float = Field(gt=0, lt=1, description="fraction of the targeted parameters to remove")
+    backend: Backend = "svd"
+    allocation: Literal["uniform", "sensitivity"] = Field(
+        "uniform", description="uniform: every matrix loses `reduction`; sensitivity: ranks chosen under the "
+                               "global budget by Fisher-weighted output error on calibration data")
+    alpha: float = Field(0.5, gt=0, le=2, description="asvd: columns scaled by mean|x|^alpha")
+    shrinkage: float = Field(0.0, ge=0, le=10, description="add shrinkage*diag(C) to the activation "
+                                                           "covariances (ridge against calibration over-fit)")
+    sequential: bool = Field(True, description="layer i calibrates on the outputs of compressed layers < i")
+    refine: bool = Field(False, description="closed-form least-squares refit of both factors against the dense "
+                                            "layer's outputs after truncation (a no-op after "
+                                            "whiten_dense_target; pair it with shrinkage > 0: unregularised it "
+                                            "over-fits small calibration sets badly)")
+    calibration_batch_size: int = Field(4, ge=1, le=1024)
+    sensitivity_windows: int = Field(16, ge=1, description="calibration windows used to measure sensitivities")

@@ -1,0 +1,290 @@
+"""Sequential layer-wise calibration: input statistics of targeted Linears, one decoder layer at a time.
+
+The engine captures the inputs of decoder layer 0 (hidden states plus the keyword arguments the
+model passes every layer: position embeddings, attention mask, ...), then walks the layers in
+order. For layer i it runs the layer over the calibration windows with forward pre-hooks on the
+layer's targeted Linears that accumulate
+
+* ``cov``    = sum x x^T over tokens of the *current* input (float64),
+* ``abs_mean`` = mean |x| per input channel, ``tokens`` = token count,
+* ``cross``  = sum x_dense x_current^T (optional): the input the dense model gives the module,
+  against the one the partly compressed model gives it (a parallel dense stream is kept),
+* ``dense_cov`` = sum x_dense x_dense^T (optional),
+
+hands them to a callback that replaces the layer's modules, and re-runs the compressed layer to
+produce layer i+1's inputs (``sequential=True``: layer i sees the compressed layers before it).
+Only hidden states ``[N, seq, hidden]`` (one per stream) are held, never every layer's
+activations. Modules that receive the very same input tensor (q/k/v, gate/up) share one
+accumulator, so each distinct covariance is computed once.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import CompressError
+from .targets import layer_index
+
+
+@dataclass
+class InputStats:
+    """Running sums for one distinct Linear input (possibly shared by several modules)."""
+
+    in_features: int
+    want_cross: bool = False
+    want_dense_cov: bool = False
+    cov: torch.Tensor | None = None
+    abs_sum: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
+    dense_cov: torch.Tensor | None = None
+    tokens: int = 0
+
+    def _zeros(self, device) -> torch.Tensor:
+        return torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=device)
+
+    def add_current(self, x: torch.Tensor, dense: torch.Tensor | None) -> None:
+        x = x.detach().reshape(-1, self.in_features).to(torch.float64)
+        if self.cov is None:
+            self.cov = self._zeros(x.device)
+            self.abs_sum = torch.zeros(self.in_features, dtype=torch.float64, device=x.device)
+        self.cov.addmm_(x.T, x)
+        self.abs_sum += x.abs().sum(0)
+        self.tokens += x.shape[0]
+        if dense is not None:
+            d = dense.detach().reshape(-1, self.in_features).to(torch.float64)
+            if self.want_cross:
+                if self.cross is None:
+                    self.cross = self._zeros(x.device)
+                self.cross.addmm_(d.T, x)
+            if self.want_dense_cov:
+                if self.dense_cov is None:
+                    self.dense_cov = self._zeros(x.device)
+                self.dense_cov.addmm_(d.T, d)
+
+    def as_dict(self) -> dict:
+        """Normalised (per-token) statistics, the ``stats`` a method's ``apply`` receives."""
+        if self.tokens == 0:
+            raise CompressError("activation statistics: a targeted module saw no tokens")
+        n = float(self.tokens)
+        out = {"cov": self.cov / n, "abs_mean": self.abs_sum / n, "tokens": self.tokens}
+        out["cross"] = None if self.cross is None else self.cross / n
+        out["dense_cov"] = None if self.dense_cov is None else self.dense_cov / n
+        return out
+
+
+class _Collector:
+    """Forward pre-hooks on one layer's targeted Linears (alias-aware)."""
+
+    def __init__(self, modules: dict[str, nn.Linear], want_cross: bool, want_dense_cov: bool):
+        self.modules = modules
+        self.want_cross, self.want_dense_cov = want_cross, want_dense_cov
+        self.stats: dict[str, InputStats] = {}
+        self.mode = "current"  # or "dense": stash the dense inputs for the next current pass
+        self.stash: dict[str, torch.Tensor] = {}
+        self._seen: list[tuple[torch.Tensor, str]] = []  # inputs seen in this layer call (held alive)
+        self._handles = []
+
+    def __enter__(self):
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._seen.clear()
+        self.stash.clear()
+
+    def new_call(self) -> None:
+        self._seen.clear()
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            x = args[0]
+            owner = next((n for seen, n in self._seen if seen is x), None)
+            self._seen.append((x, name))
+            if self.mode == "dense":
+                self.stash[name] = x
+                return None
+            if owner is not None:  # same tensor as an earlier module: share its accumulator
+                self.stats[name] = self.stats[owner]
+                return None
+            if name not in self.stats:
+                self.stats[name] = InputStats(x.shape[-1], self.want_cross, self.want_dense_cov)
+            dense = self.stash.get(name)
+            if (self.want_cross or self.want_dense_cov) and dense is None:
+                dense = x  # no dense stream (non-sequential): the dense input is the current one
+            self.stats[name].add_current(x, dense)
+            return None
+
+        return hook
+
+
+class _StopForward(Exception):
+    pass
+
+
+def decoder_layers(model: nn.Module, module_names) -> tuple[str, nn.ModuleList]:
+    """The ``...layers`` ModuleList that holds the targeted modules (by their dotted names)."""
+    prefixes = set()
+    for name in module_names:
+        idx = layer_index(name)
+        if idx is None:
+            raise CompressError(f"activation-aware methods need targets inside decoder layers; {name!r} is not")
+        head = name.split(f"layers.{idx}")[0]
+        prefixes.add(head + "layers")
+    if len(prefixes) != 1:
+        raise CompressError(f"targets span several layer stacks: {sorted(prefixes)}")
+    prefix = prefixes.pop()
+    layers = model.get_submodule(prefix)
+    if not isinstance(layers, nn.ModuleList):
+        raise CompressError(f"{prefix} is a {type(layers).__name__}, not a ModuleList of decoder layers")
+    return prefix, layers
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def layer_kinds(model: nn.Module, layers: nn.ModuleList) -> list:
+    """Per layer, the key of the keyword arguments it receives (``config.layer_types``, e.g. Gemma-3's
+    sliding vs full attention get different masks and rotary tables); ``None`` everywhere otherwise."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    types = getattr(config, "layer_types", None)
+    if types is None or len(types) < len(layers):
+        return [None] * len(layers)
+    return list(types[: len(layers)])
+
+
+def capture_layer0_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor,
+                          batch_size: int) -> tuple[list[torch.Tensor], dict]:
+    """Hidden states entering ``layers[0]`` per batch, and the keyword arguments each layer kind is
+    called with: ``{kind: [kwargs per batch]}`` (see :func:`layer_kinds`). The forward stops at the
+    first layer of the last kind, so usually only layer 0's inputs are computed."""
+    kinds = layer_kinds(model, layers)
+    first_of = {}
+    for i, kind in enumerate(kinds):
+        first_of.setdefault(kind, i)
+    stop_at = max(first_of.values())
+    hidden: list[torch.Tensor] = []
+    kwargs_by_kind: dict = {kind: [] for kind in first_of}
+
+    def grab(index, kind):
+        def hook(module, args, kwargs):
+            kwargs = dict(kwargs)
+            x = args[0] if args else kwargs.pop("hidden_states")
+            kwargs.pop("hidden_states", None)
+            if index == 0:
+                hidden.append(x.detach())
+            kwargs_by_kind[kind].append(kwargs)
+            if index == stop_at:
+                raise _StopForward
+        return hook
+
+    handles = [layers[i].register_forward_pre_hook(grab(i, kind), with_kwargs=True) for kind, i in first_of.items()]
+    device = _device(model)
+    try:
+        with torch.no_grad():
+            for batch in windows.split(batch_size):
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(hidden) != len(windows.split(batch_size)):
+        raise CompressError("could not capture the inputs of decoder layer 0 (was it called?)")
+    return hidden, kwargs_by_kind
+
+
+def _run(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = layer(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class EngineReport:
+    layers_calibrated: int = 0
+    tokens: int = 0
+    passes: int = 0
+    layer_seconds: list = field(default_factory=list)
+
+
+def calibrate_sequentially(model: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor,
+                           on_layer: Callable[[int, dict[str, nn.Module], dict[str, dict]], None], *,
+                           sequential: bool = True, cross: bool = False, dense_cov: bool = False,
+                           batch_size: int = 4) -> EngineReport:
+    """Walk decoder layers in order; call ``on_layer(index, {name: module}, {name: stats})`` per layer.
+
+    ``on_layer`` replaces (some of) the layer's modules, e.g. with ``replace_module``. With
+    ``sequential=True`` the layer is then re-run (compressed) to make the next layer's inputs,
+    so statistics of layer i reflect the already-compressed layers < i; with ``False`` every
+    layer sees dense inputs. ``cross``/``dense_cov`` keep a parallel dense stream (needed for
+    the dense-target objective); without ``sequential`` the two streams coincide.
+    """
+    import time
+
+    if windows is None or not isinstance(windows, torch.Tensor) or windows.dim() != 2:
+        raise CompressError("activation-aware methods need calibration windows (a [N, seq_len] token tensor)")
+    _, layers = decoder_layers(model, modules)
+    by_layer: dict[int, dict[str, nn.Module]] = {}
+    for name, module in modules.items():
+        by_layer.setdefault(layer_index(name), {})[name] = module
+    last = max(by_layer)
+    was_training = model.training
+    model.eval()
+    report = EngineReport(tokens=int(windows.numel()))
+    two_streams = sequential and (cross or dense_cov)
+    with torch.no_grad():
+        current, kwargs_by_kind = capture_layer0_inputs(model, layers, windows, batch_size)
+        kinds = layer_kinds(model, layers)
+        dense = list(current) if two_streams else None
+        for i in range(last + 1):
+            start = time.perf_counter()
+            layer = layers[i]
+            kwargs_list = kwargs_by_kind[kinds[i]]
+            targeted = by_layer.get(i)
+            if targeted is None:  # nothing to compress here: just carry the stream(s) forward
+                current = [_run(layer, h, kw) for h, kw in zip(current, kwargs_list)]
+                if dense is not None:
+                    dense = [_run(layer, h, kw) for h, kw in zip(dense, kwargs_list)]
+                continue
+            collector = _Collector(targeted, want_cross=cross, want_dense_cov=dense_cov)
+            next_dense = []
+            outputs = []
+            with collector:
+                for b, kw in enumerate(kwargs_list):
+                    if dense is not None:
+                        collector.mode = "dense"
+                        collector.new_call()
+                        next_dense.append(_run(layer, dense[b], kw))
+                    collector.mode = "current"
+                    collector.new_call()
+                    outputs.append(_run(layer, current[b], kw))
+                    collector.stash.clear()
+                    report.passes += 1
+            normalised: dict[int, dict] = {}  # shared accumulators are normalised once
+            stats = {name: normalised.setdefault(id(collector.stats[name]), collector.stats[name].as_dict())
+                     for name in targeted if name in collector.stats}
+            missing = [name for name in targeted if name not in stats]
+            if missing:
+                raise CompressError(f"activation statistics: {missing} were never called in layer {i}")
+            on_layer(i, targeted, stats)
+            del stats, collector
+            if sequential:
+                current = [_run(layer, h, kw) for h, kw in zip(current, kwargs_list)]
+                if dense is not None:
+                    dense = next_dense
+            else:
+                current = outputs  # the dense outputs (computed before compression)
+            report.layers_calibrated += 1
+            report.layer_seconds.append(time.perf_counter() - start)
+    model.train(was_training)
+    return report

@@ -1,0 +1,170 @@
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import compress  # noqa: F401  registers the checkpoint format
+from compress.activations import calibrate_sequentially
+from compress.checkpoint import mark_compressed
+from compress.lowrank_math import truncated_svd_factors
+from compress.methods.base import StageContext
+from compress.models import load_folder, save_folder
+from compress.modules import LowRankLinear
+from compress.pipeline import apply_stage
+from compress.recipe import parse_recipe
+from compress.targets import replace_module, select_modules
+
+from tests.tiny import make_tiny_llama
+
+TARGETS = [r"re:.*\.(q|k|v|o|gate|up|down)_proj$"]
+
+
+def _windows(n=6, seq=24, vocab=256, seed=0):
+    return torch.randint(3, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _direct_input_cov(model, name, windows):
+    xs = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, a: xs.append(a[0].detach()))
+    with torch.no_grad():
+        model(input_ids=windows, use_cache=False)
+    handle.remove()
+    X = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).double()
+    return X
+
+
+def test_sequential_stats_equal_direct_computation():
+    model = make_tiny_llama()
+    dense = copy.deepcopy(model)
+    windows = _windows()
+    modules = select_modules(model, TARGETS)
+    seen = {}
+
+    def on_layer(index, layer_modules, stats):
+        for name, module in layer_modules.items():
+            seen[name] = stats[name]
+            A, B = truncated_svd_factors(module.weight, 4)
+            replace_module(model, name, LowRankLinear.from_factors(A, B, module.bias))
+
+    calibrate_sequentially(model, modules, windows, on_layer, sequential=True, cross=True, dense_cov=True,
+                           batch_size=4)  # 6 windows: batches of 4 and 2
+    # layer 1's attention inputs depend only on layer 0, which is compressed in the final model
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.k_proj"):
+        Xc = _direct_input_cov(model, name, windows)
+        Xd = _direct_input_cov(dense, name, windows)
+        got = seen[name]
+        assert got["tokens"] == Xc.shape[0]
+        assert torch.allclose(got["cov"], Xc.T @ Xc / Xc.shape[0], rtol=1e-5, atol=1e-6)
+        assert torch.allclose(got["abs_mean"], Xc.abs().mean(0), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(got["cross"], Xd.T @ Xc / Xc.shape[0], rtol=1e-5, atol=1e-6)
+        assert torch.allclose(got["dense_cov"], Xd.T @ Xd / Xd.shape[0], rtol=1e-5, atol=1e-6)
+    # layer 1 really saw the compressed layer 0 (differs from the dense inputs)
+    q1 = seen["model.layers.1.self_attn.q_proj"]
+    assert not torch.allclose(q1["cov"], q1["dense_cov"], rtol=1e-3)
+    # q/k/v share their input: one accumulator
+    assert seen["model.layers.0.self_attn.q_proj"] is seen["model.layers.0.self_attn.v_proj"]
+
+
+def test_non_sequential_stats_are_the_dense_ones():
+    model = make_tiny_llama()
+    dense = copy.deepcopy(model)
+    windows = _windows()
+    seen = {}
+
+    def on_layer(index, layer_modules, stats):
+        for name, module in layer_modules.items():
+            seen[name] = stats[name]
+            A, B = truncated_svd_factors(module.weight, 2)
+            replace_module(model, name, LowRankLinear.from_factors(A, B, module.bias))
+
+    calibrate_sequentially(model, select_modules(model, TARGETS), windows, on_layer, sequential=False)
+    name = "model.layers.1.mlp.down_proj"
+    X = _direct_input_cov(dense, name, windows)
+    assert torch.allclose(seen[name]["cov"], X.T @ X / X.shape[0], rtol=1e-5, atol=1e-6)
+
+
+def _stage(**kw):
+    return parse_recipe({"name": "t", "stages": [{"method": "lowrank", "targets": TARGETS, **kw}]}).stages[0]
+
+
+def _loss(model, windows):
+    with torch.no_grad():
+        return float(model(input_ids=windows, labels=windows).loss)
+
+
+@pytest.mark.parametrize("backend,extra", [("asvd", {}), ("whiten", {}), ("whiten_dense_target", {"shrinkage": 0.1}),
+                                           ("whiten", {"refine": True}), ("svd", {"refine": True}),
+                                           ("whiten", {"sequential": False})])
+def test_backends_through_the_pipeline(backend, extra):
+    model = make_tiny_llama()
+    windows = _windows()
+    ctx = StageContext(None, lambda: windows, progress=False)
+    result = apply_stage(model, _stage(reduction=0.3, backend=backend, **extra), ctx)
+    assert result.summary["calibration"]["layers"] == 2
+    assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == 14
+    assert 0.3 <= result.summary["achieved_reduction"] < 0.33
+    for p in model.parameters():
+        assert torch.isfinite(p).all()
+
+
+def test_activation_aware_beats_plain_svd_on_calibration_loss():
+    windows = _windows(n=8, seq=32)
+    losses = {}
+    for backend in ("svd", "whiten"):
+        model = make_tiny_llama()
+        apply_stage(model, _stage(reduction=0.5, backend=backend), StageContext(None, lambda: windows, progress=False))
+        losses[backend] = _loss(model, windows)
+    dense = _loss(make_tiny_llama(), windows)
+    assert abs(losses["whiten"] - dense) < abs(losses["svd"] - dense)
+
+
+def test_sensitivity_allocation_meets_the_budget():
+    model = make_tiny_llama()
+    windows = _windows()
+    result = apply_stage(model, _stage(reduction=0.4, backend="whiten", allocation="sensitivity",
+                                       sensitivity_windows=4),
+                         StageContext(None, lambda: windows, progress=False))
+    assert 0.4 <= result.summary["achieved_reduction"] <= 0.405
+    ranks = {r["rank"] for r in result.rows}
+    assert len(ranks) > 1  # not uniform
+    assert result.summary["est_loss_increase"] >= 0
+
+
+def test_calibrated_model_save_load_round_trip(tmp_path, smol_tokenizer):
+    model = make_tiny_llama(vocab_size=len(smol_tokenizer))
+    windows = _windows(vocab=len(smol_tokenizer))
+    recipe = parse_recipe({"name": "t", "stages": [{"method": "lowrank", "targets": TARGETS, "reduction": 0.3,
+                                                    "backend": "whiten_dense_target", "shrinkage": 0.1}]})
+    apply_stage(model, recipe.stages[0], StageContext(smol_tokenizer, lambda: windows, progress=False))
+    mark_compressed(model, recipe.model_dump(mode="json"))
+    save_folder(model, smol_tokenizer, tmp_path / "m")
+    ids = windows[:2, :17]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    ours, _, _ = load_folder(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
+        assert torch.equal(model(ids).logits, ours(ids).logits)
+
+
+def test_engine_replays_per_layer_kind_kwargs_gemma3():
+    """Gemma-3 layers get different masks / rotary tables per layer type (sliding vs full)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                              max_position_embeddings=128)
+    model = Gemma3ForCausalLM(config).eval()
+    windows = _windows(n=3, seq=16)
+    seen = {}
+
+    def on_layer(index, layer_modules, stats):
+        seen.update(stats)
+
+    targets = select_modules(model, [r"re:.*\.(q_proj|down_proj)$"])
+    calibrate_sequentially(model, targets, windows, on_layer, sequential=True, batch_size=2)
+    for name in ("model.layers.2.self_attn.q_proj", "model.layers.2.mlp.down_proj", "model.layers.1.mlp.down_proj"):
+        X = _direct_input_cov(model, name, windows)
+        assert torch.allclose(seen[name]["cov"], X.T @ X / X.shape[0], rtol=1e-4, atol=1e-6), name
