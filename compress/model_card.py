@@ -123,8 +123,11 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _documents(n: int) -> str:
-    return f"{n} document" + ("" if n == 1 else "s")
+def _documents(limit) -> str:
+    """'8 documents' or, for per-task limits, 'wikipedia_ppl: 4 documents, wikipedia_lastword: 100 documents'."""
+    if isinstance(limit, dict):
+        return ", ".join(f"{task}: {_documents(n)}" for task, n in limit.items())
+    return f"the first {limit} document" + ("" if limit == 1 else "s")
 
 
 def eval_results(report: dict) -> list:
@@ -144,6 +147,7 @@ def eval_results(report: dict) -> list:
     limit = settings.get("limit")
     for task, metrics in (evaluation.get("lm_eval") or {}).items():
         dataset_type, dataset_name = _TASK_DATASETS.get(task, (task, task))
+        n = limit.get(task) if isinstance(limit, dict) else limit
         for metric, value in metrics.items():
             if metric.endswith("_stderr") or not _finite(value):
                 continue
@@ -151,7 +155,7 @@ def eval_results(report: dict) -> list:
                 task_type="text-generation", task_name=f"lm-eval {task}",
                 dataset_type=dataset_type, dataset_name=dataset_name, dataset_config=task, dataset_split="heldout",
                 metric_type=_METRIC_TYPES.get(metric, metric), metric_value=float(value),
-                metric_name=f"{task} {metric} (lm-eval" + (f", first {_documents(limit)})" if limit else ")")))
+                metric_name=f"{task} {metric} (lm-eval" + (f", {_documents(n)})" if n else ")")))
     return results
 
 
@@ -287,14 +291,17 @@ def render_body(run: RunFolder, repo_id: str, revision: str | None = None) -> st
     out += ["## Evaluation", "",
             _table(["metric", "dense", "compressed", "compressed / dense"],
                    eval_rows(report.get("eval_dense"), report["eval_compressed"])), ""]
+    limits = ev.get("limit")
+    limits = list(limits.values()) if isinstance(limits, dict) else ([limits] if limits else [])
     scope = [f"token perplexity over {ppl.get('windows', '?')} windows of {ppl.get('seq_len', ev.get('seq_len'))} tokens"]
     if ev.get("tasks"):
         scope.append(f"lm-eval tasks {', '.join(ev['tasks'])}"
-                     + (f" on the first {_documents(ev['limit'])} of each" if ev.get("limit") else " on all documents"))
+                     + (f" limited to {_documents(ev['limit'])}" + ("" if isinstance(ev["limit"], dict) else " of each")
+                        if ev.get("limit") else " on all documents"))
     out += ["Settings: " + "; ".join(scope) + ". "
             + ("The dense baseline was measured in the same run with the same settings. " if report.get("eval_dense")
                else "No dense baseline was measured in this run (`eval.compare_dense: false`). ")
-            + ("Small evaluations like this one are indicative only." if (ev.get("limit") or 0) and ev["limit"] < 50
+            + ("Small evaluations like this one are indicative only." if limits and min(limits) < 50
                else ""), "", PROTOCOL, ""]
 
     rev = f', revision="{revision}"' if revision else ""

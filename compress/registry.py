@@ -14,7 +14,10 @@ from .errors import CompressError
 _BUILTIN = {
     "welore": "compress.methods.welore",
     "lowrank": "compress.methods.lowrank",
+    "lowrank_attention": "compress.methods.lowrank_attention",
     "finetune": "compress.methods.finetune",
+    "dsformer": "compress.methods.dsformer",
+    "lost": "compress.methods.lost",
 }
 
 METHODS: dict = {}

@@ -35,7 +35,8 @@ def flatten_eval(evaluation: dict) -> dict[str, float]:
     """{"wikipedia token perplexity": x, "wikipedia_ppl word_perplexity": y, ...}."""
     flat = {}
     if "perplexity" in evaluation:
-        flat["wikipedia held-out token perplexity"] = evaluation["perplexity"]["perplexity"]
+        ppl = evaluation["perplexity"]
+        flat[f"wikipedia held-out token perplexity ({ppl['windows']} x {ppl.get('seq_len', 512)} tokens)"] = ppl["perplexity"]
     for task, metrics in evaluation.get("lm_eval", {}).items():
         for metric, value in metrics.items():
             if not metric.endswith("_stderr"):

@@ -3,8 +3,10 @@
 MODULE_TYPES maps the ``type`` written in a checkpoint's compression config to the
 class that rebuilds the empty module before its weights load.
 """
+from .dense_sparse import DenseSparseLinear
 from .lowrank import LowRankLinear
+from .lowrank_sparse import LowRankSparseLinear
 
-MODULE_TYPES = {LowRankLinear.spec_type: LowRankLinear}
+MODULE_TYPES = {cls.spec_type: cls for cls in (LowRankLinear, DenseSparseLinear, LowRankSparseLinear)}
 
-__all__ = ["LowRankLinear", "MODULE_TYPES"]
+__all__ = ["LowRankLinear", "DenseSparseLinear", "LowRankSparseLinear", "MODULE_TYPES"]

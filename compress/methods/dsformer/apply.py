@@ -1,0 +1,123 @@
+"""DSFormer: W ~= D S (dense x column-sparse), one-shot alternating IHT/least squares, optional STF training."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...modules import DenseSparseLinear
+from ...modules.dense_sparse import index_dtype_for
+from ...registry import register_method
+from ...targets import replace_module
+from ..base import ModelMethod, StageResult
+from .common import check_linear, factor_modules, input_scale, summarise, train_factors
+from .config import DSFormerConfig
+from .factorize import dense_sparse_factorize
+from .stf import STFDenseSparseLinear
+
+
+@dataclass(frozen=True)
+class DSShape:
+    k: int
+    s: int
+
+    def params(self, m: int, n: int) -> int:
+        return m * self.k + self.s * n
+
+
+def dsformer_shape(m: int, n: int, reduction: float, sparsity: float, nnz_per_column: int | None = None,
+                   pattern: str = "topk", budget_unit: str = "params", value_bytes: int = 4) -> DSShape | None:
+    """(k, s) for an m x n matrix keeping at most (1 - reduction) m n values (None = stays dense).
+
+    With ``budget_unit='bytes'`` each stored index costs index_bytes / value_bytes of a value.
+    """
+    budget = int((1.0 - reduction) * m * n)
+
+    def index_cost(k: int) -> float:
+        if budget_unit != "bytes":
+            return 1.0
+        return 1.0 + torch.empty(0, dtype=index_dtype_for(k)).element_size() / value_bytes
+
+    if nnz_per_column is not None:
+        s = nnz_per_column
+        k = int((budget - index_cost(budget // m) * s * n) // m)
+        k = int((budget - index_cost(k) * s * n) // m)
+    elif pattern == "2:4":
+        k = int(budget / (m + index_cost(budget // m) * n / 2)) // 4 * 4
+        s = k // 2
+    else:
+        density = 1.0 - sparsity
+        k = int(budget / (m + index_cost(budget // m) * density * n))
+        s = max(1, round(density * k))
+        k = int((budget - index_cost(k) * s * n) // m)
+    if k < 1 or s < 1 or s > k:
+        return None
+    if pattern != "2:4" and nnz_per_column is None:  # spend what rounding left over on more non-zeros
+        s = min(k, s + int((budget - m * k - index_cost(k) * s * n) // (index_cost(k) * n)))
+    shape = DSShape(k, s)
+    if shape.params(m, n) >= m * n or shape.params(m, n) > budget:
+        return None
+    return shape
+
+
+@register_method
+class DSFormer(ModelMethod):
+    name = "dsformer"
+    config_class = DSFormerConfig
+    summary = "DSFormer: W ~= D S with s non-zeros per column of S (IHT/ALS one-shot, optional STF training)"
+
+    def plan(self, modules: dict[str, nn.Module], config: DSFormerConfig, ctx) -> tuple[dict, StageResult]:
+        decisions, result = {}, StageResult(self.name)
+        for name, module in modules.items():
+            check_linear(self.name, name, module)
+            m, n = module.out_features, module.in_features
+            shape = dsformer_shape(m, n, config.reduction, config.column_sparsity, config.nnz_per_column,
+                                   config.pattern, config.budget_unit, module.weight.element_size())
+            decisions[name] = shape
+            after = shape.params(m, n) if shape else m * n
+            index_bytes = shape.s * n * torch.empty(0, dtype=index_dtype_for(shape.k)).element_size() if shape else 0
+            result.rows.append({"module": name, "shape": f"{m}x{n}", "k": shape.k if shape else None,
+                                "s": shape.s if shape else None, "replaced": shape is not None,
+                                "params_before": m * n, "params_after": after, "index_bytes": index_bytes})
+        summarise(result, config.reduction)
+        result.summary.update({"sparsity": config.column_sparsity, "pattern": config.pattern,
+                               "budget_unit": config.budget_unit, "scaling": config.scaling})
+        return decisions, result
+
+    def factor(self, name: str, module: nn.Linear, config: DSFormerConfig, shape: DSShape,
+               stats: dict | None) -> tuple[DenseSparseLinear, dict]:
+        scale = input_scale(stats, config.alpha) if config.scaling == "activation" else None
+        factors = dense_sparse_factorize(module.weight, shape.k, shape.s, config.iters, config.cg_steps,
+                                         config.pattern, scale, config.seed)
+        dtype = module.weight.dtype
+        layer = DenseSparseLinear.from_dense_factors(factors.D.to(module.weight.device, dtype),
+                                                     factors.S.to(module.weight.device, dtype), shape.s,
+                                                     module.bias, config.pattern)
+        info = {"rel_error": factors.final_error, "init_rel_error": factors.initial_error,
+                "svd_rel_error": factors.svd_error}
+        return layer, info
+
+    def apply(self, name, module, config, decision, stats):
+        return self.factor(name, module, config, decision, stats)[0]
+
+    def train(self, model: nn.Module, names: list[str], config: DSFormerConfig, ctx) -> dict:
+        """STF training of the DenseSparseLinear modules ``names``: dense latents during training,
+        compact (values, indices) again afterwards. Returns the finetune summary and series."""
+        for name in names:
+            replace_module(model, name, STFDenseSparseLinear(model.get_submodule(name)))
+        try:
+            return train_factors(model, names, config, ctx)
+        finally:
+            for name in names:
+                module = model.get_submodule(name)
+                if isinstance(module, STFDenseSparseLinear):
+                    replace_module(model, name, module.to_compact().requires_grad_(False))
+
+    def run(self, model: nn.Module, config: DSFormerConfig, ctx) -> StageResult:
+        result, made = factor_modules(self, model, config, ctx, "dsformer")
+        if config.steps and made:
+            trained = self.train(model, list(made), config, ctx)
+            result.summary["training"] = trained["summary"]
+            result.series["train_loss"] = trained["series"].get("train_loss", [])
+        return result

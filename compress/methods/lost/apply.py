@@ -1,0 +1,85 @@
+"""LOST: SVD split + channel-wise sparse residual, W ~= U_r V_r + S_c; optional training."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ...modules import LowRankSparseLinear
+from ...registry import register_method
+from ..base import ModelMethod, StageResult
+from ..dsformer.common import check_linear, factor_modules, input_scale, summarise, train_factors
+from .config import LostConfig
+from .factorize import lowrank_sparse_factorize
+
+INDEX_BYTES = 4  # sc_channels are int32
+
+
+@dataclass(frozen=True)
+class LostShape:
+    rank: int
+    channels: int
+
+    def params(self, m: int, n: int) -> int:
+        return self.rank * (m + n) + self.channels * m
+
+
+def lost_shape(m: int, n: int, reduction: float, sparse_fraction: float) -> LostShape | None:
+    """(r, c) keeping at most (1 - reduction) m n values, ``sparse_fraction`` of them in S_c."""
+    budget = int((1.0 - reduction) * m * n)
+    channels = min(int(sparse_fraction * budget // m), n)
+    rank = min((budget - channels * m) // (m + n), min(m, n))
+    if rank < 1:
+        return None
+    if channels:  # spend what rounding left over on more channels
+        channels = min(n, channels + (budget - channels * m - rank * (m + n)) // m)
+    shape = LostShape(rank, channels)
+    return shape if shape.params(m, n) < m * n else None
+
+
+@register_method
+class Lost(ModelMethod):
+    name = "lost"
+    config_class = LostConfig
+    summary = "LOST: top-r SVD factors + the residual's largest input channels kept exactly (optional training)"
+
+    def plan(self, modules: dict[str, nn.Module], config: LostConfig, ctx) -> tuple[dict, StageResult]:
+        decisions, result = {}, StageResult(self.name)
+        for name, module in modules.items():
+            check_linear(self.name, name, module)
+            m, n = module.out_features, module.in_features
+            shape = lost_shape(m, n, config.reduction, config.sparse_fraction)
+            decisions[name] = shape
+            result.rows.append({"module": name, "shape": f"{m}x{n}", "rank": shape.rank if shape else None,
+                                "channels": shape.channels if shape else None, "replaced": shape is not None,
+                                "params_before": m * n, "params_after": shape.params(m, n) if shape else m * n,
+                                "index_bytes": INDEX_BYTES * shape.channels if shape else 0})
+        summarise(result, config.reduction)
+        result.summary.update({"sparse_fraction": config.sparse_fraction, "scaling": config.scaling})
+        return decisions, result
+
+    def factor(self, name: str, module: nn.Linear, config: LostConfig, shape: LostShape,
+               stats: dict | None) -> tuple[LowRankSparseLinear, dict]:
+        scale = input_scale(stats, config.alpha) if config.scaling == "activation" else None
+        f = lowrank_sparse_factorize(module.weight, shape.rank, shape.channels, config.refine_iters, scale)
+        weight = module.weight
+        layer = LowRankSparseLinear.from_factors(f.U.to(weight.device, weight.dtype),
+                                                 f.V.to(weight.device, weight.dtype),
+                                                 f.sc_values.to(weight.device, weight.dtype),
+                                                 f.sc_channels.to(weight.device), module.bias)
+        return layer, {"rel_error": f.error, "plain_rel_error": f.plain_error, "svd_rel_error": f.svd_error}
+
+    def apply(self, name, module, config, decision, stats):
+        return self.factor(name, module, config, decision, stats)[0]
+
+    def train(self, model: nn.Module, names: list[str], config: LostConfig, ctx) -> dict:
+        """Train U, V and S_c's values of the modules ``names`` (channels stay fixed)."""
+        return train_factors(model, names, config, ctx)
+
+    def run(self, model: nn.Module, config: LostConfig, ctx) -> StageResult:
+        result, made = factor_modules(self, model, config, ctx, "lost")
+        if config.steps and made:
+            trained = self.train(model, list(made), config, ctx)
+            result.summary["training"] = trained["summary"]
+            result.series["train_loss"] = trained["series"].get("train_loss", [])
+        return result
