@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,7 @@ def run_row(kind: str, reduction: float, windows: int, steps: int, model_id: str
     held = token_windows(tokenizer, load_documents("wikipedia", "heldout"), 512, windows)
     row["perplexity"] = perplexity(model, held, batch_size=4, progress=False)["perplexity"]
     row["peak_rss_bytes"] = peak_rss_bytes()
+    row["load_avg_1m"] = os.getloadavg()[0]  # > 2 on this 2-core machine: wall times are inflated
     return row
 
 
@@ -87,13 +89,19 @@ def render(rows: list[dict], windows: int, steps: int) -> str:
                       r["perplexity"] / dense["perplexity"], f"{r['compress_wall_s']:.1f}",
                       f"{r['peak_rss_bytes'] / 2**30:.2f}"])
     ft = [r for r in rows if r["method"] == "welore+finetune"]
+    loads = [r["load_avg_1m"] for r in rows if "load_avg_1m" in r]
+    contention = ("Wall times here are NOT clean: the machine was shared with other jobs while this table ran "
+                  "(load average up to ~9 on 2 cores; rows measured before load was recorded were run under "
+                  "the same conditions), so compression wall times are inflated several-fold (a profile of WeLore "
+                  "on this model under lighter load took 68 s, of which 54 s are the 210 SVDs for the spectra)."
+                  if not loads or max(loads) > 3 else f"Load average during the rows: at most {max(loads):.1f}.")
     lines = [
         "# WeLore on SmolLM2-135M", "",
         f"Measured {time.strftime('%Y-%m-%d')} on 2 CPU cores by `python bench/welore.py`. Targets: every "
         "q/k/v/o/gate/up/down projection (30 layers, 210 matrices, 106.2M parameters). Perplexity: token-level "
         f"exp(mean NLL) over the first {windows} non-overlapping 512-token windows of held-out Wikipedia "
         "(articles with index % 4 == 0), dense measured by the same script. Bytes: fp32 safetensors. "
-        "Each row runs in a fresh process (wall time and peak RSS are that row's).", "",
+        "Each row runs in a fresh process (wall time and peak RSS are that row's). " + contention, "",
         md_table(["method", "requested", "targeted params removed", "whole-model params", "MB on disk",
                   "held-out ppl", "ppl / dense", "compress wall s", "peak RSS GiB"], table), "",
     ]
@@ -103,10 +111,17 @@ def render(rows: list[dict], windows: int, steps: int) -> str:
                   f"= {f['tokens']:,} tokens of calibration Wikipedia), {f['wall_time_s']:.0f} s on CPU; "
                   f"calibration loss {f['calibration_loss_before']:.3f} -> {f['calibration_loss_after']:.3f}. "
                   "Only the LRC factors train (everything else frozen).", ""]
-    lines += ["Reading: data-free low-rank factorisation of a 135M model hurts badly at every ratio; WeLore's "
-              "non-uniform ranks hurt far less than uniform-rank SVD at the same parameter budget, and the "
-              "short LRC fine-tune buys back part of the loss. Activation-aware factorisation (issue 3) is "
-              "the path to usable quality.", ""]
+    pairs = [(w, u) for w in rows if w["method"] == "welore"
+             for u in rows if u["method"] == "svd-uniform" and u["reduction"] == w["reduction"]]
+    if pairs:
+        better = sum(w["perplexity"] < u["perplexity"] for w, u in pairs)
+        lines += [f"Reading: WeLore's non-uniform ranks beat uniform-rank SVD at {better} of {len(pairs)} measured "
+                  "ratios, but data-free low-rank factorisation destroys this 135M model at every ratio: its "
+                  "normalised spectra are flat (see a run's `spectra_stage0.png`: most s' stay above 0.1), so one "
+                  "global threshold must cut deep into many matrices, and a matrix is only factorised when that "
+                  "saves parameters (k(m+n) < mn), so every LRC loses at least a quarter of its rank (more for "
+                  "the square and k/v matrices). Activation-aware factorisation (issue 3) is the path to usable "
+                  "quality.", ""]
     return "\n".join(lines)
 
 
