@@ -83,6 +83,7 @@ def factor_modules(method, model: nn.Module, config, ctx, where: str) -> tuple[S
         for name, module in progress_iter(list(chosen.items()), f"{method.name}: factorise", ctx.progress):
             replace(name, module, None)
     result.summary["factorise_wall_time_s"] = time.perf_counter() - start
+    summarise(result, config.reduction)  # factor() may have refined a row (e.g. lost's automatic split)
     errors = [rows[n] for n in made]
     if errors:
         result.summary["mean_rel_error"] = sum(r["rel_error"] for r in errors) / len(errors)

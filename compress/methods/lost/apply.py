@@ -10,7 +10,7 @@ from ...registry import register_method
 from ..base import ModelMethod, StageResult
 from ..dsformer.common import check_linear, factor_modules, input_scale, summarise, train_factors
 from .config import LostConfig
-from .factorize import lowrank_sparse_factorize
+from .factorize import best_split, lowrank_sparse_factorize
 
 INDEX_BYTES = 4  # sc_channels are int32
 
@@ -19,21 +19,24 @@ INDEX_BYTES = 4  # sc_channels are int32
 class LostShape:
     rank: int
     channels: int
+    budget: int = 0
+    auto: bool = False  # the split is chosen per matrix in ``factor`` (rank/channels here: plain SVD)
 
     def params(self, m: int, n: int) -> int:
         return self.rank * (m + n) + self.channels * m
 
 
-def lost_shape(m: int, n: int, reduction: float, sparse_fraction: float) -> LostShape | None:
+def lost_shape(m: int, n: int, reduction: float, sparse_fraction: float | str) -> LostShape | None:
     """(r, c) keeping at most (1 - reduction) m n values, ``sparse_fraction`` of them in S_c."""
     budget = int((1.0 - reduction) * m * n)
-    channels = min(int(sparse_fraction * budget // m), n)
+    auto = sparse_fraction == "auto"
+    channels = 0 if auto else min(int(sparse_fraction * budget // m), n)
     rank = min((budget - channels * m) // (m + n), min(m, n))
     if rank < 1:
         return None
     if channels:  # spend what rounding left over on more channels
         channels = min(n, channels + (budget - channels * m - rank * (m + n)) // m)
-    shape = LostShape(rank, channels)
+    shape = LostShape(rank, channels, budget, auto)
     return shape if shape.params(m, n) < m * n else None
 
 
@@ -61,13 +64,19 @@ class Lost(ModelMethod):
     def factor(self, name: str, module: nn.Linear, config: LostConfig, shape: LostShape,
                stats: dict | None) -> tuple[LowRankSparseLinear, dict]:
         scale = input_scale(stats, config.alpha) if config.scaling == "activation" else None
+        m, n = module.out_features, module.in_features
+        if shape.auto:
+            rank, channels, _ = best_split(module.weight, shape.budget, scale)
+            shape = LostShape(rank, channels, shape.budget, True)
         f = lowrank_sparse_factorize(module.weight, shape.rank, shape.channels, config.refine_iters, scale)
         weight = module.weight
         layer = LowRankSparseLinear.from_factors(f.U.to(weight.device, weight.dtype),
                                                  f.V.to(weight.device, weight.dtype),
                                                  f.sc_values.to(weight.device, weight.dtype),
                                                  f.sc_channels.to(weight.device), module.bias)
-        return layer, {"rel_error": f.error, "plain_rel_error": f.plain_error, "svd_rel_error": f.svd_error}
+        return layer, {"rel_error": f.error, "plain_rel_error": f.plain_error, "svd_rel_error": f.svd_error,
+                       "rank": shape.rank, "channels": shape.channels, "params_after": shape.params(m, n),
+                       "index_bytes": INDEX_BYTES * shape.channels}
 
     def apply(self, name, module, config, decision, stats):
         return self.factor(name, module, config, decision, stats)[0]
