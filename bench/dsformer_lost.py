@@ -2,8 +2,8 @@
 
 Targets: gate/up/down projections of all 30 layers (90 matrices, 79.6M parameters). Each cell
 (row, reduction) runs in its own subprocess, one at a time, so wall time and peak RSS are that
-cell's alone. A cell with training measures the one-shot model first, then trains and measures
-again in the same process (the one-shot numbers are the row without training).
+cell's alone. For the rows in TRAINED the one-shot cell also saves its compressed checkpoint,
+and the ``<row>+train`` cell loads it, trains it (--steps) and measures again; cells stay short.
 Results accumulate in dsformer_lost.json; a cell is re-measured only with --force.
 
 Protocol (DESIGN.md section 4): perplexity is token-level exp(mean NLL) over the first --windows
@@ -71,7 +71,14 @@ def _measure(model, tokenizer, held, row: dict, prefix: str = "") -> None:
         row["params_after"] = count_params(model)
 
 
+def _checkpoint(name: str, reduction: float) -> Path:
+    from compress.eval.cache import compress_cache_dir
+
+    return compress_cache_dir() / "bench" / "dsformer_lost" / f"{name}-{reduction}"
+
+
 def run_cell(name: str, reduction: float, args) -> dict:
+    """One cell. ``<row>+train`` loads the one-shot checkpoint its ``<row>`` cell saved and trains it."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -81,27 +88,35 @@ def run_cell(name: str, reduction: float, args) -> dict:
     from compress.eval.windows import token_windows
     from compress.job import count_params
     from compress.methods.base import StageContext
-    from compress.models import load_model
+    from compress.models import load_folder, load_model, save_folder
+    from compress.modules import MODULE_TYPES
     from compress.pipeline import apply_stage
     from compress.recipe import parse_recipe
     from compress.registry import get_method
     from compress.utils import peak_rss_bytes
 
     torch.manual_seed(0)
-    loaded = load_model(args.model)
-    model, tokenizer = loaded.model, loaded.tokenizer
+    train = name.endswith("+train")
+    base = name.removesuffix("+train")
+    if train:
+        folder = _checkpoint(base, reduction)
+        if not folder.is_dir():
+            raise SystemExit(f"{folder} is missing: run the one-shot cell {base}:{reduction} first")
+        model, tokenizer, _ = load_folder(folder)
+    else:
+        loaded = load_model(args.model)
+        model, tokenizer = loaded.model, loaded.tokenizer
     held = token_windows(tokenizer, load_documents("wikipedia", "heldout"), 512, args.windows)
-    train = name in TRAINED and args.steps > 0
-    samples = max(SCALING_WINDOWS, args.steps * args.batch_size) if train else SCALING_WINDOWS
     row = {"row": name, "reduction": reduction, "params_before": count_params(model), "threads": args.threads,
            "eval_windows": int(held.shape[0]), "eval_tokens": int(held.numel())}
-    stage = stage_for(name, reduction, args.iters)
+    stage = stage_for(base, reduction, args.iters)
     if stage is None:
         _measure(model, tokenizer, held, row)
         row["compress_wall_s"] = 0.0
         row["peak_rss_bytes"] = peak_rss_bytes()
         return row
 
+    samples = max(SCALING_WINDOWS, args.steps * args.batch_size) if train else SCALING_WINDOWS
     recipe = parse_recipe({"name": "bench", "stages": [stage],
                            "calibration": {"samples": samples, "seq_len": args.seq_len}})
     cache = {}
@@ -112,6 +127,26 @@ def run_cell(name: str, reduction: float, args) -> dict:
         return cache["w"]
 
     ctx = StageContext(tokenizer, windows, progress=False)
+    if train:
+        tcfg = {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "warmup_steps": args.warmup,
+                "schedule": "cosine", "eval_windows": 4}
+        start = time.perf_counter()
+        if stage["method"] == "lowrank":  # the fair baseline: the finetune method on the low-rank factors
+            ft = parse_recipe({"name": "bench", "stages": [{"method": "finetune", **tcfg}]}).stages[0]
+            summary = apply_stage(model, ft, ctx).summary
+        else:
+            method = get_method(stage["method"])
+            config = type(recipe.stages[0]).model_validate({**recipe.stages[0].model_dump(), **tcfg})
+            types = tuple(MODULE_TYPES.values())
+            names = [n for n, m in model.named_modules() if isinstance(m, types)]
+            summary = method.train(model, names, config, ctx)["summary"]
+        row["train_wall_s"] = time.perf_counter() - start
+        row.update({"train_" + k: summary[k] for k in ("steps", "tokens", "calibration_loss_before",
+                                                       "calibration_loss_after", "lr")})
+        _measure(model, tokenizer, held, row, prefix="trained_")
+        row["peak_rss_bytes"] = peak_rss_bytes()
+        return row
+
     start = time.perf_counter()
     result = apply_stage(model, recipe.stages[0], ctx)
     row["compress_wall_s"] = time.perf_counter() - start
@@ -125,24 +160,8 @@ def run_cell(name: str, reduction: float, args) -> dict:
     row["shapes"] = sorted({(r["shape"], r.get("k") or r.get("rank"), r.get("s") or r.get("channels"))
                             for r in result.rows}, key=str)
     _measure(model, tokenizer, held, row)
-
-    if train:
-        tcfg = {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "warmup_steps": args.warmup,
-                "schedule": "cosine", "eval_windows": 4}
-        start = time.perf_counter()
-        if stage["method"] == "lowrank":  # the fair baseline: the finetune method on the low-rank factors
-            ft = parse_recipe({"name": "bench", "stages": [{"method": "finetune", **tcfg}]}).stages[0]
-            summary = apply_stage(model, ft, ctx).summary
-        else:
-            method = get_method(stage["method"])
-            config = recipe.stages[0].model_copy(update=tcfg)
-            config = type(config).model_validate(config.model_dump())  # re-validate the updated fields
-            names = [r["module"] for r in result.rows if r["replaced"]]
-            summary = method.train(model, names, config, ctx)["summary"]
-        row["train_wall_s"] = time.perf_counter() - start
-        row.update({"train_" + k: summary[k] for k in ("steps", "tokens", "calibration_loss_before",
-                                                       "calibration_loss_after", "lr")})
-        _measure(model, tokenizer, held, row, prefix="trained_")
+    if base in TRAINED and args.steps > 0:  # for the <row>+train cell
+        save_folder(model, tokenizer, _checkpoint(base, reduction))
     row["peak_rss_bytes"] = peak_rss_bytes()
     return row
 
@@ -169,7 +188,9 @@ def render(cells: dict, args) -> str:
                 f"{c['bytes'] / 1e6:.1f}", f"{c['index_bytes'] / 1e6:.2f}",
                 f"{c['mean_rel_error']:.3f}" if "mean_rel_error" in c else "-",
                 c["perplexity"], c["perplexity"] / dppl if dppl else "-", f"{c['compress_wall_s']:.0f}"])
-            if "trained_perplexity" in c:
+            t = cell(name + "+train", red) or (c if "trained_perplexity" in c else None)
+            if t is not None:
+                c = {**t, "perplexity": c["perplexity"]}
                 trained.append([name, f"{red:.0%}", c["perplexity"], c["trained_perplexity"],
                                 c["trained_perplexity"] / dppl if dppl else "-", c["train_steps"],
                                 f"{c['train_tokens']:,}",
@@ -213,7 +234,7 @@ def render(cells: dict, args) -> str:
         lines += ["Factor shapes (every layer alike): " + "; ".join(shapes) + ". The plain SVD ranks at the same "
                   "budget are 293 (30 %) and 209 (50 %).", ""]
     if trained:
-        first = next(cells[k] for k in cells if "trained_perplexity" in cells[k])
+        first = next(c for c in cells.values() if "trained_perplexity" in c)
         lines += [
             "## With a short training run", "",
             f"{first['train_steps']} steps of AdamW (lr {first['train_lr']:g}, cosine, {args.warmup} warm-up steps, "
@@ -250,10 +271,12 @@ def main() -> None:
     store = RESULTS / "dsformer_lost.json"
     cells = json.loads(store.read_text()) if store.is_file() else {}
     plan = ["dense:0.0"] + [f"{name}:{red}" for red in REDUCTIONS for name in ROWS if name != "dense"]
+    plan += [f"{name}+train:{red}" for red in REDUCTIONS for name in TRAINED]
     if args.cells:
         plan = args.cells
     for key in [] if args.render else plan:
-        if key in cells and not args.force:
+        if (key in cells or key.replace("+train", "") in cells and "trained_perplexity" in
+                cells[key.replace("+train", "")]) and not args.force:
             continue
         name, red = key.split(":")
         cmd = [sys.executable, __file__, "--row", name, red]

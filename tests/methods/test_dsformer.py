@@ -49,6 +49,8 @@ def test_budget_is_met_and_counted(tiny_llama, kw):
 
 def test_shape_never_costs_more_than_dense():
     assert dsformer_shape(1, 100, 0.3, 0.75) is None  # even s = 1 does not fit the budget
+    assert dsformer_shape(576, 1536, 0.05, 0.75) is None  # 5 % fewer values, but more bytes with the indices
+    assert dsformer_shape(576, 1536, 0.05, 0.75, budget_unit="bytes") is not None
     shape = dsformer_shape(576, 1536, 0.3, 0.75)
     assert shape.params(576, 1536) <= 0.7 * 576 * 1536 and shape.k > 576 > shape.s
     by_bytes = dsformer_shape(576, 1536, 0.3, 0.75, budget_unit="bytes")
@@ -117,7 +119,8 @@ def test_activation_scaling_runs_layer_by_layer(tiny_llama):
     (dict(reduction=0.3, pattern="2:4", sparsity=0.7), "stages[0]: pattern '2:4'"),
     (dict(reduction=0.3, steps=5, warmup_steps=5), "warmup_steps"),
     (dict(reduction=0.3, rank=4), "stages[0].rank: unknown field"),
-    (dict(reduction=0.3, scaling="whiten"), "stages[0].scaling"),
+    (dict(reduction=0.3, scaling="pca"), "stages[0].scaling"),
+    (dict(reduction=0.3, scaling="whiten", shrinkage=-1), "stages[0].shrinkage"),
     (dict(), "stages[0].reduction"),
 ])
 def test_bad_configs_are_rejected_with_the_field_path(kw, message):
@@ -131,3 +134,35 @@ def test_non_linear_targets_are_rejected(tiny_llama):
                                                    "reduction": 0.3}]}).stages[0]
     with pytest.raises(CompressError, match="not a Linear"):
         apply_stage(tiny_llama, stage, CTX)
+
+
+def _correlated_covariance(n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(512, n, generator=gen) * torch.exp(torch.randn(n, generator=gen))
+    X = X + 0.7 * X[:, torch.randperm(n, generator=gen)]
+    return X.T.double() @ X.double() / 512
+
+
+def test_whitened_fit_minimises_the_output_error():
+    from compress.methods.dsformer.factorize import shrunk_covariance
+
+    gen = torch.Generator().manual_seed(3)
+    W = torch.randn(24, 40, generator=gen)
+    C = shrunk_covariance(_correlated_covariance(40), 0.05)
+    f = dense_sparse_factorize(W, 16, 4, iters=25, cov=C)
+    assert (f.S != 0).sum(0).le(4).all()
+    L = torch.linalg.cholesky(C).float()
+
+    def out_err(D, S):
+        return float((((W - D @ S) @ L).norm() / (W @ L).norm()))
+
+    assert out_err(f.D, f.S) == pytest.approx(f.final_error, rel=1e-3)
+    assert f.final_error < 0.8 * f.initial_error
+    diag = dense_sparse_factorize(W, 16, 4, iters=25, scale=C.diagonal().sqrt())
+    assert f.final_error < out_err(diag.D, diag.S)  # the full covariance beats its diagonal
+
+
+def test_whitened_stage_runs(tiny_llama):
+    result = apply_stage(tiny_llama, _stage(reduction=0.4, iters=3, scaling="whiten"), CTX)
+    assert result.summary["calibration"]["layers"] == 2 and result.summary["replaced"] == 6
+    assert torch.isfinite(tiny_llama(_windows()[:2]).logits).all()

@@ -114,3 +114,33 @@ def test_automatic_split_in_a_stage(tiny_llama):
     for row in result.rows:
         assert (row["rank"], row["channels"]) == (layers[row["module"]].rank, layers[row["module"]].channels)
         assert row["rel_error"] <= row["svd_rel_error"] + 1e-6
+
+
+def test_whitened_lost_picks_channels_by_output_error():
+    from compress.methods.dsformer.factorize import shrunk_covariance
+
+    gen = torch.Generator().manual_seed(5)
+    W = torch.randn(30, 50, generator=gen) / 5
+    X = torch.randn(400, 50, generator=gen) * torch.exp(1.5 * torch.randn(50, generator=gen))
+    X = X + 0.5 * X.roll(1, 1)
+    C = shrunk_covariance(X.T.double() @ X.double() / 400, 0.05)
+    ours = lowrank_sparse_factorize(W, 5, 6, refine_iters=0, cov=C)
+    for seed in range(3):
+        rand = lowrank_sparse_factorize(W, 5, 6, refine_iters=0, cov=C, select="random", seed=seed)
+        assert ours.error < rand.error
+    refined = lowrank_sparse_factorize(W, 5, 6, refine_iters=3, cov=C)
+    assert refined.error <= ours.error
+    layer = LowRankSparseLinear.from_factors(refined.U, refined.V, refined.sc_values, refined.sc_channels)
+    L = torch.linalg.cholesky(C).float()
+    err = float(((W - layer.weight.detach()) @ L).norm() / (W @ L).norm())
+    assert err == pytest.approx(refined.error, rel=1e-4)
+    budget = 5 * 80 + 6 * 30
+    rank, channels, split_err = best_split(W, budget, cov=C)
+    assert rank * 80 + channels * 30 <= budget
+    assert split_err <= lowrank_sparse_factorize(W, budget // 80, 0, cov=C).error + 1e-9  # c = 0 is a candidate
+
+
+def test_whitened_auto_stage_runs(tiny_llama):
+    result = apply_stage(tiny_llama, _stage(reduction=0.4, scaling="whiten", sparse_fraction="auto"), CTX)
+    assert result.summary["replaced"] == 6 and result.summary["achieved_reduction"] >= 0.4
+    assert all(r["rel_error"] <= r["svd_rel_error"] + 1e-6 for r in result.rows)

@@ -11,7 +11,7 @@ from ...modules.dense_sparse import index_dtype_for
 from ...registry import register_method
 from ...targets import replace_module
 from ..base import ModelMethod, StageResult
-from .common import check_linear, factor_modules, input_scale, summarise, train_factors
+from .common import check_linear, factor_modules, fit_weights, summarise, train_factors
 from .config import DSFormerConfig
 from .factorize import dense_sparse_factorize
 from .stf import STFDenseSparseLinear
@@ -56,8 +56,11 @@ def dsformer_shape(m: int, n: int, reduction: float, sparsity: float, nnz_per_co
     if pattern != "2:4" and nnz_per_column is None:  # spend what rounding left over on more non-zeros
         s = min(k, s + int((budget - m * k - index_cost(k) * s * n) // (index_cost(k) * n)))
     shape = DSShape(k, s)
-    if shape.params(m, n) >= m * n or shape.params(m, n) > budget:
+    if shape.params(m, n) > budget or shape.params(m, n) >= m * n:
         return None
+    index_bytes = torch.empty(0, dtype=index_dtype_for(k)).element_size()
+    if m * k * value_bytes + s * n * (value_bytes + index_bytes) >= m * n * value_bytes:
+        return None  # fewer values but no fewer bytes: not worth replacing
     return shape
 
 
@@ -87,9 +90,8 @@ class DSFormer(ModelMethod):
 
     def factor(self, name: str, module: nn.Linear, config: DSFormerConfig, shape: DSShape,
                stats: dict | None) -> tuple[DenseSparseLinear, dict]:
-        scale = input_scale(stats, config.alpha) if config.scaling == "activation" else None
         factors = dense_sparse_factorize(module.weight, shape.k, shape.s, config.iters, config.cg_steps,
-                                         config.pattern, scale, config.seed)
+                                         config.pattern, seed=config.seed, **fit_weights(stats, config))
         dtype = module.weight.dtype
         layer = DenseSparseLinear.from_dense_factors(factors.D.to(module.weight.device, dtype),
                                                      factors.S.to(module.weight.device, dtype), shape.s,

@@ -20,6 +20,17 @@ from ...utils import progress_iter
 from ..base import StageResult
 
 
+def fit_weights(stats: dict | None, config) -> dict:
+    """Keyword arguments for the factorisers: ``scale`` (activation), ``cov`` (whiten) or nothing."""
+    if config.scaling == "activation":
+        return {"scale": input_scale(stats, config.alpha)}
+    if config.scaling == "whiten":
+        from .factorize import shrunk_covariance
+
+        return {"cov": shrunk_covariance(stats["cov"], config.shrinkage)}
+    return {}
+
+
 def input_scale(stats: dict | None, alpha: float) -> torch.Tensor | None:
     """a_j = rms(x_j)^alpha, normalised to mean 1, floored at 1e-3 (dead channels keep some weight)."""
     if stats is None:
@@ -66,7 +77,7 @@ def factor_modules(method, model: nn.Module, config, ctx, where: str) -> tuple[S
         made[name] = new
 
     start = time.perf_counter()
-    if chosen and config.scaling == "activation":
+    if chosen and config.scaling != "none":
         from ...activations import calibrate_sequentially
 
         def on_layer(index, layer_modules, stats):

@@ -31,17 +31,20 @@ class FactorTrainingFields(BaseModel):
 
 
 class ScalingFields(BaseModel):
-    """Per-input-channel error weights for the one-shot fit (diagonal activation scaling).
+    """What the one-shot fit minimises.
 
-    ``none``: fit ||W - W_hat||_F (data-free). ``activation``: fit ||(W - W_hat) diag(a)||_F with
-    a_j = rms(x_j)^alpha measured on calibration windows, layer by layer (each layer sees the
-    already-compressed layers before it). A diagonal scale keeps column supports, so it suits both
-    dsformer's column-sparse S and lost's channel-sparse S_c.
+    ``none``: ||W - W_hat||_F (data-free). ``activation``: ||(W - W_hat) diag(a)||_F with
+    a_j = rms(x_j)^alpha (a diagonal scale keeps column supports, so it suits both dsformer's
+    column-sparse S and lost's channel-sparse S_c). ``whiten``: the expected output error
+    tr((W - W_hat) C (W - W_hat)^T) with C = E[x x^T] + shrinkage diag(E[x x^T]), the full input
+    covariance. Statistics come from calibration windows, layer by layer (each layer sees the
+    already-compressed layers before it).
     """
 
-    scaling: Literal["none", "activation"] = "none"
+    scaling: Literal["none", "activation", "whiten"] = "none"
     alpha: float = Field(1.0, gt=0, le=2, description="activation scaling exponent: a_j = rms(x_j)^alpha "
                                                        "(1 = the diagonal of the input covariance)")
+    shrinkage: float = Field(0.05, ge=0, le=10, description="whiten: add shrinkage * diag(C) to the covariance")
     scaling_windows: int = Field(32, ge=1, description="calibration windows used for the statistics (at most)")
     calibration_batch_size: int = Field(4, ge=1, le=1024)
 

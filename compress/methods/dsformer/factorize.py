@@ -12,6 +12,10 @@ data-free), started from the truncated SVD:
   with the worst-approximated column's residual (the K-SVD trick).
 
 Column scaling by a > 0 keeps every column's support, so S diag(1/a) is the factor of W.
+With a full input covariance C (``cov``, "whitening") the objective is tr((W - D S) C (W - D S)^T):
+the start is the SVD of W L (C = L L^T) mapped back by L^-1, the IHT gradient is D^T (D S - W) C,
+CG runs on the support of all columns jointly (C couples them) and the D-step is
+D = W C S^T (S C S^T)^-1.
 The best iterate (lowest error) is returned, so the result is never worse than the projected SVD.
 """
 from __future__ import annotations
@@ -74,30 +78,31 @@ def _cg_on_support(G: torch.Tensor, B: torch.Tensor, X: torch.Tensor, mask: torc
     return X
 
 
-def dense_sparse_factorize(W: torch.Tensor, k: int, s: int, iters: int = 40, cg_steps: int = 4,
-                           pattern: str = "topk", scale: torch.Tensor | None = None,
-                           seed: int = 0) -> DenseSparseFactors:
-    """Factor ``W`` [m, n] as D [m, k] @ S [k, n] (s non-zeros per column of S); float32 maths.
+def _cg_on_support_coupled(G: torch.Tensor, C: torch.Tensor, B: torch.Tensor, X: torch.Tensor,
+                           mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """CG on min 1/2 tr(X^T G X C) - tr(X^T B) over X supported on ``mask`` (all columns jointly)."""
+    R = (B - G @ X @ C) * mask
+    P = R.clone()
+    rs = float((R * R).sum())
+    for _ in range(steps):
+        if rs <= 1e-30:
+            break
+        AP = (G @ P @ C) * mask
+        alpha = rs / max(float((P * AP).sum()), 1e-30)
+        X = X + alpha * P
+        R = R - alpha * AP
+        rs_new = float((R * R).sum())
+        P = R + (rs_new / rs) * P
+        rs = rs_new
+    return X
 
-    ``scale`` [n] (optional, > 0) weights the error of input channel j by scale[j].
-    Returns factors of W itself (the scale is undone), in float32.
-    """
-    m, n = W.shape
-    if not 1 <= s <= k:
-        raise ValueError(f"need 1 <= s <= k, got s={s}, k={k}")
-    if pattern == "2:4" and (k % 4 or 2 * s != k):
-        raise ValueError(f"pattern 2:4 needs k divisible by 4 and s = k/2, got k={k}, s={s}")
-    Wf = W.detach().float()
-    if scale is not None:
-        Wf = Wf * scale.float()[None, :]
-    norm = Wf.norm().clamp_min(torch.finfo(torch.float32).tiny)
 
-    U, sig, Vh = torch.linalg.svd(Wf.double(), full_matrices=False)
-    energy = sig.pow(2)
-    svd_rank = min((m * k + s * n) // (m + n), sig.numel())
-    svd_error = float((energy[svd_rank:].sum() / energy.sum().clamp_min(1e-300)).sqrt())
+def _init_dictionary(Wt: torch.Tensor, k: int, seed: int):
+    """D [m, k] (unit columns) and coefficients [k, n] from the SVD of Wt (random extra atoms if k > rank)."""
+    m, n = Wt.shape
+    U, sig, Vh = torch.linalg.svd(Wt.double(), full_matrices=False)
     r0 = min(k, sig.numel())
-    device = Wf.device
+    device = Wt.device
     D = torch.zeros(m, k, device=device)
     S = torch.zeros(k, n, device=device)
     D[:, :r0] = U[:, :r0].float()
@@ -106,6 +111,122 @@ def dense_sparse_factorize(W: torch.Tensor, k: int, s: int, iters: int = 40, cg_
         gen = torch.Generator().manual_seed(seed)
         extra = torch.randn(m, k - r0, generator=gen).to(device)
         D[:, r0:] = extra / extra.norm(dim=0)
+    return D, S, sig
+
+
+def _svd_error(sig: torch.Tensor, m: int, n: int, k: int, s: int) -> float:
+    energy = sig.pow(2)
+    svd_rank = min((m * k + s * n) // (m + n), sig.numel())
+    return float((energy[svd_rank:].sum() / energy.sum().clamp_min(1e-300)).sqrt())
+
+
+def _reseed_and_normalise(D, S, residual_fn):
+    norms = D.norm(dim=0)
+    dead = (norms < 1e-8) | (S.abs().sum(1) == 0)
+    if bool(dead.any()):  # re-seed unused atoms with the worst-fitted columns' residuals
+        D, S = D.clone(), S.clone()
+        residual = residual_fn(D, S)
+        worst = residual.norm(dim=0).topk(int(dead.sum())).indices
+        D[:, dead] = residual[:, worst]
+        S[dead] = 0
+        norms = D.norm(dim=0)
+    norms = norms.clamp_min(1e-12)
+    return D / norms, S * norms[:, None]
+
+
+def shrunk_covariance(cov: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """C + shrinkage diag(C) + a tiny ridge (float64): keeps the Cholesky factor well defined."""
+    C = cov.detach().to(torch.float64)
+    diag = C.diagonal().clamp_min(0)
+    return C + torch.diag(shrinkage * diag + 1e-8 * diag.mean().clamp_min(1e-30))
+
+
+def robust_cholesky(C: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of a PSD matrix, adding a growing ridge (relative to its mean diagonal) if needed."""
+    scale = C.diagonal().mean().clamp_min(1e-30)
+    for ridge in (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
+        L, info = torch.linalg.cholesky_ex(C + ridge * scale * torch.eye(C.shape[0], dtype=C.dtype, device=C.device))
+        if int(info) == 0:
+            return L
+    raise ValueError("covariance is not positive definite even with a 1e-2 ridge")
+
+
+def _factorize_whitened(W, k, s, cov, iters, cg_steps, pattern, seed) -> DenseSparseFactors:
+    m, n = W.shape
+    # Jacobi preconditioning: with a = sqrt(diag C), (W - D S) C (W - D S)^T equals the same form in
+    # W a, S a and the correlation matrix C / (a a^T); the per-column support is unchanged by a.
+    C64 = cov.to(device=W.device, dtype=torch.float64)
+    a64 = C64.diagonal().clamp_min(1e-30).sqrt()
+    C64 = C64 / (a64[:, None] * a64[None, :])
+    a = a64.float()
+    Wf = W.detach().float() * a[None, :]
+    L64 = robust_cholesky(C64)
+    C, L = C64.float(), L64.float()
+    WL = Wf @ L
+    total = WL.pow(2).sum().clamp_min(1e-30)
+    D, Sw, sig = _init_dictionary(WL, k, seed)
+    # whitened coefficients -> coefficients of x: S L = Sw  =>  S = Sw L^-1
+    S = torch.linalg.solve_triangular(L64, Sw.double(), upper=False, left=False).float()
+    S = project_columns(S, s, pattern)
+    WC = Wf @ C
+    c_max = _largest_eigenvalue(C)
+
+    def residual_w(D, S):
+        return (Wf - D @ S) @ L
+
+    def error(D, S):
+        return float((residual_w(D, S).pow(2).sum() / total).sqrt())
+
+    errors = [error(D, S)]
+    best = (errors[0], D, S)
+    eye = torch.eye(k, device=Wf.device)
+    for _ in range(iters):
+        G = D.T @ D
+        B = D.T @ WC
+        step = 1.0 / max(_largest_eigenvalue(G) * c_max, 1e-12)
+        S = project_columns(S - step * (G @ S @ C - B), s, pattern)
+        if cg_steps:
+            S = _cg_on_support_coupled(G, C, B, S, S != 0, cg_steps)
+        SC = S @ C
+        gram = SC @ S.T
+        ridge = 1e-6 * gram.diagonal().mean().clamp_min(1e-12)
+        chol, info = torch.linalg.cholesky_ex(gram + ridge * eye)
+        if int(info) == 0:
+            D = torch.cholesky_solve((WC @ S.T).T, chol).T
+        D, S = _reseed_and_normalise(D, S, residual_w)
+        errors.append(error(D, S))
+        if errors[-1] < best[0]:
+            best = (errors[-1], D, S)
+    _, D, S = best
+    return DenseSparseFactors(D, S / a[None, :], errors, _svd_error(sig, m, n, k, s))
+
+
+def dense_sparse_factorize(W: torch.Tensor, k: int, s: int, iters: int = 40, cg_steps: int = 4,
+                           pattern: str = "topk", scale: torch.Tensor | None = None,
+                           seed: int = 0, cov: torch.Tensor | None = None) -> DenseSparseFactors:
+    """Factor ``W`` [m, n] as D [m, k] @ S [k, n] (s non-zeros per column of S); float32 maths.
+
+    ``scale`` [n] (optional, > 0) weights the error of input channel j by scale[j]; ``cov`` [n, n]
+    (optional, positive definite, e.g. from ``shrunk_covariance``) weights it by the full input
+    covariance. Returns factors of W itself, in float32; errors are relative in the weighted norm.
+    """
+    m, n = W.shape
+    if not 1 <= s <= k:
+        raise ValueError(f"need 1 <= s <= k, got s={s}, k={k}")
+    if pattern == "2:4" and (k % 4 or 2 * s != k):
+        raise ValueError(f"pattern 2:4 needs k divisible by 4 and s = k/2, got k={k}, s={s}")
+    if scale is not None and cov is not None:
+        raise ValueError("give at most one of scale and cov")
+    if cov is not None:
+        return _factorize_whitened(W, k, s, cov, iters, cg_steps, pattern, seed)
+    Wf = W.detach().float()
+    if scale is not None:
+        Wf = Wf * scale.float()[None, :]
+    norm = Wf.norm().clamp_min(torch.finfo(torch.float32).tiny)
+
+    D, S, sig = _init_dictionary(Wf, k, seed)
+    svd_error = _svd_error(sig, m, n, k, s)
+    device = Wf.device
     S = project_columns(S, s, pattern)
 
     def error(D, S):
@@ -128,17 +249,7 @@ def dense_sparse_factorize(W: torch.Tensor, k: int, s: int, iters: int = 40, cg_
         chol, info = torch.linalg.cholesky_ex(gram + ridge * eye)
         if int(info) == 0:
             D = torch.cholesky_solve((Wf @ S.T).T, chol).T
-        norms = D.norm(dim=0)
-        dead = (norms < 1e-8) | (S.abs().sum(1) == 0)
-        if bool(dead.any()):  # re-seed unused atoms with the worst-fitted columns' residuals
-            residual = Wf - D @ S
-            worst = residual.norm(dim=0).topk(int(dead.sum())).indices
-            D[:, dead] = residual[:, worst]
-            S[dead] = 0
-            norms = D.norm(dim=0)
-        norms = norms.clamp_min(1e-12)
-        D = D / norms
-        S = S * norms[:, None]
+        D, S = _reseed_and_normalise(D, S, lambda D, S: Wf - D @ S)
         errors.append(error(D, S))
         if errors[-1] < best[0]:
             best = (errors[-1], D, S)

@@ -8,7 +8,7 @@ from torch import nn
 from ...modules import LowRankSparseLinear
 from ...registry import register_method
 from ..base import ModelMethod, StageResult
-from ..dsformer.common import check_linear, factor_modules, input_scale, summarise, train_factors
+from ..dsformer.common import check_linear, factor_modules, fit_weights, summarise, train_factors
 from .config import LostConfig
 from .factorize import best_split, lowrank_sparse_factorize
 
@@ -63,12 +63,12 @@ class Lost(ModelMethod):
 
     def factor(self, name: str, module: nn.Linear, config: LostConfig, shape: LostShape,
                stats: dict | None) -> tuple[LowRankSparseLinear, dict]:
-        scale = input_scale(stats, config.alpha) if config.scaling == "activation" else None
+        weights = fit_weights(stats, config)
         m, n = module.out_features, module.in_features
         if shape.auto:
-            rank, channels, _ = best_split(module.weight, shape.budget, scale)
+            rank, channels, _ = best_split(module.weight, shape.budget, **weights)
             shape = LostShape(rank, channels, shape.budget, True)
-        f = lowrank_sparse_factorize(module.weight, shape.rank, shape.channels, config.refine_iters, scale)
+        f = lowrank_sparse_factorize(module.weight, shape.rank, shape.channels, config.refine_iters, **weights)
         weight = module.weight
         layer = LowRankSparseLinear.from_factors(f.U.to(weight.device, weight.dtype),
                                                  f.V.to(weight.device, weight.dtype),
