@@ -39,7 +39,13 @@ ROWS = {
     "refine-noshrink": "as refine but shrinkage 0 (shows the over-fit of the unregularised refit)",
     "allocation": "dense target + shrinkage + sensitivity allocation",
     "healing": "dense target + shrinkage + sensitivity allocation + 100 finetune steps",
+    "attention-50": "q/k/v/o only, 50 % of their parameters removed (recipes/attention-50.yaml's stage)",
 }
+# One column per row: attention-50 removes 50 % of the attention parameters only.
+ROW_REDUCTIONS = {"dense": (0.0,), "attention-50": (0.5,)}
+# Rows whose checkpoint is kept (in the compress cache) for the latency cells: ranks, not the
+# backend, decide speed, so one uniform-rank row and one allocated row suffice.
+LATENCY_ROWS = ("dense-target", "allocation", "attention-50")
 
 
 def stages_for(row: str, reduction: float) -> list[dict]:
@@ -48,6 +54,10 @@ def stages_for(row: str, reduction: float) -> list[dict]:
         return []
     if row == "svd":
         return [base]
+    if row == "attention-50":
+        return [{"method": "lowrank_attention", "targets": [r"re:.*\.self_attn\.(q|k|v|o)_proj$"], "reduction": 0.5,
+                 "backend": "whiten_dense_target", "shrinkage": 0.1, "allocation": "sensitivity",
+                 "sensitivity_windows": 16}]
     if row == "asvd":
         return [{**base, "backend": "asvd", "sequential": False}]
     if row == "whiten":
@@ -111,7 +121,40 @@ def run_cell(row: str, reduction: float, windows: int, samples: int, seq_len: in
     out["perplexity"] = perplexity(model, held, batch_size=4, progress=False)["perplexity"]
     out["wall_s"] = time.perf_counter() - start
     out["peak_rss_bytes"] = peak_rss_bytes()
+    if row in LATENCY_ROWS:
+        from compress.models import save_folder
+
+        save_folder(model, tokenizer, _checkpoint(row, reduction))
     return out
+
+
+def _checkpoint(row: str, reduction: float) -> Path:
+    from compress.eval.cache import compress_cache_dir
+
+    return compress_cache_dir() / "bench" / "lowrank" / f"{row}@{reduction}"
+
+
+def run_latency(row: str, reduction: float, model_id: str, repeats: int) -> dict:
+    """Dense vs the saved checkpoint of (row, reduction): one 512-token forward, 64 greedy tokens."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from latency import compare_latency
+
+    from compress.eval.corpora import load_documents
+    from compress.eval.windows import token_windows
+    from compress.models import load_folder, load_model
+
+    folder = _checkpoint(row, reduction)
+    if not folder.is_dir():
+        raise SystemExit(f"{folder} is missing: run the cell {row}@{reduction} first")
+    dense = load_model(model_id)
+    compressed, _, _ = load_folder(folder)
+    ids = token_windows(dense.tokenizer, load_documents("wikipedia", "heldout"), 512, 1)
+    timing = compare_latency({"dense": dense.model, "compressed": compressed}, ids, repeats=repeats)
+    return {"row": row, "reduction": reduction, "threads": torch.get_num_threads(), **timing,
+            "forward_ratio": timing["compressed"]["forward_s"] / timing["dense"]["forward_s"],
+            "decode_ratio": timing["compressed"]["decode_s"] / timing["dense"]["decode_s"]}
 
 
 NOTES = """Smoke-test notes (2026-11-28, 8 x 256 calibration tokens = 2,048, only 1.3x down_proj's 1,536 input
@@ -134,19 +177,30 @@ def render(cells: dict) -> str:
                 f"{c['wall_s']:.0f} s, {c['peak_rss_bytes'] / 2**30:.2f} GiB)")
 
     dense = cells.get("dense@0.0")
-    table = [[name, ROWS[name]] + ([cell(name, 0.0)] * len(REDUCTIONS) if name == "dense"
-                                   else [cell(name, r) for r in REDUCTIONS]) for name in ROWS]
+    table = [[name, ROWS[name]] + [cell(name, r) for r in REDUCTIONS] for name in ROWS if name not in ROW_REDUCTIONS]
+    latency = []
+    for row in LATENCY_ROWS:
+        for red in ROW_REDUCTIONS.get(row, REDUCTIONS):
+            c = cells.get(f"latency:{row}@{red}")
+            latency.append([row, f"{red:.0%}"] + (["pending"] * 4 if c is None else [
+                f"{c['dense']['forward_s']:.3f} / {c['compressed']['forward_s']:.3f}", f"{c['forward_ratio']:.2f}",
+                f"{c['dense']['decode_s']:.2f} / {c['compressed']['decode_s']:.2f}", f"{c['decode_ratio']:.2f}"]))
     measured = [k for k in cells]
     lines = [
         "# Activation-aware low-rank on SmolLM2-135M", "",
         "Written by `python bench/lowrank.py`. Targets: q/k/v/o/gate/up/down of all 30 layers. Cell: token-level "
         "held-out Wikipedia perplexity (first N 512-token windows; protocol target N = 32, calibration 64 x 512 from "
         "the calibration split), then windows / calibration actually used, wall time (compress + eval) and peak "
-        "RSS of that cell's own process. `pending` = not measured yet.", "",
+        "RSS of that cell's own process. `pending` = not measured yet. One torch thread per cell.", "",
         md_table(["row", "what", "20 %", "40 %"], table), "",
-        f"Dense baseline in this file: {dense['perplexity']:.4g}" if dense else "Dense baseline: pending "
-        "(issue 3 quotes 19.07 on 32 windows).",
+        f"Dense baseline: {cell('dense', 0.0)}.",
         "",
+        f"Attention only (`attention-50`, {ROWS['attention-50']}): {cell('attention-50', 0.5)}.", "",
+        "## CPU latency, compressed vs dense", "",
+        "Median of 5 interleaved runs in one process (1 torch thread, fp32, after one warm-up each): one forward "
+        "pass over a 512-token window, and 64 tokens of greedy decoding (KV cache) after a 16-token prompt.", "",
+        md_table(["row", "removed", "forward s (dense / compressed)", "ratio", "decode s (dense / compressed)",
+                  "ratio"], latency), "",
         f"Measured cells: {', '.join(measured) if measured else 'none'}. Cells measured with fewer windows or a "
         "smaller calibration set than the protocol are smoke tests, not results.", "",
         "Reference numbers from issue 3 (earlier prototype, same protocol): plain SVD 3.1e7 / 2.5e7; WeLore "
@@ -157,37 +211,59 @@ def render(cells: dict) -> str:
     return "\n".join(lines)
 
 
+def _save(cells: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "lowrank.json").write_text(json.dumps(cells, indent=2))
+    (RESULTS / "lowrank.md").write_text(render(cells))
+
+
+def _run(cmd: list[str]) -> dict:
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--row", nargs=2, metavar=("ROW", "REDUCTION"), help="run one cell, print JSON")
+    parser.add_argument("--latency", nargs=2, metavar=("ROW", "REDUCTION"), help="run one latency cell, print JSON")
     parser.add_argument("--rows", nargs="*", default=list(ROWS))
     parser.add_argument("--reductions", nargs="*", type=float, default=list(REDUCTIONS))
+    parser.add_argument("--latency-cells", action="store_true", help="also time every LATENCY_ROWS checkpoint")
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--force", action="store_true", help="re-measure cells already in lowrank.json")
+    parser.add_argument("--render", action="store_true", help="only rewrite the markdown from the json")
     args = parser.parse_args()
     if args.row:
         print(json.dumps(run_cell(args.row[0], float(args.row[1]), args.windows, args.samples, args.seq_len,
                                   args.model)))
         return
+    if args.latency:
+        print(json.dumps(run_latency(args.latency[0], float(args.latency[1]), args.model, args.repeats)))
+        return
     store = RESULTS / "lowrank.json"
     cells = json.loads(store.read_text()) if store.exists() else {}
-    for row in args.rows:
-        for red in ([0.0] if row == "dense" else args.reductions):
+    for row in [] if args.render else args.rows:
+        for red in ROW_REDUCTIONS.get(row, args.reductions):
             key = f"{row}@{red}"
             if key in cells and not args.force:
                 continue
-            cmd = [sys.executable, __file__, "--row", row, str(red), "--windows", str(args.windows),
-                   "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--model", args.model]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            cells[key] = json.loads(out.strip().splitlines()[-1])
+            cells[key] = _run([sys.executable, __file__, "--row", row, str(red), "--windows", str(args.windows),
+                               "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--model", args.model])
             print(f"{key}: ppl {cells[key]['perplexity']:.4g}", file=sys.stderr, flush=True)
-            RESULTS.mkdir(exist_ok=True)
-            store.write_text(json.dumps(cells, indent=2))
-            (RESULTS / "lowrank.md").write_text(render(cells))
-    (RESULTS / "lowrank.md").write_text(render(cells))
+            _save(cells)
+    for row in LATENCY_ROWS if args.latency_cells and not args.render else []:
+        for red in ROW_REDUCTIONS.get(row, args.reductions):
+            key = f"latency:{row}@{red}"
+            if key in cells and not args.force or f"{row}@{red}" not in cells:
+                continue
+            cells[key] = _run([sys.executable, __file__, "--latency", row, str(red), "--model", args.model,
+                               "--repeats", str(args.repeats)])
+            print(f"{key}: forward x{cells[key]['forward_ratio']:.2f}", file=sys.stderr, flush=True)
+            _save(cells)
+    _save(cells)
 
 
 if __name__ == "__main__":

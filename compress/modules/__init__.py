@@ -4,9 +4,11 @@ MODULE_TYPES maps the ``type`` written in a checkpoint's compression config to t
 class that rebuilds the empty module before its weights load.
 """
 from .dense_sparse import DenseSparseLinear
+from .grouped_lowrank import GroupedLowRankLinear
 from .lowrank import LowRankLinear
 from .lowrank_sparse import LowRankSparseLinear
 
-MODULE_TYPES = {cls.spec_type: cls for cls in (LowRankLinear, DenseSparseLinear, LowRankSparseLinear)}
+MODULE_TYPES = {cls.spec_type: cls for cls in (LowRankLinear, GroupedLowRankLinear, DenseSparseLinear,
+                                                LowRankSparseLinear)}
 
-__all__ = ["LowRankLinear", "DenseSparseLinear", "LowRankSparseLinear", "MODULE_TYPES"]
+__all__ = ["LowRankLinear", "GroupedLowRankLinear", "DenseSparseLinear", "LowRankSparseLinear", "MODULE_TYPES"]

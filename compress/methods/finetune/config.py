@@ -11,7 +11,7 @@ class FinetuneConfig(StageConfig):
     """Train only the targeted modules' parameters (default: every low-rank factor) on calibration text."""
 
     method: Literal["finetune"] = "finetune"
-    targets: list[str] = Field(default_factory=lambda: ["LowRankLinear"], min_length=1)
+    targets: list[str] = Field(default_factory=lambda: ["LowRankLinear", "GroupedLowRankLinear"], min_length=1)
     steps: int = Field(100, ge=1, le=1_000_000)
     lr: float = Field(1e-4, gt=0, le=1.0)
     schedule: Literal["constant", "linear", "cosine"] = "cosine"

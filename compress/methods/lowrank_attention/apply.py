@@ -1,7 +1,8 @@
 """Low-rank attention: the ``lowrank`` machinery on q/k/v/o with per-projection or global budgets.
 
-Not yet: Palu-style per-head-group factorisation of k/v (a cacheable latent per KV group)
-needs a grouped low-rank module type; today each projection gets one shared latent.
+With ``kv_groups > 1`` the k/v projections become GroupedLowRankLinear (Palu): each group of KV
+heads gets its own latent, factorised with the same backend on its rows (every backend's
+objective separates over output rows, and the input statistics are shared by all groups).
 """
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import re
 
 from ...errors import CompressError
 from ...lowrank_math import lowrank_params, rank_for_reduction
+from ...modules import GroupedLowRankLinear
 from ...registry import register_method
 from ..base import StageResult
-from ..lowrank.apply import LowRank
+from ..lowrank.apply import LowRank, factorise
 from .config import LowRankAttentionConfig
 
 _KIND = re.compile(r"(?:^|\.)([qkvo])_proj$")
@@ -24,6 +26,31 @@ class LowRankAttention(LowRank):
     summary = "low-rank q/k/v/o projections (GQA-aware shapes; per-projection or global budget)"
 
     def plan(self, modules, config: LowRankAttentionConfig, ctx):
+        decisions, result = self._plan_joint(modules, config, ctx)
+        if config.kv_groups > 1:
+            _check_groups(ctx.extras.get("model"), config.kv_groups)
+            for row in result.rows:
+                name = row["module"]
+                if decisions[name] is None or _KIND.search(name).group(1) not in "kv":
+                    continue
+                m, n = modules[name].out_features, modules[name].in_features
+                decisions[name] = group_rank(m, n, decisions[name], config.kv_groups)
+                row.update({"rank": decisions[name], "groups": config.kv_groups,
+                            "params_after": grouped_params(m, n, decisions[name], config.kv_groups)})
+            after = sum(r["params_after"] for r in result.rows)
+            result.summary.update({"kv_groups": config.kv_groups, "targeted_params_after": after,
+                                   "achieved_reduction": 1 - after / result.summary["targeted_params_before"]})
+        return decisions, result
+
+    def apply(self, name, module, config: LowRankAttentionConfig, rank, stats):
+        if config.kv_groups == 1 or _KIND.search(name).group(1) not in "kv":
+            return super().apply(name, module, config, rank, stats)
+        dtype = module.weight.dtype
+        factors = [factorise(rows, rank, config.backend, stats, alpha=config.alpha, shrinkage=config.shrinkage,
+                             refine=config.refine) for rows in module.weight.chunk(config.kv_groups)]
+        return GroupedLowRankLinear.from_factors([(A.to(dtype), B.to(dtype)) for A, B in factors], module.bias)
+
+    def _plan_joint(self, modules, config: LowRankAttentionConfig, ctx):
         if config.per_projection is None:
             return super().plan(modules, config, ctx)
         decisions, result = {}, StageResult(self.name)
@@ -45,3 +72,22 @@ class LowRankAttention(LowRank):
                           "targeted_params_after": after, "backend": config.backend,
                           "lrc": sum(r["rank"] is not None for r in result.rows)}
         return decisions, result
+
+
+def grouped_params(out_features: int, in_features: int, rank: int, groups: int) -> int:
+    return rank * (groups * in_features + out_features)
+
+
+def group_rank(out_features: int, in_features: int, joint_rank: int, groups: int) -> int:
+    """The largest per-group rank that costs no more than the joint rank's parameters (at least 1)."""
+    budget = lowrank_params(out_features, in_features, joint_rank)
+    rank = budget // (groups * in_features + out_features)
+    return max(1, min(rank, out_features // groups, in_features))
+
+
+def _check_groups(model, groups: int) -> None:
+    heads = getattr(getattr(model, "config", None), "num_key_value_heads", None)
+    if heads is None:
+        raise CompressError("lowrank_attention kv_groups needs a model config with num_key_value_heads")
+    if heads % groups:
+        raise CompressError(f"lowrank_attention: kv_groups={groups} does not divide the model's {heads} KV heads")

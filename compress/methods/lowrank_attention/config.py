@@ -17,6 +17,11 @@ class LowRankAttentionConfig(LowRankConfig):
     narrow k/v may keep more) or ``per_projection`` (a reduction per projection kind, e.g.
     ``{q: 0.6, k: 0.3, v: 0.3, o: 0.5}``). GQA-aware: k/v are (kv_heads * head_dim) x hidden,
     and ranks are computed from each matrix's own shape.
+
+    ``kv_groups`` (Palu): factorise k/v per group of KV heads, one latent per group (G = 1 is
+    the joint factorisation; G = the number of KV heads is per-head). Each k/v matrix keeps the
+    parameter count its budget gave it: the per-group rank r_g satisfies
+    r_g (G in + out) <= r (in + out).
     """
 
     method: Literal["lowrank_attention"] = "lowrank_attention"
@@ -24,6 +29,8 @@ class LowRankAttentionConfig(LowRankConfig):
     reduction: float | None = Field(None, gt=0, lt=1, description="global fraction of targeted parameters removed")
     per_projection: dict[Projection, float] | None = Field(
         None, description="fraction removed per projection kind (q/k/v/o); kinds not listed stay dense")
+    kv_groups: int = Field(1, ge=1, description="k/v: factorise each group of KV heads separately (Palu); it must "
+                                                "divide the model's num_key_value_heads")
 
     @model_validator(mode="after")
     def _one_budget(self):
