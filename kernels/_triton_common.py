@@ -35,6 +35,34 @@ def mma(a, b, acc, UPCAST: tl.constexpr):
     return acc
 
 
+@triton.jit
+def project_tile(x_ptr, w_ptr, offs_t, t_ok, offs_k, k_ok, N, sxt, sxn, swk, swn,
+                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, UPCAST: tl.constexpr):
+    """Stage 1 of the fused low-rank kernels: h = x_tile @ W^T for a dense W [K, N], fp32 [BLOCK_T, K_PAD]."""
+    h = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        xt = tl.load(x_ptr + offs_t[:, None] * sxt + offs_n[None, :] * sxn,
+                     mask=t_ok[:, None] & n_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + offs_n[:, None] * swn + offs_k[None, :] * swk,
+                     mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        h = mma(xt, wt, h, UPCAST)
+    return h
+
+
+@triton.jit
+def store_tile(y, out_ptr, acc_ptr, bias_ptr, offs_t, offs_m, t_ok, m_ok, sat, sam_acc, sot, som,
+               HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """Epilogue of the fused kernels: add the fp32 workspace of earlier k-slices and the bias, store."""
+    out_mask = t_ok[:, None] & m_ok[None, :]
+    if ACCUMULATE:
+        y += tl.load(acc_ptr + offs_t[:, None] * sat + offs_m[None, :] * sam_acc, mask=out_mask, other=0.0)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_t[:, None] * sot + offs_m[None, :] * som, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
 def is_interpreted(kernel) -> bool:
     return isinstance(kernel, InterpretedFunction)
 

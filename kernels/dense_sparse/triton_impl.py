@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from .._triton_common import check_launchable, is_interpreted, k_slices, mma, pick_config, upcast_for
+from .._triton_common import check_launchable, is_interpreted, k_slices, mma, pick_config, store_tile, upcast_for
 
 
 @triton.jit
@@ -56,13 +56,8 @@ def _dense_sparse_fwd_kernel(
         dt = tl.load(d_ptr + offs_k[:, None] * sdk + offs_m[None, :] * sdm,
                      mask=k_ok[:, None] & m_ok[None, :], other=0.0)
         y = mma(h, dt, tl.zeros([BLOCK_T, BLOCK_M], dtype=tl.float32), UPCAST)
-        out_mask = t_ok[:, None] & m_ok[None, :]
-        if ACCUMULATE:
-            y += tl.load(acc_ptr + offs_t[:, None] * sat + offs_m[None, :] * sam_acc, mask=out_mask, other=0.0)
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_t[:, None] * sot + offs_m[None, :] * som,
-                 y.to(out_ptr.dtype.element_ty), mask=out_mask)
+        store_tile(y, out_ptr, acc_ptr, bias_ptr, offs_t, offs_m, t_ok, m_ok, sat, sam_acc, sot, som,
+                   HAS_BIAS, ACCUMULATE)
 
 
 def forward(x: torch.Tensor, D: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,

@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from .._triton_common import check_launchable, is_interpreted, k_slices, mma, pick_config, upcast_for
+from .._triton_common import (check_launchable, is_interpreted, k_slices, mma, pick_config, project_tile,
+                              store_tile, upcast_for)
 
 
 @triton.jit
@@ -33,15 +34,7 @@ def _lowrank_sparse_fwd_kernel(
     k_ok = offs_k < R
 
     # stage 1: h = x_tile @ V^T, [BLOCK_T, K_PAD] on chip
-    h = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        xt = tl.load(x_ptr + offs_t[:, None] * sxt + offs_n[None, :] * sxn,
-                     mask=t_ok[:, None] & n_ok[None, :], other=0.0)
-        vt = tl.load(v_ptr + offs_n[:, None] * svn + offs_k[None, :] * svr,
-                     mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        h = mma(xt, vt, h, UPCAST)
+    h = project_tile(x_ptr, v_ptr, offs_t, t_ok, offs_k, k_ok, N, sxt, sxn, svr, svn, BLOCK_T, BLOCK_N, K_PAD, UPCAST)
     h = h.to(u_ptr.dtype.element_ty)
 
     # stage 2: y = h @ U^T (+ x[:, ch] @ Sv^T) (+ bias)
@@ -61,13 +54,8 @@ def _lowrank_sparse_fwd_kernel(
                 sv = tl.load(sc_ptr + offs_c[:, None] * ssc + offs_m[None, :] * ssm,
                              mask=c_ok[:, None] & m_ok[None, :], other=0.0)
                 y = mma(xg, sv, y, UPCAST)
-        out_mask = t_ok[:, None] & m_ok[None, :]
-        if ACCUMULATE:
-            y += tl.load(acc_ptr + offs_t[:, None] * sat + offs_m[None, :] * sam_acc, mask=out_mask, other=0.0)
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_t[:, None] * sot + offs_m[None, :] * som,
-                 y.to(out_ptr.dtype.element_ty), mask=out_mask)
+        store_tile(y, out_ptr, acc_ptr, bias_ptr, offs_t, offs_m, t_ok, m_ok, sat, sam_acc, sot, som,
+                   HAS_BIAS, ACCUMULATE)
 
 
 def forward(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, sc_values: torch.Tensor,
