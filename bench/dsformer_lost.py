@@ -38,6 +38,9 @@ ROWS = {
     "dsformer-act": "dsformer, activation-scaled (a_j = rms(x_j), sequential calibration)",
     "lost-act": "lost, activation-scaled (a_j = rms(x_j), sequential calibration)",
     "lost-auto-act": "lost-act with `sparse_fraction: auto` (the best rank/channel split per matrix)",
+    "lost-whiten": "lost, covariance-weighted (expected output error under the full input covariance + 0.05 "
+                   "diag shrinkage; S_c columns are the least-squares fit on the chosen channels), sequential "
+                   "calibration",
 }
 TRAINED = ("svd", "dsformer-act", "lost-act")  # rows that are also trained (--steps)
 
@@ -55,6 +58,7 @@ def stage_for(row: str, reduction: float, iters: int) -> dict | None:
         "lost-act": {"method": "lost", "scaling": "activation", "scaling_windows": SCALING_WINDOWS, **base},
         "lost-auto-act": {"method": "lost", "scaling": "activation", "scaling_windows": SCALING_WINDOWS,
                           "sparse_fraction": "auto", **base},
+        "lost-whiten": {"method": "lost", "scaling": "whiten", "scaling_windows": SCALING_WINDOWS, **base},
     }[row]
 
 
