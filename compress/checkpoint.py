@@ -55,6 +55,10 @@ class CompressQuantizer(HfQuantizer):
             old = model.get_submodule(name)
             dtype = next(old.parameters()).dtype if any(True for _ in old.parameters()) else None
             replace_module(model, name, MODULE_TYPES[spec["type"]].from_spec(spec, dtype=dtype))
+        for name in self.quantization_config.modules:  # modules that share another's weights (tied heads)
+            module = model.get_submodule(name)
+            if hasattr(module, "bind"):
+                module.bind(model)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

@@ -79,9 +79,9 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
 
         cache: dict = {}
 
-        def windows():
-            if "windows" not in cache:
-                cache["windows"] = calibration_windows(tokenizer, recipe.calibration)
+        def windows():  # tokenised with the current tokenizer: a stage (extend_vocab) may replace it
+            if cache.get("tokenizer") is not ctx.tokenizer:
+                cache.update(tokenizer=ctx.tokenizer, windows=calibration_windows(ctx.tokenizer, recipe.calibration))
             return cache["windows"]
 
         ctx = StageContext(tokenizer=tokenizer, calibration_windows=windows, progress=progress)
@@ -89,6 +89,7 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
         start = time.perf_counter()
         results = compress_model(model, recipe, ctx)
         compress_time = time.perf_counter() - start
+        tokenizer = ctx.tokenizer  # saved and evaluated with the model (extend_vocab changes it)
 
         model.to(getattr(torch, recipe.output.dtype))
         mark_compressed(model, recipe.model_dump(mode="json"))

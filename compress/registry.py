@@ -18,6 +18,9 @@ _BUILTIN = {
     "finetune": "compress.methods.finetune",
     "dsformer": "compress.methods.dsformer",
     "lost": "compress.methods.lost",
+    "ofa_embedding": "compress.methods.ofa",
+    "extend_vocab": "compress.methods.ofa",
+    "factorllm": "compress.methods.factorllm",
 }
 
 METHODS: dict = {}

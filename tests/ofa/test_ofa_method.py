@@ -1,0 +1,151 @@
+"""ofa_embedding through the pipeline on tiny random Llama/Gemma-3 models: the shared conformance checks."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import compress  # noqa: F401  registers the checkpoint format
+from compress.checkpoint import mark_compressed
+from compress.errors import CompressError
+from compress.methods.base import StageContext
+from compress.models import save_folder
+from compress.modules import FactorizedEmbedding, TiedFactorizedLMHead
+from compress.pipeline import apply_stage
+from compress.recipe import parse_recipe
+
+from tests.tiny import make_tiny_llama
+
+
+def make_tiny_gemma3(vocab_size=320, hidden=64, seed=0):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=16,
+                              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256,
+                              pad_token_id=0, bos_token_id=2, eos_token_id=1, tie_word_embeddings=True)
+    return Gemma3ForCausalLM(config).eval()
+
+
+MODELS = {
+    "llama-tied": lambda: make_tiny_llama(),
+    "llama-untied": lambda: make_tiny_llama(tie=False),
+    "gemma3-tied": lambda: make_tiny_gemma3(),
+}
+
+CASES = [  # (model, stage kwargs, expected head module)
+    ("llama-tied", {"dim": 16}, TiedFactorizedLMHead),
+    ("llama-tied", {"dim": 16, "untie": True}, torch.nn.Linear),
+    ("llama-tied", {"reduction": 0.5, "weighting": "frequency"}, TiedFactorizedLMHead),
+    ("llama-untied", {"dim": 8}, torch.nn.Linear),
+    ("gemma3-tied", {"dim": 24, "weighting": "frequency"}, TiedFactorizedLMHead),
+    ("gemma3-tied", {"dim": 24, "untie": True}, torch.nn.Linear),
+]
+
+
+def _windows(vocab, n=6, length=24):
+    return torch.randint(3, vocab, (n, length), generator=torch.Generator().manual_seed(1))
+
+
+def _run(model, stages, windows=None):
+    recipe = parse_recipe({"name": "t", "stages": stages})
+    ctx = StageContext(None, lambda: windows, progress=False)
+    return recipe, [apply_stage(model, stage, ctx) for stage in recipe.stages]
+
+
+@pytest.mark.parametrize("model_name, kwargs, head_type", CASES)
+def test_conformance(tmp_path, model_name, kwargs, head_type):
+    model = MODELS[model_name]()
+    vocab, width = model.get_input_embeddings().weight.shape
+    tied_source = model.config.tie_word_embeddings
+    params_before = sum(p.numel() for p in model.parameters())
+    windows = _windows(vocab)
+    with torch.no_grad():
+        dense_logits = model(windows[:2]).logits
+    recipe, (result,) = _run(model, [{"method": "ofa_embedding", **kwargs}], windows)
+
+    k = result.summary["dim"]
+    assert isinstance(model.get_input_embeddings(), FactorizedEmbedding)
+    assert type(model.get_output_embeddings()) is head_type
+    if "reduction" in kwargs:
+        assert result.summary["achieved_reduction"] >= kwargs["reduction"]
+    # parameters drop exactly as promised (an untied dense head keeps its V x D)
+    extra_head = vocab * width if kwargs.get("untie") and tied_source else 0
+    expected = params_before - vocab * width + k * (vocab + width) + extra_head
+    assert sum(p.numel() for p in model.parameters()) == expected
+    with torch.no_grad():
+        logits = model(windows[:2]).logits
+    assert torch.isfinite(logits).all() and not torch.equal(logits, dense_logits)
+    if kwargs.get("untie") or not tied_source:  # the head still computes exactly the dense logits' last step
+        hidden = model.model(windows[:2]).last_hidden_state
+        torch.testing.assert_close(model.lm_head(hidden), hidden @ model.lm_head.weight.T)
+
+    mark_compressed(model, recipe.model_dump(mode="json"))
+    save_folder(model, None, tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded.get_output_embeddings()) is head_type
+    with torch.no_grad():
+        assert torch.equal(reloaded(windows[:2]).logits, logits)
+    assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_frequency_weighting_fits_frequent_tokens_better():
+    windows = _windows(256) % 40 + 3  # only 40 distinct tokens occur
+    plain, weighted = make_tiny_llama(), make_tiny_llama()
+    _, (p,) = _run(plain, [{"method": "ofa_embedding", "dim": 8}], windows)
+    _, (w,) = _run(weighted, [{"method": "ofa_embedding", "dim": 8, "weighting": "frequency"}], windows)
+    assert w.summary["weighted_rel_error"] < p.summary["rel_error"]
+    assert w.summary["rel_error"] > p.summary["rel_error"]
+    ids = torch.arange(3, 43)[None]
+    dense = make_tiny_llama().model.embed_tokens(ids)
+    with torch.no_grad():
+        err_plain = (plain.model.embed_tokens(ids) - dense).norm()
+        err_weighted = (weighted.model.embed_tokens(ids) - dense).norm()
+    assert err_weighted < err_plain
+
+
+def test_finetune_trains_only_the_factors_and_the_tied_head_follows():
+    model = make_tiny_llama()
+    windows = _windows(256, n=8, length=32)
+    _run(model, [{"method": "ofa_embedding", "dim": 16}], windows)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "embed_tokens" not in n}
+    factors = {n: p.detach().clone() for n, p in model.named_parameters() if "embed_tokens" in n}
+    _, (train,) = _run(model, [{"method": "finetune", "targets": ["FactorizedEmbedding"], "steps": 6, "lr": 1e-2,
+                                "batch_size": 4, "eval_windows": 4, "schedule": "constant"}], windows)
+    assert train.summary["calibration_loss_after"] < train.summary["calibration_loss_before"]
+    assert train.summary["trainable_params"] == 16 * (256 + 64)
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name
+        else:
+            assert not torch.equal(p, factors[name]), name
+    hidden = torch.randn(2, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.lm_head(hidden), hidden @ model.model.embed_tokens.weight.T)
+
+
+@pytest.mark.parametrize("stage, message", [
+    ({"method": "ofa_embedding", "dim": 60}, "out of range"),
+    ({"method": "ofa_embedding", "reduction": 0.9999}, "out of range"),
+    ({"method": "ofa_embedding", "dim": 8, "targets": ["re:.*q_proj"]}, "only the input embedding"),
+])
+def test_bad_settings_are_one_line_errors(stage, message):
+    with pytest.raises(CompressError, match=message) as info:
+        _run(make_tiny_llama(), [stage])
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("stage, message", [
+    ({"method": "ofa_embedding", "dim": 8, "reduction": 0.5}, "exactly one of dim"),
+    ({"method": "ofa_embedding"}, "exactly one of dim"),
+    ({"method": "ofa_embedding", "dim": 0}, "dim"),
+])
+def test_bad_configs_fail_at_parse_time(stage, message):
+    with pytest.raises(CompressError, match=message):
+        parse_recipe({"name": "t", "stages": [stage]})
+
+
+def test_factorising_twice_is_refused():
+    model = make_tiny_llama()
+    _run(model, [{"method": "ofa_embedding", "dim": 8}])
+    with pytest.raises(CompressError, match="already factorised"):
+        _run(model, [{"method": "ofa_embedding", "dim": 4}])
