@@ -291,13 +291,12 @@ def main() -> None:
         if out.returncode:
             print(f"{key} failed:\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)
             continue
-        cells[key] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{key}: ppl {cells[key]['perplexity']:.4g}"
-              + (f" -> trained {cells[key]['trained_perplexity']:.4g}" if "trained_perplexity" in cells[key] else "")
-              + f" ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+        cells[key] = cell = json.loads(out.stdout.strip().splitlines()[-1])
         RESULTS.mkdir(exist_ok=True)
         store.write_text(json.dumps(cells, indent=2))
         (RESULTS / "dsformer_lost.md").write_text(render(cells, args))
+        ppl = " -> ".join(f"{cell[k]:.4g}" for k in ("perplexity", "trained_perplexity") if k in cell)
+        print(f"{key}: ppl {ppl} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     (RESULTS / "dsformer_lost.md").write_text(render(cells, args))
 
 
