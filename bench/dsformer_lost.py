@@ -170,6 +170,28 @@ def run_cell(name: str, reduction: float, args) -> dict:
     return row
 
 
+def _outcome(cells: dict) -> list[str]:
+    """Per reduction: the best dsformer and lost rows against plain SVD, one-shot and trained (from the data)."""
+    lines = ["## Outcome", ""]
+    for red in REDUCTIONS:
+        for key, label in (("perplexity", "one-shot"), ("trained_perplexity", "trained")):
+            def value(name):  # a trained value lives in the <row>+train cell (or, older, in the row's own)
+                for c in (cells.get(f"{name}+train:{red}"), cells.get(f"{name}:{red}")):
+                    if c and key in c:
+                        return c[key]
+                return None
+
+            def best(prefix):
+                found = [(value(name), name) for name in ROWS if name.startswith(prefix) and value(name)]
+                return min(found) if found else None
+            svd = value("svd")
+            parts = [f"{name} {ppl:,.4g} ({svd / ppl:,.1f}x lower than svd)" if svd else f"{name} {ppl:,.4g}"
+                     for ppl, name in filter(None, (best("dsformer"), best("lost")))]
+            if svd and parts:
+                lines.append(f"- {red:.0%} removed, {label}: plain SVD {svd:,.4g}; best " + "; ".join(parts) + ".")
+    return lines
+
+
 def render(cells: dict, args) -> str:
     from compress.report import md_table
 
@@ -218,6 +240,7 @@ def render(cells: dict, args) -> str:
         f"Activation statistics: the first {SCALING_WINDOWS} calibration windows of {args.seq_len} tokens "
         f"(Wikipedia calibration split). dsformer: {args.iters} IHT/least-squares iterations (4 CG steps each), "
         "sparsity 0.75 (s = k/4 non-zeros per column of S).", "",
+        *_outcome(cells), "",
         "## One-shot", "",
         md_table(["row", "requested", "targeted params removed", "whole-model params", "MB on disk",
                   "index MB", "mean rel. weight error", "held-out ppl", "ppl / dense", "compress wall s"],
