@@ -1,9 +1,16 @@
 """Shared fixtures: tiny random Llama models and the real bundled SmolLM2 tokenizer."""
 from __future__ import annotations
 
-import pytest
+import os
 
-from tests.tiny import make_tiny_llama
+# Before any test module is imported: @triton.jit kernels decide at import time whether they run
+# under the CPU interpreter, and triton can be imported indirectly long before tests/kernels is
+# collected (torch.utils.flop_counter, used by the FactorLLM tests, imports it).
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+from tests.tiny import make_tiny_llama  # noqa: E402
 
 
 @pytest.fixture
