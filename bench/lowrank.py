@@ -209,9 +209,13 @@ NOTES = """## What the table says (2026-12-02)
   multiply-adds. At 40 % the 512-token forward is 0.76x, but 64-token greedy decoding is not faster:
   at batch 1 each step is dominated by per-op overhead, not by FLOPs. The dense timings differ between
   cells because other jobs shared the machine; each ratio is interleaved within one process.
+- Attention only: removing 50 % of the q/k/v/o parameters with whitening and sensitivity allocation
+  costs 21.49 -> 27.35 (1.27x dense), with no training. That removes 13.3M parameters: 50 % of 26.5M,
+  or 12.5 % of all seven projections' parameters.
 - Pending (not run for lack of CPU time in this session): asvd, whiten+seq and refine at the protocol
-  size, the healing row at 20 %, and attention-50. The earlier smoke cells (2,048 calibration tokens,
-  2 windows) are dropped from the table.
+  size, the healing row at 20 %, and the allocation@0.2 latency cell (its saved checkpoint was written
+  unmarked and had to be discarded). The earlier smoke cells (2,048 calibration tokens, 2 windows) are
+  dropped from the table.
 """
 
 
