@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from cells import forwarded_flags, load_cells, run_cells, save_cells
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = [r"re:.*\.mlp\.(gate|up|down)_proj$"]
@@ -86,7 +87,7 @@ def run_cell(name: str, reduction: float, args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from compress.calibration import calibration_windows
+    from compress.calibration import lazy_calibration_windows
     from compress.checkpoint import mark_compressed
     from compress.eval.corpora import load_documents
     from compress.eval.windows import token_windows
@@ -123,12 +124,7 @@ def run_cell(name: str, reduction: float, args) -> dict:
     samples = max(SCALING_WINDOWS, args.steps * args.batch_size) if train else SCALING_WINDOWS
     recipe = parse_recipe({"name": "bench", "stages": [stage],
                            "calibration": {"samples": samples, "seq_len": args.seq_len}})
-    cache = {}
-
-    def windows():
-        if "w" not in cache:
-            cache["w"] = calibration_windows(tokenizer, recipe.calibration)
-        return cache["w"]
+    windows = lazy_calibration_windows(tokenizer, recipe.calibration)
 
     ctx = StageContext(tokenizer, windows, progress=False)
     if train:
@@ -303,32 +299,29 @@ def main() -> None:
     if args.row:
         print(json.dumps(run_cell(args.row[0], float(args.row[1]), args)))
         return
-    store = RESULTS / "dsformer_lost.json"
-    cells = json.loads(store.read_text()) if store.is_file() else {}
+    store, markdown = RESULTS / "dsformer_lost.json", RESULTS / "dsformer_lost.md"
+    cells = load_cells(store)
     plan = ["dense:0.0"] + [f"{name}:{red}" for red in REDUCTIONS for name in ROWS if name != "dense"]
     plan += [f"{name}+train:{red}" for red in REDUCTIONS for name in TRAINED]
-    if args.cells:
-        plan = args.cells
-    for key in [] if args.render else plan:
-        if (key in cells or key.replace("+train", "") in cells and "trained_perplexity" in
-                cells[key.replace("+train", "")]) and not args.force:
-            continue
+
+    def done(key):  # older runs stored a row's trained numbers in the row's own cell
+        base = cells.get(key.replace("+train", ""), {})
+        return not args.force and (key in cells or "trained_perplexity" in base)
+
+    def command(key):
         name, red = key.split(":")
-        cmd = [sys.executable, __file__, "--row", name, red]
-        for flag in ("windows", "steps", "lr", "warmup", "batch_size", "seq_len", "iters", "threads", "model"):
-            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-        start = time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode:
-            print(f"{key} failed:\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)
-            continue
-        cells[key] = cell = json.loads(out.stdout.strip().splitlines()[-1])
-        RESULTS.mkdir(exist_ok=True)
-        store.write_text(json.dumps(cells, indent=2))
-        (RESULTS / "dsformer_lost.md").write_text(render(cells, args))
-        ppl = " -> ".join(f"{cell[k]:.4g}" for k in ("perplexity", "trained_perplexity") if k in cell)
-        print(f"{key}: ppl {ppl} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-    (RESULTS / "dsformer_lost.md").write_text(render(cells, args))
+        return [sys.executable, __file__, "--row", name, red, *forwarded_flags(args, (
+            "windows", "steps", "lr", "warmup", "batch_size", "seq_len", "iters", "threads", "model"))]
+
+    def describe(cell):
+        return "ppl " + " -> ".join(f"{cell[k]:.4g}" for k in ("perplexity", "trained_perplexity") if k in cell)
+
+    def save(cells):
+        save_cells(cells, store, markdown, lambda c: render(c, args))
+
+    if not args.render:
+        run_cells(args.cells or plan, cells, command, save, describe, done)
+    save(cells)
 
 
 if __name__ == "__main__":

@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from cells import forwarded_flags, load_cells, run_cells, save_cells
 
 RESULTS = Path(__file__).parent / "results"
 LAYOUTS = {  # name: (routed experts, top_k, shared experts)
@@ -322,33 +323,24 @@ def main() -> None:
     if args.cell:
         print(json.dumps(run_cell(args.cell, args)))
         return
-    store = RESULTS / f"{args.name}.json"
-    cells = json.loads(store.read_text()) if store.is_file() else {}
+    store, markdown = RESULTS / f"{args.name}.json", RESULTS / f"{args.name}.md"
+    cells = load_cells(store)
     plan = ["dense"] + [f"{layout}/{partition}/{phase}" for layout in args.layouts for partition in args.partitions
                         for phase in PHASES]
-    if args.cells:
-        plan = args.cells
-    for key in [] if args.render else plan:
-        if key in cells and not args.force:
-            continue
-        cmd = [sys.executable, __file__, "--cell", key]
-        for flag in ("name", "windows", "fit_windows", "fit_epochs", "seq_len", "combine", "labels", "steps",
-                     "curve_points", "lr", "router_lr", "warmup", "batch_size", "agree_windows", "latency_repeats",
-                     "threads", "model"):
-            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-        start = time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode:
-            print(f"{key} failed:\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)
-            continue
-        cells[key] = json.loads(out.stdout.strip().splitlines()[-1])
-        c = cells[key]
-        ppl = c.get("ppl_fitted", c.get("perplexity"))
-        print(f"{key}: ppl {ppl:.4g} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-        RESULTS.mkdir(exist_ok=True)
-        store.write_text(json.dumps(cells, indent=2))
-        (RESULTS / f"{args.name}.md").write_text(render(cells, args))
-    (RESULTS / f"{args.name}.md").write_text(render(cells, args))
+
+    def command(key):
+        return [sys.executable, __file__, "--cell", key, *forwarded_flags(args, (
+            "name", "windows", "fit_windows", "fit_epochs", "seq_len", "combine", "labels", "steps", "curve_points",
+            "lr", "router_lr", "warmup", "batch_size", "agree_windows", "latency_repeats", "threads", "model"))]
+
+    def save(cells):
+        save_cells(cells, store, markdown, lambda c: render(c, args))
+
+    if not args.render:
+        run_cells(args.cells or plan, cells, command, save,
+                  lambda c: f"ppl {c.get('ppl_fitted', c.get('perplexity')):.4g}",
+                  lambda key: key in cells and not args.force)
+    save(cells)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from cells import forwarded_flags, load_cells, run_cells, save_cells
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = [r"re:.*\.(q|k|v|o|gate|up|down)_proj$"]
@@ -90,7 +91,7 @@ def stages_for(row: str, reduction: float) -> list[dict]:
 def run_cell(row: str, reduction: float, windows: int, samples: int, seq_len: int, model_id: str) -> dict:
     import torch
 
-    from compress.calibration import calibration_windows
+    from compress.calibration import lazy_calibration_windows
     from compress.eval.corpora import load_documents
     from compress.eval.perplexity import perplexity
     from compress.eval.windows import token_windows
@@ -120,12 +121,7 @@ def run_cell(row: str, reduction: float, windows: int, samples: int, seq_len: in
     if stages:
         recipe = parse_recipe({"name": "bench", "stages": stages,
                                "calibration": {"corpus": "wikipedia", "samples": samples, "seq_len": seq_len}})
-        cache = {}
-
-        def calib():
-            if "w" not in cache:
-                cache["w"] = calibration_windows(tokenizer, recipe.calibration)
-            return cache["w"]
+        calib = lazy_calibration_windows(tokenizer, recipe.calibration)
 
         results = compress_model(model, recipe, StageContext(tokenizer, calib, progress=False))
         out["achieved_reduction"] = results[0].summary.get("achieved_reduction")
@@ -229,7 +225,6 @@ def render(cells: dict) -> str:
         return (f"{c['perplexity']:.4g} ({c['windows']} win, calib {c['calibration']}, "
                 f"{c['wall_s']:.0f} s, {c['peak_rss_bytes'] / 2**30:.2f} GiB)")
 
-    dense = cells.get("dense@0.0")
     table = [[name, ROWS[name]] + [cell(name, r) for r in REDUCTIONS] for name in ROWS if name not in ROW_REDUCTIONS]
     latency = []
     for row in LATENCY_ROWS:
@@ -265,13 +260,7 @@ def render(cells: dict) -> str:
 
 
 def _save(cells: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "lowrank.json").write_text(json.dumps(cells, indent=2))
-    (RESULTS / "lowrank.md").write_text(render(cells))
-
-
-def _run(cmd: list[str]) -> dict:
-    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    save_cells(cells, RESULTS / "lowrank.json", RESULTS / "lowrank.md", render)
 
 
 def main() -> None:
@@ -296,29 +285,30 @@ def main() -> None:
     if args.latency:
         print(json.dumps(run_latency(args.latency[0], float(args.latency[1]), args.model, args.repeats)))
         return
-    store = RESULTS / "lowrank.json"
-    cells = json.loads(store.read_text()) if store.exists() else {}
-    for row in [] if args.render else args.rows:
-        for red in ROW_REDUCTIONS.get(row, args.reductions):
-            key = f"{row}@{red}"
-            if key in cells and not args.force:
-                continue
-            cells[key] = _run([sys.executable, __file__, "--row", row, str(red), "--windows", str(args.windows),
-                               "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--model", args.model])
-            print(f"{key}: ppl {cells[key]['perplexity']:.4g}", file=sys.stderr, flush=True)
-            _save(cells)
-    for row in LATENCY_ROWS if args.latency_cells and not args.render else []:
-        for red in ROW_REDUCTIONS.get(row, args.reductions):
-            key = f"latency:{row}@{red}"
-            if key in cells and not args.force or f"{row}@{red}" not in cells:
-                continue
-            if row in SAVED_ROWS and not _checkpoint(row, red).is_dir():
-                print(f"{key}: skipped, no saved checkpoint (re-run the cell {row}@{red})", file=sys.stderr)
-                continue
-            cells[key] = _run([sys.executable, __file__, "--latency", row, str(red), "--model", args.model,
-                               "--repeats", str(args.repeats)])
-            print(f"{key}: forward x{cells[key]['forward_ratio']:.2f}", file=sys.stderr, flush=True)
-            _save(cells)
+    cells = load_cells(RESULTS / "lowrank.json")
+
+    def pending(key):
+        return args.force or key not in cells
+
+    if not args.render:
+        plan = [f"{row}@{red}" for row in args.rows for red in ROW_REDUCTIONS.get(row, args.reductions)]
+        run_cells(plan, cells, lambda key: [sys.executable, __file__, "--row", *key.split("@"), *forwarded_flags(
+                      args, ("windows", "samples", "seq_len", "model"))],
+                  _save, lambda c: f"ppl {c['perplexity']:.4g}", lambda key: not pending(key))
+    if args.latency_cells and not args.render:
+        plan = []
+        for row in LATENCY_ROWS:
+            for red in ROW_REDUCTIONS.get(row, args.reductions):
+                if f"{row}@{red}" not in cells:
+                    continue
+                if row in SAVED_ROWS and not _checkpoint(row, red).is_dir():
+                    print(f"latency:{row}@{red}: skipped, no saved checkpoint (re-run the cell {row}@{red})",
+                          file=sys.stderr)
+                    continue
+                plan.append(f"latency:{row}@{red}")
+        run_cells(plan, cells, lambda key: [sys.executable, __file__, "--latency", *key.removeprefix("latency:").split("@"),
+                                            *forwarded_flags(args, ("model", "repeats"))],
+                  _save, lambda c: f"forward x{c['forward_ratio']:.2f}", lambda key: not pending(key))
     _save(cells)
 
 

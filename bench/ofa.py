@@ -27,11 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from cells import forwarded_flags, load_cells, run_cells, save_cells
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = ("gemma3-270m", "smollm2-135m")
@@ -87,7 +88,7 @@ def run_cell(model_id: str, variant: str, k: int, args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from compress.calibration import calibration_windows
+    from compress.calibration import lazy_calibration_windows
     from compress.checkpoint import mark_compressed
     from compress.eval.corpora import load_documents
     from compress.eval.perplexity import perplexity
@@ -126,12 +127,7 @@ def run_cell(model_id: str, variant: str, k: int, args) -> dict:
     samples = max(args.samples, max(args.curve_steps) * args.batch_size) if train else args.samples
     recipe = parse_recipe({"name": "bench", "stages": [stage_for(base, k)],
                            "calibration": {"samples": samples, "seq_len": args.seq_len}})
-    cache = {}
-
-    def windows():
-        if "w" not in cache:
-            cache["w"] = calibration_windows(tokenizer, recipe.calibration)
-        return cache["w"]
+    windows = lazy_calibration_windows(tokenizer, recipe.calibration)
 
     ctx = StageContext(tokenizer, windows, progress=False)
     start = time.perf_counter()
@@ -267,32 +263,26 @@ def main() -> None:
     if args.row:
         print(json.dumps(run_cell(args.row[0], args.row[1], int(args.row[2]), args)))
         return
-    store = RESULTS / f"{args.out}.json"
-    cells = json.loads(store.read_text()) if store.is_file() else {}
-    for key in [] if args.render else (args.cells or plan_cells(args)):
-        if key in cells and not args.force:
-            continue
+    store, markdown = RESULTS / f"{args.out}.json", RESULTS / f"{args.out}.md"
+    cells = load_cells(store)
+
+    def command(key):
         model_id, variant, k = key.split(":")
-        cmd = [sys.executable, __file__, "--row", model_id, variant, k, "--curve-steps",
-               *map(str, args.curve_steps)]
-        for flag in ("windows", "eval_batch", "samples", "seq_len", "lr", "batch_size", "latency_tokens",
-                     "latency_runs", "threads"):
-            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-        start = time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode:
-            print(f"{key} failed:\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)
-            continue
-        cells[key] = json.loads(out.stdout.strip().splitlines()[-1])
-        cells[key]["cell_wall_s"] = time.perf_counter() - start
-        curve = cells[key].get("curve")
-        print(f"{key}: ppl {cells[key]['perplexity']:.4g}"
-              + (f" -> trained {curve[-1]['perplexity']:.4g}" if curve else "")
-              + f" ({cells[key]['cell_wall_s']:.0f} s)", file=sys.stderr, flush=True)
-        RESULTS.mkdir(exist_ok=True)
-        store.write_text(json.dumps(cells, indent=2))
-        (RESULTS / f"{args.out}.md").write_text(render(cells, args))
-    (RESULTS / f"{args.out}.md").write_text(render(cells, args))
+        return [sys.executable, __file__, "--row", model_id, variant, k, "--curve-steps", *map(str, args.curve_steps),
+                *forwarded_flags(args, ("windows", "eval_batch", "samples", "seq_len", "lr", "batch_size",
+                                        "latency_tokens", "latency_runs", "threads"))]
+
+    def describe(cell):
+        curve = cell.get("curve")
+        return f"ppl {cell['perplexity']:.4g}" + (f" -> trained {curve[-1]['perplexity']:.4g}" if curve else "")
+
+    def save(cells):
+        save_cells(cells, store, markdown, lambda c: render(c, args))
+
+    if not args.render:
+        run_cells(args.cells or plan_cells(args), cells, command, save, describe,
+                  lambda key: key in cells and not args.force)
+    save(cells)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ REDUCTIONS = (0.1, 0.2, 0.3, 0.4, 0.5)
 def run_row(kind: str, reduction: float, windows: int, steps: int, model_id: str) -> dict:
     import torch
 
-    from compress.calibration import calibration_windows
+    from compress.calibration import lazy_calibration_windows
     from compress.checkpoint import mark_compressed
     from compress.eval.corpora import load_documents
     from compress.eval.perplexity import perplexity
@@ -55,7 +55,7 @@ def run_row(kind: str, reduction: float, windows: int, steps: int, model_id: str
     if stages:
         recipe = parse_recipe({"name": "bench", "stages": stages,
                                "calibration": {"samples": 256, "seq_len": 256}})
-        ctx = StageContext(tokenizer, lambda: calibration_windows(tokenizer, recipe.calibration), progress=False)
+        ctx = StageContext(tokenizer, lazy_calibration_windows(tokenizer, recipe.calibration), progress=False)
         results = compress_model(model, recipe, ctx)
         mark_compressed(model, recipe.model_dump(mode="json"))
     row["compress_wall_s"] = time.perf_counter() - start
