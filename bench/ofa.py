@@ -42,14 +42,19 @@ VARIANTS = {
     "freq-tied": "frequency-weighted SVD, tied head served from the factors",
     "svd-untied": "plain SVD, the LM head keeps its own dense V x D matrix",
     "freq-untied": "frequency-weighted SVD, the LM head keeps its own dense V x D matrix",
+    "top8k-tied": "the 8,192 most frequent calibration tokens keep full rows, the tail is frequency-weighted rank k, "
+                  "tied head (adaptive-input layout)",
+    "top16k-tied": "the same with 16,384 full rows",
+    "top32k-tied": "the same with 32,768 full rows",
 }
 TRAINED = ("svd-tied", "freq-tied")  # variants whose training curve is measured by default
 
 
 def stage_for(variant: str, k: int) -> dict:
     weighting, head = variant.split("-")
-    return {"method": "ofa_embedding", "dim": k, "weighting": "frequency" if weighting == "freq" else "none",
-            "untie": head == "untied"}
+    full = int(weighting[3:-1]) * 1024 if weighting.startswith("top") else 0
+    return {"method": "ofa_embedding", "dim": k, "weighting": "none" if weighting == "svd" else "frequency",
+            "keep_frequent": full, "untie": head == "untied"}
 
 
 def _median_seconds(fn, runs: int) -> float:
@@ -136,7 +141,7 @@ def run_cell(model_id: str, variant: str, k: int, args) -> dict:
     s = result.summary
     row.update({key: s[key] for key in ("dim", "achieved_reduction", "targeted_params_after", "rel_error", "head")})
     row["embedding_params"] = s["targeted_params_after"]
-    for key in ("weighted_rel_error", "calibration_tokens", "tokens_seen"):
+    for key in ("weighted_rel_error", "calibration_tokens", "tokens_seen", "keep_frequent", "full_row_token_share"):
         if key in s:
             row[key] = s[key]
     row["perplexity"] = ppl()
@@ -179,7 +184,8 @@ def render(cells: dict, args) -> str:
         "before the SVD and un-weights the coordinates after it. Perplexity: token-level exp(mean NLL) over the "
         "first N non-overlapping 512-token windows of held-out Wikipedia (articles with index % 4 == 0; windows "
         "do not start with a BOS token), the dense model measured by the same script. Embedding params: V*D "
-        "dense, k(V+D) factorised. Whole-model params count shared tensors once; an `untied` head adds its own "
+        "dense, k(V+D) factorised, N D + k(V - N + D) with N full rows. Whole-model params count shared "
+        "tensors once; an `untied` head adds its own "
         "V x D. Bytes: fp32 safetensors of the whole model. Logits latency: median LM-head time on "
         f"{args.latency_tokens} random hidden states / the dense head's median in the same process (CPU, "
         "shared machine: a ratio, not an absolute time). Rel. error: ||E - CP||_F / ||E||_F; weighted: the same "
@@ -194,19 +200,21 @@ def render(cells: dict, args) -> str:
         dppl = dense["perplexity"] if dense else None
         table = []
         if dense:
-            table.append(["dense", "-", f"{dense['embedding_params']:,}", "0 %", f"{dense['params']:,}",
-                          f"{dense['bytes'] / 1e6:.1f}", "-", "-", dense["perplexity"], 1.0, 1.0, "-"])
+            table.append(["dense", "-", f"{dense['embedding_params']:,}", "0 %", f"{dense['params']:,}", "0 %",
+                          f"{dense['bytes'] / 1e6:.1f}", "-", "-", "100 %", dense["perplexity"], 1.0, 1.0, "-"])
         for c in sorted((c for c in rows if c["variant"] in VARIANTS), key=lambda c: (c["variant"], c["k"])):
             table.append([c["variant"], c["k"], f"{c['embedding_params']:,}", f"{c['achieved_reduction']:.1%}",
-                          f"{c['params']:,}", f"{c['bytes'] / 1e6:.1f}", f"{c['rel_error']:.3f}",
-                          f"{c['weighted_rel_error']:.3f}" if "weighted_rel_error" in c else "-", c["perplexity"],
+                          f"{c['params']:,}", f"{1 - c['params'] / dense['params']:.1%}" if dense else "-",
+                          f"{c['bytes'] / 1e6:.1f}", f"{c['rel_error']:.3f}",
+                          f"{c['weighted_rel_error']:.3f}" if "weighted_rel_error" in c else "-",
+                          f"{c['full_row_token_share']:.1%}" if c.get("full_row_token_share") else "-", c["perplexity"],
                           c["perplexity"] / dppl if dppl else "-", f"{c['latency_ratio']:.2f}",
                           f"{c['factorise_wall_s']:.1f}"])
         n = (dense or rows[0])["eval_windows"]
         lines += [f"## {model_id} (V = {rows[0]['vocab']:,}, D = {rows[0]['width']})", "",
                   f"One-shot (no training), held-out perplexity over {n} x 512 tokens.", "",
                   md_table(["variant", "k", "embedding params", "embedding removed", "whole-model params",
-                            "MB on disk", "rel. error", "weighted rel. error", "held-out ppl", "ppl / dense",
+                            "whole model removed", "MB on disk", "rel. error", "weighted rel. error", "held-out ppl", "ppl / dense",
                             "logits latency / dense", "factorise wall s"], table), ""]
         trained = sorted((c for c in rows if c["variant"].endswith("+train")), key=lambda c: (c["variant"], c["k"]))
         if trained:

@@ -4,6 +4,11 @@ A token's vector is ``coords[token] @ P``: a k-dimensional lookup followed by on
 projection, so the table costs k(V + D) parameters instead of V*D. ``TiedFactorizedLMHead`` is
 the matching output layer for tied models: logits = (h P^T) C^T, computed right to left so
 the V x D matrix is never built, and holding no parameters of its own (it reads the embedding's).
+
+Frequency-aware layout (as adaptive input embeddings / adaptive softmax): ``full_ids`` names
+tokens that keep a full D-dimensional row (``full_rows``); only the remaining "tail" tokens
+are coordinates x primitives. A few thousand frequent tokens carry most of the text, while
+the tail of a 262k vocabulary is where low rank costs little.
 """
 from __future__ import annotations
 
@@ -22,50 +27,84 @@ class FactorizedEmbedding(nn.Module):
     spec_type = "factorized_embedding"
 
     def __init__(self, num_embeddings: int, embedding_dim: int, dim: int, padding_idx: int | None = None,
-                 embed_scale: float = 1.0, dtype: torch.dtype | None = None, device=None):
+                 embed_scale: float = 1.0, full: int = 0, dtype: torch.dtype | None = None, device=None):
         super().__init__()
         if not 0 < dim <= min(num_embeddings, embedding_dim):
             raise ValueError(f"dim {dim} out of range for a {num_embeddings}x{embedding_dim} embedding")
+        if not 0 <= full < num_embeddings:
+            raise ValueError(f"{full} full rows out of range for {num_embeddings} tokens")
         self.num_embeddings, self.embedding_dim, self.dim = num_embeddings, embedding_dim, dim
-        self.padding_idx, self.embed_scale = padding_idx, float(embed_scale)
+        self.padding_idx, self.embed_scale, self.full = padding_idx, float(embed_scale), full
         factory = {"dtype": dtype, "device": device}
-        self.coords = nn.Embedding(num_embeddings, dim, padding_idx=padding_idx, **factory)
+        # with full rows, coords rows are the tail tokens in id order; nn.Embedding's padding_idx
+        # would then name the wrong row, so it is kept only as an attribute
+        self.coords = nn.Embedding(num_embeddings - full, dim, padding_idx=None if full else padding_idx, **factory)
         self.primitives = nn.Linear(dim, embedding_dim, bias=False, **factory)
+        self.full_rows = nn.Embedding(full, embedding_dim, **factory) if full else None
+        if full:  # position[token] indexes cat([full rows, tail rows]); both buffers are saved with the weights
+            self.register_buffer("full_ids", torch.arange(full, device=device))
+            self.register_buffer("position", torch.arange(num_embeddings, device=device))
 
     @classmethod
     def from_factors(cls, coords: torch.Tensor, primitives: torch.Tensor, padding_idx: int | None = None,
-                     embed_scale: float = 1.0) -> "FactorizedEmbedding":
-        """``coords`` is (V x k), ``primitives`` is (k x D): the embedding is coords @ primitives."""
-        layer = cls(coords.shape[0], primitives.shape[1], coords.shape[1], padding_idx, embed_scale,
+                     embed_scale: float = 1.0, full_ids: torch.Tensor | None = None,
+                     full_rows: torch.Tensor | None = None) -> "FactorizedEmbedding":
+        """``coords`` is (V x k) and ``primitives`` (k x D): the embedding is coords @ primitives. With
+        ``full_ids`` (N distinct token ids) and ``full_rows`` (N x D), those tokens keep their rows and
+        ``coords`` holds only the V - N others, in id order."""
+        full = 0 if full_ids is None else int(full_ids.numel())
+        vocab = coords.shape[0] + full
+        layer = cls(vocab, primitives.shape[1], coords.shape[1], padding_idx, embed_scale, full,
                     dtype=coords.dtype, device=coords.device)
         with torch.no_grad():
             layer.coords.weight.copy_(coords)
             layer.primitives.weight.copy_(primitives.T)
+            if full:
+                ids = full_ids.to(device=coords.device, dtype=torch.long)
+                if ids.unique().numel() != full or int(ids.min()) < 0 or int(ids.max()) >= vocab:
+                    raise ValueError(f"full_ids must be {full} distinct ids in [0, {vocab})")
+                ids, order = ids.sort()
+                layer.full_rows.weight.copy_(full_rows[order])
+                layer.full_ids.copy_(ids)
+                is_full = torch.zeros(vocab, dtype=torch.bool, device=coords.device)
+                is_full[ids] = True
+                layer.position[ids] = torch.arange(full, device=coords.device)
+                layer.position[~is_full] = full + torch.arange(vocab - full, device=coords.device)
         return layer
 
     # -- checkpoint spec: enough to rebuild the empty module before weights load --
     def spec(self) -> dict:
         return {"type": self.spec_type, "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
-                "dim": self.dim, "padding_idx": self.padding_idx, "embed_scale": self.embed_scale}
+                "dim": self.dim, "padding_idx": self.padding_idx, "embed_scale": self.embed_scale, "full": self.full}
 
     @classmethod
     def from_spec(cls, spec: dict, dtype: torch.dtype | None = None, device=None) -> "FactorizedEmbedding":
         return cls(spec["num_embeddings"], spec["embedding_dim"], spec["dim"], spec.get("padding_idx"),
-                   spec.get("embed_scale", 1.0), dtype=dtype, device=device)
+                   spec.get("embed_scale", 1.0), spec.get("full", 0), dtype=dtype, device=device)
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense V x D equivalent (materialised on demand; for analysis, not the forward)."""
-        return self.coords.weight @ self.primitives.weight.T
+        tail = self.coords.weight @ self.primitives.weight.T
+        if not self.full:
+            return tail
+        return torch.cat([self.full_rows.weight, tail]).index_select(0, self.position)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = self.primitives(self.coords(input_ids))
+        if self.full:
+            position = self.position[input_ids]
+            is_full = position < self.full
+            tail = self.primitives(self.coords((position - self.full).clamp_min(0)))
+            out = torch.where(is_full.unsqueeze(-1), self.full_rows(position.clamp_max(self.full - 1)), tail)
+        else:
+            out = self.primitives(self.coords(input_ids))
         if self.embed_scale != 1.0:  # same rounding as Gemma: an fp32 scalar cast to the weights' dtype
             out = out * torch.tensor(self.embed_scale, dtype=torch.float32).to(out.dtype)
         return out
 
     def extra_repr(self) -> str:
         return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, dim={self.dim}"
+                + (f", full={self.full}" if self.full else "")
                 + (f", embed_scale={self.embed_scale:g}" if self.embed_scale != 1.0 else ""))
 
 
@@ -121,7 +160,11 @@ class TiedFactorizedLMHead(nn.Module):
         embedding = self.embedding
         # primitives.weight is P^T (D x k): h @ P^T is F.linear(h, P); then the k -> V step against C.
         projected = nn.functional.linear(hidden, embedding.primitives.weight.T)
-        return nn.functional.linear(projected, embedding.coords.weight)
+        logits = nn.functional.linear(projected, embedding.coords.weight)
+        if not embedding.full:
+            return logits
+        full = nn.functional.linear(hidden, embedding.full_rows.weight)
+        return torch.cat([full, logits], dim=-1).index_select(-1, embedding.position)
 
     def extra_repr(self) -> str:
         return f"tied_to={self.tied_to!r}"

@@ -39,6 +39,9 @@ CASES = [  # (model, stage kwargs, expected head module)
     ("llama-untied", {"dim": 8}, torch.nn.Linear),
     ("gemma3-tied", {"dim": 24, "weighting": "frequency"}, TiedFactorizedLMHead),
     ("gemma3-tied", {"dim": 24, "untie": True}, torch.nn.Linear),
+    ("llama-tied", {"dim": 8, "keep_frequent": 20, "weighting": "frequency"}, TiedFactorizedLMHead),
+    ("gemma3-tied", {"reduction": 0.6, "keep_frequent": 30}, TiedFactorizedLMHead),
+    ("llama-untied", {"dim": 8, "keep_frequent": 10}, torch.nn.Linear),
 ]
 
 
@@ -70,7 +73,8 @@ def test_conformance(tmp_path, model_name, kwargs, head_type):
         assert result.summary["achieved_reduction"] >= kwargs["reduction"]
     # parameters drop exactly as promised (an untied dense head keeps its V x D)
     extra_head = vocab * width if kwargs.get("untie") and tied_source else 0
-    expected = params_before - vocab * width + k * (vocab + width) + extra_head
+    full = kwargs.get("keep_frequent", 0)
+    expected = params_before - vocab * width + full * width + k * (vocab - full + width) + extra_head
     assert sum(p.numel() for p in model.parameters()) == expected
     with torch.no_grad():
         logits = model(windows[:2]).logits
@@ -101,6 +105,40 @@ def test_frequency_weighting_fits_frequent_tokens_better():
         err_plain = (plain.model.embed_tokens(ids) - dense).norm()
         err_weighted = (weighted.model.embed_tokens(ids) - dense).norm()
     assert err_weighted < err_plain
+
+
+def test_keep_frequent_keeps_the_most_frequent_rows_exactly():
+    windows = torch.cat([torch.full((2, 24), 7), torch.full((1, 24), 9), _windows(256, n=2)])
+    model, reference = make_tiny_llama(), make_tiny_llama()
+    _, (result,) = _run(model, [{"method": "ofa_embedding", "dim": 4, "keep_frequent": 2}], windows)
+    embedding = model.get_input_embeddings()
+    assert embedding.full_ids.tolist() == [7, 9]  # the two most frequent calibration tokens
+    ids = torch.tensor([[7, 9, 7, 50]])
+    dense = reference.model.embed_tokens(ids)
+    h = torch.randn(1, 3, dense.shape[-1])
+    with torch.no_grad():
+        out = embedding(ids)
+        torch.testing.assert_close(out[0, :3], dense[0, :3], rtol=0, atol=0)  # full rows: exact
+        assert not torch.allclose(out[0, 3], dense[0, 3])                   # tail: rank 4
+        torch.testing.assert_close(embedding(ids), embedding.weight[ids])
+        torch.testing.assert_close(model.lm_head(h), h @ embedding.weight.T, rtol=1e-5, atol=1e-5)
+    assert result.summary["full_row_token_share"] > 0.5
+    assert 0 < result.summary["rel_error"] < 1
+
+
+def test_keep_frequent_beats_plain_frequency_weighting_at_equal_parameters():
+    """A planted Zipf-like text: full rows for its frequent tokens lose less than spending the same
+    parameters on a higher rank for everyone (the point of the adaptive-input layout)."""
+    windows = (torch.distributions.Geometric(0.08).sample((8, 64)).long() + 3).clamp_max(255)
+    vocab, width = 256, 64
+    hybrid, weighted = make_tiny_llama(), make_tiny_llama()
+    _, (h,) = _run(hybrid, [{"method": "ofa_embedding", "dim": 4, "keep_frequent": 24,
+                             "weighting": "frequency"}], windows)
+    budget = 24 * width + 4 * (vocab - 24 + width)
+    k = budget // (vocab + width)
+    _, (w,) = _run(weighted, [{"method": "ofa_embedding", "dim": k, "weighting": "frequency"}], windows)
+    assert w.summary["targeted_params_after"] <= h.summary["targeted_params_after"]
+    assert h.summary["weighted_rel_error"] < w.summary["weighted_rel_error"]
 
 
 def test_finetune_trains_only_the_factors_and_the_tied_head_follows():

@@ -61,3 +61,34 @@ def test_spec_rebuilds_the_same_shapes_and_binding():
     holder = nn.ModuleDict({"embed": emb, "head": head})
     head.bind(holder)
     assert head.embedding is emb
+
+
+def test_full_rows_layout_matches_its_dense_table_and_round_trips_its_spec():
+    E = torch.randn(60, 16, generator=torch.Generator().manual_seed(1))
+    full_ids = torch.tensor([41, 3, 17])
+    tail = torch.tensor([i for i in range(60) if i not in (3, 17, 41)])
+    coords, primitives = factorize_embedding(E[tail], 16)  # full rank: the whole table is exact
+    emb = FactorizedEmbedding.from_factors(coords.float(), primitives.float(), None, 1.0, full_ids, E[full_ids])
+    assert emb.full_ids.tolist() == [3, 17, 41]
+    ids = torch.randint(0, 60, (2, 9))
+    h = torch.randn(2, 9, 16)
+    head = TiedFactorizedLMHead(emb, "embed")
+    with torch.no_grad():
+        torch.testing.assert_close(emb.weight, E, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(emb(ids), nn.functional.embedding(ids, E), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(head(h), h @ E.T, rtol=1e-4, atol=1e-4)
+    assert sum(p.numel() for p in emb.parameters()) == 3 * 16 + 16 * (57 + 16)
+    rebuilt = MODULE_TYPES["factorized_embedding"].from_spec(emb.spec())
+    rebuilt.load_state_dict(emb.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(ids), emb(ids))
+
+
+def test_full_rows_get_gradients_from_both_uses():
+    E = torch.randn(30, 8)
+    emb = FactorizedEmbedding.from_factors(*[t.float() for t in factorize_embedding(E[2:], 4)], None, 1.0,
+                                           torch.tensor([0, 1]), E[:2])
+    head = TiedFactorizedLMHead(emb, "embed")
+    head(emb(torch.tensor([[5, 6]]))).sum().backward()  # only tail tokens are looked up
+    assert emb.full_rows.weight.grad.abs().sum() > 0    # the head still trains the full rows
+    assert emb.coords.weight.grad[3].abs().sum() > 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import torch
 from torch import nn
 
 from ...errors import CompressError
@@ -37,24 +38,37 @@ class OfaEmbedding(ModelMethod):
             raise CompressError(f"ofa_embedding: {name} is a {type(embedding).__name__}, not an nn.Embedding")
         scale = embed_scale(embedding)
         vocab, width = embedding.weight.shape
-        dim = config.dim if config.dim is not None else dim_for_reduction(vocab, width, config.reduction)
-        check_dim(vocab, width, dim)
+        full = config.keep_frequent
+        if full >= vocab:
+            raise CompressError(f"ofa_embedding: keep_frequent={full} must be below the vocabulary size {vocab}")
+        dim = config.dim if config.dim is not None else dim_for_reduction(vocab, width, config.reduction, full)
+        check_dim(vocab, width, dim, full=full)
         tied = is_tied(model, embedding)
         head = model.get_output_embeddings()
         if tied and not config.untie and getattr(head, "bias", None) is not None:
             raise CompressError("ofa_embedding: the tied LM head has a bias; use untie: true")
 
         counts = weights = None
-        if config.weighting == "frequency":
+        if config.weighting == "frequency" or full:
             windows = ctx.calibration_windows()
             if windows is None:
-                raise CompressError("ofa_embedding weighting 'frequency' needs calibration windows")
+                raise CompressError("ofa_embedding: weighting 'frequency' and keep_frequent need calibration windows")
             counts = token_counts(windows, vocab)
-            weights = frequency_weights(counts)
+            weights = frequency_weights(counts) if config.weighting == "frequency" else None
         weight = embedding.weight
-        coords, primitives = factorize_embedding(weight, dim, weights)
-        new = FactorizedEmbedding.from_factors(coords.to(weight.dtype), primitives.to(weight.dtype),
-                                               embedding.padding_idx, scale)
+        full_ids = tail = None
+        if full:  # stable sort: among equal counts the lower id wins, so the choice is deterministic
+            full_ids = torch.sort(counts, descending=True, stable=True).indices[:full]
+            is_tail = torch.ones(vocab, dtype=torch.bool)
+            is_tail[full_ids] = False
+            tail = is_tail.nonzero().squeeze(1)
+            coords, primitives = factorize_embedding(weight[tail.to(weight.device)], dim,
+                                                     None if weights is None else weights[tail])
+        else:
+            coords, primitives = factorize_embedding(weight, dim, weights)
+        new = FactorizedEmbedding.from_factors(
+            coords.to(weight.dtype), primitives.to(weight.dtype), embedding.padding_idx, scale, full_ids,
+            None if full_ids is None else weight.detach()[full_ids.to(weight.device)].clone())
         replace_module(model, name, new)
         if tied:
             if config.untie:  # the head's Linear still holds the original Parameter: now it is its alone
@@ -66,18 +80,21 @@ class OfaEmbedding(ModelMethod):
         else:
             head_kind = "untied in the source (unchanged)"
 
-        before, after = vocab * width, factorized_params(vocab, width, dim)
+        before, after = vocab * width, factorized_params(vocab, width, dim, full)
         result = StageResult(self.name)
-        result.rows = [{"module": name, "shape": f"{vocab}x{width}", "dim": dim, "params_before": before,
-                        "params_after": after}]
+        result.rows = [{"module": name, "shape": f"{vocab}x{width}", "dim": dim, "full_rows": full,
+                        "params_before": before, "params_after": after}]
         result.summary = {
-            "dim": dim, "weighting": config.weighting, "head": head_kind, "requested_reduction": config.reduction,
-            "achieved_reduction": 1 - after / before, "targeted_params_before": before,
-            "targeted_params_after": after, "rel_error": relative_error(weight, coords, primitives),
-            "wall_time_s": time.perf_counter() - start,
+            "dim": dim, "weighting": config.weighting, "keep_frequent": full, "head": head_kind,
+            "requested_reduction": config.reduction, "achieved_reduction": 1 - after / before,
+            "targeted_params_before": before, "targeted_params_after": after,
+            "rel_error": relative_error(weight, coords, primitives, rows=tail), "wall_time_s": time.perf_counter() - start,
         }
         if counts is not None:
             result.summary["calibration_tokens"] = int(counts.sum())
             result.summary["tokens_seen"] = int((counts > 0).sum())
-            result.summary["weighted_rel_error"] = relative_error(weight, coords, primitives, weights)
+            if full:  # the share of calibration tokens that now look up a full row
+                result.summary["full_row_token_share"] = float(counts[full_ids].sum() / counts.sum().clamp_min(1))
+            result.summary["weighted_rel_error"] = relative_error(weight, coords, primitives,
+                                                                  frequency_weights(counts), rows=tail)
         return result

@@ -17,7 +17,8 @@ class OfaEmbeddingConfig(StageConfig):
     Give ``dim`` (k) or ``reduction`` (the fraction of the embedding's V*D parameters to remove).
     ``weighting: frequency`` weights each row by sqrt(count + 1), counted on the calibration
     text, before the truncated SVD (frequent tokens are reconstructed better), then un-weights
-    the coordinates. A tied LM head is served from the same factors unless ``untie`` keeps it
+    the coordinates. ``keep_frequent: N`` keeps full D-wide rows for the N most frequent calibration
+    tokens and factorises only the tail (then ``dim``/``reduction`` count both parts). A tied LM head is served from the same factors unless ``untie`` keeps it
     as its own dense matrix.
     """
 
@@ -27,6 +28,8 @@ class OfaEmbeddingConfig(StageConfig):
     dim: int | None = Field(None, ge=1, description="k, the number of primitive embeddings")
     reduction: float | None = Field(None, gt=0, lt=1, description="fraction of the embedding's parameters removed")
     weighting: Literal["none", "frequency"] = "none"
+    keep_frequent: int = Field(0, ge=0, description="the N tokens most frequent in the calibration text keep "
+                               "full rows; only the rest is factorised (adaptive-input layout)")
     untie: bool = Field(False, description="tied models only: keep the LM head as its own dense V x D matrix")
 
     @model_validator(mode="after")

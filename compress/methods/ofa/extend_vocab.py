@@ -112,6 +112,9 @@ class ExtendVocab(ModelMethod):
         tied = is_tied(model, embedding) or isinstance(head, TiedFactorizedLMHead)
         padding = embedding.padding_idx if isinstance(embedding, (nn.Embedding, FactorizedEmbedding)) else None
         new_padding = _map_token_id(padding, source_tokenizer, target_vocab) if padding is not None else None
+        if isinstance(embedding, FactorizedEmbedding) and embedding.full:
+            raise CompressError("extend_vocab: an embedding with keep_frequent full rows cannot be extended "
+                                "(extend first, then factorise)")
         if isinstance(embedding, FactorizedEmbedding):
             rows, kinds = extend(embedding.coords.weight)
             dtype = embedding.coords.weight.dtype

@@ -18,20 +18,22 @@ import torch
 from ...errors import CompressError
 
 
-def factorized_params(vocab: int, width: int, dim: int) -> int:
-    return dim * (vocab + width)
+def factorized_params(vocab: int, width: int, dim: int, full: int = 0) -> int:
+    """N full rows of D plus k(V - N + D) for the factorised tail."""
+    return full * width + dim * (vocab - full + width)
 
 
-def dim_for_reduction(vocab: int, width: int, reduction: float) -> int:
-    """Largest k that removes at least ``reduction`` of the V*D parameters."""
-    return math.floor((1 - reduction) * vocab * width / (vocab + width))
+def dim_for_reduction(vocab: int, width: int, reduction: float, full: int = 0) -> int:
+    """Largest k that removes at least ``reduction`` of the V*D parameters (next to ``full`` full rows)."""
+    return math.floor(((1 - reduction) * vocab * width - full * width) / (vocab - full + width))
 
 
-def check_dim(vocab: int, width: int, dim: int, where: str = "ofa_embedding") -> None:
-    """k must be >= 1 and save parameters: k(V + D) < V D (DESIGN.md section 4)."""
-    largest = (vocab * width - 1) // (vocab + width)
+def check_dim(vocab: int, width: int, dim: int, where: str = "ofa_embedding", full: int = 0) -> None:
+    """k must be >= 1 and save parameters: N D + k(V - N + D) < V D (DESIGN.md section 4)."""
+    largest = ((vocab - full) * width - 1) // (vocab - full + width)
     if not 1 <= dim <= largest:
-        raise CompressError(f"{where}: k={dim} out of range for a {vocab}x{width} embedding "
+        kept = f" next to {full} full rows" if full else ""
+        raise CompressError(f"{where}: k={dim} out of range for a {vocab}x{width} embedding{kept} "
                             f"(1..{largest}; larger k would not save parameters)")
 
 
@@ -78,15 +80,21 @@ def factorize_embedding(weight: torch.Tensor, dim: int,
 
 
 def relative_error(weight: torch.Tensor, coords: torch.Tensor, primitives: torch.Tensor,
-                   row_weights: torch.Tensor | None = None, chunk: int = 32768) -> float:
-    """||diag(w)(E - C P)||_F / ||diag(w) E||_F, in row chunks (the dense table is never doubled)."""
-    err = ref = 0.0
+                   row_weights: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                   chunk: int = 32768) -> float:
+    """||diag(w)(E - C P)||_F / ||diag(w) E||_F, in row chunks (the dense table is never doubled).
+    With ``rows``, C approximates only E[rows]; the other rows are kept exactly (zero error)."""
+    w_all = torch.ones(weight.shape[0], dtype=torch.float64) if row_weights is None else \
+        row_weights.detach().to(torch.float64).cpu()
+    rows = torch.arange(weight.shape[0]) if rows is None else rows.cpu()
+    err = 0.0
+    for start in range(0, rows.numel(), chunk):
+        index = rows[start:start + chunk]
+        E = weight.index_select(0, index.to(weight.device)).detach().to(torch.float64)
+        R = (E - coords[start:start + chunk].to(torch.float64) @ primitives.to(torch.float64)).cpu()
+        err += float((R * w_all[index][:, None]).pow(2).sum())
+    ref = 0.0
     for start in range(0, weight.shape[0], chunk):
-        E = weight[start:start + chunk].detach().to(torch.float64)
-        R = E - coords[start:start + chunk].to(torch.float64) @ primitives.to(torch.float64)
-        if row_weights is not None:
-            w = row_weights[start:start + chunk].to(torch.float64)[:, None]
-            E, R = E * w, R * w
-        err += float(R.pow(2).sum())
-        ref += float(E.pow(2).sum())
+        E = weight[start:start + chunk].detach().to(torch.float64).cpu()
+        ref += float((E * w_all[start:start + chunk][:, None]).pow(2).sum())
     return math.sqrt(err / ref) if ref > 0 else 0.0
