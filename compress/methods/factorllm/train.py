@@ -10,14 +10,13 @@ frozen. The same wrapper, without training, measures router/label agreement on a
 from __future__ import annotations
 
 import contextlib
-import math
-import time
 
 import torch
 from torch import nn
 
 from ...modules.moe_ffn import MoEFeedForward
 from ...targets import replace_module
+from ...training import train_loop
 from .pa_loss import agreement, all_group_outputs, balance_loss, combine_scale, pseudo_labels, route_loss
 
 
@@ -120,10 +119,7 @@ def train_moe(model: nn.Module, config, windows: torch.Tensor, progress: bool = 
 
     ``callback(step, tokens)`` (optional) runs after every step with the MoE modules in place (no
     wrappers), e.g. to measure a quality curve; its time is not counted in ``wall_time_s``."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
 
     set_seed(config.seed)
     names = moe_names(model)
@@ -133,6 +129,7 @@ def train_moe(model: nn.Module, config, windows: torch.Tensor, progress: bool = 
     model.eval()
     loss_before = mean_lm_loss(model, held, config.batch_size)
     model.requires_grad_(False)
+    series = {key: [] for key in ("train_loss", "lm_loss", "distill", "route", "balance", "agreement", "tokens")}
     with pa_wrapped(model, names, config.labels, teacher=train_experts) as wrappers:
         routers, experts = [], []
         for wrapper in wrappers.values():
@@ -144,65 +141,42 @@ def train_moe(model: nn.Module, config, windows: torch.Tensor, progress: bool = 
         groups = [{"params": routers, "lr": config.router_lr or config.lr * 10}]
         if experts:
             groups.append({"params": experts, "lr": config.lr})
-        params = routers + experts
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-        scheduler = get_scheduler(config.schedule, optimizer, num_warmup_steps=config.warmup_steps,
-                                  num_training_steps=config.steps)
-        loader = torch.utils.data.DataLoader(windows, batch_size=config.batch_size, shuffle=True, drop_last=False)
-        wrapped, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-        wrapped.train()
-        series = {key: [] for key in ("train_loss", "lm_loss", "distill", "route", "balance", "agreement", "tokens")}
-        tokens, step, start, callback_s = 0, 0, time.perf_counter(), 0.0
-        bar = tqdm(total=config.steps, desc="factorllm train", disable=not progress, leave=False, dynamic_ncols=True)
-        while step < config.steps:
-            for batch in loader:
-                for wrapper in wrappers.values():
-                    wrapper.totals = {"hits": 0.0, "exact": 0.0, "tokens": 0}
-                lm = wrapped(input_ids=batch, labels=batch, use_cache=False).loss
-                parts = {key: torch.stack([w.last[key] for w in wrappers.values()]).mean()
-                         for key in ("distill", "route", "balance")}
-                loss = (config.lm_loss_weight * lm + config.distill_loss_weight * parts["distill"]
-                        + config.route_loss_weight * parts["route"] + config.balance_loss_weight * parts["balance"])
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"factorllm: loss became {loss.item()} at step {step}; lower lr")
-                accelerator.backward(loss)
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                tokens += batch.numel()
-                agree = sum(w.agreement()[0] for w in wrappers.values()) / len(wrappers)
-                for key, value in (("train_loss", loss), ("lm_loss", lm), *parts.items()):
-                    series[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
-                series["agreement"].append(agree)
-                series["tokens"].append(tokens)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", agree=f"{agree:.2f}")
-                if callback is not None:  # sees the real inference modules, not the training wrappers
-                    for name, wrapper in wrappers.items():
-                        replace_module(model, name, wrapper.moe)
-                    callback_start = time.perf_counter()
-                    try:
-                        callback(step, tokens)
-                    finally:
-                        callback_s += time.perf_counter() - callback_start
-                        for name, wrapper in wrappers.items():
-                            replace_module(model, name, wrapper)
-                        wrapped.train()
-                if step >= config.steps:
-                    break
-        bar.close()
-        wall = time.perf_counter() - start - callback_s
-        accelerator.unwrap_model(wrapped)
+
+        def pa_loss(wrapped, batch):
+            for wrapper in wrappers.values():
+                wrapper.totals = {"hits": 0.0, "exact": 0.0, "tokens": 0}
+            lm = wrapped(input_ids=batch, labels=batch, use_cache=False).loss
+            parts = {key: torch.stack([w.last[key] for w in wrappers.values()]).mean()
+                     for key in ("distill", "route", "balance")}
+            loss = (config.lm_loss_weight * lm + config.distill_loss_weight * parts["distill"]
+                    + config.route_loss_weight * parts["route"] + config.balance_loss_weight * parts["balance"])
+            agree = sum(w.agreement()[0] for w in wrappers.values()) / len(wrappers)
+            for key, value in (("train_loss", loss), ("lm_loss", lm), *parts.items()):
+                series[key].append(float(value.detach()))
+            series["agreement"].append(agree)
+            series["tokens"].append(series["tokens"][-1] + batch.numel() if series["tokens"] else batch.numel())
+            return loss, {"agree": agree}
+
+        def measure(step, tokens):  # the callback sees the real inference modules, not the training wrappers
+            for name, wrapper in wrappers.items():
+                replace_module(model, name, wrapper.moe)
+            try:
+                callback(step, tokens)
+            finally:
+                for name, wrapper in wrappers.items():
+                    replace_module(model, name, wrapper)
+
+        run = train_loop(model, groups, windows, steps=config.steps, batch_size=config.batch_size,
+                         schedule=config.schedule, warmup_steps=config.warmup_steps,
+                         max_grad_norm=config.max_grad_norm, loss_fn=pa_loss, desc="factorllm train",
+                         progress=progress, on_step=measure if callback is not None else None)
     model.requires_grad_(False)
     model.eval()
     loss_after = mean_lm_loss(model, held, config.batch_size)
     model.train(was_training)
-    summary = {"train": config.train, "steps": config.steps, "tokens": tokens, "wall_time_s": wall,
+    summary = {"train": config.train, "steps": config.steps, "tokens": run["tokens"], "wall_time_s": run["wall_time_s"],
                "lr": config.lr, "router_lr": config.router_lr or config.lr * 10, "schedule": config.schedule,
-               "trainable_params": sum(p.numel() for p in params),
+               "trainable_params": sum(p.numel() for group in groups for p in group["params"]),
                "calibration_loss_before": loss_before, "calibration_loss_after": loss_after,
                "final_train_agreement": series["agreement"][-1] if series["agreement"] else None}
     return {"summary": summary, "series": series}
