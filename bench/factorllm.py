@@ -43,6 +43,7 @@ LAYOUTS = {  # name: (routed experts, top_k, shared experts)
 PARTITIONS = ("contiguous", "random", "cluster")
 PHASES = ("split", "router", "experts")
 TRAIN_MODE = {"router": "router", "experts": "router+experts"}
+LONG_PHASE = "experts-long"  # router + experts for --long-steps at --long-lr: the longest point of the curve
 
 
 def stage_for(layout: str, partition: str, args, train: str = "none") -> dict:
@@ -169,7 +170,9 @@ def run_train(layout: str, partition: str, phase: str, args) -> dict:
         raise SystemExit(f"{folder} is missing: run the cell {layout}/{partition}/split first")
     model, tokenizer, _ = load_folder(folder)
     held = _held(tokenizer, args)
-    stage = stage_for(layout, partition, args, TRAIN_MODE[phase])
+    if phase == LONG_PHASE:
+        args.steps, args.lr = args.long_steps, args.long_lr
+    stage = stage_for(layout, partition, args, TRAIN_MODE[phase.removesuffix("-long")])
     config = parse_recipe({"name": "bench", "stages": [stage]}).stages[0]
     windows = _calibration(tokenizer, args, max(args.fit_windows, args.steps * args.batch_size))
     points = sorted({max(1, round(args.steps * (i + 1) / args.curve_points)) for i in range(args.curve_points)})
@@ -181,7 +184,7 @@ def run_train(layout: str, partition: str, phase: str, args) -> dict:
 
     trained = train_moe(model, config, windows, progress=False, callback=measure)
     s = trained["summary"]
-    return {"cell": f"{layout}/{partition}/{phase}", "train": config.train, "curve": curve,
+    return {"cell": f"{layout}/{partition}/{phase}", "train": config.train, "curve": curve, "warmup": config.warmup_steps,
             "perplexity": curve[-1]["perplexity"], "train_wall_s": s["wall_time_s"], "steps": s["steps"],
             "tokens": s["tokens"], "lr": s["lr"], "router_lr": s["router_lr"],
             "trainable_params": s["trainable_params"], "calibration_loss_before": s["calibration_loss_before"],
@@ -198,7 +201,7 @@ def run_cell(key: str, args) -> dict:
     if key == "dense":
         return run_dense(args)
     layout, partition, phase = key.split("/")
-    if layout not in LAYOUTS or partition not in PARTITIONS or phase not in PHASES:
+    if layout not in LAYOUTS or partition not in PARTITIONS or phase not in (*PHASES, LONG_PHASE):
         raise SystemExit(f"unknown cell {key!r}")
     if phase == "split":
         return run_split(layout, partition, args)
@@ -234,13 +237,13 @@ def render(cells: dict, args) -> str:
                     rel(c["ppl_fitted"]), _agree(c),
                     _agree(c, "best_subset"), f"{c['forward_ratio']:.3f}", f"{c['decode_ratio']:.3f}",
                     f"{c['split_wall_s']:.0f}"])
-            for phase in ("router", "experts"):
+            for phase in ("router", "experts", LONG_PHASE):
                 t = cells.get(f"{layout}/{partition}/{phase}")
                 if t is None:
                     continue
                 points = ([{"tokens": 0, "perplexity": c["ppl_fitted"]}] if c else []) + t["curve"]
                 curve = ", ".join(f"{p['tokens']:,}: {p['perplexity']:.4g}" for p in points)
-                train_rows.append([layout, partition, t["train"], curve, rel(t["perplexity"]), _agree(t),
+                train_rows.append([layout, partition, f"{t['train']} ({t['steps']} steps, lr {t['lr']:g})", curve, rel(t["perplexity"]), _agree(t),
                                    f"{t['calibration_loss_before']:.3f} -> {t['calibration_loss_after']:.3f}",
                                    f"{t['train_wall_s']:.0f}"])
     threads = next(iter(cells.values()))["threads"] if cells else args.threads
@@ -282,9 +285,9 @@ def render(cells: dict, args) -> str:
             md_table(["layout", "partition", "train", "ppl after N training tokens", "final ppl",
                       "agreement with PA labels",
                       "calibration loss", "train wall s"], train_rows), "",
-            f"{args.steps} steps of AdamW (cosine, {min(args.warmup, args.steps - 1)} warm-up steps, "
+            f"AdamW (cosine schedule, {min(args.warmup, args.steps - 1)} warm-up steps, "
             f"batch {args.batch_size} x "
-            f"{args.seq_len} tokens of calibration Wikipedia; lr {args.lr:g} for experts, {args.router_lr:g} for "
+            f"{args.seq_len} tokens of calibration Wikipedia; expert lr as in the train column, {args.router_lr:g} for "
             "routers); attention, norms and embeddings frozen. Loss = next-token CE + mean over layers of the "
             "relative MSE of the MoE FFN output against the frozen dense FFN + KL(router || PA labels) + 0.01 load "
             "balance. With `combine: sum` the CE and MSE terms reach only the experts (hard top-k passes no gradient "
@@ -313,6 +316,8 @@ def main() -> None:
     parser.add_argument("--curve-points", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--router-lr", type=float, default=1e-3)
+    parser.add_argument("--long-steps", type=int, default=300, help=f"steps of the {LONG_PHASE} cells")
+    parser.add_argument("--long-lr", type=float, default=2e-4, help=f"expert lr of the {LONG_PHASE} cells")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--agree-windows", type=int, default=4)
@@ -331,7 +336,7 @@ def main() -> None:
     def command(key):
         return [sys.executable, __file__, "--cell", key, *forwarded_flags(args, (
             "name", "windows", "fit_windows", "fit_epochs", "seq_len", "combine", "labels", "steps", "curve_points",
-            "lr", "router_lr", "warmup", "batch_size", "agree_windows", "latency_repeats", "threads", "model"))]
+            "lr", "router_lr", "long_steps", "long_lr", "warmup", "batch_size", "agree_windows", "latency_repeats", "threads", "model"))]
 
     def save(cells):
         save_cells(cells, store, markdown, lambda c: render(c, args))
