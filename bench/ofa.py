@@ -46,15 +46,19 @@ VARIANTS = {
                   "tied head (adaptive-input layout)",
     "top16k-tied": "the same with 16,384 full rows",
     "top32k-tied": "the same with 32,768 full rows",
+    "freq-tied-logitfit": "freq-tied, but the rank-k fit minimises the tied head's logit error (`fit: logits`: the "
+                          "table whitened by the covariance of the final hidden states on 16 calibration windows)",
+    "top16k-tied-logitfit": "top16k-tied with `fit: logits` for the tail",
+    "top32k-tied-logitfit": "top32k-tied with `fit: logits` for the tail",
 }
 TRAINED = ("svd-tied", "freq-tied")  # variants whose training curve is measured by default
 
 
 def stage_for(variant: str, k: int) -> dict:
-    weighting, head = variant.split("-")
+    weighting, head, *fit = variant.split("-")
     full = int(weighting[3:-1]) * 1024 if weighting.startswith("top") else 0
     return {"method": "ofa_embedding", "dim": k, "weighting": "none" if weighting == "svd" else "frequency",
-            "keep_frequent": full, "untie": head == "untied"}
+            "keep_frequent": full, "untie": head == "untied", "fit": "logits" if fit == ["logitfit"] else "embedding"}
 
 
 def _median_seconds(fn, runs: int) -> float:

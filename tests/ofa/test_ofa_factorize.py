@@ -69,3 +69,22 @@ def test_dim_rules():
     for bad in (0, 570):  # 570 * (V + D) > V * D: saves nothing
         with pytest.raises(CompressError, match="out of range"):
             check_dim(V, D, bad)
+
+
+def test_logit_fit_beats_the_plain_fit_on_logit_error():
+    """With anisotropic hidden states the whitened fit wins where it is measured (logits) and
+    loses on the table's own error; with an identity covariance it is the plain fit."""
+    g = torch.Generator().manual_seed(3)
+    E = torch.randn(300, 24, generator=g, dtype=torch.float64)
+    H = torch.randn(500, 24, generator=g, dtype=torch.float64) * torch.logspace(1, -2, 24, dtype=torch.float64)
+    cov = H.T @ H / H.shape[0]
+    plain = factorize_embedding(E, 6)
+    logit = factorize_embedding(E, 6, column_cov=cov)
+
+    def logit_error(c, p):
+        return (H @ (E - c @ p).T).norm()
+
+    assert logit_error(*logit) < 0.9 * logit_error(*plain)
+    assert (E - logit[0] @ logit[1]).norm() > (E - plain[0] @ plain[1]).norm()
+    same = factorize_embedding(E, 6, column_cov=torch.eye(24, dtype=torch.float64))
+    torch.testing.assert_close(same[0] @ same[1], plain[0] @ plain[1])

@@ -42,6 +42,8 @@ CASES = [  # (model, stage kwargs, expected head module)
     ("llama-tied", {"dim": 8, "keep_frequent": 20, "weighting": "frequency"}, TiedFactorizedLMHead),
     ("gemma3-tied", {"reduction": 0.6, "keep_frequent": 30}, TiedFactorizedLMHead),
     ("llama-untied", {"dim": 8, "keep_frequent": 10}, torch.nn.Linear),
+    ("gemma3-tied", {"dim": 16, "keep_frequent": 30, "weighting": "frequency", "fit": "logits"},
+     TiedFactorizedLMHead),
 ]
 
 
@@ -129,6 +131,7 @@ def test_keep_frequent_keeps_the_most_frequent_rows_exactly():
 def test_keep_frequent_beats_plain_frequency_weighting_at_equal_parameters():
     """A planted Zipf-like text: full rows for its frequent tokens lose less than spending the same
     parameters on a higher rank for everyone (the point of the adaptive-input layout)."""
+    torch.manual_seed(0)
     windows = (torch.distributions.Geometric(0.08).sample((8, 64)).long() + 3).clamp_max(255)
     vocab, width = 256, 64
     hybrid, weighted = make_tiny_llama(), make_tiny_llama()
@@ -139,6 +142,26 @@ def test_keep_frequent_beats_plain_frequency_weighting_at_equal_parameters():
     _, (w,) = _run(weighted, [{"method": "ofa_embedding", "dim": k, "weighting": "frequency"}], windows)
     assert w.summary["targeted_params_after"] <= h.summary["targeted_params_after"]
     assert h.summary["weighted_rel_error"] < w.summary["weighted_rel_error"]
+
+
+def test_logit_fit_lowers_the_logit_error_on_calibration_text():
+    windows = _windows(256, n=8, length=32)
+    dense = make_tiny_llama()
+    with torch.no_grad():
+        hidden = dense.model(windows).last_hidden_state
+        reference = dense.lm_head(hidden)
+    errors = {}
+    for fit in ("embedding", "logits"):
+        model = make_tiny_llama()
+        _run(model, [{"method": "ofa_embedding", "dim": 6, "fit": fit, "fit_windows": 8}], windows)
+        with torch.no_grad():
+            errors[fit] = (model.lm_head(hidden) - reference).norm()
+    assert errors["logits"] < errors["embedding"]
+
+
+def test_logit_fit_needs_a_tied_head():
+    with pytest.raises(CompressError, match="fit 'logits' needs a tied LM head"):
+        _run(make_tiny_llama(tie=False), [{"method": "ofa_embedding", "dim": 4, "fit": "logits"}], _windows(256))
 
 
 def test_finetune_trains_only_the_factors_and_the_tied_head_follows():
@@ -176,6 +199,8 @@ def test_bad_settings_are_one_line_errors(stage, message):
     ({"method": "ofa_embedding", "dim": 8, "reduction": 0.5}, "exactly one of dim"),
     ({"method": "ofa_embedding"}, "exactly one of dim"),
     ({"method": "ofa_embedding", "dim": 0}, "dim"),
+    ({"method": "ofa_embedding", "dim": 8, "fit": "logits", "untie": True}, "cannot be combined with untie"),
+    ({"method": "ofa_embedding", "dim": 8, "keep_frequent": -1}, "keep_frequent"),
 ])
 def test_bad_configs_fail_at_parse_time(stage, message):
     with pytest.raises(CompressError, match=message):

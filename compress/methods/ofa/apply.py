@@ -23,6 +23,35 @@ from .factorize import (check_dim, dim_for_reduction, factorize_embedding, facto
 from .model_embeddings import embed_scale, forget_tying, input_embedding, is_tied, module_name
 
 
+class _HeadInputCaptured(Exception):
+    """Raised by the capture hook: the logits themselves are not needed, so the forward stops there."""
+
+
+def head_input_covariance(model: nn.Module, head: nn.Module, windows: torch.Tensor, batch_size: int = 4):
+    """Sigma = mean h h^T (D x D, float64) of the hidden states entering the LM head on ``windows``."""
+    total, count = None, 0
+
+    def capture(module, args):
+        raise _HeadInputCaptured(args[0])
+
+    handle = head.register_forward_pre_hook(capture)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for batch in windows.split(batch_size):
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _HeadInputCaptured as captured:
+                    h = captured.args[0].reshape(-1, captured.args[0].shape[-1]).to(torch.float64)
+                    total = h.T @ h if total is None else total + h.T @ h
+                    count += h.shape[0]
+    finally:
+        handle.remove()
+    if total is None:
+        raise CompressError("ofa_embedding: the model's forward never reached its LM head")
+    return total / count
+
+
 @register_method
 class OfaEmbedding(ModelMethod):
     name = "ofa_embedding"
@@ -56,6 +85,14 @@ class OfaEmbedding(ModelMethod):
             counts = token_counts(windows, vocab)
             weights = frequency_weights(counts) if config.weighting == "frequency" else None
         weight = embedding.weight
+        cov = None
+        if config.fit == "logits":
+            if not tied:
+                raise CompressError("ofa_embedding: fit 'logits' needs a tied LM head (this model's head is untied)")
+            windows = ctx.calibration_windows()
+            if windows is None:
+                raise CompressError("ofa_embedding: fit 'logits' needs calibration windows")
+            cov = head_input_covariance(model, head, windows[: config.fit_windows])
         full_ids = tail = None
         if full:  # stable sort: among equal counts the lower id wins, so the choice is deterministic
             full_ids = torch.sort(counts, descending=True, stable=True).indices[:full]
@@ -63,9 +100,9 @@ class OfaEmbedding(ModelMethod):
             is_tail[full_ids] = False
             tail = is_tail.nonzero().squeeze(1)
             coords, primitives = factorize_embedding(weight[tail.to(weight.device)], dim,
-                                                     None if weights is None else weights[tail])
+                                                     None if weights is None else weights[tail], cov)
         else:
-            coords, primitives = factorize_embedding(weight, dim, weights)
+            coords, primitives = factorize_embedding(weight, dim, weights, cov)
         new = FactorizedEmbedding.from_factors(
             coords.to(weight.dtype), primitives.to(weight.dtype), embedding.padding_idx, scale, full_ids,
             None if full_ids is None else weight.detach()[full_ids.to(weight.device)].clone())
@@ -85,7 +122,7 @@ class OfaEmbedding(ModelMethod):
         result.rows = [{"module": name, "shape": f"{vocab}x{width}", "dim": dim, "full_rows": full,
                         "params_before": before, "params_after": after}]
         result.summary = {
-            "dim": dim, "weighting": config.weighting, "keep_frequent": full, "head": head_kind,
+            "dim": dim, "weighting": config.weighting, "keep_frequent": full, "fit": config.fit, "head": head_kind,
             "requested_reduction": config.reduction, "achieved_reduction": 1 - after / before,
             "targeted_params_before": before, "targeted_params_after": after,
             "rel_error": relative_error(weight, coords, primitives, rows=tail), "wall_time_s": time.perf_counter() - start,

@@ -18,7 +18,9 @@ class OfaEmbeddingConfig(StageConfig):
     ``weighting: frequency`` weights each row by sqrt(count + 1), counted on the calibration
     text, before the truncated SVD (frequent tokens are reconstructed better), then un-weights
     the coordinates. ``keep_frequent: N`` keeps full D-wide rows for the N most frequent calibration
-    tokens and factorises only the tail (then ``dim``/``reduction`` count both parts). A tied LM head is served from the same factors unless ``untie`` keeps it
+    tokens and factorises only the tail (then ``dim``/``reduction`` count both parts). ``fit: logits``
+    (tied heads) measures the error where the tail mostly acts, in the head's logits: the table is
+    whitened by the covariance of the final hidden states (SVD-LLM's step). A tied LM head is served from the same factors unless ``untie`` keeps it
     as its own dense matrix.
     """
 
@@ -30,12 +32,18 @@ class OfaEmbeddingConfig(StageConfig):
     weighting: Literal["none", "frequency"] = "none"
     keep_frequent: int = Field(0, ge=0, description="the N tokens most frequent in the calibration text keep "
                                "full rows; only the rest is factorised (adaptive-input layout)")
+    fit: Literal["embedding", "logits"] = Field("embedding", description="minimise the table's own error, or "
+                                                "the logit error of the tied head (whitened by the hidden states)")
+    fit_windows: int = Field(16, ge=1, description="calibration windows whose final hidden states give the "
+                             "covariance for fit: logits")
     untie: bool = Field(False, description="tied models only: keep the LM head as its own dense V x D matrix")
 
     @model_validator(mode="after")
     def _one_size(self):
         if (self.dim is None) == (self.reduction is None):
             raise ValueError("give exactly one of dim (k) or reduction")
+        if self.fit == "logits" and self.untie:
+            raise ValueError("fit: logits serves the tied head from the factors; it cannot be combined with untie")
         return self
 
 

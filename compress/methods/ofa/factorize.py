@@ -49,10 +49,20 @@ def frequency_weights(counts: torch.Tensor) -> torch.Tensor:
     return (counts + 1).sqrt()
 
 
-def factorize_embedding(weight: torch.Tensor, dim: int,
-                        row_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(coords V x k, primitives k x D with orthonormal rows), float64, minimising
-    ||diag(w) (E - coords @ primitives)||_F."""
+def factorize_embedding(weight: torch.Tensor, dim: int, row_weights: torch.Tensor | None = None,
+                        column_cov: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(coords V x k, primitives k x D), float64, minimising ||diag(w) (E - coords @ primitives) L||_F.
+
+    Without ``column_cov`` L = I and the primitives have orthonormal rows. With it (the covariance
+    Sigma = L L^T of the hidden states h that meet the rows in a tied head), the error is measured
+    in logits, E_h ||(E - C P) h||^2: SVD-LLM's whitening applied to the table, P = V_k^T L^-1."""
+    if column_cov is not None:
+        from ...lowrank_math import damped_cholesky
+
+        L, _ = damped_cholesky(column_cov.to(torch.float64))
+        coords, whitened = factorize_embedding(weight.detach().to(torch.float64) @ L, dim, row_weights)
+        primitives = torch.linalg.solve_triangular(L.to(whitened.device), whitened, upper=False, left=False)
+        return coords, primitives
     E = weight.detach().to(torch.float64)
     vocab, width = E.shape
     if not 1 <= dim <= min(vocab, width):
