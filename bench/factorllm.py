@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from cells import forwarded_flags, load_cells, run_cells, save_cells
+from curves import plot_curves
 
 RESULTS = Path(__file__).parent / "results"
 LAYOUTS = {  # name: (routed experts, top_k, shared experts)
@@ -224,7 +225,7 @@ def render(cells: dict, args) -> str:
     def rel(ppl):
         return f"{ppl:.4g} ({ppl / dppl:.2f}x)" if dppl else f"{ppl:.4g}"
 
-    split_rows, train_rows = [], []
+    split_rows, train_rows, curves = [], [], {}
     for layout in LAYOUTS:
         for partition in PARTITIONS:
             c = cells.get(f"{layout}/{partition}/split")
@@ -243,6 +244,8 @@ def render(cells: dict, args) -> str:
                     continue
                 points = ([{"tokens": 0, "perplexity": c["ppl_fitted"]}] if c else []) + t["curve"]
                 curve = ", ".join(f"{p['tokens']:,}: {p['perplexity']:.4g}" for p in points)
+                curves[f"{layout}/{partition}: {t['train']}, {t['steps']} steps, lr {t['lr']:g}"] = [
+                    (p["tokens"], p["perplexity"]) for p in points]
                 train_rows.append([layout, partition, f"{t['train']} ({t['steps']} steps, lr {t['lr']:g})", curve, rel(t["perplexity"]), _agree(t),
                                    f"{t['calibration_loss_before']:.3f} -> {t['calibration_loss_after']:.3f}",
                                    f"{t['train_wall_s']:.0f}"])
@@ -280,8 +283,11 @@ def render(cells: dict, args) -> str:
         "decoding steps after a 16-token prompt), dense and split model in the same process.", "",
     ]
     if train_rows:
+        figure = plot_curves(curves, RESULTS / f"{args.name}_curves.png",
+                             "FactorLLM on SmolLM2-135M: training buys back", dppl)
         lines += [
             "## End-to-end training (from the split checkpoint)", "",
+            *([f"![perplexity against training tokens]({figure})", ""] if figure else []),
             md_table(["layout", "partition", "train", "ppl after N training tokens", "final ppl",
                       "agreement with PA labels",
                       "calibration loss", "train wall s"], train_rows), "",

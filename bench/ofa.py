@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from cells import forwarded_flags, load_cells, run_cells, save_cells
+from curves import plot_curves
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = ("gemma3-270m", "smollm2-135m")
@@ -222,14 +223,20 @@ def render(cells: dict, args) -> str:
                             "logits latency / dense", "factorise wall s"], table), ""]
         trained = sorted((c for c in rows if c["variant"].endswith("+train")), key=lambda c: (c["variant"], c["k"]))
         if trained:
-            curve_rows = []
+            curve_rows, curves = [], {}
             for c in trained:
+                curves[f"{c['variant']} k={c['k']}"] = [(0, c["perplexity"])] + [
+                    (p["tokens"], p["perplexity"]) for p in c["curve"]]
                 curve_rows.append([c["variant"], c["k"], 0, 0, "0", c["perplexity"],
                                    c["perplexity"] / dppl if dppl else "-"])
                 for p in c["curve"]:
                     curve_rows.append([c["variant"], c["k"], p["steps"], f"{p['tokens']:,}",
                                        f"{p['train_wall_s']:.0f}", p["perplexity"],
                                        p["perplexity"] / dppl if dppl else "-"])
+            figure = plot_curves(curves, RESULTS / f"{args.out}_{model_id}_curves.png",
+                                 f"OFA on {model_id}: training the factorised embedding", dppl)
+            if figure:
+                lines += [f"![perplexity against training tokens]({figure})", ""]
             lines += ["Training curve: only the coordinates and primitives train (`finetune` with "
                       f"`targets: [FactorizedEmbedding]`), AdamW lr {args.lr:g} constant, batch {args.batch_size} x "
                       f"{args.seq_len} calibration tokens; the stage is re-run for each point, so the optimiser "
