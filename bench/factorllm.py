@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -185,7 +186,8 @@ def run_train(layout: str, partition: str, phase: str, args) -> dict:
 
     trained = train_moe(model, config, windows, progress=False, callback=measure)
     s = trained["summary"]
-    return {"cell": f"{layout}/{partition}/{phase}", "train": config.train, "curve": curve, "warmup": config.warmup_steps,
+    return {"cell": f"{layout}/{partition}/{phase}", "train": config.train, "curve": curve,
+            "warmup": config.warmup_steps,
             "perplexity": curve[-1]["perplexity"], "train_wall_s": s["wall_time_s"], "steps": s["steps"],
             "tokens": s["tokens"], "lr": s["lr"], "router_lr": s["router_lr"],
             "trainable_params": s["trainable_params"], "calibration_loss_before": s["calibration_loss_before"],
@@ -209,11 +211,14 @@ def run_cell(key: str, args) -> dict:
     return run_train(layout, partition, phase, args)
 
 
-def _agree(c: dict | None, rule: str = "pa") -> str:
+def _agree(c: dict | None, layout: str, rule: str = "pa") -> str:
+    """Overlap / exact-set agreement, each with its chance level: k/E and 1/C(E, k)."""
     if not c or "agreement" not in c:
         return "-"
     a = c["agreement"][rule]
-    return f"{a['agreement']:.3f} / {a['exact']:.3f} (chance {a['chance']:.2f})"
+    experts, top_k, _ = LAYOUTS[layout]
+    return (f"{a['agreement']:.3f} / {a['exact']:.3f} (chance {a['chance']:.2f} / "
+            f"{1 / math.comb(experts, top_k):.3f})")
 
 
 def render(cells: dict, args) -> str:
@@ -235,8 +240,8 @@ def render(cells: dict, args) -> str:
                 split_rows.append([
                     layout, partition, f"{c['ffn_flops_per_token'] / 1e6:.1f}M ({c['ffn_flops_ratio']:.3f})",
                     rel(c["ppl_untrained"]), rel(c["ppl_oracle_pa"]), rel(c["ppl_oracle_best_subset"]),
-                    rel(c["ppl_fitted"]), _agree(c),
-                    _agree(c, "best_subset"), f"{c['forward_ratio']:.3f}", f"{c['decode_ratio']:.3f}",
+                    rel(c["ppl_fitted"]), _agree(c, layout),
+                    _agree(c, layout, "best_subset"), f"{c['forward_ratio']:.3f}", f"{c['decode_ratio']:.3f}",
                     f"{c['split_wall_s']:.0f}"])
             for phase in ("router", "experts", LONG_PHASE):
                 t = cells.get(f"{layout}/{partition}/{phase}")
@@ -246,7 +251,8 @@ def render(cells: dict, args) -> str:
                 curve = ", ".join(f"{p['tokens']:,}: {p['perplexity']:.4g}" for p in points)
                 curves[f"{layout}/{partition}: {t['train']}, {t['steps']} steps, lr {t['lr']:g}"] = [
                     (p["tokens"], p["perplexity"]) for p in points]
-                train_rows.append([layout, partition, f"{t['train']} ({t['steps']} steps, lr {t['lr']:g})", curve, rel(t["perplexity"]), _agree(t),
+                train_rows.append([layout, partition, f"{t['train']} ({t['steps']} steps, lr {t['lr']:g})", curve,
+                                   rel(t["perplexity"]), _agree(t, layout),
                                    f"{t['calibration_loss_before']:.3f} -> {t['calibration_loss_after']:.3f}",
                                    f"{t['train_wall_s']:.0f}"])
     threads = next(iter(cells.values()))["threads"] if cells else args.threads

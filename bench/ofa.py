@@ -176,6 +176,13 @@ def run_cell(model_id: str, variant: str, k: int, args) -> dict:
     return row
 
 
+def _counted(c: dict) -> str:
+    if "calibration_tokens" not in c:
+        return "-"
+    share = f" ({c['full_row_token_share']:.1%})" if c.get("full_row_token_share") else ""
+    return f"{c['calibration_tokens']:,}{share}"
+
+
 def render(cells: dict, args) -> str:
     from compress.report import md_table
 
@@ -206,20 +213,21 @@ def render(cells: dict, args) -> str:
         table = []
         if dense:
             table.append(["dense", "-", f"{dense['embedding_params']:,}", "0 %", f"{dense['params']:,}", "0 %",
-                          f"{dense['bytes'] / 1e6:.1f}", "-", "-", "100 %", dense["perplexity"], 1.0, 1.0, "-"])
+                          f"{dense['bytes'] / 1e6:.1f}", "-", "-", "-", dense["perplexity"], 1.0, 1.0, "-"])
         for c in sorted((c for c in rows if c["variant"] in VARIANTS), key=lambda c: (c["variant"], c["k"])):
             table.append([c["variant"], c["k"], f"{c['embedding_params']:,}", f"{c['achieved_reduction']:.1%}",
                           f"{c['params']:,}", f"{1 - c['params'] / dense['params']:.1%}" if dense else "-",
                           f"{c['bytes'] / 1e6:.1f}", f"{c['rel_error']:.3f}",
                           f"{c['weighted_rel_error']:.3f}" if "weighted_rel_error" in c else "-",
-                          f"{c['full_row_token_share']:.1%}" if c.get("full_row_token_share") else "-", c["perplexity"],
+                          _counted(c), c["perplexity"],
                           c["perplexity"] / dppl if dppl else "-", f"{c['latency_ratio']:.2f}",
                           f"{c['factorise_wall_s']:.1f}"])
         n = (dense or rows[0])["eval_windows"]
         lines += [f"## {model_id} (V = {rows[0]['vocab']:,}, D = {rows[0]['width']})", "",
                   f"One-shot (no training), held-out perplexity over {n} x 512 tokens.", "",
                   md_table(["variant", "k", "embedding params", "embedding removed", "whole-model params",
-                            "whole model removed", "MB on disk", "rel. error", "weighted rel. error", "held-out ppl", "ppl / dense",
+                            "whole model removed", "MB on disk", "rel. error", "weighted rel. error",
+                            "counted calibration tokens (share on full rows)", "held-out ppl", "ppl / dense",
                             "logits latency / dense", "factorise wall s"], table), ""]
         trained = sorted((c for c in rows if c["variant"].endswith("+train")), key=lambda c: (c["variant"], c["k"]))
         if trained:
