@@ -20,36 +20,15 @@ from ..base import ModelMethod, StageResult
 from .config import OfaEmbeddingConfig
 from .factorize import (check_dim, dim_for_reduction, factorize_embedding, factorized_params, frequency_weights,
                         relative_error, token_counts)
+from .head_covariance import head_input_covariance
 from .model_embeddings import embed_scale, forget_tying, input_embedding, is_tied, module_name
 
 
-class _HeadInputCaptured(Exception):
-    """Raised by the capture hook: the logits themselves are not needed, so the forward stops there."""
-
-
-def head_input_covariance(model: nn.Module, head: nn.Module, windows: torch.Tensor, batch_size: int = 4):
-    """Sigma = mean h h^T (D x D, float64) of the hidden states entering the LM head on ``windows``."""
-    total, count = None, 0
-
-    def capture(module, args):
-        raise _HeadInputCaptured(args[0])
-
-    handle = head.register_forward_pre_hook(capture)
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for batch in windows.split(batch_size):
-                try:
-                    model(input_ids=batch.to(device), use_cache=False)
-                except _HeadInputCaptured as captured:
-                    h = captured.args[0].reshape(-1, captured.args[0].shape[-1]).to(torch.float64)
-                    total = h.T @ h if total is None else total + h.T @ h
-                    count += h.shape[0]
-    finally:
-        handle.remove()
-    if total is None:
-        raise CompressError("ofa_embedding: the model's forward never reached its LM head")
-    return total / count
+def _calibration(ctx, why: str):
+    windows = ctx.calibration_windows()
+    if windows is None:
+        raise CompressError(f"ofa_embedding: {why} needs calibration windows")
+    return windows
 
 
 @register_method
@@ -79,20 +58,14 @@ class OfaEmbedding(ModelMethod):
 
         counts = weights = None
         if config.weighting == "frequency" or full:
-            windows = ctx.calibration_windows()
-            if windows is None:
-                raise CompressError("ofa_embedding: weighting 'frequency' and keep_frequent need calibration windows")
-            counts = token_counts(windows, vocab)
+            counts = token_counts(_calibration(ctx, "weighting 'frequency' or keep_frequent"), vocab)
             weights = frequency_weights(counts) if config.weighting == "frequency" else None
         weight = embedding.weight
         cov = None
         if config.fit == "logits":
             if not tied:
                 raise CompressError("ofa_embedding: fit 'logits' needs a tied LM head (this model's head is untied)")
-            windows = ctx.calibration_windows()
-            if windows is None:
-                raise CompressError("ofa_embedding: fit 'logits' needs calibration windows")
-            cov = head_input_covariance(model, head, windows[: config.fit_windows])
+            cov = head_input_covariance(model, head, _calibration(ctx, "fit 'logits'")[: config.fit_windows])
         full_ids = tail = None
         if full:  # stable sort: among equal counts the lower id wins, so the choice is deterministic
             full_ids = torch.sort(counts, descending=True, stable=True).indices[:full]
@@ -125,7 +98,8 @@ class OfaEmbedding(ModelMethod):
             "dim": dim, "weighting": config.weighting, "keep_frequent": full, "fit": config.fit, "head": head_kind,
             "requested_reduction": config.reduction, "achieved_reduction": 1 - after / before,
             "targeted_params_before": before, "targeted_params_after": after,
-            "rel_error": relative_error(weight, coords, primitives, rows=tail), "wall_time_s": time.perf_counter() - start,
+            "rel_error": relative_error(weight, coords, primitives, rows=tail),
+            "wall_time_s": time.perf_counter() - start,
         }
         if counts is not None:
             result.summary["calibration_tokens"] = int(counts.sum())

@@ -20,8 +20,8 @@ class OfaEmbeddingConfig(StageConfig):
     the coordinates. ``keep_frequent: N`` keeps full D-wide rows for the N most frequent calibration
     tokens and factorises only the tail (then ``dim``/``reduction`` count both parts). ``fit: logits``
     (tied heads) measures the error where the tail mostly acts, in the head's logits: the table is
-    whitened by the covariance of the final hidden states (SVD-LLM's step). A tied LM head is served from the same factors unless ``untie`` keeps it
-    as its own dense matrix.
+    whitened by the covariance of the final hidden states (SVD-LLM's step). A tied LM head is served
+    from the same factors unless ``untie`` keeps it as its own dense matrix.
     """
 
     method: Literal["ofa_embedding"] = "ofa_embedding"
