@@ -3,7 +3,8 @@
 Cells are ``MODEL:VARIANT:K``. VARIANT is ``dense`` (K = 0) or ``<weighting>-<head>`` with weighting
 ``svd`` (OFA's plain SVD) or ``freq`` (rows weighted by sqrt(token count + 1) on the calibration
 windows) and head ``tied`` (logits (h P^T) C^T from the factors) or ``untied`` (the head keeps its
-dense V x D matrix; only the input embedding is factorised). ``<variant>+train`` cells factorise
+dense V x D matrix; only the input embedding is factorised). ``<variant>+train`` (or ``+train@LR``
+for a learning rate other than --lr) cells factorise
 afresh and then train only the two factors with the ``finetune`` method, measuring held-out
 perplexity after each point of --curve-steps (the stage runs once per point with a constant lr, so
 AdamW's state restarts at every point). Each cell runs in its own subprocess, one at a time, so
@@ -110,8 +111,8 @@ def run_cell(model_id: str, variant: str, k: int, args) -> dict:
     from compress.utils import peak_rss_bytes
 
     torch.manual_seed(0)
-    train = variant.endswith("+train")
-    base = variant.removesuffix("+train")
+    base, train, lr_text = variant.partition("+train")
+    lr = float(lr_text.removeprefix("@")) if lr_text else args.lr
     loaded = load_model(model_id)
     model, tokenizer = loaded.model, loaded.tokenizer
     held = token_windows(tokenizer, load_documents("wikipedia", "heldout"), 512, args.windows)
@@ -161,7 +162,7 @@ def run_cell(model_id: str, variant: str, k: int, args) -> dict:
     curve, done, tokens, wall = [], 0, 0, 0.0
     for target in args.curve_steps:
         steps = target - done
-        stage = {"method": "finetune", "targets": ["FactorizedEmbedding"], "steps": steps, "lr": args.lr,
+        stage = {"method": "finetune", "targets": ["FactorizedEmbedding"], "steps": steps, "lr": lr,
                  "schedule": "constant", "batch_size": args.batch_size, "eval_windows": 2, "seed": done}
         ft = parse_recipe({"name": "bench", "stages": [stage]}).stages[0]
         summary = apply_stage(model, ft, ctx).summary
@@ -170,7 +171,7 @@ def run_cell(model_id: str, variant: str, k: int, args) -> dict:
                       "calibration_loss": summary["calibration_loss_after"]})
         print(f"  {model_id}:{variant}:{k} {done} steps: ppl {curve[-1]['perplexity']:.4g}", file=sys.stderr,
               flush=True)
-    row["curve"] = curve
+    row["curve"], row["lr"] = curve, lr
     row["trainable_params"] = summary["trainable_params"]
     row["peak_rss_bytes"] = peak_rss_bytes()
     return row
@@ -229,7 +230,7 @@ def render(cells: dict, args) -> str:
                             "whole model removed", "MB on disk", "rel. error", "weighted rel. error",
                             "counted calibration tokens (share on full rows)", "held-out ppl", "ppl / dense",
                             "logits latency / dense", "factorise wall s"], table), ""]
-        trained = sorted((c for c in rows if c["variant"].endswith("+train")), key=lambda c: (c["variant"], c["k"]))
+        trained = sorted((c for c in rows if "+train" in c["variant"]), key=lambda c: (c["variant"], c["k"]))
         if trained:
             curve_rows, curves = [], {}
             for c in trained:
@@ -246,7 +247,8 @@ def render(cells: dict, args) -> str:
             if figure:
                 lines += [f"![perplexity against training tokens]({figure})", ""]
             lines += ["Training curve: only the coordinates and primitives train (`finetune` with "
-                      f"`targets: [FactorizedEmbedding]`), AdamW lr {args.lr:g} constant, batch {args.batch_size} x "
+                      f"`targets: [FactorizedEmbedding]`), AdamW at a constant lr (in the variant name after @, else "
+                      f"{args.lr:g}), batch {args.batch_size} x "
                       f"{args.seq_len} calibration tokens; the stage is re-run for each point, so the optimiser "
                       "state restarts there. Wall time is training only (perplexity excluded).", "",
                       md_table(["variant", "k", "steps", "tokens", "train wall s", "held-out ppl", "ppl / dense"],
