@@ -306,7 +306,29 @@ def render(cells: dict, args) -> str:
             "to the router), so `train: router` is driven by the PA route loss alone. Train wall time excludes the "
             "perplexity measurements of the curve.", "",
         ]
+    lines += outcome(cells, dppl)
     return "\n".join(lines)
+
+
+def outcome(cells: dict, dppl: float | None) -> list[str]:
+    """The issue's aim (FFN FLOPs halved, ppl <= 1.5x dense, forward latency < 0.85), computed from the cells."""
+    trained = [(key, c) for key, c in cells.items() if key.count("/") == 2 and not key.endswith("/split")]
+    if not dppl or not trained:
+        return []
+    lines = ["## Outcome against the aim", "",
+             "Aim: FFN FLOPs halved at perplexity <= 1.5x dense and a 512-token forward latency ratio < 0.85.", ""]
+    for key, t in sorted(trained, key=lambda kc: kc[1]["perplexity"]):
+        split = cells.get(key.rsplit("/", 1)[0] + "/split")
+        if split is None:
+            continue
+        ratio = t["perplexity"] / dppl
+        lines.append(
+            f"- `{key}` ({t['tokens']:,} training tokens, {t['train_wall_s'] / 60:.0f} min): FFN FLOPs "
+            f"x{split['ffn_flops_ratio']:.3f}, perplexity {t['perplexity']:.4g} = {ratio:.2f}x dense "
+            f"({'met' if ratio <= 1.5 else 'missed'}), forward latency x{split['forward_ratio']:.2f} "
+            f"({'met' if split['forward_ratio'] < 0.85 else 'missed'}); routing by the best-subset labels of the "
+            f"same split (no training) gives {split['ppl_oracle_best_subset']:.4g}.")
+    return lines + [""]
 
 
 def main() -> None:

@@ -253,7 +253,36 @@ def render(cells: dict, args) -> str:
                       "state restarts there. Wall time is training only (perplexity excluded).", "",
                       md_table(["variant", "k", "steps", "tokens", "train wall s", "held-out ppl", "ppl / dense"],
                                curve_rows), ""]
+    lines += outcome(cells)
     return "\n".join(lines)
+
+
+def outcome(cells: dict, model_id: str = "gemma3-270m", cut: float = 0.40, aim: float = 1.3) -> list[str]:
+    """The issue's aim on Gemma (whole model -40 % at ppl <= 1.3x dense): the best measured point that cuts enough."""
+    dense = cells.get(f"{model_id}:dense:0")
+    if dense is None:
+        return []
+    points = []  # (ppl, description) of every measured point, one-shot or along a training curve
+    for c in cells.values():
+        if c["model"] != model_id or c["variant"] == "dense" or "params" not in c and "+train" not in c["variant"]:
+            continue
+        base = cells.get(f"{model_id}:{c['variant'].partition('+train')[0]}:{c['k']}", c)
+        if "params" not in base or 1 - base["params"] / dense["params"] < cut:
+            continue
+        removed = 1 - base["params"] / dense["params"]
+        base_name = c["variant"].partition("+train")[0]
+        points.append((c["perplexity"], f"`{base_name}` k={c['k']} one-shot ({removed:.1%} removed)"))
+        for p in c.get("curve", []):
+            points.append((p["perplexity"], f"`{c['variant']}` k={c['k']} after {p['steps']} steps / "
+                                            f"{p['tokens']:,} tokens ({removed:.1%} removed)"))
+    if not points:
+        return []
+    best_ppl, best = min(points)
+    ratio = best_ppl / dense["perplexity"]
+    return ["## Outcome against the aim", "",
+            f"Aim on {model_id}: whole-model parameters cut by >= {cut:.0%} at perplexity <= {aim}x dense "
+            f"({aim * dense['perplexity']:.1f}). Best measured point that cuts enough: {best}, perplexity "
+            f"{best_ppl:.4g} = {ratio:.2f}x dense: {'met' if ratio <= aim else 'missed'}.", ""]
 
 
 def plan_cells(args) -> list[str]:
