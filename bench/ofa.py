@@ -236,22 +236,26 @@ def render(cells: dict, args) -> str:
             for c in trained:
                 curves[f"{c['variant']} k={c['k']}"] = [(0, c["perplexity"])] + [
                     (p["tokens"], p["perplexity"]) for p in c["curve"]]
-                curve_rows.append([c["variant"], c["k"], 0, 0, "0", c["perplexity"],
+                curve_rows.append([c["variant"], c["k"], 0, 0, "0", "-", c["perplexity"],
                                    c["perplexity"] / dppl if dppl else "-"])
                 for p in c["curve"]:
                     curve_rows.append([c["variant"], c["k"], p["steps"], f"{p['tokens']:,}",
-                                       f"{p['train_wall_s']:.0f}", p["perplexity"],
+                                       f"{p['train_wall_s']:.0f}", f"{p['calibration_loss']:.3f}", p["perplexity"],
                                        p["perplexity"] / dppl if dppl else "-"])
             figure = plot_curves(curves, RESULTS / f"{args.out}_{model_id}_curves.png",
                                  f"OFA on {model_id}: training the factorised embedding", dppl)
             if figure:
                 lines += [f"![perplexity against training tokens]({figure})", ""]
-            lines += ["Training curve: only the coordinates and primitives train (`finetune` with "
+            lines += ["Training curve: only the factorised embedding trains (its full rows, coordinates and "
+                      "primitives: `finetune` with "
                       f"`targets: [FactorizedEmbedding]`), AdamW at a constant lr (in the variant name after @, else "
                       f"{args.lr:g}), batch {args.batch_size} x "
                       f"{args.seq_len} calibration tokens; the stage is re-run for each point, so the optimiser "
-                      "state restarts there. Wall time is training only (perplexity excluded).", "",
-                      md_table(["variant", "k", "steps", "tokens", "train wall s", "held-out ppl", "ppl / dense"],
+                      "state restarts there. Wall time is training only (perplexity excluded). Calibration loss: mean "
+                      "next-token loss on the first 2 calibration windows after that point (text the factors "
+                      "trained on); a falling calibration loss with a rising held-out perplexity is over-fitting.", "",
+                      md_table(["variant", "k", "steps", "tokens", "train wall s", "calibration loss", "held-out ppl",
+                                "ppl / dense"],
                                curve_rows), ""]
     lines += outcome(cells)
     return "\n".join(lines)
