@@ -58,7 +58,7 @@ def test_round_trip_after_training_gives_identical_logits(tmp_path, smol_tokeniz
             assert torch.equal(reloaded(ids).logits, expected)
 
 
-@pytest.mark.parametrize("name", ["factorllm-4e2k", "factorllm-8e2k"])
+@pytest.mark.parametrize("name", ["factorllm-4e2k", "factorllm-8e2k", "factorllm-1s3e1k"])
 def test_shipped_recipe_runs_on_a_tiny_model(name):
     data = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
     stage = data["stages"][0]
