@@ -41,8 +41,7 @@ class FactorizedEmbedding(nn.Module):
         self.coords = nn.Embedding(num_embeddings - full, dim, padding_idx=None if full else padding_idx, **factory)
         self.primitives = nn.Linear(dim, embedding_dim, bias=False, **factory)
         self.full_rows = nn.Embedding(full, embedding_dim, **factory) if full else None
-        if full:  # position[token] indexes cat([full rows, tail rows]); both buffers are saved with the weights
-            self.register_buffer("full_ids", torch.arange(full, device=device))
+        if full:  # position[token] indexes cat([full rows, tail rows]); saved with the weights
             self.register_buffer("position", torch.arange(num_embeddings, device=device))
 
     @classmethod
@@ -65,7 +64,6 @@ class FactorizedEmbedding(nn.Module):
                     raise ValueError(f"full_ids must be {full} distinct ids in [0, {vocab})")
                 ids, order = ids.sort()
                 layer.full_rows.weight.copy_(full_rows[order])
-                layer.full_ids.copy_(ids)
                 is_full = torch.zeros(vocab, dtype=torch.bool, device=coords.device)
                 is_full[ids] = True
                 layer.position[ids] = torch.arange(full, device=coords.device)
@@ -81,6 +79,13 @@ class FactorizedEmbedding(nn.Module):
     def from_spec(cls, spec: dict, dtype: torch.dtype | None = None, device=None) -> "FactorizedEmbedding":
         return cls(spec["num_embeddings"], spec["embedding_dim"], spec["dim"], spec.get("padding_idx"),
                    spec.get("embed_scale", 1.0), spec.get("full", 0), dtype=dtype, device=device)
+
+    @property
+    def full_ids(self) -> torch.Tensor:
+        """The token ids with full rows, ascending (row i of ``full_rows`` belongs to ``full_ids[i]``)."""
+        if not self.full:
+            return torch.empty(0, dtype=torch.long, device=self.coords.weight.device)
+        return (self.position < self.full).nonzero().squeeze(1)
 
     @property
     def weight(self) -> torch.Tensor:
