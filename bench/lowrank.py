@@ -35,6 +35,9 @@ ROWS = {
     "whiten": "whitening (SVD-LLM), dense calibration",
     "whiten+seq": "whitening, sequential calibration",
     "dense-target": "+ dense target, shrinkage 0.1 diag",
+    "dense-target-sub": "dense target, shrinkage 0.1, sub-layer sequential calibration (o_proj fitted after q/k/v "
+                        "are compressed, down_proj after gate/up; the dense stream runs through an untouched copy "
+                        "of the layer)",
     "refine": "whitening sequential, shrinkage 0.1, + least-squares refit of both factors against the dense "
               "outputs (on top of dense-target it would be a no-op: that closed form is already the optimum)",
     "refine-noshrink": "as refine but shrinkage 0 (shows the over-fit of the unregularised refit)",
@@ -72,6 +75,8 @@ def stages_for(row: str, reduction: float) -> list[dict]:
         return [{**base, "backend": "whiten"}]
     if row == "dense-target":
         return [{**base, "backend": "whiten_dense_target", "shrinkage": 0.1}]
+    if row == "dense-target-sub":
+        return [{**base, "backend": "whiten_dense_target", "shrinkage": 0.1, "sublayer": True}]
     if row == "refine":
         return [{**base, "backend": "whiten", "refine": True, "shrinkage": 0.1}]
     if row == "refine-noshrink":

@@ -13,6 +13,9 @@ layer's targeted Linears that accumulate
 
 hands them to a callback that replaces the layer's modules, and re-runs the compressed layer to
 produce layer i+1's inputs (``sequential=True``: layer i sees the compressed layers before it).
+With ``sublayer=True`` the same holds inside a layer: its targeted modules are handled in groups
+in call order (q/k/v, then o, then gate/up, then down), each group calibrated after the groups
+before it were compressed, and the dense stream runs through an untouched copy of the layer.
 Only hidden states ``[N, seq, hidden]`` (one per stream) are held, never every layer's
 activations. Modules that receive the very same input tensor (q/k/v, gate/up) share one
 accumulator, so each distinct covariance is computed once.
@@ -78,8 +81,11 @@ class InputStats:
 class _Collector:
     """Forward pre-hooks on one layer's targeted Linears (alias-aware)."""
 
-    def __init__(self, modules: dict[str, nn.Linear], want_cross: bool, want_dense_cov: bool):
+    def __init__(self, modules: dict[str, nn.Linear], want_cross: bool, want_dense_cov: bool,
+                 dense_modules: dict[str, nn.Module] | None = None, stop_after: str | None = None):
         self.modules = modules
+        self.dense_modules = dense_modules  # the dense copy's modules, when the dense stream has its own layer
+        self.stop_after = stop_after  # the module after whose input the layer call can stop
         self.want_cross, self.want_dense_cov = want_cross, want_dense_cov
         self.stats: dict[str, InputStats] = {}
         self.mode = "current"  # or "dense": stash the dense inputs for the next current pass
@@ -90,6 +96,8 @@ class _Collector:
     def __enter__(self):
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+        for name, module in (self.dense_modules or {}).items():
+            self._handles.append(module.register_forward_pre_hook(self._dense_hook(name)))
         return self
 
     def __exit__(self, *exc):
@@ -102,6 +110,17 @@ class _Collector:
     def new_call(self) -> None:
         self._seen.clear()
 
+    def _stop_here(self, name: str) -> None:
+        if name == self.stop_after:
+            raise _StopForward
+
+    def _dense_hook(self, name: str):
+        def hook(module, args):
+            self.stash[name] = args[0]
+            self._stop_here(name)
+
+        return hook
+
     def _hook(self, name: str):
         def hook(module, args):
             x = args[0]
@@ -109,16 +128,18 @@ class _Collector:
             self._seen.append((x, name))
             if self.mode == "dense":
                 self.stash[name] = x
+                self._stop_here(name)
                 return None
             if owner is not None:  # same tensor as an earlier module: share its accumulator
                 self.stats[name] = self.stats[owner]
-                return None
-            if name not in self.stats:
-                self.stats[name] = InputStats(x.shape[-1], self.want_cross, self.want_dense_cov)
-            dense = self.stash.get(name)
-            if (self.want_cross or self.want_dense_cov) and dense is None:
-                dense = x  # no dense stream (non-sequential): the dense input is the current one
-            self.stats[name].add_current(x, dense)
+            else:
+                if name not in self.stats:
+                    self.stats[name] = InputStats(x.shape[-1], self.want_cross, self.want_dense_cov)
+                dense = self.stash.get(name)
+                if (self.want_cross or self.want_dense_cov) and dense is None:
+                    dense = x  # no dense stream (non-sequential): the dense input is the current one
+                self.stats[name].add_current(x, dense)
+            self._stop_here(name)
             return None
 
         return hook
@@ -209,6 +230,35 @@ def _run(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def _run_until_stop(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+    """``_run`` that tolerates a collector's early stop (then there is no output: ``None``)."""
+    try:
+        return _run(layer, x, kwargs)
+    except _StopForward:
+        return None
+
+
+def call_groups(layer: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor, kwargs: dict) -> list[list[str]]:
+    """The targeted modules of one layer in call order, grouped by shared input tensor
+    (e.g. ``[[q, k, v], [o], [gate, up], [down]]``), from one probe call of the layer on ``x``."""
+    order: list[tuple[torch.Tensor, str]] = []
+    handles = [module.register_forward_pre_hook(lambda m, a, name=name: order.append((a[0], name)))
+               for name, module in modules.items()]
+    try:
+        _run(layer, x, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+    for tensor, name in order:
+        group = next((names for t, names in groups if t is tensor), None)
+        if group is None:
+            groups.append((tensor, [name]))
+        elif name not in group:
+            group.append(name)
+    return [names for _, names in groups]
+
+
 @dataclass
 class EngineReport:
     layers_calibrated: int = 0
@@ -219,21 +269,27 @@ class EngineReport:
 
 def calibrate_sequentially(model: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor,
                            on_layer: Callable[[int, dict[str, nn.Module], dict[str, dict]], None], *,
-                           sequential: bool = True, cross: bool = False, dense_cov: bool = False,
-                           batch_size: int = 4) -> EngineReport:
-    """Walk decoder layers in order; call ``on_layer(index, {name: module}, {name: stats})`` per layer.
+                           sequential: bool = True, sublayer: bool = False, cross: bool = False,
+                           dense_cov: bool = False, batch_size: int = 4) -> EngineReport:
+    """Walk decoder layers in order; call ``on_layer(index, {name: module}, {name: stats})`` per layer
+    (per group of modules sharing an input, in call order, with ``sublayer``).
 
-    ``on_layer`` replaces (some of) the layer's modules, e.g. with ``replace_module``. With
+    ``on_layer`` replaces (some of) the modules, e.g. with ``replace_module``. With
     ``sequential=True`` the layer is then re-run (compressed) to make the next layer's inputs,
     so statistics of layer i reflect the already-compressed layers < i; with ``False`` every
-    layer sees dense inputs. ``cross``/``dense_cov`` keep a parallel dense stream (needed for
-    the dense-target objective); without ``sequential`` the two streams coincide.
+    layer sees dense inputs. ``sublayer=True`` (needs ``sequential``) extends this inside the
+    layer: o_proj's statistics then see the compressed q/k/v, down_proj's the compressed gate/up.
+    ``cross``/``dense_cov`` keep a parallel dense stream (needed for the dense-target
+    objective); without ``sequential`` the two streams coincide.
     """
+    import copy
     import time
 
     if windows is None or not isinstance(windows, torch.Tensor) or windows.dim() != 2:
         raise CompressError("activation-aware methods need calibration windows (a [N, seq_len] token tensor)")
-    _, layers = decoder_layers(model, modules)
+    if sublayer and not sequential:
+        raise CompressError("sub-layer calibration needs sequential calibration")
+    prefix, layers = decoder_layers(model, modules)
     by_layer: dict[int, dict[str, nn.Module]] = {}
     for name, module in modules.items():
         by_layer.setdefault(layer_index(name), {})[name] = module
@@ -256,35 +312,61 @@ def calibrate_sequentially(model: nn.Module, modules: dict[str, nn.Module], wind
                 if dense is not None:
                     dense = [_run(layer, h, kw) for h, kw in zip(dense, kwargs_list)]
                 continue
-            collector = _Collector(targeted, want_cross=cross, want_dense_cov=dense_cov)
-            next_dense = []
-            outputs = []
-            with collector:
-                for b, kw in enumerate(kwargs_list):
-                    if dense is not None:
-                        collector.mode = "dense"
-                        collector.new_call()
-                        next_dense.append(_run(layer, dense[b], kw))
-                    collector.mode = "current"
-                    collector.new_call()
-                    outputs.append(_run(layer, current[b], kw))
-                    collector.stash.clear()
-                    report.passes += 1
-            normalised: dict[int, dict] = {}  # shared accumulators are normalised once
-            stats = {name: normalised.setdefault(id(collector.stats[name]), collector.stats[name].as_dict())
-                     for name in targeted if name in collector.stats}
-            missing = [name for name in targeted if name not in stats]
-            if missing:
-                raise CompressError(f"activation statistics: {missing} were never called in layer {i}")
-            on_layer(i, targeted, stats)
-            del stats, collector
-            if sequential:
+            if sublayer:
+                groups = call_groups(layer, targeted, current[0], kwargs_list[0])
+                # the dense stream needs the layer as it was, while its groups are being replaced
+                dense_layer = copy.deepcopy(layer) if dense is not None else None
+                local = f"{prefix}.{i}."
+                for group in groups:
+                    dense_modules = None if dense_layer is None else {
+                        name: dense_layer.get_submodule(name.removeprefix(local)) for name in group}
+                    stats, _, _ = _collect(i, layer, {name: targeted[name] for name in group}, current, dense,
+                                           kwargs_list, cross, dense_cov, report, dense_layer=dense_layer,
+                                           dense_modules=dense_modules, stop_after=group[-1])
+                    on_layer(i, {name: targeted[name] for name in group}, stats)
                 current = [_run(layer, h, kw) for h, kw in zip(current, kwargs_list)]
                 if dense is not None:
-                    dense = next_dense
+                    dense = [_run(dense_layer, h, kw) for h, kw in zip(dense, kwargs_list)]
+                    del dense_layer
             else:
-                current = outputs  # the dense outputs (computed before compression)
+                stats, outputs, next_dense = _collect(i, layer, targeted, current, dense, kwargs_list, cross,
+                                                      dense_cov, report)
+                on_layer(i, targeted, stats)
+                del stats
+                if sequential:
+                    current = [_run(layer, h, kw) for h, kw in zip(current, kwargs_list)]
+                    if dense is not None:
+                        dense = next_dense
+                else:
+                    current = outputs  # the dense outputs (computed before compression)
             report.layers_calibrated += 1
             report.layer_seconds.append(time.perf_counter() - start)
     model.train(was_training)
     return report
+
+
+def _collect(index, layer, targeted, current, dense, kwargs_list, cross, dense_cov, report, *, dense_layer=None,
+             dense_modules=None, stop_after=None):
+    """One pass of the layer over every batch with hooks on ``targeted``: their normalised input
+    statistics, and (without ``stop_after``) the layer's outputs on both streams."""
+    collector = _Collector(targeted, want_cross=cross, want_dense_cov=dense_cov, dense_modules=dense_modules,
+                           stop_after=stop_after)
+    outputs, next_dense = [], []
+    with collector:
+        for b, kw in enumerate(kwargs_list):
+            if dense is not None:
+                collector.mode = "dense"
+                collector.new_call()
+                next_dense.append(_run_until_stop(dense_layer or layer, dense[b], kw))
+            collector.mode = "current"
+            collector.new_call()
+            outputs.append(_run_until_stop(layer, current[b], kw))
+            collector.stash.clear()
+            report.passes += 1
+    normalised: dict[int, dict] = {}  # shared accumulators are normalised once
+    stats = {name: normalised.setdefault(id(collector.stats[name]), collector.stats[name].as_dict())
+             for name in targeted if name in collector.stats}
+    missing = [name for name in targeted if name not in stats]
+    if missing:
+        raise CompressError(f"activation statistics: {missing} were never called in layer {index}")
+    return stats, outputs, next_dense

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 import compress  # noqa: F401  registers the checkpoint format
 from compress.activations import calibrate_sequentially
 from compress.checkpoint import mark_compressed
+from compress.errors import CompressError
 from compress.lowrank_math import truncated_svd_factors
 from compress.methods.base import StageContext
 from compress.models import load_folder, save_folder
@@ -66,6 +67,56 @@ def test_sequential_stats_equal_direct_computation():
     assert seen["model.layers.0.self_attn.q_proj"] is seen["model.layers.0.self_attn.v_proj"]
 
 
+def _compress_rank(rank, seen, calls, model):
+    def on_layer(index, layer_modules, stats):
+        calls.append(sorted(name.rsplit(".", 1)[-1] for name in layer_modules))
+        for name, module in layer_modules.items():
+            seen[name] = stats[name]
+            A, B = truncated_svd_factors(module.weight, rank)
+            replace_module(model, name, LowRankLinear.from_factors(A, B, module.bias))
+    return on_layer
+
+
+def test_sublayer_stats_are_the_inputs_of_the_final_model():
+    """Inside a layer, o_proj is calibrated after q/k/v were compressed and down_proj after gate/up:
+    every module's statistics are exactly its inputs in the finished model (and the dense ones in the
+    untouched model)."""
+    model = make_tiny_llama()
+    dense = copy.deepcopy(model)
+    windows = _windows()
+    seen, calls = {}, []
+    calibrate_sequentially(model, select_modules(model, TARGETS), windows, _compress_rank(4, seen, calls, model),
+                           sequential=True, sublayer=True, cross=True, dense_cov=True, batch_size=4)
+    assert calls == [["k_proj", "q_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]] * 2
+    for name in seen:
+        Xc = _direct_input_cov(model, name, windows)
+        Xd = _direct_input_cov(dense, name, windows)
+        n = Xc.shape[0]
+        assert seen[name]["tokens"] == n
+        assert torch.allclose(seen[name]["cov"], Xc.T @ Xc / n, rtol=1e-5, atol=1e-6), name
+        assert torch.allclose(seen[name]["cross"], Xd.T @ Xc / n, rtol=1e-5, atol=1e-6), name
+        assert torch.allclose(seen[name]["dense_cov"], Xd.T @ Xd / n, rtol=1e-5, atol=1e-6), name
+
+
+def test_layer_granular_stats_miss_the_compressed_qkv():
+    """Without sublayer, layer 0's o_proj is calibrated on inputs made by the dense q/k/v: not the
+    inputs it gets once they are compressed (the mismatch sublayer calibration removes)."""
+    model = make_tiny_llama()
+    windows = _windows()
+    seen, calls = {}, []
+    calibrate_sequentially(model, select_modules(model, TARGETS), windows, _compress_rank(2, seen, calls, model),
+                           sequential=True, batch_size=4)
+    assert len(calls) == 2
+    name = "model.layers.0.self_attn.o_proj"
+    X = _direct_input_cov(model, name, windows)
+    assert not torch.allclose(seen[name]["cov"], X.T @ X / X.shape[0], rtol=1e-3, atol=1e-6)
+
+
+def test_sublayer_needs_sequential():
+    with pytest.raises(CompressError, match="sublayer: true needs sequential: true"):
+        _stage(reduction=0.3, backend="whiten", sublayer=True, sequential=False)
+
+
 def test_non_sequential_stats_are_the_dense_ones():
     model = make_tiny_llama()
     dense = copy.deepcopy(model)
@@ -95,7 +146,8 @@ def _loss(model, windows):
 
 @pytest.mark.parametrize("backend,extra", [("asvd", {}), ("whiten", {}), ("whiten_dense_target", {"shrinkage": 0.1}),
                                            ("whiten", {"refine": True}), ("svd", {"refine": True}),
-                                           ("whiten", {"sequential": False})])
+                                           ("whiten", {"sequential": False}),
+                                           ("whiten_dense_target", {"sublayer": True, "shrinkage": 0.1})])
 def test_backends_through_the_pipeline(backend, extra):
     model = make_tiny_llama()
     windows = _windows()
@@ -147,7 +199,8 @@ def test_calibrated_model_save_load_round_trip(tmp_path, smol_tokenizer):
         assert torch.equal(model(ids).logits, ours(ids).logits)
 
 
-def test_engine_replays_per_layer_kind_kwargs_gemma3():
+@pytest.mark.parametrize("sublayer", [False, True])
+def test_engine_replays_per_layer_kind_kwargs_gemma3(sublayer):
     """Gemma-3 layers get different masks / rotary tables per layer type (sliding vs full)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -164,7 +217,8 @@ def test_engine_replays_per_layer_kind_kwargs_gemma3():
         seen.update(stats)
 
     targets = select_modules(model, [r"re:.*\.(q_proj|down_proj)$"])
-    calibrate_sequentially(model, targets, windows, on_layer, sequential=True, batch_size=2)
+    calibrate_sequentially(model, targets, windows, on_layer, sequential=True, sublayer=sublayer, cross=sublayer,
+                           batch_size=2)
     for name in ("model.layers.2.self_attn.q_proj", "model.layers.2.mlp.down_proj", "model.layers.1.mlp.down_proj"):
         X = _direct_input_cov(model, name, windows)
         assert torch.allclose(seen[name]["cov"], X.T @ X / X.shape[0], rtol=1e-4, atol=1e-6), name

@@ -117,7 +117,8 @@ class LowRank(ModuleMethod):
 
     def activation_options(self, config: LowRankConfig) -> dict:
         cross = config.sequential and (config.backend == "whiten_dense_target" or config.refine)
-        return {"sequential": config.sequential, "cross": cross, "batch_size": config.calibration_batch_size}
+        return {"sequential": config.sequential, "sublayer": config.sublayer, "cross": cross,
+                "batch_size": config.calibration_batch_size}
 
     def plan(self, modules, config: LowRankConfig, ctx):
         decisions, result = {}, StageResult(self.name)

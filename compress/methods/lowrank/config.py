@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..base import StageConfig
 
@@ -28,9 +28,18 @@ class LowRankConfig(StageConfig):
     shrinkage: float = Field(0.0, ge=0, le=10, description="add shrinkage*diag(C) to the activation "
                                                            "covariances (ridge against calibration over-fit)")
     sequential: bool = Field(True, description="layer i calibrates on the outputs of compressed layers < i")
+    sublayer: bool = Field(False, description="with sequential: also inside each layer, o_proj calibrates after "
+                                              "q/k/v are compressed and down_proj after gate/up (more passes)")
     refine: bool = Field(False, description="closed-form least-squares refit of both factors against the dense "
                                             "layer's outputs after truncation (a no-op after "
                                             "whiten_dense_target; pair it with shrinkage > 0: unregularised it "
                                             "over-fits small calibration sets badly)")
     calibration_batch_size: int = Field(4, ge=1, le=1024)
     sensitivity_windows: int = Field(16, ge=1, description="calibration windows used to measure sensitivities")
+
+    @model_validator(mode="after")
+    def _sublayer_needs_sequential(self):
+        if self.sublayer and not self.sequential:
+            raise ValueError("sublayer: true needs sequential: true")
+        return self
+
