@@ -36,6 +36,8 @@ from pathlib import Path
 from cells import forwarded_flags, load_cells, run_cells, save_cells
 from curves import plot_curves
 
+from compress.report import md_table
+
 RESULTS = Path(__file__).parent / "results"
 LAYOUTS = {  # name: (routed experts, top_k, shared experts)
     "4e2k": (4, 2, 0),
@@ -222,7 +224,6 @@ def _agree(c: dict | None, layout: str, rule: str = "pa") -> str:
 
 
 def render(cells: dict, args) -> str:
-    from compress.report import md_table
 
     dense = cells.get("dense")
     dppl = dense["perplexity"] if dense else None
@@ -306,8 +307,40 @@ def render(cells: dict, args) -> str:
             "to the router), so `train: router` is driven by the PA route loss alone. Train wall time excludes the "
             "perplexity measurements of the curve.", "",
         ]
+    lines += combine_section(cells, args, rel)
     lines += outcome(cells, dppl)
     return "\n".join(lines)
+
+
+COMBINE_CELL = "4e2k/cluster"  # the layout/partition the combine rules are compared on
+
+
+def combine_section(cells: dict, args, rel) -> list[str]:
+    """The combine rules side by side on COMBINE_CELL: this run's cells plus the runs stored under
+    ``<name>-<combine>`` (``--name factorllm-scale --combine scale``, ...)."""
+    runs = {args.combine: cells}
+    for combine in ("sum", "scale", "weights"):
+        store = RESULTS / f"{args.name}-{combine}.json"
+        if combine != args.combine and store.is_file():
+            runs[combine] = load_cells(store)
+    if len(runs) < 2:
+        return []
+    rows = []
+    for combine, run in runs.items():
+        split, trained = run.get(f"{COMBINE_CELL}/split"), run.get(f"{COMBINE_CELL}/experts")
+        rows.append([f"`{combine}`", rel(split["ppl_untrained"]) if split else "pending",
+                     rel(split["ppl_fitted"]) if split else "pending",
+                     ", ".join(f"{p['tokens']:,}: {p['perplexity']:.4g}" for p in trained["curve"]) if trained
+                     else "pending", rel(trained["perplexity"]) if trained else "pending",
+                     _agree(trained, "4e2k") if trained else "-"])
+    return ["## Combine rule", "",
+            f"{COMBINE_CELL}, the same split, router fit and router+experts training ({args.steps} steps) with each "
+            "combine rule: `sum` = plain partial sum of the dense FFN; `scale` = times E/k (FactorLLM); `weights` = "
+            "k * softmax over the chosen router logits (the only rule that passes the CE gradient to the router). "
+            "Results of the other rules: `python bench/factorllm.py --name factorllm-<rule> --combine <rule> --cells "
+            f"{COMBINE_CELL}/split {COMBINE_CELL}/experts`.", "",
+            md_table(["combine", "ppl, untrained router", "ppl, fitted router", "ppl after N training tokens",
+                      "final ppl", "agreement with PA labels"], rows), ""]
 
 
 def outcome(cells: dict, dppl: float | None) -> list[str]:
