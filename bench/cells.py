@@ -28,9 +28,15 @@ def load_cells(store: Path) -> dict:
 
 
 def save_cells(cells: dict, store: Path, markdown: Path, render: Callable[[dict], str]) -> None:
+    """Write ``cells`` merged over what the store holds now (another driver may have added cells to
+    it since this one loaded it; this driver's cells win), then the markdown of the merged set."""
     store.parent.mkdir(parents=True, exist_ok=True)
-    store.write_text(json.dumps(cells, indent=2))
-    markdown.write_text(render(cells))
+    merged = {**load_cells(store), **cells}
+    cells.update(merged)
+    tmp = store.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(merged, indent=2))
+    tmp.replace(store)  # atomic: a concurrent reader never sees half a file
+    markdown.write_text(render(merged))
 
 
 def run_cells(plan: Iterable[str], cells: dict, command: Callable[[str], list[str]],

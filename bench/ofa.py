@@ -52,6 +52,10 @@ VARIANTS = {
                           "table whitened by the covariance of the final hidden states on 16 calibration windows)",
     "top16k-tied-logitfit": "top16k-tied with `fit: logits` for the tail",
     "top32k-tied-logitfit": "top32k-tied with `fit: logits` for the tail",
+    "top48k-tied-logitfit": "the same with 49,152 full rows (beyond the tokens the calibration text counts, the "
+                            "lower token id wins: SentencePiece/BPE ids follow merge order, a frequency prior)",
+    "top64k-tied-logitfit": "the same with 65,536 full rows",
+    "top80k-tied-logitfit": "the same with 81,920 full rows",
 }
 TRAINED = ("svd-tied", "freq-tied")  # variants whose training curve is measured by default
 
