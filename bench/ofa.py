@@ -56,15 +56,23 @@ VARIANTS = {
                             "lower token id wins: SentencePiece/BPE ids follow merge order, a frequency prior)",
     "top64k-tied-logitfit": "the same with 65,536 full rows",
     "top80k-tied-logitfit": "the same with 81,920 full rows",
+    "top48k-tied-logitfit-fw128": "top48k-tied-logitfit with the hidden-state covariance from 128 calibration "
+                                  "windows instead of 16",
+    "top64k-tied-logitfit-fw128": "top64k-tied-logitfit, covariance from 128 windows",
 }
 TRAINED = ("svd-tied", "freq-tied")  # variants whose training curve is measured by default
 
 
 def stage_for(variant: str, k: int) -> dict:
+    """``<weighting>-<head>[-logitfit[-fwN]]``: fwN = the logit fit's covariance from N calibration windows."""
     weighting, head, *fit = variant.split("-")
     full = int(weighting[3:-1]) * 1024 if weighting.startswith("top") else 0
-    return {"method": "ofa_embedding", "dim": k, "weighting": "none" if weighting == "svd" else "frequency",
-            "keep_frequent": full, "untie": head == "untied", "fit": "logits" if fit == ["logitfit"] else "embedding"}
+    stage = {"method": "ofa_embedding", "dim": k, "weighting": "none" if weighting == "svd" else "frequency",
+             "keep_frequent": full, "untie": head == "untied",
+             "fit": "logits" if fit[:1] == ["logitfit"] else "embedding"}
+    if fit[1:2] and fit[1].startswith("fw"):
+        stage["fit_windows"] = int(fit[1][2:])
+    return stage
 
 
 def _median_seconds(fn, runs: int) -> float:
