@@ -403,7 +403,8 @@ def main() -> None:
     def command(key):
         return [sys.executable, __file__, "--cell", key, *forwarded_flags(args, (
             "name", "windows", "fit_windows", "fit_epochs", "seq_len", "combine", "labels", "steps", "curve_points",
-            "lr", "router_lr", "long_steps", "long_lr", "warmup", "batch_size", "agree_windows", "latency_repeats", "threads", "model"))]
+            "lr", "router_lr", "long_steps", "long_lr", "warmup", "batch_size", "agree_windows", "latency_repeats",
+            "threads", "model"))]
 
     def save(cells):
         save_cells(cells, store, markdown, lambda c: render(c, args))
