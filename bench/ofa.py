@@ -59,6 +59,8 @@ VARIANTS = {
     "top48k-tied-logitfit-fw128": "top48k-tied-logitfit with the hidden-state covariance from 128 calibration "
                                   "windows instead of 16",
     "top64k-tied-logitfit-fw128": "top64k-tied-logitfit, covariance from 128 windows",
+    "top48k-tied-logitfit-fw512": "top48k-tied-logitfit, covariance from 512 windows",
+    "top64k-tied-logitfit-fw512": "top64k-tied-logitfit, covariance from 512 windows",
 }
 TRAINED = ("svd-tied", "freq-tied")  # variants whose training curve is measured by default
 
