@@ -297,10 +297,23 @@ def outcome(cells: dict, model_id: str = "gemma3-270m", cut: float = 0.40, aim: 
         return []
     best_ppl, best = min(points)
     ratio = best_ppl / dense["perplexity"]
-    return ["## Outcome against the aim", "",
-            f"Aim on {model_id}: whole-model parameters cut by >= {cut:.0%} at perplexity <= {aim}x dense "
-            f"({aim * dense['perplexity']:.1f}). Best measured point that cuts enough: {best}, perplexity "
-            f"{best_ppl:.4g} = {ratio:.2f}x dense: {'met' if ratio <= aim else 'missed'}.", ""]
+    lines = ["## Outcome against the aim", "",
+             f"Aim on {model_id}: whole-model parameters cut by >= {cut:.0%} at perplexity <= {aim}x dense "
+             f"({aim * dense['perplexity']:.1f}). Best measured point that cuts enough: {best}, perplexity "
+             f"{best_ppl:.4g} = {ratio:.2f}x dense: {'met' if ratio <= aim else 'missed'}.", ""]
+    ladder = [cells[key] for key in (f"{model_id}:{variant}:{k}" for variant, k in LADDER) if key in cells]
+    if ladder:
+        lines += ["What each step buys (one-shot, no training):", ""]
+        lines += [f"- `{c['variant']}` k={c['k']} ({1 - c['params'] / dense['params']:.1%} removed): "
+                  f"{c['perplexity']:.4g} ({c['perplexity'] / dense['perplexity']:.2f}x)" for c in ladder]
+        lines.append("")
+    return lines
+
+
+# from plain OFA to the aim: one change per step
+LADDER = (("svd-tied", 128), ("freq-tied", 128), ("top32k-tied", 128), ("top32k-tied-logitfit", 128),
+          ("top48k-tied-logitfit", 128), ("top48k-tied-logitfit-fw128", 128), ("top48k-tied-logitfit-fw512", 128),
+          ("top64k-tied-logitfit-fw512", 64))
 
 
 def plan_cells(args) -> list[str]:
