@@ -29,8 +29,9 @@ class FactorLLMConfig(StageConfig):
     cluster_tokens: int = Field(4096, ge=16, description="calibration tokens sampled per layer for clustering")
     cluster_iters: int = Field(25, ge=1, le=1000, description="balanced k-means iterations")
     combine: Literal["sum", "scale", "weights"] = Field(
-        "sum", description="sum: plain partial sum of the dense FFN; scale: times experts/top_k (FactorLLM); "
-                           "weights: top_k * softmax over the chosen router logits")
+        "weights", description="sum: plain partial sum of the dense FFN; scale: times experts/top_k (FactorLLM); "
+                               "weights: top_k * softmax over the chosen router logits (the default: measured best "
+                               "after training, bench/results/factorllm.md)")
     labels: Literal["pa", "best_subset"] = Field(
         "pa", description="pseudo-labels: pa = the top_k experts with the lowest MSE(E_i(x), T top_k/experts) "
                           "(FactorLLM); best_subset = the top_k-subset whose combined output is closest to T")
