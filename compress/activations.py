@@ -357,7 +357,7 @@ def _collect(index, layer, targeted, current, dense, kwargs_list, cross, dense_c
             if dense is not None:
                 collector.mode = "dense"
                 collector.new_call()
-                next_dense.append(_run_until_stop(dense_layer or layer, dense[b], kw))
+                next_dense.append(_run_until_stop(layer if dense_layer is None else dense_layer, dense[b], kw))
             collector.mode = "current"
             collector.new_call()
             outputs.append(_run_until_stop(layer, current[b], kw))
