@@ -31,12 +31,12 @@ def save_cells(cells: dict, store: Path, markdown: Path, render: Callable[[dict]
     """Write ``cells`` merged over what the store holds now (another driver may have added cells to
     it since this one loaded it; this driver's cells win), then the markdown of the merged set."""
     store.parent.mkdir(parents=True, exist_ok=True)
-    merged = {**load_cells(store), **cells}
-    cells.update(merged)
+    for key, cell in load_cells(store).items():
+        cells.setdefault(key, cell)
     tmp = store.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(merged, indent=2))
+    tmp.write_text(json.dumps(cells, indent=2))
     tmp.replace(store)  # atomic: a concurrent reader never sees half a file
-    markdown.write_text(render(merged))
+    markdown.write_text(render(cells))
 
 
 def run_cells(plan: Iterable[str], cells: dict, command: Callable[[str], list[str]],

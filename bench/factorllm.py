@@ -36,6 +36,7 @@ from pathlib import Path
 from cells import forwarded_flags, load_cells, run_cells, save_cells
 from curves import plot_curves
 
+from compress.modules.moe_ffn import COMBINES
 from compress.report import md_table
 
 RESULTS = Path(__file__).parent / "results"
@@ -319,7 +320,7 @@ def combine_section(cells: dict, args, rel) -> list[str]:
     """The combine rules side by side on COMBINE_CELL: this run's cells plus the runs stored under
     ``<name>-<combine>`` (``--name factorllm-scale --combine scale``, ...)."""
     runs = {args.combine: cells}
-    for combine in ("sum", "scale", "weights"):
+    for combine in COMBINES:
         store = RESULTS / f"{args.name}-{combine}.json"
         if combine != args.combine and store.is_file():
             runs[combine] = load_cells(store)
@@ -377,7 +378,7 @@ def main() -> None:
     parser.add_argument("--fit-windows", type=int, default=32)
     parser.add_argument("--fit-epochs", type=int, default=10)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--combine", default="sum", choices=["sum", "scale", "weights"])
+    parser.add_argument("--combine", default="sum", choices=COMBINES)
     parser.add_argument("--labels", default="pa", choices=["pa", "best_subset"])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--curve-points", type=int, default=4)

@@ -96,7 +96,8 @@ class _Collector:
     def __enter__(self):
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_pre_hook(self._hook(name)))
-        for name, module in (self.dense_modules or {}).items():
+        # dense passes run the same modules, or the dense copy's when the layer has one
+        for name, module in (self.dense_modules or self.modules).items():
             self._handles.append(module.register_forward_pre_hook(self._dense_hook(name)))
         return self
 
@@ -116,20 +117,19 @@ class _Collector:
 
     def _dense_hook(self, name: str):
         def hook(module, args):
-            self.stash[name] = args[0]
-            self._stop_here(name)
+            if self.mode == "dense":
+                self.stash[name] = args[0]
+                self._stop_here(name)
 
         return hook
 
     def _hook(self, name: str):
         def hook(module, args):
+            if self.mode == "dense":
+                return None
             x = args[0]
             owner = next((n for seen, n in self._seen if seen is x), None)
             self._seen.append((x, name))
-            if self.mode == "dense":
-                self.stash[name] = x
-                self._stop_here(name)
-                return None
             if owner is not None:  # same tensor as an earlier module: share its accumulator
                 self.stats[name] = self.stats[owner]
             else:
