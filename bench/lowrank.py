@@ -45,6 +45,9 @@ ROWS = {
                   "budget)",
     "healing": "the allocation row's checkpoint + 96 steps of fine-tuning every low-rank factor (AdamW, lr 1e-4, "
                "cosine, batch 2 x 512 tokens: 98,304 tokens, one pass over 192 calibration windows)",
+    "allocation-dt": "dense-target-sub + sensitivity allocation (ranks chosen as in the allocation row, from "
+                     "curves with shrinkage 0.1; factors from the sub-layer dense-target fit)",
+    "healing-dt": "the allocation-dt row's checkpoint + the healing row's 96 fine-tuning steps",
     "attention-50": "q/k/v/o only, 50 % of their parameters removed (whitening + sensitivity allocation)",
 }
 HEALING_STEPS = 96
@@ -54,8 +57,10 @@ ROW_REDUCTIONS = {"dense": (0.0,), "attention-50": (0.5,)}
 # Ranks, not the backend, decide speed: latency is timed for uniform ranks (the data-free svd row,
 # compressed on the fly), the allocated ranks and attention-only. Rows in SAVED_ROWS keep their
 # checkpoint in the compress cache (for latency and for the healing row).
-LATENCY_ROWS = ("svd", "allocation", "attention-50")
-SAVED_ROWS = ("allocation", "attention-50")
+LATENCY_ROWS = ("svd", "allocation", "allocation-dt", "attention-50")
+SAVED_ROWS = ("allocation", "allocation-dt", "attention-50")
+# healing row -> the saved row whose checkpoint it fine-tunes
+HEALS = {"healing": "allocation", "healing-dt": "allocation-dt"}
 
 
 def stages_for(row: str, reduction: float) -> list[dict]:
@@ -81,13 +86,16 @@ def stages_for(row: str, reduction: float) -> list[dict]:
         return [{**base, "backend": "whiten", "refine": True, "shrinkage": 0.1}]
     if row == "refine-noshrink":
         return [{**base, "backend": "whiten", "refine": True}]
-    # allocation builds on the best uniform row measured (whitening, dense calibration), not on
-    # dense-target, which lost to it at the protocol's calibration size (see the notes)
+    # allocation was first measured on whitening with dense calibration (the best uniform row before
+    # sub-layer calibration); allocation-dt puts the same allocation on dense-target-sub
     allocated = {**base, "backend": "whiten", "sequential": False, "allocation": "sensitivity",
                  "sensitivity_windows": 16}
     if row == "allocation":
         return [allocated]
-    if row == "healing":  # run on the allocation row's saved checkpoint (see run_cell)
+    if row == "allocation-dt":
+        return [{**allocated, "backend": "whiten_dense_target", "shrinkage": 0.1, "sequential": True,
+                 "sublayer": True}]
+    if row in HEALS:  # run on the healed row's saved checkpoint (see run_cell)
         return [{"method": "finetune", "steps": HEALING_STEPS, "lr": 1e-4, "batch_size": 2, "warmup_steps": 5,
                  "schedule": "cosine", "eval_windows": 4}]
     raise SystemExit(f"unknown row {row!r}; known: {', '.join(ROWS)}")
@@ -108,12 +116,12 @@ def run_cell(row: str, reduction: float, windows: int, samples: int, seq_len: in
     from compress.utils import peak_rss_bytes
 
     torch.manual_seed(0)
-    if row == "healing":  # heal the allocation row's model instead of compressing it again
+    if row in HEALS:  # heal the saved row's model instead of compressing it again
         from compress.models import load_folder
 
-        folder = _checkpoint("allocation", reduction)
+        folder = _checkpoint(HEALS[row], reduction)
         if not folder.is_dir():
-            raise SystemExit(f"{folder} is missing: run the cell allocation@{reduction} first")
+            raise SystemExit(f"{folder} is missing: run the cell {HEALS[row]}@{reduction} first")
         model, tokenizer, _ = load_folder(folder)
         samples = HEALING_WINDOWS
     else:
