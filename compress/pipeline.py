@@ -10,6 +10,7 @@ method's ``apply`` receives them as ``stats``. Other methods keep the fast path
 """
 from __future__ import annotations
 
+import copy
 import time
 
 from torch import nn
@@ -63,6 +64,24 @@ def apply_stage(model: nn.Module, config, ctx: StageContext, where: str = "stage
     return result
 
 
+def needs_teacher(method, config) -> bool:
+    decide = getattr(method, "needs_teacher", None)
+    return bool(decide(config)) if decide is not None else False
+
+
 def compress_model(model: nn.Module, recipe, ctx: StageContext) -> list[StageResult]:
-    """Run every stage in order; the model is modified in place."""
-    return [apply_stage(model, stage, ctx, f"stages[{i}]") for i, stage in enumerate(recipe.stages)]
+    """Run every stage in order; the model is modified in place.
+
+    When a stage trains towards the dense model (``needs_teacher``, e.g. finetune's distill loss),
+    a frozen copy of the model as it is before the first stage is kept in ``ctx.extras["teacher"]``
+    for the run (unless the caller put a teacher there): one extra copy of the weights in memory.
+    """
+    own_teacher = "teacher" not in ctx.extras and any(
+        needs_teacher(get_method(stage.method), stage) for stage in recipe.stages)
+    if own_teacher:
+        ctx.extras["teacher"] = copy.deepcopy(model).eval().requires_grad_(False)
+    try:
+        return [apply_stage(model, stage, ctx, f"stages[{i}]") for i, stage in enumerate(recipe.stages)]
+    finally:
+        if own_teacher:
+            del ctx.extras["teacher"]

@@ -20,6 +20,10 @@ class FinetuneConfig(StageConfig):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     eval_windows: int = Field(8, ge=1, description="calibration windows scored before and after training")
+    loss: Literal["next_token", "distill"] = Field(
+        "next_token", description="next_token: causal-LM loss on the text; distill: KL divergence to the dense "
+                                  "model's next-token distribution (knowledge distillation; the pipeline keeps a "
+                                  "frozen copy of the model from before the first stage as the teacher)")
     seed: int = 0
 
     @model_validator(mode="after")
