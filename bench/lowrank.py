@@ -40,6 +40,8 @@ ROWS = {
                         "of the layer)",
     "refine": "whitening sequential, shrinkage 0.1, + least-squares refit of both factors against the dense "
               "outputs (on top of dense-target it would be a no-op: that closed form is already the optimum)",
+    "refine-sub": "as refine, with sub-layer sequential calibration (the refit's dense target then sees the "
+                  "inputs that really occur; compare dense-target-sub, the closed-form optimum of the same objective)",
     "refine-noshrink": "as refine but shrinkage 0 (shows the over-fit of the unregularised refit)",
     "allocation": "whitening (dense calibration) + sensitivity allocation (Fisher-weighted output error, global "
                   "budget)",
@@ -88,6 +90,8 @@ def stages_for(row: str, reduction: float) -> list[dict]:
         return [{**base, "backend": "whiten_dense_target", "shrinkage": 0.1, "sublayer": True}]
     if row == "refine":
         return [{**base, "backend": "whiten", "refine": True, "shrinkage": 0.1}]
+    if row == "refine-sub":
+        return [{**base, "backend": "whiten", "refine": True, "shrinkage": 0.1, "sublayer": True}]
     if row == "refine-noshrink":
         return [{**base, "backend": "whiten", "refine": True}]
     # allocation was first measured on whitening with dense calibration (the best uniform row before
