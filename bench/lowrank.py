@@ -214,13 +214,13 @@ NOTES = """## What the table says (2026-12-02)
   SVD-LLM: 99.1 / 421). Sequential calibration alone takes it to 102 / 354.
 - Matching the dense layer's output needs the right inputs. At layer granularity (rows dense-target
   and refine) o_proj and down_proj are fitted, through the cross term W C_dc C_cc^-1, to inputs that no
-  longer occur once q/k/v and gate/up are compressed: 13,399 and 15,400 at 40 %, worse than plain
-  whitening. Sub-layer calibration (`sublayer: true`: o_proj calibrated after q/k/v are compressed,
+  longer occur once q/k/v and gate/up are compressed: 13,399 and 15,400 at 40 % (refine: 5,321 at
+  20 %), worse than plain whitening. Sub-layer calibration (`sublayer: true`: o_proj calibrated after q/k/v are compressed,
   down_proj after gate/up; the dense stream runs through an untouched copy of the layer) fixes it:
   dense-target-sub gives 73.9 / 178.5 with uniform ranks. The least-squares refit of both factors
   against the dense outputs, on the same sub-layer statistics (row refine-sub), takes sequential
-  whitening from 354 to 182 at 40 %: next to the closed form (178.5), as expected, since the refit
-  iterates towards the optimum that dense-target computes exactly.
+  whitening from 354 to 182 at 40 %: next to the closed form (178.5), as expected, since one
+  alternating sweep moves towards the optimum that dense-target computes exactly.
 - Sensitivity allocation is the other large step. Ranks come from Fisher-weighted output-error curves
   on 16 calibration windows under one global budget; only 89 of the 210 matrices are factorised at 20 %
   (134 at 40 %), the rest stay dense. On plain whitening it gives 38.3 / 226; on dense-target-sub
