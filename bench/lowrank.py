@@ -250,7 +250,7 @@ NOTES = """## What the table says (2026-12-02)
 - Attention only: removing 50 % of the q/k/v/o parameters with whitening and sensitivity allocation
   costs 21.49 -> 27.35 (1.27x dense), with no training. That removes 13.3M parameters: 50 % of 26.5M,
   or 12.5 % of all seven projections' parameters.
-- Not measured (CPU time): refine-noshrink (the unregularised refit), refine-sub at 20 %, the healing
+- Not measured (CPU time): refine-noshrink (the unregularised refit), the healing
   row at 20 % on plain-whitening allocation, and distillation at 20 % (stopped to leave time for CI).
   The allocation@20 % latency cell is pending because that checkpoint was not kept; allocation-dt's
   ranks come from the same procedure. The earlier smoke cells (2,048 calibration tokens, 2 windows)
