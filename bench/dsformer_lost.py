@@ -6,7 +6,7 @@ cell's alone. For the rows in TRAINED the one-shot cell also saves its compresse
 and the ``<row>+train`` cell loads it, trains it (--steps) and measures again; cells stay short.
 Results accumulate in dsformer_lost.json; a cell is re-measured only with --force.
 
-Protocol (DESIGN.md section 4): perplexity is token-level exp(mean NLL) over the first --windows
+Protocol (README, "Measurement protocol"): perplexity is token-level exp(mean NLL) over the first --windows
 non-overlapping 512-token windows of held-out Wikipedia (articles with index % 4 == 0); calibration
 windows (activation statistics, training) are --seq-len-token windows of the calibration split.
 

@@ -14,7 +14,7 @@ results accumulate in the json, a cell is re-measured only with --force):
   (``train: router``) or routers + experts (``train: router+experts``) end to end with accelerate;
   perplexity after every quarter of the steps (a curve of ppl vs training tokens).
 
-Protocol (DESIGN.md section 4): perplexity is token-level exp(mean NLL) over the first --windows
+Protocol (README, "Measurement protocol"): perplexity is token-level exp(mean NLL) over the first --windows
 non-overlapping 512-token windows of held-out Wikipedia (articles with index % 4 == 0); calibration and
 training windows (--seq-len tokens) come from the calibration split. Speed is a ratio to the dense model
 measured in the same process (median of --latency-repeats runs after a warm-up, interleaved).

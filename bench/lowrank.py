@@ -5,7 +5,7 @@ removed). Each (row, reduction) runs in its own subprocess, so wall time and pea
 cell's alone. Results accumulate in lowrank.json (a cell is re-measured only when asked), and the
 markdown marks cells not measured yet as "pending".
 
-Protocol (DESIGN.md §4): perplexity is token-level exp(mean NLL) over the first --windows
+Protocol (README, "Measurement protocol"): perplexity is token-level exp(mean NLL) over the first --windows
 non-overlapping 512-token windows of held-out Wikipedia (index % 4 == 0); calibration is
 --samples x --seq-len tokens from the calibration split; the dense baseline is measured here too.
 

@@ -11,7 +11,7 @@ AdamW's state restarts at every point). Each cell runs in its own subprocess, on
 wall times and peak RSS are that cell's alone; results accumulate in ofa.json and a cell is
 re-measured only with --force.
 
-Protocol (DESIGN.md section 4): perplexity is token-level exp(mean NLL) over the first --windows
+Protocol (README, "Measurement protocol"): perplexity is token-level exp(mean NLL) over the first --windows
 non-overlapping 512-token windows of held-out Wikipedia (articles with index % 4 == 0), the dense
 model measured by the same script; calibration windows (token counts, training) are --seq-len-token
 windows of the calibration split. The logits-layer latency is the median of --latency-runs timed

@@ -1,7 +1,7 @@
 """WeLore vs uniform-rank plain SVD on SmolLM2-135M -> bench/results/welore.md.
 
 Each row runs in its own subprocess so that wall time and peak RSS belong to that row alone.
-Protocol (DESIGN.md §4): targeted = q/k/v/o/gate/up/down projections; perplexity is token-level
+Protocol (README, "Measurement protocol"): targeted = q/k/v/o/gate/up/down projections; perplexity is token-level
 over the first --windows non-overlapping 512-token windows of held-out Wikipedia.
 
     python bench/welore.py                    # full table (about an hour on 2 CPU cores)

@@ -37,7 +37,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
 
 # Where the numbers come from: lm-eval task -> (dataset type, pretty name). Local data sets,
-# described in words since they are not hub datasets (DESIGN.md §3/§4).
+# described in words since they are not hub datasets (see the README, "Measurement protocol").
 _WIKI = ("wikipedia", "Wikipedia held-out split (106 articles from gensim 4.4.0 test data, index % 4 == 0)")
 _TASK_DATASETS = {
     "wikipedia_ppl": _WIKI,

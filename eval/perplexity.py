@@ -1,4 +1,4 @@
-"""Token-level perplexity over non-overlapping windows (DESIGN.md section 4)."""
+"""Token-level perplexity over non-overlapping windows (README, "Measurement protocol")."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def heldout_perplexity(
     progress: bool = True,
     split: str = "heldout",
 ) -> dict:
-    """Perplexity of ``model`` on the held-out split of ``corpus`` (DESIGN.md protocol).
+    """Perplexity of ``model`` on the held-out split of ``corpus`` (the README's measurement protocol).
 
     The result of :func:`perplexity` plus ``corpus``, ``split`` and ``seq_len``.
     """

@@ -1,4 +1,4 @@
-"""Documents -> fixed-length token windows (the unit of the perplexity protocol, DESIGN.md section 4)."""
+"""Documents -> fixed-length token windows (the unit of the perplexity protocol, README "Measurement protocol")."""
 
 from __future__ import annotations
 

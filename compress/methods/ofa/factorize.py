@@ -29,7 +29,7 @@ def dim_for_reduction(vocab: int, width: int, reduction: float, full: int = 0) -
 
 
 def check_dim(vocab: int, width: int, dim: int, where: str = "ofa_embedding", full: int = 0) -> None:
-    """k must be >= 1 and save parameters: N D + k(V - N + D) < V D (DESIGN.md section 4)."""
+    """k must be >= 1 and save parameters: N D + k(V - N + D) < V D (the measurement protocol in the README)."""
     largest = ((vocab - full) * width - 1) // (vocab - full + width)
     if not 1 <= dim <= largest:
         kept = f" next to {full} full rows" if full else ""
