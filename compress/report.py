@@ -6,7 +6,8 @@ import math
 from pathlib import Path
 
 PROTOCOL = (
-    "Protocol (DESIGN.md §4): compression ratio = fraction of the targeted modules' parameters removed; "
+    "Protocol (README, 'Measurement protocol'): compression ratio = fraction of the targeted modules' "
+    "parameters removed; "
     "perplexity = token-level exp(mean NLL) over non-overlapping windows of held-out Wikipedia "
     "(articles with index % 4 == 0), dense baseline measured in the same run with the same settings; "
     "lm-eval's *_ppl tasks report word perplexity (labelled as such)."
@@ -14,7 +15,9 @@ PROTOCOL = (
 
 
 def _fmt(value) -> str:
-    if isinstance(value, bool) or value is None:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
         return str(value)
     if isinstance(value, int):
         return f"{value:,}"
@@ -76,10 +79,26 @@ def render_markdown(report: dict) -> str:
         out += [f"## Stage {i}: {stage['method']}", "",
                 md_table(["", "value"], [[k, v] for k, v in stage["summary"].items()]), ""]
         if stage["rows"]:
-            headers = list(stage["rows"][0])
+            headers = list(dict.fromkeys(key for row in stage["rows"] for key in row))  # rows differ by kind
             out += [md_table(headers, [[row.get(h) for h in headers] for row in stage["rows"]]), ""]
     out += [f"![{name}]({name})" for name in report.get("figures", [])]
     return "\n".join(out) + "\n"
+
+
+RANK_COLORS = {"low-rank": "tab:blue", "grouped low-rank": "tab:orange", "dense": "tab:gray"}
+
+
+def kept_rank(row: dict) -> tuple[float, str]:
+    """(rank kept / full rank, storage kind) of one row of a low-rank stage.
+
+    A matrix left dense (rank None, or WeLore's N-LRC) keeps its full rank; a grouped k/v factorisation
+    (``groups`` latents of ``rank`` each) keeps groups x rank latent dimensions.
+    """
+    if row.get("rank") is None or row.get("kind") in ("dense", "N-LRC"):
+        return 1.0, "dense"
+    groups = row.get("groups") or 1
+    kind = "grouped low-rank" if groups > 1 else "low-rank"
+    return min(row["rank"] * groups / row["full_rank"], 1.0), kind
 
 
 def plot_figures(report: dict, series: list[dict], folder: Path) -> list[str]:
@@ -91,13 +110,16 @@ def plot_figures(report: dict, series: list[dict], folder: Path) -> list[str]:
 
     written = []
     for i, (stage, extra) in enumerate(zip(report["stages"], series)):
-        rows = [r for r in stage["rows"] if "rank" in r]
+        rows = [r for r in stage["rows"] if "full_rank" in r]
         if rows:
+            kept = [kept_rank(r) for r in rows]
             fig, ax = plt.subplots(figsize=(12, 4))
-            colors = ["tab:blue" if r.get("kind", "LRC") == "LRC" else "tab:gray" for r in rows]
-            ax.bar(range(len(rows)), [r["rank"] / r["full_rank"] for r in rows], color=colors, width=1.0)
+            ax.bar(range(len(rows)), [fraction for fraction, _ in kept], width=1.0,
+                   color=[RANK_COLORS[kind] for _, kind in kept])
             ax.set(xlabel="targeted matrix (model order)", ylabel="rank kept / full rank", ylim=(0, 1.05),
-                   title=f"stage {i} ({stage['method']}): rank kept per matrix (grey = left dense)")
+                   title=f"stage {i} ({stage['method']}): rank kept per matrix")
+            ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=RANK_COLORS[kind], label=kind)
+                               for kind in dict.fromkeys(kind for _, kind in kept)], fontsize=8)
             name = f"ranks_stage{i}.png"
             fig.tight_layout(), fig.savefig(folder / name, dpi=110), plt.close(fig)
             written.append(name)
