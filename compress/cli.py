@@ -5,9 +5,11 @@ import argparse
 import json
 import re
 import sys
+import traceback
 from pathlib import Path
 
-from .errors import CompressError
+from .errors import (EXIT_INCOMPLETE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER, CompressError, RunIncomplete,
+                     describe_exception, write_traceback)
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -90,10 +92,15 @@ def _cmd_push(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="compress", description="Compress pretrained language models, with numbers.")
+    parser = argparse.ArgumentParser(prog="compress", description="Compress pretrained language models, with numbers.",
+                                     epilog="exit codes: 0 done; 1 unexpected error (traceback in a log file); "
+                                            "2 bad input, nothing written; 3 a step after the checkpoint was saved "
+                                            "failed (the run folder keeps it); 130 interrupted")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="print tracebacks instead of writing them to a log file")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="compress MODEL_ID with a recipe, evaluate and report")
+    run = sub.add_parser("run", parents=[common], help="compress MODEL_ID with a recipe, evaluate and report")
     run.add_argument("recipe")
     run.add_argument("model_id", help="bundled alias, local HF folder, .gguf file or hub id")
     run.add_argument("--out", type=Path, help="output folder (default: runs/<recipe>-<model>)")
@@ -102,14 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=_cmd_run)
 
-    validate = sub.add_parser("validate", help="check recipes without loading a model")
+    validate = sub.add_parser("validate", parents=[common], help="check recipes without loading a model")
     validate.add_argument("recipes", nargs="+")
     validate.set_defaults(func=_cmd_validate)
 
-    ls = sub.add_parser("ls", help="list methods, bundled models and recipes")
+    ls = sub.add_parser("ls", parents=[common], help="list methods, bundled models and recipes")
     ls.set_defaults(func=_cmd_ls)
 
-    ev = sub.add_parser("eval", help="score any checkpoint (compressed or not)")
+    ev = sub.add_parser("eval", parents=[common], help="score any checkpoint (compressed or not)")
     ev.add_argument("model_id")
     ev.add_argument("--tasks", nargs="*", default=["wikipedia_ppl"])
     ev.add_argument("--windows", type=int, default=None, help="held-out perplexity windows (default: all)")
@@ -119,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=_cmd_eval)
 
-    push = sub.add_parser("push", help="upload a finished run folder to the Hugging Face Hub (one commit)")
+    push = sub.add_parser("push", parents=[common],
+                          help="upload a finished run folder to the Hugging Face Hub (one commit)")
     push.add_argument("run_dir", type=Path, help="output folder of `compress run`")
     push.add_argument("repo_id", help="owner/name on the hub (created if missing)")
     visibility = push.add_mutually_exclusive_group()
@@ -134,9 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
-    """--quiet: silence the progress bars of transformers / huggingface_hub / datasets too."""
+    """--quiet: silence the progress bars of transformers / huggingface_hub / datasets / lm-eval too."""
     import os
 
+    os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads its defaults from TQDM_* (lm-eval's own bars)
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
     from transformers.utils import logging
@@ -144,18 +153,45 @@ def _quiet_libraries() -> None:
     logging.disable_progress_bar()
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 1 unexpected error (traceback in a log file); 2 user error, nothing written;
+    3 a step after the checkpoint was saved failed (the run folder keeps it); 130 interrupted."""
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if on_main_thread else None
     try:
         if getattr(args, "quiet", False):
             _quiet_libraries()
         args.func(args)
     except CompressError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER
+    except RunIncomplete as exc:
+        if args.debug and exc.__cause__ is not None and not exc.interrupted:
+            traceback.print_exception(exc.__cause__, file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED if exc.interrupted else EXIT_INCOMPLETE
     except KeyboardInterrupt:
         print("error: interrupted (no output was left behind)", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug, or a failure we did not foresee: one line, the traceback in a file
+        if args.debug:
+            traceback.print_exc()
+            print(f"error: {describe_exception(exc)}", file=sys.stderr)
+        else:
+            log = write_traceback(exc)
+            print(f"error: {describe_exception(exc)} (traceback in {log}; --debug prints it)", file=sys.stderr)
+        return EXIT_INTERNAL
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -1,17 +1,27 @@
-"""`compress run`: load -> evaluate dense -> compress -> save -> evaluate compressed -> report.
+"""`compress run`: load -> compress -> save the checkpoint -> evaluate compressed and dense -> report (-> push).
 
-Everything is written into a temporary sibling of the output folder, renamed into place
-only when the whole job succeeded.
+The run folder is written into a temporary sibling. Until the compressed checkpoint is saved, a failure
+(or Ctrl-C) removes it, so bad input never leaves a half-written output. From then on the work is worth
+keeping: a step that fails (an evaluation, the report, the push) leaves the folder in place with the
+checkpoint and everything measured before it, records the error in report.json (traceback in error.log)
+and raises ``RunIncomplete``.
+
+The compressed model is evaluated first; the dense baseline is then measured on the source reloaded
+(same settings, same run), so the two models are never in memory together.
 """
 from __future__ import annotations
 
 import datetime
+import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from .errors import CompressError
-from .utils import atomic_folder, folder_bytes, peak_rss_bytes
+from .errors import CompressError, RunIncomplete, describe_exception, write_traceback
+from .utils import StagedFolder, folder_bytes, peak_rss_bytes
+
+ERROR_LOG = "error.log"
 
 
 def count_params(model) -> int:
@@ -32,6 +42,27 @@ def versions() -> dict:
         except md.PackageNotFoundError:
             out[package] = None
     return out
+
+
+def _write_report_json(folder: Path, report: dict) -> None:
+    (folder / "report.json").write_text(json.dumps(report, indent=2, default=str))
+
+
+def _finish_steps(folder: Path, out: Path, report: dict, steps: list[tuple[str, Callable[[], None]]]) -> None:
+    """Run the steps after the checkpoint; on failure keep the folder, record the error, raise RunIncomplete."""
+    for name, step in steps:
+        try:
+            step()
+        except (Exception, KeyboardInterrupt) as exc:
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            log = None if interrupted or isinstance(exc, CompressError) else write_traceback(exc, folder / ERROR_LOG)
+            cause = "interrupted" if interrupted else describe_exception(exc)
+            report["error"] = {"step": name, "message": cause, "log": ERROR_LOG if log else None}
+            _write_report_json(folder, report)
+            where = f" (traceback in {out / ERROR_LOG})" if log else ""
+            raise RunIncomplete(name, f"{name} failed: {cause}{where}; the checkpoint and everything measured "
+                                      f"before this step are kept in {out} (report.json records the error)",
+                                interrupted=interrupted) from exc
 
 
 def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: bool = False,
@@ -65,17 +96,13 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
     echo(f"loading {model_id} ...")
     loaded = load_model(model_id)
     model, tokenizer = loaded.model.to(device), loaded.tokenizer
-    with atomic_folder(out, overwrite=overwrite) as tmp:
+    with StagedFolder(out, overwrite=overwrite) as staged:
+        tmp = staged.path
         dense_dir = tmp / "_dense"
         save_folder(model, tokenizer, dense_dir)
         bytes_before = safetensors_bytes(dense_dir)
         shutil.rmtree(dense_dir)
         params_before = count_params(model)
-
-        eval_dense = None
-        if recipe.eval.compare_dense:
-            echo("evaluating the dense model ...")
-            eval_dense = evaluate(model, tokenizer, recipe.eval, progress)
 
         cache: dict = {}
 
@@ -89,15 +116,12 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
         start = time.perf_counter()
         results = compress_model(model, recipe, ctx)
         compress_time = time.perf_counter() - start
-        tokenizer = ctx.tokenizer  # saved and evaluated with the model (extend_vocab changes it)
 
         model.to(getattr(torch, recipe.output.dtype))
         mark_compressed(model, recipe.model_dump(mode="json"))
-        save_folder(model, tokenizer, tmp / "model", extra={**loaded.source, "recipe": recipe.name})
+        save_folder(model, ctx.tokenizer, tmp / "model", extra={**loaded.source, "recipe": recipe.name})
         (tmp / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-
-        echo("evaluating the compressed model ...")
-        eval_compressed = evaluate(model, tokenizer, recipe.eval, progress)
+        staged.keep()  # the checkpoint is saved: from here on a failure keeps the folder
 
         targeted_before = sum(r.summary.get("targeted_params_before", 0) for r in results)
         targeted_after = sum(r.summary.get("targeted_params_after", 0) for r in results)
@@ -115,11 +139,35 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
                 "folder_bytes_after": folder_bytes(tmp / "model"),
             },
             "timing": {"compression_wall_time_s": compress_time, "peak_rss_bytes": peak_rss_bytes()},
-            "eval_dense": eval_dense,
-            "eval_compressed": eval_compressed,
+            "eval_dense": None,
+            "eval_compressed": None,
             "stages": [{"method": r.method, "summary": r.summary, "rows": r.rows} for r in results],
         }
-        write_report(report, [r.series for r in results], tmp)
+        _write_report_json(tmp, report)
+        del loaded
+
+        def evaluate_compressed():
+            echo("evaluating the compressed model ...")
+            report["eval_compressed"] = evaluate(model, ctx.tokenizer, recipe.eval, progress)
+            _write_report_json(tmp, report)
+
+        def evaluate_dense():
+            nonlocal model
+            if not recipe.eval.compare_dense:
+                return
+            model = None  # the compressed model is saved and scored: free it before the dense one loads
+            echo("evaluating the dense model (reloaded from the source) ...")
+            dense = load_model(model_id)
+            report["eval_dense"] = evaluate(dense.model.to(device), dense.tokenizer, recipe.eval, progress)
+            _write_report_json(tmp, report)
+
+        def write_the_report():
+            report["timing"]["peak_rss_bytes"] = peak_rss_bytes()
+            write_report(report, [r.series for r in results], tmp)
+
+        _finish_steps(tmp, out, report, [("evaluating the compressed model", evaluate_compressed),
+                                         ("evaluating the dense model", evaluate_dense),
+                                         ("writing the report", write_the_report)])
     echo(f"wrote {out}")
     if push is not None:  # the run folder is complete and in place: a failed push leaves it intact
         from .hub import push_run
@@ -128,6 +176,6 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
             push_run(out, push.repo_id, private=push.private, revision=push.revision, echo=echo)
         except CompressError as exc:
             flags = ("" if push.private else " --public") + (f" --revision {push.revision}" if push.revision else "")
-            raise CompressError(f"{exc} (the run itself succeeded and is intact in {out}; retry with "
-                                f"`compress push {out} {push.repo_id}{flags}`)") from None
+            raise RunIncomplete("pushing to the hub", f"{exc} (the run itself succeeded and is intact in {out}; "
+                                f"retry with `compress push {out} {push.repo_id}{flags}`)") from None
     return out

@@ -26,26 +26,52 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+class StagedFolder:
+    """A folder written into a temporary sibling and renamed to ``final`` when the block ends.
+
+    A failure or Ctrl-C removes the temporary folder, so no half-written output remains, unless
+    ``keep()`` was called: from then on the folder holds work worth keeping (a saved checkpoint), and
+    it is renamed into place on failure too. An existing ``final`` is replaced only with ``overwrite``.
+    """
+
+    def __init__(self, final: Path, overwrite: bool = False):
+        self.final, self.overwrite = Path(final), overwrite
+        self.keeping = False
+        self.path: Path | None = None
+
+    def keep(self) -> None:
+        self.keeping = True
+
+    def __enter__(self) -> StagedFolder:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None and not self.keeping:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return False
+        try:
+            self._publish()
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
+        return False
+
+    def _publish(self) -> None:
+        if not self.final.exists():
+            self.path.rename(self.final)
+            return
+        if not self.overwrite:
+            raise FileExistsError(self.final)
+        old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
+        self.final.rename(old)
+        self.path.rename(self.final)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_folder(final: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; rename it to ``final`` only if the block succeeds.
-
-    A failure or Ctrl-C removes the temporary folder, so no half-written output remains.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        if final.exists():
-            if not overwrite:
-                raise FileExistsError(final)
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Yield a temporary sibling folder; rename it to ``final`` only if the block succeeds."""
+    with StagedFolder(final, overwrite) as staged:
+        yield staged.path

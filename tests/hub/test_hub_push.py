@@ -37,8 +37,8 @@ def _errors(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("error:")]
 
 
-def _assert_failed(code, captured, *needles):
-    assert code == 2
+def _assert_failed(code, captured, *needles, exit_code=2):
+    assert code == exit_code
     errors = _errors(captured.err)
     assert len(errors) == 1, captured.err
     for needle in needles:
@@ -164,10 +164,11 @@ def test_recipe_push_to_hub_pushes_after_the_run_and_keeps_it_on_failure(fake_hu
     assert "pushed" in capsys.readouterr().out and hub.repos[REPO].private is False
     assert {k: _sha(v) for k, v in hub.files(REPO).items()} == expected_files_light(tmp_path / "r1")
 
-    # the hub refuses: exit 2, one line, the finished run stays complete on disk
+    # the hub refuses: exit 3 (a step after the checkpoint failed), one line, the finished run stays complete
     refusing = fake_hub(refuse=403)
     code = main(["run", str(path), str(tiny_model_folder), "--out", str(tmp_path / "r2"), "--quiet"])
-    error = _assert_failed(code, capsys.readouterr(), "403", "intact in", f"compress push {tmp_path / 'r2'} {REPO} --public")
+    error = _assert_failed(code, capsys.readouterr(), "403", "intact in", f"compress push {tmp_path / 'r2'} {REPO} --public",
+                           exit_code=3)
     assert not refusing.repos
     assert set(folder_digest(tmp_path / "r2")) == set(folder_digest(tmp_path / "r1"))
 
