@@ -1,0 +1,149 @@
+"""Shipped recipes run the way a user runs them -> bench/results/recipe_runs.md (+ recipe_runs.json).
+
+Each recipe goes through `compress run RECIPE MODEL` in its own subprocess (its torch threads fixed by
+OMP_NUM_THREADS), and the numbers are read back from the run's report.json: perplexity of the compressed
+and the dense model, lm-eval scores, sizes, wall time and peak RSS, plus the sha256 of the checkpoint's
+weight files, so two runs of the same recipe (e.g. before and after a refactor, told apart by --tag) can
+be compared bit for bit. Runs already in the store are skipped; their folders stay under runs/bench/.
+
+    python bench/recipe_runs.py lowrank-20 attention-50 --tag v1            # hours on CPU
+    python bench/recipe_runs.py ofa-gemma --model gemma3-270m --tag v1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cells import load_cells, save_cells
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+STORE, MARKDOWN = RESULTS / "recipe_runs.json", RESULTS / "recipe_runs.md"
+
+
+def key_of(recipe: str, model: str, tag: str) -> str:
+    return f"{recipe}@{model}#{tag}"
+
+
+def _commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return out.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def cell_from_report(report: dict, manifest: dict) -> dict:
+    size, timing = report["size"], report["timing"]
+    dense, compressed = report.get("eval_dense") or {}, report.get("eval_compressed") or {}
+    return {
+        "perplexity": (compressed.get("perplexity") or {}).get("perplexity"),
+        "dense_perplexity": (dense.get("perplexity") or {}).get("perplexity"),
+        "windows": (compressed.get("perplexity") or {}).get("windows"),
+        "lm_eval": compressed.get("lm_eval"), "dense_lm_eval": dense.get("lm_eval"),
+        "compression_ratio": size["compression_ratio"], "params_before": size["params_before"],
+        "params_after": size["params_after"], "bytes_before": size["bytes_before"], "bytes_after": size["bytes_after"],
+        "compression_wall_s": timing["compression_wall_time_s"], "peak_rss_bytes": timing["peak_rss_bytes"],
+        "weights_sha256": {name: entry["sha256"] for name, entry in manifest.get("files", {}).items()},
+        "error": report.get("error"),
+    }
+
+
+def run_recipe(recipe: str, model: str, tag: str, threads: int) -> dict:
+    out = ROOT / "runs" / "bench" / re.sub(r"[^\w.-]+", "_", f"{recipe}-{model}-{tag}")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    command = [str(Path(sys.executable).parent / "compress"), "run", str(ROOT / "recipes" / f"{recipe}.yaml"),
+               model, "--out", str(out), "--overwrite", "--quiet"]
+    start = time.perf_counter()
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode not in (0, 3):
+        raise RuntimeError(f"{recipe} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    report = json.loads((out / "report.json").read_text())
+    manifest = json.loads((out / "model" / "compress_manifest.json").read_text())
+    return {"recipe": recipe, "model": model, "tag": tag, "commit": _commit(), "threads": threads,
+            "date": time.strftime("%Y-%m-%d"), "run_wall_s": wall, "exit_code": proc.returncode,
+            "folder": str(out.relative_to(ROOT)), **cell_from_report(report, manifest)}
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}g}" if abs(value) < 1e6 else f"{value:.3e}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def render(cells: dict) -> str:
+    lines = ["# Shipped recipes through `compress run`", "",
+             "Written by `python bench/recipe_runs.py`. Each row is one `compress run recipes/<recipe>.yaml MODEL` "
+             "in its own process; every number is read from that run's report.json. Perplexity: token-level, "
+             "held-out Wikipedia, the recipe's `eval.perplexity_windows` 512-token windows, dense baseline from the "
+             "same run. Wall times are on a shared 2-core CPU (the run's torch threads in the `threads` column).", "",
+             "| recipe | model | tag | commit | held-out ppl | dense ppl | ratio | targeted removed | params after | "
+             "MB after | compress s | run s | peak RSS GiB | threads |",
+             "|" + "---|" * 14]
+    for key in sorted(cells, key=lambda k: (cells[k]["recipe"], cells[k]["model"], cells[k]["date"], cells[k]["tag"])):
+        c = cells[key]
+        ratio = c["perplexity"] / c["dense_perplexity"] if c["perplexity"] and c["dense_perplexity"] else None
+        lines.append("| " + " | ".join([
+            c["recipe"], c["model"], c["tag"], c["commit"], _fmt(c["perplexity"]), _fmt(c["dense_perplexity"]),
+            _fmt(ratio, 3), f"{c['compression_ratio']:.1%}", _fmt(c["params_after"]),
+            f"{c['bytes_after'] / 1e6:.1f}", f"{c['compression_wall_s']:.0f}", f"{c['run_wall_s']:.0f}",
+            f"{c['peak_rss_bytes'] / 2**30:.2f}", str(c["threads"])]) + " |")
+        if c.get("error"):
+            lines.append(f"|  | error in {c['error']['step']}: {c['error']['message']} |" + " |" * 12)
+    lines += ["", *compare_tags(cells)]
+    return "\n".join(lines) + "\n"
+
+
+def compare_tags(cells: dict) -> list[str]:
+    """Runs of the same recipe and model under different tags: same perplexity? bit-identical weights?"""
+    groups: dict[tuple, list[dict]] = {}
+    for c in cells.values():
+        groups.setdefault((c["recipe"], c["model"]), []).append(c)
+    pairs = [sorted(g, key=lambda c: c["date"] + c["tag"]) for g in groups.values() if len(g) > 1]
+    if not pairs:
+        return []
+    lines = ["## The same recipe under different tags", "",
+             "| recipe | model | tags | held-out ppl | weights |", "|---|---|---|---|---|"]
+    for group in sorted(pairs, key=lambda g: g[0]["recipe"]):
+        first = group[0]
+        for other in group[1:]:
+            same = other["weights_sha256"] == first["weights_sha256"]
+            lines.append(f"| {first['recipe']} | {first['model']} | {first['tag']} -> {other['tag']} | "
+                         f"{_fmt(first['perplexity'], 6)} -> {_fmt(other['perplexity'], 6)} | "
+                         f"{'bit-identical' if same else 'differ'} |")
+    return lines + [""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipes", nargs="+", help="recipe names (files in recipes/, without .yaml)")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tag", required=True, help="a label for this series of runs (e.g. the code version)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rerun", action="store_true", help="run again even if the store has the run")
+    args = parser.parse_args()
+    cells = load_cells(STORE)
+    for recipe in args.recipes:
+        key = key_of(recipe, args.model, args.tag)
+        if key in cells and not args.rerun:
+            continue
+        try:
+            cells[key] = run_recipe(recipe, args.model, args.tag, args.threads)
+        except RuntimeError as exc:
+            print(exc, file=sys.stderr, flush=True)
+            continue
+        save_cells(cells, STORE, MARKDOWN, render)
+        c = cells[key]
+        print(f"{key}: ppl {c['perplexity']} (dense {c['dense_perplexity']}), {c['run_wall_s']:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
