@@ -134,12 +134,15 @@ def run_cell(name: str, reduction: float, args) -> dict:
         if stage["method"] == "lowrank":  # the fair baseline: the finetune method on the low-rank factors
             ft = parse_recipe({"name": "bench", "stages": [{"method": "finetune", **tcfg}]}).stages[0]
             summary = apply_stage(model, ft, ctx).summary
-        else:
+        else:  # the method's own training (dsformer: straight-through factoriser) on its saved modules
+            from compress.training import Training, train_globally
+
             method = get_method(stage["method"])
-            config = type(recipe.stages[0]).model_validate({**recipe.stages[0].model_dump(), **tcfg})
+            training = Training(**tcfg)
+            config = type(recipe.stages[0]).model_validate({**recipe.stages[0].model_dump(), "train": tcfg})
             types = tuple(MODULE_TYPES.values())
             names = [n for n, m in model.named_modules() if isinstance(m, types)]
-            summary = method.train(model, names, config, ctx)["summary"]
+            summary = train_globally(model, method, config, training, names, windows(), progress=False)["summary"]
         row["train_wall_s"] = time.perf_counter() - start
         row.update({"train_" + k: summary[k] for k in ("steps", "tokens", "calibration_loss_before",
                                                        "calibration_loss_after", "lr")})

@@ -58,8 +58,9 @@ def stage_for(layout: str, partition: str, args, train: str = "none") -> dict:
              "router_fit": "least_squares", "router_fit_windows": args.fit_windows,
              "router_fit_epochs": args.fit_epochs, "cluster_tokens": 4096}
     if train != "none":
-        stage.update(train=train, steps=args.steps, lr=args.lr, router_lr=args.router_lr, schedule="cosine",
-                     warmup_steps=min(args.warmup, args.steps - 1), batch_size=args.batch_size, eval_windows=4)
+        stage.update(trainable=train, router_lr=args.router_lr,
+                     train={"steps": args.steps, "lr": args.lr, "schedule": "cosine", "eval_windows": 4,
+                            "warmup_steps": min(args.warmup, args.steps - 1), "batch_size": args.batch_size})
     return stage
 
 
@@ -189,8 +190,8 @@ def run_train(layout: str, partition: str, phase: str, args) -> dict:
 
     trained = train_moe(model, config, windows, progress=False, callback=measure)
     s = trained["summary"]
-    return {"cell": f"{layout}/{partition}/{phase}", "train": config.train, "curve": curve,
-            "warmup": config.warmup_steps,
+    return {"cell": f"{layout}/{partition}/{phase}", "train": config.trainable, "curve": curve,
+            "warmup": config.train.warmup_steps,
             "perplexity": curve[-1]["perplexity"], "train_wall_s": s["wall_time_s"], "steps": s["steps"],
             "tokens": s["tokens"], "lr": s["lr"], "router_lr": s["router_lr"],
             "trainable_params": s["trainable_params"], "calibration_loss_before": s["calibration_loss_before"],

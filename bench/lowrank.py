@@ -144,9 +144,8 @@ def run_cell(row: str, reduction: float, windows: int, samples: int, seq_len: in
                                "calibration": {"corpus": "wikipedia", "samples": samples, "seq_len": seq_len}})
         calib = lazy_calibration_windows(tokenizer, recipe.calibration)
 
-        ctx = StageContext(tokenizer, calib, progress=False)
-        if teacher is not None:
-            ctx.extras["teacher"] = teacher.eval().requires_grad_(False)
+        ctx = StageContext(tokenizer, calib, progress=False,
+                           teacher=None if teacher is None else teacher.eval().requires_grad_(False))
         results = compress_model(model, recipe, ctx)
         out["achieved_reduction"] = results[0].summary.get("achieved_reduction")
         out["stage_summaries"] = [{k: v for k, v in r.summary.items() if isinstance(v, (int, float, str))}

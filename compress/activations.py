@@ -1,4 +1,5 @@
-"""Sequential layer-wise calibration: input statistics of targeted Linears, one decoder layer at a time.
+"""Measurements on the calibration stream: per-module statistics one decoder layer at a time (the engine
+that drives every layer method), and the few whole-model ones (output sensitivities, LM-head inputs).
 
 The engine captures the inputs of decoder layer 0 (hidden states plus the keyword arguments the
 model passes every layer: position embeddings, attention mask, ...), then walks the layers in
@@ -267,13 +268,56 @@ class EngineReport:
     layer_seconds: list = field(default_factory=list)
 
 
+class _IOCollector:
+    """Forward hooks that keep each targeted module's input and output tokens ([N, d] each)."""
+
+    mode = "current"
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.modules = modules
+        self.seen: dict[str, tuple[list, list]] = {name: ([], []) for name in modules}
+        self.stash: dict = {}
+        self._handles = []
+
+    def __enter__(self):
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str):
+        def keep(module, args, output):
+            x = args[0]
+            self.seen[name][0].append(x.detach().reshape(-1, x.shape[-1]))
+            self.seen[name][1].append(output.detach().reshape(-1, output.shape[-1]))
+        return keep
+
+    def new_call(self) -> None:
+        pass
+
+    def results(self) -> dict[str, dict]:
+        return {name: {"inputs": torch.cat(xs), "outputs": torch.cat(ys), "tokens": sum(x.shape[0] for x in xs)}
+                for name, (xs, ys) in self.seen.items() if xs}
+
+
+LayerTrainer = Callable[[int, nn.Module, list, list, dict], None]
+
+
 def calibrate_sequentially(model: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor,
                            on_layer: Callable[[int, dict[str, nn.Module], dict[str, dict]], None], *,
-                           sequential: bool = True, sublayer: bool = False, cross: bool = False,
-                           dense_cov: bool = False, batch_size: int = 4) -> EngineReport:
+                           statistics: str = "cov", sequential: bool = True, sublayer: bool = False,
+                           cross: bool = False, dense_cov: bool = False, batch_size: int = 4,
+                           train_layer: LayerTrainer | None = None, progress: bool = False,
+                           description: str = "layers") -> EngineReport:
     """Walk decoder layers in order; call ``on_layer(index, {name: module}, {name: stats})`` per layer
     (per group of modules sharing an input, in call order, with ``sublayer``).
 
+    ``statistics``: ``cov`` (input covariance etc., see :class:`InputStats`), ``io`` (each module's input
+    and output tokens) or ``none`` (``stats[name]`` is None: the stream is run only to carry it on).
     ``on_layer`` replaces (some of) the modules, e.g. with ``replace_module``. With
     ``sequential=True`` the layer is then re-run (compressed) to make the next layer's inputs,
     so statistics of layer i reflect the already-compressed layers < i; with ``False`` every
@@ -281,9 +325,13 @@ def calibrate_sequentially(model: nn.Module, modules: dict[str, nn.Module], wind
     layer: o_proj's statistics then see the compressed q/k/v, down_proj's the compressed gate/up.
     ``cross``/``dense_cov`` keep a parallel dense stream (needed for the dense-target
     objective); without ``sequential`` the two streams coincide.
+    ``train_layer(index, layer, inputs, targets, kwargs)`` (optional) runs once a layer's modules are
+    replaced, with the layer's inputs per batch and the dense layer's outputs on them as targets.
     """
     import copy
     import time
+
+    from .utils import progress_iter
 
     if windows is None or not isinstance(windows, torch.Tensor) or windows.dim() != 2:
         raise CompressError("activation-aware methods need calibration windows (a [N, seq_len] token tensor)")
@@ -302,7 +350,7 @@ def calibrate_sequentially(model: nn.Module, modules: dict[str, nn.Module], wind
         current, kwargs_by_kind = capture_layer0_inputs(model, layers, windows, batch_size)
         kinds = layer_kinds(model, layers)
         dense = list(current) if two_streams else None
-        for i in range(last + 1):
+        for i in progress_iter(range(last + 1), description, progress, total=last + 1):
             start = time.perf_counter()
             layer = layers[i]
             kwargs_list = kwargs_by_kind[kinds[i]]
@@ -312,7 +360,10 @@ def calibrate_sequentially(model: nn.Module, modules: dict[str, nn.Module], wind
                 if dense is not None:
                     dense = [_run(layer, h, kw) for h, kw in zip(dense, kwargs_list)]
                 continue
+            targets = None
             if sublayer:
+                if train_layer is not None:  # the dense layer's outputs, before any group is replaced
+                    targets = [_run(layer, h, kw) for h, kw in zip(current, kwargs_list)]
                 groups = call_groups(layer, targeted, current[0], kwargs_list[0])
                 # the dense stream needs the layer as it was, while its groups are being replaced
                 dense_layer = copy.deepcopy(layer) if dense is not None else None
@@ -321,18 +372,24 @@ def calibrate_sequentially(model: nn.Module, modules: dict[str, nn.Module], wind
                     dense_modules = None if dense_layer is None else {
                         name: dense_layer.get_submodule(name.removeprefix(local)) for name in group}
                     stats, _, _ = _collect(i, layer, {name: targeted[name] for name in group}, current, dense,
-                                           kwargs_list, cross, dense_cov, report, dense_layer=dense_layer,
+                                           kwargs_list, statistics, cross, dense_cov, report, dense_layer=dense_layer,
                                            dense_modules=dense_modules, stop_after=group[-1])
                     on_layer(i, {name: targeted[name] for name in group}, stats)
+                if train_layer is not None:
+                    with torch.enable_grad():
+                        train_layer(i, layer, current, targets, kwargs_list[0])
                 current = [_run(layer, h, kw) for h, kw in zip(current, kwargs_list)]
                 if dense is not None:
                     dense = [_run(dense_layer, h, kw) for h, kw in zip(dense, kwargs_list)]
                     del dense_layer
             else:
-                stats, outputs, next_dense = _collect(i, layer, targeted, current, dense, kwargs_list, cross,
-                                                      dense_cov, report)
+                stats, outputs, next_dense = _collect(i, layer, targeted, current, dense, kwargs_list, statistics,
+                                                      cross, dense_cov, report)
                 on_layer(i, targeted, stats)
                 del stats
+                if train_layer is not None:
+                    with torch.enable_grad():
+                        train_layer(i, layer, current, outputs, kwargs_list[0])
                 if sequential:
                     current = [_run(layer, h, kw) for h, kw in zip(current, kwargs_list)]
                     if dense is not None:
@@ -345,12 +402,19 @@ def calibrate_sequentially(model: nn.Module, modules: dict[str, nn.Module], wind
     return report
 
 
-def _collect(index, layer, targeted, current, dense, kwargs_list, cross, dense_cov, report, *, dense_layer=None,
-             dense_modules=None, stop_after=None):
+def _collect(index, layer, targeted, current, dense, kwargs_list, statistics, cross, dense_cov, report, *,
+             dense_layer=None, dense_modules=None, stop_after=None):
     """One pass of the layer over every batch with hooks on ``targeted``: their normalised input
     statistics, and (without ``stop_after``) the layer's outputs on both streams."""
-    collector = _Collector(targeted, want_cross=cross, want_dense_cov=dense_cov, dense_modules=dense_modules,
-                           stop_after=stop_after)
+    if statistics == "none":
+        outputs = [_run_until_stop(layer, h, kw) for h, kw in zip(current, kwargs_list)]
+        report.passes += len(kwargs_list)
+        return {name: None for name in targeted}, outputs, []
+    if statistics == "io":
+        collector = _IOCollector(targeted)
+    else:
+        collector = _Collector(targeted, want_cross=cross, want_dense_cov=dense_cov, dense_modules=dense_modules,
+                               stop_after=stop_after)
     outputs, next_dense = [], []
     with collector:
         for b, kw in enumerate(kwargs_list):
@@ -363,10 +427,94 @@ def _collect(index, layer, targeted, current, dense, kwargs_list, cross, dense_c
             outputs.append(_run_until_stop(layer, current[b], kw))
             collector.stash.clear()
             report.passes += 1
-    normalised: dict[int, dict] = {}  # shared accumulators are normalised once
-    stats = {name: normalised.setdefault(id(collector.stats[name]), collector.stats[name].as_dict())
-             for name in targeted if name in collector.stats}
+    if statistics == "io":
+        stats = collector.results()
+    else:
+        normalised: dict[int, dict] = {}  # shared accumulators are normalised once
+        stats = {name: normalised.setdefault(id(collector.stats[name]), collector.stats[name].as_dict())
+                 for name in targeted if name in collector.stats}
     missing = [name for name in targeted if name not in stats]
     if missing:
         raise CompressError(f"activation statistics: {missing} were never called in layer {index}")
     return stats, outputs, next_dense
+
+
+# ---------------------------------------------------------------- whole-model measurements
+
+def output_fisher(model: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor,
+                  batch_size: int = 2) -> dict[str, torch.Tensor]:
+    """Mean squared gradient of the summed token loss w.r.t. each module's output, per channel."""
+    sums = {name: None for name in modules}
+    counts = {name: 0 for name in modules}
+    handles = []
+
+    def hook(name):
+        def forward_hook(module, args, output):
+            if output.requires_grad:
+                def grad_hook(g):
+                    g2 = g.detach().to(torch.float64).pow(2).reshape(-1, g.shape[-1])
+                    sums[name] = g2.sum(0) if sums[name] is None else sums[name] + g2.sum(0)
+                    counts[name] += g2.shape[0]
+                output.register_hook(grad_hook)
+        return forward_hook
+
+    for name, module in modules.items():
+        handles.append(module.register_forward_hook(hook(name)))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        embed = model.get_input_embeddings()
+        for batch in windows.split(batch_size):
+            batch = batch.to(device)
+            with torch.enable_grad():
+                embeds = embed(batch).detach().requires_grad_(True)
+                logits = model(inputs_embeds=embeds, use_cache=False).logits[:, :-1].float()
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                         batch[:, 1:].reshape(-1), reduction="sum")
+                torch.autograd.grad(loss, embeds)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    missing = [n for n, s in sums.items() if s is None]
+    if missing:
+        raise CompressError(f"sensitivity: no gradient reached {missing[:3]}")
+    return {name: sums[name] / counts[name] for name in modules}
+
+
+class _HeadInputCaptured(Exception):
+    """Raised by the capture hook: the logits themselves are not needed, so the forward stops there."""
+
+
+def head_input_covariance(model: nn.Module, head: nn.Module, windows: torch.Tensor, batch_size: int = 4):
+    """Sigma = mean h h^T (D x D, float64) of the hidden states entering the LM head on ``windows``."""
+    total, count = None, 0
+
+    def capture(module, args):
+        raise _HeadInputCaptured(args[0])
+
+    handle = head.register_forward_pre_hook(capture)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for batch in windows.split(batch_size):
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _HeadInputCaptured as captured:
+                    h = captured.args[0].reshape(-1, captured.args[0].shape[-1]).to(torch.float64)
+                    total = h.T @ h if total is None else total + h.T @ h
+                    count += h.shape[0]
+    finally:
+        handle.remove()
+    if total is None:
+        raise CompressError("the model's forward never reached its LM head")
+    return total / count
+
+
+def token_counts(windows: torch.Tensor, vocab: int) -> torch.Tensor:
+    """How often each token id occurs in the calibration windows (float64, length V)."""
+    ids = windows.reshape(-1).to(torch.long)
+    if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
+        raise CompressError(f"calibration tokens fall outside the embedding's {vocab} rows")
+    return torch.bincount(ids, minlength=vocab).to(torch.float64)

@@ -72,16 +72,27 @@ def damped_cholesky(cov: torch.Tensor, start: float = 1e-6, grow: float = 10.0,
     raise FloatingPointError("damped_cholesky: covariance could not be factorised (non-finite entries?)")
 
 
-def shrink(cov: torch.Tensor, diag_source: torch.Tensor, shrinkage: float) -> torch.Tensor:
-    """``cov + shrinkage * diag(diag_source)``: shrink a covariance toward the diagonal.
+def positive_cholesky(cov: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of a covariance that should be positive definite: the exact factor when it exists,
+    else the one of ``cov + eps I`` with the smallest eps in 1e-10, 1e-8, ... times the mean variance (the
+    ridge schedule dsformer's and LOST's whitened fits were measured with)."""
+    return damped_cholesky(cov, start=1e-10, grow=100.0)[0]
 
-    Adding the same ``s diag(C_cc)`` to C_cc and to C_dc is exactly the least-squares problem
-    with extra pseudo-tokens ``sqrt(s C_ii) e_i`` on which the dense and the current inputs
-    agree: a ridge penalty that fights over-fitting the calibration set.
+
+def shrink(cov: torch.Tensor, diag_source: torch.Tensor, shrinkage: float, ridge: float = 0.0) -> torch.Tensor:
+    """``cov + shrinkage * diag(diag_source) + ridge * mean(diag(diag_source)) I`` in float64.
+
+    Shrinking a covariance toward the diagonal: adding the same ``s diag(C_cc)`` to C_cc and to C_dc
+    is exactly the least-squares problem with extra pseudo-tokens ``sqrt(s C_ii) e_i`` on which the
+    dense and the current inputs agree, a ridge penalty that fights over-fitting the calibration set.
+    ``ridge`` (relative to the mean variance) keeps a Cholesky factor well defined when some channels
+    are never active.
     """
-    if shrinkage <= 0:
-        return cov.to(torch.float64)
-    return cov.to(torch.float64) + shrinkage * torch.diag(diag_source.to(torch.float64).diagonal())
+    C = cov.to(torch.float64)
+    if shrinkage <= 0 and ridge <= 0:
+        return C
+    diag = diag_source.to(torch.float64).diagonal().clamp_min(0)
+    return C + torch.diag(shrinkage * diag + ridge * diag.mean().clamp_min(1e-30))
 
 
 def _split_sqrt(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,87 +1,199 @@
-"""Apply a recipe's stages to a model, one stage after another.
+"""Apply a recipe's stages to a model, one stage after another, through the method protocol.
 
-Module methods are applied module by module in the model's own order, which is decoder
-layer order: layer i is finished before layer i+1 is touched. Methods that calibrate on
-activations (``needs_activations``, or ``needs_activations_for(config)`` when it depends on
-the config) go through the sequential engine in :mod:`compress.activations`: layer i's
-input statistics are measured with the already-compressed layers before it, and the
-method's ``apply`` receives them as ``stats``. Other methods keep the fast path
-(``stats=None``, no forward pass at all).
+The pipeline owns the order of work, the model and the measurements; methods only answer the hooks of
+:class:`compress.methods.base.Method`:
+
+* layer methods: select the targets -> ``plan`` (with a :class:`ModelPlanner` for any pre-pass) ->
+  for each decoder layer in order: measure what ``calibration`` declares (the engine in
+  :mod:`compress.activations`; nothing at all for data-free methods) -> ``apply`` per module ->
+  optional layer-local training -> next layer; then ``summarise`` and optional global training;
+* model-level methods: read the parts -> measure what ``model_needs`` declares -> ``apply_model`` ->
+  install the returned parts;
+* training methods: select the targets -> global training.
 """
 from __future__ import annotations
 
 import copy
 import time
 
+import torch
 from torch import nn
 
-from .methods.base import ModelMethod, StageContext, StageResult
+from .methods.base import Method, ModelStats, Planner, StageContext, StageResult
 from .registry import get_method
 from .targets import replace_module, select_modules
 from .utils import peak_rss_bytes, progress_iter
 
 
-def needs_activations(method, config) -> bool:
-    decide = getattr(method, "needs_activations_for", None)
-    return bool(decide(config)) if decide is not None else bool(getattr(method, "needs_activations", False))
+class ModelPlanner(Planner):
+    """The pipeline's side of :class:`Planner`: measurements on the model a plan may ask for."""
+
+    def __init__(self, model: nn.Module, ctx: StageContext):
+        self._model, self._ctx = model, ctx
+
+    @property
+    def model_config(self):
+        return self._model.config
+
+    def windows(self, limit: int | None = None) -> torch.Tensor:
+        from .errors import CompressError
+
+        windows = self._ctx.calibration_windows()
+        if windows is None:
+            raise CompressError("this stage needs calibration windows")
+        return windows if limit is None else windows[:limit]
+
+    def progress(self, items, description: str):
+        items = list(items)
+        return progress_iter(items, description, self._ctx.progress, total=len(items))
+
+    def output_fisher(self, modules, windows, batch_size):
+        from .activations import output_fisher
+
+        return output_fisher(self._model, modules, windows, batch_size=batch_size)
+
+    def map_input_statistics(self, modules, fn, windows, batch_size):
+        from .activations import calibrate_sequentially
+
+        values = {}
+
+        def on_layer(index, layer_modules, stats):
+            for name, module in layer_modules.items():
+                values[name] = fn(name, module, stats[name])
+
+        calibrate_sequentially(self._model, modules, windows, on_layer, sequential=False, batch_size=batch_size)
+        return values
 
 
-def activation_options(method, config) -> dict:
-    """Engine options a method asks for: sequential, cross, dense_cov, batch_size."""
-    options = getattr(method, "activation_options", None)
-    return dict(options(config)) if options is not None else {}
+def _engine_options(calibration) -> dict:
+    return {"statistics": {"none": "none", "io": "io"}.get(calibration.statistics, "cov"),
+            "sequential": calibration.sequential, "sublayer": calibration.sublayer,
+            "cross": calibration.statistics == "dense_cross" and calibration.sequential,
+            "batch_size": calibration.batch_size}
+
+
+def _apply_layers(model: nn.Module, method: Method, config, ctx: StageContext, where: str) -> StageResult:
+    modules = select_modules(model, config.targets, config.ignore, f"{where}.targets")
+    planner = ModelPlanner(model, ctx)
+    plan = method.plan(modules, config, planner)
+    result = plan.result
+    chosen = {name: module for name, module in modules.items() if plan.decisions.get(name) is not None}
+    rows = {row["module"]: row for row in result.rows}
+    made: list[str] = []
+
+    def replace(name, module, stats):
+        replacement = method.apply(name, module, config, plan.decisions[name], stats)
+        rows[name].update(replacement.info)
+        replace_module(model, name, replacement.module)
+        made.append(name)
+
+    training = method.training(config)
+    layer_training = training if training is not None and training.scope == "layer" else None
+    calibration = method.calibration(config)
+    if chosen and (calibration.statistics != "none" or layer_training is not None):
+        from .activations import calibrate_sequentially, decoder_layers
+
+        def on_layer(index, layer_modules, stats):
+            for name, module in layer_modules.items():
+                replace(name, module, stats[name])
+
+        layer_reports = []
+        train_layer = None
+        if layer_training is not None:
+            from .training import train_layer as train_one_layer
+
+            prefix, _ = decoder_layers(model, chosen)
+
+            def train_layer(index, layer, inputs, targets, kwargs):
+                local = [name.removeprefix(f"{prefix}.{index}.") for name in made if
+                         name.startswith(f"{prefix}.{index}.")]
+                if local:
+                    layer_reports.append(train_one_layer(layer, method, config, layer_training, local, inputs,
+                                                         targets, kwargs))
+
+        windows = planner.windows(calibration.windows)
+        report = calibrate_sequentially(model, chosen, windows, on_layer, train_layer=train_layer,
+                                        progress=ctx.progress, description=f"{method.name}: layers",
+                                        **_engine_options(calibration))
+        result.summary["calibration"] = {"layers": report.layers_calibrated, "tokens": report.tokens,
+                                         "layer_seconds_total": sum(report.layer_seconds)}
+        if layer_reports:
+            result.summary["training"] = _layer_training_summary(layer_training, layer_reports)
+            result.series["layer_train_loss"] = [r["losses"] for r in layer_reports]
+    else:
+        for name, module in progress_iter(list(chosen.items()), f"{method.name}: apply", ctx.progress):
+            replace(name, module, None)
+    method.summarise(result, config)
+    if training is not None and training.scope == "global" and made:
+        from .training import train_globally
+
+        trained = train_globally(model, method, config, training, made, planner.windows(), ctx.teacher, ctx.progress)
+        result.summary["training"] = trained["summary"]
+        result.series.update(trained["series"])
+    return result
+
+
+def _layer_training_summary(training, reports: list[dict]) -> dict:
+    return {"scope": "layer", "layers": len(reports), "steps_per_layer": training.steps,
+            "tokens_per_layer": reports[0]["tokens"], "lr": training.lr, "schedule": training.schedule,
+            "wall_time_s": sum(r["wall_time_s"] for r in reports),
+            "mean_rel_error_before": sum(r["rel_error_before"] for r in reports) / len(reports),
+            "mean_rel_error_after": sum(r["rel_error_after"] for r in reports) / len(reports)}
+
+
+def _apply_model_level(model: nn.Module, method: Method, config, ctx: StageContext, where: str) -> StageResult:
+    from .activations import head_input_covariance, token_counts
+    from .model_parts import install, read_parts
+
+    parts = read_parts(model, config, ctx.tokenizer, method.name)
+    needs = method.model_needs(config)
+    stats = ModelStats()
+    if needs.token_counts or needs.head_input_cov_windows:
+        windows = ModelPlanner(model, ctx).windows()
+        if needs.token_counts:
+            stats.token_counts = token_counts(windows, parts.embedding.weight.shape[0])
+        if needs.head_input_cov_windows:
+            stats.head_input_cov = head_input_covariance(model, parts.head, windows[: needs.head_input_cov_windows])
+    update, result = method.apply_model(parts, config, stats)
+    install(model, parts, update)
+    if update.tokenizer is not None:
+        ctx.tokenizer = update.tokenizer
+    return result
+
+
+def _apply_training(model: nn.Module, method: Method, config, ctx: StageContext, where: str) -> StageResult:
+    from .training import train_globally
+
+    names = list(select_modules(model, config.targets, config.ignore, f"{where}.targets"))
+    trained = train_globally(model, method, config, method.training(config), names,
+                             ModelPlanner(model, ctx).windows(), ctx.teacher, ctx.progress)
+    return StageResult(method.name, summary=trained["summary"], series=trained["series"])
+
+
+_LEVELS = {"layers": _apply_layers, "model": _apply_model_level, "training": _apply_training}
 
 
 def apply_stage(model: nn.Module, config, ctx: StageContext, where: str = "stage") -> StageResult:
     method = get_method(config.method)
     start = time.perf_counter()
-    if isinstance(method, ModelMethod):
-        result = method.run(model, config, ctx)
-    else:
-        modules = select_modules(model, config.targets, config.ignore, f"{where}.targets")
-        ctx.extras["model"] = model  # for plans that measure on the model (e.g. sensitivity allocation)
-        try:
-            decisions, result = method.plan(modules, config, ctx)
-        finally:
-            ctx.extras.pop("model", None)
-        chosen = {name: module for name, module in modules.items() if decisions.get(name) is not None}
-        if chosen and needs_activations(method, config):
-            from .activations import calibrate_sequentially
-
-            def on_layer(index, layer_modules, stats):
-                for name, module in layer_modules.items():
-                    replace_module(model, name, method.apply(name, module, config, decisions[name], stats[name]))
-
-            report = calibrate_sequentially(model, chosen, ctx.calibration_windows(), on_layer,
-                                            **activation_options(method, config))
-            result.summary["calibration"] = {"layers": report.layers_calibrated, "tokens": report.tokens,
-                                             "layer_seconds_total": sum(report.layer_seconds)}
-        else:
-            for name, module in progress_iter(list(chosen.items()), f"{config.method}: apply", ctx.progress):
-                replace_module(model, name, method.apply(name, module, config, decisions[name], None))
+    result = _LEVELS[method.level](model, method, config, ctx, where)
     result.summary.setdefault("wall_time_s", time.perf_counter() - start)
     result.summary["peak_rss_bytes"] = peak_rss_bytes()
     return result
 
 
-def needs_teacher(method, config) -> bool:
-    decide = getattr(method, "needs_teacher", None)
-    return bool(decide(config)) if decide is not None else False
-
-
 def compress_model(model: nn.Module, recipe, ctx: StageContext) -> list[StageResult]:
     """Run every stage in order; the model is modified in place.
 
-    When a stage trains towards the dense model (``needs_teacher``, e.g. finetune's distill loss),
-    a frozen copy of the model as it is before the first stage is kept in ``ctx.extras["teacher"]``
-    for the run (unless the caller put a teacher there): one extra copy of the weights in memory.
+    When a stage trains towards the dense model (``needs_teacher``, e.g. a distillation loss), a frozen
+    copy of the model as it is before the first stage is kept in ``ctx.teacher`` for the run (unless the
+    caller gave one): one extra copy of the weights in memory.
     """
-    own_teacher = "teacher" not in ctx.extras and any(
-        needs_teacher(get_method(stage.method), stage) for stage in recipe.stages)
+    own_teacher = ctx.teacher is None and any(get_method(stage.method).needs_teacher(stage) for stage in recipe.stages)
     if own_teacher:
-        ctx.extras["teacher"] = copy.deepcopy(model).eval().requires_grad_(False)
+        ctx.teacher = copy.deepcopy(model).eval().requires_grad_(False)
     try:
         return [apply_stage(model, stage, ctx, f"stages[{i}]") for i, stage in enumerate(recipe.stages)]
     finally:
         if own_teacher:
-            del ctx.extras["teacher"]
+            ctx.teacher = None

@@ -28,7 +28,13 @@ _loaded = False
 
 
 def register_method(method_cls):
-    """Class decorator: register a ModuleMethod/ModelMethod subclass under ``method_cls.name``."""
+    """Class decorator: register a :class:`compress.methods.base.Method` subclass under ``method_cls.name``."""
+    from .methods.base import Method
+
+    if not (isinstance(method_cls, type) and issubclass(method_cls, Method)):
+        raise TypeError(f"{method_cls!r} is not a compress.methods.base.Method subclass")
+    if method_cls.level not in ("layers", "model", "training"):
+        raise ValueError(f"method {method_cls.name!r}: level must be 'layers', 'model' or 'training'")
     name = method_cls.name
     if name in METHODS:
         raise ValueError(f"method {name!r} is already registered by {type(METHODS[name]).__module__}")

@@ -1,27 +1,78 @@
-"""The one training loop: AdamW + a transformers schedule + accelerate, used by every method that trains.
+"""Training after compression: one config part, one loop, two scopes.
 
-``finetune`` (and through it dsformer/lost and OFA's factor training) and FactorLLM's PA training
-differ only in which parameters train and what the loss is, so they pass parameter groups and a
-``loss_fn``; device placement (one CPU process here, GPUs where present), clipping, the NaN guard
-and the progress bar live here once.
+``Training`` holds the hyper-parameters every method shares (with one set of defaults): the ``finetune``
+stage is made of them, and any compressing stage may carry a ``train:`` block of them. ``scope`` says
+what is trained against what:
+
+* ``global``: the whole model on calibration text, only the stage's new modules trainable (next-token
+  loss, or ``distill``: KL to the dense model's next-token distribution). Memory: the whole model.
+* ``layer``: right after a decoder layer is compressed, its new modules are trained to reproduce the
+  dense layer's output on the calibration stream (relative squared error). Memory: one layer and its
+  hidden states, which is what lets it run on models larger than memory.
+
+Both go through ``train_loop`` (AdamW + a transformers schedule + accelerate); what differs between
+methods (which parameters, wrappers such as DSFormer's straight-through factoriser, FactorLLM's PA
+loss) comes from the method's ``trainable`` hook.
 """
 from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from .errors import CompressError
 
-def train_loop(model: nn.Module, param_groups: list[dict], windows: torch.Tensor, *, steps: int, batch_size: int,
-               schedule: str, warmup_steps: int, max_grad_norm: float,
-               loss_fn: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, dict]], weight_decay: float = 0.0,
+
+class Training(BaseModel):
+    """Training hyper-parameters (the ``finetune`` stage's fields, or a stage's ``train:`` block)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(100, ge=1, le=1_000_000, description="optimiser steps")
+    lr: float = Field(1e-4, gt=0, le=1.0)
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    batch_size: int = Field(2, ge=1, description="calibration windows per step")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    eval_windows: int = Field(4, ge=1, description="calibration windows scored before and after training")
+    loss: Literal["next_token", "distill"] = Field(
+        "next_token", description="global scope: next_token = causal-LM loss on the text; distill = KL divergence "
+                                  "to the dense model's next-token distribution (the pipeline keeps a frozen copy "
+                                  "of the model from before the first stage as the teacher)")
+    scope: Literal["global", "layer"] = Field(
+        "global", description="global: the whole model on calibration text; layer: each compressed decoder layer "
+                              "trained to reproduce the dense layer's output, right after it is compressed")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be smaller than steps ({self.steps})")
+        if self.scope == "layer" and self.loss != "next_token":
+            raise ValueError("scope: layer trains towards the dense layer's output; loss does not apply there")
+        return self
+
+    def training_fields(self) -> Training:
+        """The plain ``Training`` part of this config (a ``finetune`` stage is a subclass)."""
+        return Training.model_validate({name: getattr(self, name) for name in Training.model_fields})
+
+
+LossFn = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, dict]]
+
+
+def train_loop(model: nn.Module, param_groups: list[dict], data: torch.Tensor, *, steps: int, batch_size: int,
+               schedule: str, warmup_steps: int, max_grad_norm: float, loss_fn: LossFn, weight_decay: float = 0.0,
                desc: str = "train", progress: bool = True,
                on_step: Callable[[int, int], None] | None = None) -> dict:
-    """Run ``steps`` optimiser steps over shuffled batches of ``windows`` (cycling through them).
+    """Run ``steps`` optimiser steps over shuffled batches of ``data`` (cycling through it).
 
+    ``data`` is a tensor whose first dimension is sampled (token windows, or window indices);
     ``loss_fn(model, batch)`` returns the loss and a dict of numbers for the progress bar.
     ``on_step(step, tokens)`` runs after every step (e.g. to measure a quality curve); its time is
     excluded from ``wall_time_s`` and the model is put back in train mode afterwards.
@@ -35,7 +86,7 @@ def train_loop(model: nn.Module, param_groups: list[dict], windows: torch.Tensor
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     optimizer = torch.optim.AdamW(param_groups, weight_decay=weight_decay)
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
-    loader = torch.utils.data.DataLoader(windows, batch_size=batch_size, shuffle=True, drop_last=False)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=False)
     wrapped, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     wrapped.train()
     losses, tokens, step, paused = [], 0, 0, 0.0
@@ -70,3 +121,140 @@ def train_loop(model: nn.Module, param_groups: list[dict], windows: torch.Tensor
     wall = time.perf_counter() - start - paused
     accelerator.unwrap_model(wrapped).eval()
     return {"steps": step, "tokens": tokens, "wall_time_s": wall, "losses": losses}
+
+
+# ---------------------------------------------------------------- global scope
+
+def mean_loss(model: nn.Module, windows: torch.Tensor, batch_size: int) -> float:
+    """Token-weighted causal-LM loss over ``windows`` (no gradient)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in windows.split(batch_size):
+            batch = batch.to(next(model.parameters()).device)
+            loss = model(input_ids=batch, labels=batch).loss
+            n = batch.numel() - batch.shape[0]
+            total, count = total + loss.item() * n, count + n
+    return total / count
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL(teacher || student) over the vocabulary, in float32."""
+    student = torch.log_softmax(student_logits.float(), dim=-1).flatten(0, -2)
+    teacher = torch.log_softmax(teacher_logits.float(), dim=-1).flatten(0, -2)
+    return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+def text_loss(loss: str, teacher: nn.Module | None) -> LossFn:
+    """The loss of global training on calibration text: next-token CE, or KL to the teacher's logits."""
+    if loss == "next_token":
+        return lambda wrapped, batch: (wrapped(input_ids=batch, labels=batch).loss, {})
+    if teacher is None:
+        raise CompressError("training loss 'distill' needs the dense teacher model (run it through the pipeline)")
+
+    def distill(wrapped, batch):
+        with torch.no_grad():
+            target = teacher.to(batch.device)(input_ids=batch).logits
+        return distillation_loss(wrapped(input_ids=batch).logits, target), {}
+
+    return distill
+
+
+def train_globally(model: nn.Module, method, config, training: Training, names: list[str], windows: torch.Tensor,
+                   teacher: nn.Module | None = None, progress: bool = True,
+                   on_step: Callable[[int, int], None] | None = None) -> dict:
+    """Train the modules ``names`` of ``model`` (set up by ``method.trainable``) on calibration ``windows``.
+
+    Returns ``{"summary": ..., "series": {"train_loss": [...], ...}}``; every parameter is frozen afterwards.
+    """
+    from accelerate.utils import set_seed
+
+    default_loss = text_loss(training.loss, teacher)  # a missing teacher fails before any work
+    set_seed(training.seed)
+    held = windows[: training.eval_windows]
+    was_training = model.training
+    model.eval()
+    model.requires_grad_(False)
+    loss_before = mean_loss(model, held, training.batch_size)
+    with method.trainable(model, names, config, training) as setup:
+        loss_fn = setup.loss_fn or default_loss
+        step_hook = None
+        if on_step is not None:
+            def step_hook(step, tokens):  # callbacks see the inference modules, not training wrappers
+                with setup.inference_view():
+                    on_step(step, tokens)
+        run = train_loop(model, setup.param_groups, windows, steps=training.steps, batch_size=training.batch_size,
+                         schedule=training.schedule, warmup_steps=training.warmup_steps,
+                         max_grad_norm=training.max_grad_norm, weight_decay=training.weight_decay, loss_fn=loss_fn,
+                         desc=f"{method.name} train", progress=progress, on_step=step_hook)
+        trainable = sum(p.numel() for group in setup.param_groups for p in group["params"])
+    model.requires_grad_(False)
+    model.eval()
+    loss_after = mean_loss(model, held, training.batch_size)
+    model.train(was_training)
+    summary = {"scope": "global", "steps": run["steps"], "tokens": run["tokens"], "wall_time_s": run["wall_time_s"],
+               "lr": training.lr, "schedule": training.schedule, "loss": training.loss,
+               "trainable_params": trainable, "calibration_loss_before": loss_before,
+               "calibration_loss_after": loss_after, **setup.summary}
+    return {"summary": summary, "series": {"train_loss": run["losses"], **setup.series}}
+
+
+# ---------------------------------------------------------------- layer scope
+
+def single_window_kwargs(value, batch: int):
+    """A decoder layer's keyword arguments for one window, broadcastable to any batch size.
+
+    Calibration windows carry no padding and share their positions, so the rotary tables and masks of
+    one batch are the same for every window: their batch dimension is cut to 1.
+    """
+    if isinstance(value, torch.Tensor):
+        return value[:1] if value.dim() > 0 and value.shape[0] == batch and batch > 1 else value
+    if isinstance(value, tuple):
+        return tuple(single_window_kwargs(v, batch) for v in value)
+    if isinstance(value, list):
+        return [single_window_kwargs(v, batch) for v in value]
+    if isinstance(value, dict):
+        return {k: single_window_kwargs(v, batch) for k, v in value.items()}
+    return value
+
+
+def relative_mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (output.float() - target.float()).pow(2).mean() / target.float().pow(2).mean().clamp_min(1e-12)
+
+
+def train_layer(layer: nn.Module, method, config, training: Training, names: list[str], inputs: list[torch.Tensor],
+                targets: list[torch.Tensor], kwargs: dict, progress: bool = False) -> dict:
+    """Train ``layer``'s modules ``names`` (local names) so that ``layer(inputs)`` matches ``targets``.
+
+    ``inputs``/``targets`` are the calibration stream's hidden states per batch (the dense layer's
+    outputs as targets); ``kwargs`` the keyword arguments of the first batch. Returns the summary.
+    """
+    from accelerate.utils import set_seed
+
+    set_seed(training.seed)
+    hidden, wanted = torch.cat(inputs), torch.cat(targets)
+    kw = single_window_kwargs(kwargs, inputs[0].shape[0])
+
+    def forward(module, index):
+        out = module(hidden[index], **kw)
+        return out[0] if isinstance(out, tuple) else out
+
+    def evaluate() -> float:
+        with torch.no_grad():
+            held = torch.arange(min(training.eval_windows, hidden.shape[0]))
+            return float(relative_mse(forward(layer, held), wanted[held]))
+
+    layer.requires_grad_(False)
+    before = evaluate()
+    with method.trainable(layer, names, config, training) as setup:
+        def loss_fn(wrapped, index):
+            return relative_mse(forward(wrapped, index), wanted[index]), {}
+
+        run = train_loop(layer, setup.param_groups, torch.arange(hidden.shape[0]), steps=training.steps,
+                         batch_size=training.batch_size, schedule=training.schedule,
+                         warmup_steps=training.warmup_steps, max_grad_norm=training.max_grad_norm,
+                         weight_decay=training.weight_decay, loss_fn=loss_fn, desc=f"{method.name} layer train",
+                         progress=progress)
+    layer.requires_grad_(False)
+    layer.eval()
+    return {"steps": run["steps"], "tokens": run["tokens"] * hidden.shape[1], "wall_time_s": run["wall_time_s"],
+            "rel_error_before": before, "rel_error_after": evaluate(), "losses": run["losses"]}

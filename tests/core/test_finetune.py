@@ -40,7 +40,7 @@ def test_finetune_trains_only_lrc_factors_and_lowers_loss(tiny_llama):
 
 
 def _mean_kl(student, teacher, windows):
-    from compress.methods.finetune.apply import distillation_loss
+    from compress.training import distillation_loss
 
     with torch.no_grad():
         return float(distillation_loss(student(input_ids=windows).logits, teacher(input_ids=windows).logits))
@@ -66,13 +66,13 @@ def test_distill_pulls_the_compressed_model_towards_the_dense_one(tiny_llama):
 
     assert results[1].summary["loss"] == "distill"
     # the teacher was the model before the first stage, and it is dropped after the run
-    assert "teacher" not in ctx.extras
+    assert ctx.teacher is None
     before, after = _mean_kl(unhealed, dense, windows), _mean_kl(tiny_llama, dense, windows)
     assert after < 0.5 * before, (before, after)
 
 
 def test_distillation_loss_is_zero_only_for_equal_distributions():
-    from compress.methods.finetune.apply import distillation_loss
+    from compress.training import distillation_loss
 
     logits = torch.randn(2, 5, 11, generator=torch.Generator().manual_seed(0))
     assert float(distillation_loss(logits, logits + 3.0)) < 1e-6  # a shift leaves softmax unchanged
@@ -84,7 +84,8 @@ def test_distill_without_a_teacher_is_a_clear_error(tiny_llama):
 
     from compress.errors import CompressError
 
-    recipe = parse_recipe({"name": "t", "stages": [{"method": "finetune", "loss": "distill", "steps": 2}]})
+    recipe = parse_recipe({"name": "t", "stages": [{"method": "finetune", "targets": ["re:.*up_proj$"],
+                                                    "loss": "distill", "steps": 2}]})
     ctx = StageContext(tokenizer=None, calibration_windows=lambda: torch.zeros(2, 8, dtype=torch.long),
                        progress=False)
     with pytest.raises(CompressError, match="teacher"):

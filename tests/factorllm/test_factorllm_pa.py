@@ -88,8 +88,8 @@ def test_layerwise_router_fit_agrees_with_labels_on_held_out_tokens(windows, lab
 
 def test_end_to_end_router_training_learns_the_pa_labels(windows):
     fit, held = windows
-    model, result = tiny_run({"experts": 4, "top_k": 1, "router_fit": "none", "train": "router", "steps": 30,
-                              "batch_size": 8, "router_lr": 3e-2, "schedule": "constant"}, fit)
+    model, result = tiny_run({"experts": 4, "top_k": 1, "router_fit": "none", "trainable": "router",
+                              "train": {"steps": 30, "batch_size": 8, "schedule": "constant"}, "router_lr": 3e-2}, fit)
     after = measure_agreement(model, held)
     curve = result.series["agreement"]
     assert len(curve) == len(result.series["train_loss"]) == 30
@@ -102,8 +102,8 @@ def test_end_to_end_router_training_learns_the_pa_labels(windows):
 def test_router_plus_experts_training_reduces_distillation_and_keeps_the_rest_frozen(windows):
     fit, _ = windows
     reference = make_tiny_llama().state_dict()
-    model, result = tiny_run({"experts": 4, "top_k": 1, "router_fit_windows": 16, "train": "router+experts",
-                              "steps": 20, "batch_size": 8, "lr": 1e-3, "schedule": "constant"}, fit)
+    model, result = tiny_run({"experts": 4, "top_k": 1, "router_fit_windows": 16, "trainable": "router+experts",
+                              "train": {"steps": 20, "batch_size": 8, "lr": 1e-3, "schedule": "constant"}}, fit)
     distill = result.series["distill"]
     assert sum(distill[-4:]) / 4 < 0.9 * sum(distill[:4]) / 4
     state = model.state_dict()

@@ -37,7 +37,7 @@ def test_round_trip_after_training_gives_identical_logits(tmp_path, smol_tokeniz
     model = make_tiny_llama(vocab_size=vocab)
     calib = windows(vocab=vocab)
     recipe, result = run(model, {"experts": 3, "top_k": 1, "shared_experts": 1, "combine": "weights",
-                                 "train": "router+experts", "steps": 2, "batch_size": 4}, calib)
+                                 "trainable": "router+experts", "train": {"steps": 2, "batch_size": 4}}, calib)
     assert result.summary["ffn_flops_ratio"] < 0.6
     mark_compressed(model, recipe.model_dump(mode="json"))
     save_folder(model, smol_tokenizer, tmp_path / "model")
@@ -62,7 +62,8 @@ def test_round_trip_after_training_gives_identical_logits(tmp_path, smol_tokeniz
 def test_shipped_recipe_runs_on_a_tiny_model(name):
     data = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
     stage = data["stages"][0]
-    stage.update(steps=2, warmup_steps=0, router_fit_windows=4, cluster_tokens=256)  # tiny budget, same settings
+    stage.update(router_fit_windows=4, cluster_tokens=256)  # tiny budget, same settings
+    stage["train"].update(steps=2, warmup_steps=0)
     recipe = parse_recipe(data)
     model = make_tiny_llama()
     results = compress_model(model, recipe, StageContext(None, lambda: windows(4, 32), progress=False))
@@ -80,7 +81,8 @@ def test_shipped_recipe_runs_on_a_tiny_model(name):
     ({"experts": 4, "top_k": 5}, "top_k (5) must not exceed experts (4)"),
     ({"partition": "kmeans"}, "stages[0].partition"),
     ({"combine": "mean"}, "stages[0].combine"),
-    ({"train": "router"}, "needs steps > 0"),
+    ({"train": "router"}, "say what trains with trainable: router"),
+    ({"train": {"steps": 2, "scope": "layer"}}, "train.scope must be global"),
 ])
 def test_bad_config_is_rejected_in_one_line(stage, message):
     with pytest.raises(CompressError) as err:

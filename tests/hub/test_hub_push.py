@@ -167,7 +167,7 @@ def test_recipe_push_to_hub_pushes_after_the_run_and_keeps_it_on_failure(fake_hu
     # the hub refuses: exit 3 (a step after the checkpoint failed), one line, the finished run stays complete
     refusing = fake_hub(refuse=403)
     code = main(["run", str(path), str(tiny_model_folder), "--out", str(tmp_path / "r2"), "--quiet"])
-    error = _assert_failed(code, capsys.readouterr(), "403", "intact in", f"compress push {tmp_path / 'r2'} {REPO} --public",
+    _assert_failed(code, capsys.readouterr(), "403", "intact in", f"compress push {tmp_path / 'r2'} {REPO} --public",
                            exit_code=3)
     assert not refusing.repos
     assert set(folder_digest(tmp_path / "r2")) == set(folder_digest(tmp_path / "r1"))

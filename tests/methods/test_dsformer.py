@@ -94,8 +94,8 @@ def test_stf_forward_projects_and_backward_goes_straight_through():
 
 
 def test_stf_training_lowers_the_loss(tiny_llama):
-    result = apply_stage(tiny_llama, _stage(reduction=0.4, iters=5, steps=12, lr=3e-3, batch_size=4,
-                                            eval_windows=4), CTX)
+    result = apply_stage(tiny_llama, _stage(reduction=0.4, iters=5, train={"steps": 12, "lr": 3e-3, "batch_size": 4,
+                                                                        "eval_windows": 4}), CTX)
     training = result.summary["training"]
     assert training["steps"] == 12 and training["tokens"] > 0
     assert training["calibration_loss_after"] < training["calibration_loss_before"] - 0.05
@@ -117,7 +117,8 @@ def test_activation_scaling_runs_layer_by_layer(tiny_llama):
     (dict(reduction=1.5), "stages[0].reduction"),
     (dict(reduction=0.3, sparsity=0.5, nnz_per_column=4), "at most one of 'sparsity' or 'nnz_per_column'"),
     (dict(reduction=0.3, pattern="2:4", sparsity=0.7), "stages[0]: pattern '2:4'"),
-    (dict(reduction=0.3, steps=5, warmup_steps=5), "warmup_steps"),
+    (dict(reduction=0.3, train={"steps": 5, "warmup_steps": 5}), "stages[0].train: warmup_steps"),
+    (dict(reduction=0.3, steps=5), "stages[0].steps: unknown field"),
     (dict(reduction=0.3, rank=4), "stages[0].rank: unknown field"),
     (dict(reduction=0.3, scaling="pca"), "stages[0].scaling"),
     (dict(reduction=0.3, scaling="whiten", shrinkage=-1), "stages[0].shrinkage"),
@@ -144,11 +145,12 @@ def _correlated_covariance(n, seed=0):
 
 
 def test_whitened_fit_minimises_the_output_error():
-    from compress.methods.dsformer.factorize import shrunk_covariance
+    from compress.lowrank_math import shrink
 
     gen = torch.Generator().manual_seed(3)
     W = torch.randn(24, 40, generator=gen)
-    C = shrunk_covariance(_correlated_covariance(40), 0.05)
+    cov = _correlated_covariance(40)
+    C = shrink(cov, cov, 0.05, ridge=1e-8)
     f = dense_sparse_factorize(W, 16, 4, iters=25, cov=C)
     assert (f.S != 0).sum(0).le(4).all()
     L = torch.linalg.cholesky(C).float()

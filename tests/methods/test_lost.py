@@ -73,8 +73,8 @@ def test_reconstruction_matches_the_reported_error_and_refinement_helps():
 
 
 def test_activation_scaling_and_training(tiny_llama):
-    result = apply_stage(tiny_llama, _stage(reduction=0.4, scaling="activation", steps=10, lr=3e-3,
-                                            batch_size=4), CTX)
+    result = apply_stage(tiny_llama, _stage(reduction=0.4, scaling="activation",
+                                            train={"steps": 10, "lr": 3e-3, "batch_size": 4}), CTX)
     assert result.summary["calibration"]["layers"] == 2
     training = result.summary["training"]
     assert training["calibration_loss_after"] < training["calibration_loss_before"] - 0.05
@@ -87,7 +87,7 @@ def test_activation_scaling_and_training(tiny_llama):
     (dict(reduction=0.0), "stages[0].reduction"),
     (dict(reduction=0.3, refine_iters=-1), "stages[0].refine_iters"),
     (dict(reduction=0.3, channels=4), "stages[0].channels: unknown field"),
-    (dict(reduction=0.3, steps=3, warmup_steps=4), "warmup_steps"),
+    (dict(reduction=0.3, train={"steps": 3, "warmup_steps": 4}), "stages[0].train: warmup_steps"),
 ])
 def test_bad_configs_are_rejected_with_the_field_path(kw, message):
     with pytest.raises(CompressError) as err:
@@ -117,13 +117,14 @@ def test_automatic_split_in_a_stage(tiny_llama):
 
 
 def test_whitened_lost_picks_channels_by_output_error():
-    from compress.methods.dsformer.factorize import shrunk_covariance
+    from compress.lowrank_math import shrink
 
     gen = torch.Generator().manual_seed(5)
     W = torch.randn(30, 50, generator=gen) / 5
     X = torch.randn(400, 50, generator=gen) * torch.exp(1.5 * torch.randn(50, generator=gen))
     X = X + 0.5 * X.roll(1, 1)
-    C = shrunk_covariance(X.T.double() @ X.double() / 400, 0.05)
+    cov = X.T.double() @ X.double() / 400
+    C = shrink(cov, cov, 0.05, ridge=1e-8)
     ours = lowrank_sparse_factorize(W, 5, 6, refine_iters=0, cov=C)
     for seed in range(3):
         rand = lowrank_sparse_factorize(W, 5, 6, refine_iters=0, cov=C, select="random", seed=seed)

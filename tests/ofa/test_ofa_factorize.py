@@ -2,9 +2,10 @@
 import pytest
 import torch
 
+from compress.activations import token_counts
 from compress.errors import CompressError
 from compress.methods.ofa.factorize import (check_dim, dim_for_reduction, factorize_embedding, factorized_params,
-                                            frequency_weights, relative_error, token_counts)
+                                            frequency_weights, relative_error)
 
 
 def _table(vocab=300, width=48, seed=0):

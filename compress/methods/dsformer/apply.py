@@ -1,6 +1,7 @@
 """DSFormer: W ~= D S (dense x column-sparse), one-shot alternating IHT/least squares, optional STF training."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -10,8 +11,8 @@ from ...modules import DenseSparseLinear
 from ...modules.dense_sparse import index_dtype_for
 from ...registry import register_method
 from ...targets import replace_module
-from ..base import ModelMethod, StageResult
-from .common import check_linear, factor_modules, fit_weights, summarise, train_factors
+from ..base import Method, Plan, Replacement, StageResult, check_linear, summarise_factors
+from ..scaling import fit_weights
 from .config import DSFormerConfig
 from .factorize import dense_sparse_factorize
 from .stf import STFDenseSparseLinear
@@ -65,12 +66,15 @@ def dsformer_shape(m: int, n: int, reduction: float, sparsity: float, nnz_per_co
 
 
 @register_method
-class DSFormer(ModelMethod):
+class DSFormer(Method):
     name = "dsformer"
     config_class = DSFormerConfig
     summary = "DSFormer: W ~= D S with s non-zeros per column of S (IHT/ALS one-shot, optional STF training)"
 
-    def plan(self, modules: dict[str, nn.Module], config: DSFormerConfig, ctx) -> tuple[dict, StageResult]:
+    def calibration(self, config: DSFormerConfig):
+        return config.scaling_calibration()
+
+    def plan(self, modules: dict[str, nn.Module], config: DSFormerConfig, planner) -> Plan:
         decisions, result = {}, StageResult(self.name)
         for name, module in modules.items():
             check_linear(self.name, name, module)
@@ -83,43 +87,35 @@ class DSFormer(ModelMethod):
             result.rows.append({"module": name, "shape": f"{m}x{n}", "k": shape.k if shape else None,
                                 "s": shape.s if shape else None, "replaced": shape is not None,
                                 "params_before": m * n, "params_after": after, "index_bytes": index_bytes})
-        summarise(result, config.reduction)
+        summarise_factors(result, config.reduction)
         result.summary.update({"sparsity": config.column_sparsity, "pattern": config.pattern,
                                "budget_unit": config.budget_unit, "scaling": config.scaling})
-        return decisions, result
+        return Plan(decisions, result)
 
-    def factor(self, name: str, module: nn.Linear, config: DSFormerConfig, shape: DSShape,
-               stats: dict | None) -> tuple[DenseSparseLinear, dict]:
+    def apply(self, name, module: nn.Linear, config: DSFormerConfig, shape: DSShape, stats) -> Replacement:
         factors = dense_sparse_factorize(module.weight, shape.k, shape.s, config.iters, config.cg_steps,
-                                         config.pattern, seed=config.seed, **fit_weights(stats, config))
+                                         config.pattern, seed=config.seed,
+                                         **fit_weights(stats, config))
         dtype = module.weight.dtype
         layer = DenseSparseLinear.from_dense_factors(factors.D.to(module.weight.device, dtype),
                                                      factors.S.to(module.weight.device, dtype), shape.s,
                                                      module.bias, config.pattern)
-        info = {"rel_error": factors.final_error, "init_rel_error": factors.initial_error,
-                "svd_rel_error": factors.svd_error}
-        return layer, info
+        return Replacement(layer, {"rel_error": factors.final_error, "init_rel_error": factors.initial_error,
+                                   "svd_rel_error": factors.svd_error})
 
-    def apply(self, name, module, config, decision, stats):
-        return self.factor(name, module, config, decision, stats)[0]
+    def summarise(self, result: StageResult, config: DSFormerConfig) -> None:
+        summarise_factors(result, config.reduction)
 
-    def train(self, model: nn.Module, names: list[str], config: DSFormerConfig, ctx) -> dict:
-        """STF training of the DenseSparseLinear modules ``names``: dense latents during training,
-        compact (values, indices) again afterwards. Returns the finetune summary and series."""
+    @contextlib.contextmanager
+    def trainable(self, root: nn.Module, names: list[str], config: DSFormerConfig, training):
+        """Straight-Through Factorizer: dense latents while training, compact (values, indices) again after."""
         for name in names:
-            replace_module(model, name, STFDenseSparseLinear(model.get_submodule(name)))
+            replace_module(root, name, STFDenseSparseLinear(root.get_submodule(name)))
         try:
-            return train_factors(model, names, config, ctx)
+            with super().trainable(root, names, config, training) as setup:
+                yield setup
         finally:
             for name in names:
-                module = model.get_submodule(name)
+                module = root.get_submodule(name)
                 if isinstance(module, STFDenseSparseLinear):
-                    replace_module(model, name, module.to_compact().requires_grad_(False))
-
-    def run(self, model: nn.Module, config: DSFormerConfig, ctx) -> StageResult:
-        result, made = factor_modules(self, model, config, ctx, "dsformer")
-        if config.steps and made:
-            trained = self.train(model, list(made), config, ctx)
-            result.summary["training"] = trained["summary"]
-            result.series["train_loss"] = trained["series"].get("train_loss", [])
-        return result
+                    replace_module(root, name, module.to_compact().requires_grad_(False))

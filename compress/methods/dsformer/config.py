@@ -2,63 +2,25 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
-from ..base import StageConfig
-
-
-class FactorTrainingFields(BaseModel):
-    """Optional training of the new factors on calibration text (shared by dsformer and lost).
-
-    ``steps: 0`` = one-shot only. Training reuses the ``finetune`` method's accelerate loop with
-    only this stage's factors trainable.
-    """
-
-    steps: int = Field(0, ge=0, le=1_000_000, description="training steps after the one-shot factorisation (0 = none)")
-    lr: float = Field(1e-4, gt=0, le=1.0)
-    schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    batch_size: int = Field(2, ge=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    eval_windows: int = Field(4, ge=1, description="calibration windows scored before and after training")
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _warmup_fits(self):
-        if self.steps and self.warmup_steps >= self.steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be smaller than steps ({self.steps})")
-        return self
+from ...training import Training
+from ..base import DECODER_PROJECTIONS, StageConfig
+from ..scaling import ScalingFields
 
 
-class ScalingFields(BaseModel):
-    """What the one-shot fit minimises.
-
-    ``none``: ||W - W_hat||_F (data-free). ``activation``: ||(W - W_hat) diag(a)||_F with
-    a_j = rms(x_j)^alpha (a diagonal scale keeps column supports, so it suits both dsformer's
-    column-sparse S and lost's channel-sparse S_c). ``whiten``: the expected output error
-    tr((W - W_hat) C (W - W_hat)^T) with C = E[x x^T] + shrinkage diag(E[x x^T]), the full input
-    covariance. Statistics come from calibration windows, layer by layer (each layer sees the
-    already-compressed layers before it).
-    """
-
-    scaling: Literal["none", "activation", "whiten"] = "none"
-    alpha: float = Field(1.0, gt=0, le=2, description="activation scaling exponent: a_j = rms(x_j)^alpha "
-                                                       "(1 = the diagonal of the input covariance)")
-    shrinkage: float = Field(0.05, ge=0, le=10, description="whiten: add shrinkage * diag(C) to the covariance")
-    scaling_windows: int = Field(32, ge=1, description="calibration windows used for the statistics (at most)")
-    calibration_batch_size: int = Field(4, ge=1, le=1024)
-
-
-class DSFormerConfig(FactorTrainingFields, ScalingFields, StageConfig):
+class DSFormerConfig(ScalingFields, StageConfig):
     """DSFormer (arXiv 2312.13211): W ~= D S, D dense (m x k), S (k x n) with s non-zeros per column.
 
     The budget fixes m k + s n (values; indices are reported separately, or also counted with
     ``budget_unit: bytes``); ``sparsity`` (fraction of zeros in each column of S, default 0.75) or
     ``nnz_per_column`` (s directly) decides how it is split between k and s; ``pattern: "2:4"``
-    forces s = k/2 in the 2-of-every-4-rows pattern.
+    forces s = k/2 in the 2-of-every-4-rows pattern. ``train`` (optional) trains D and S afterwards with the
+    Straight-Through Factorizer (S a dense latent projected to its top-s entries per column in the forward).
     """
 
     method: Literal["dsformer"] = "dsformer"
+    targets: list[str] = Field(default_factory=lambda: [DECODER_PROJECTIONS], min_length=1)
     reduction: float = Field(gt=0, lt=1, description="fraction of the targeted modules' parameters to remove")
     sparsity: float | None = Field(None, gt=0, lt=1, description="fraction of zeros per column of S (default 0.75)")
     nnz_per_column: int | None = Field(None, ge=1, description="s, the non-zeros per column of S")
@@ -68,6 +30,8 @@ class DSFormerConfig(FactorTrainingFields, ScalingFields, StageConfig):
                               "index_bytes/value_bytes of a value, so the budget holds on disk too")
     iters: int = Field(50, ge=0, le=10_000, description="alternating IHT / least-squares iterations")
     cg_steps: int = Field(4, ge=0, le=100, description="conjugate-gradient steps on S's support per iteration")
+    seed: int = Field(0, description="seeds the extra random atoms when k exceeds the matrix rank")
+    train: Training | None = Field(None, description="train the factors after the one-shot fit (default: no)")
 
     @model_validator(mode="after")
     def _one_split(self):

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...lowrank_math import positive_cholesky
+
 
 @dataclass
 class DenseSparseFactors:
@@ -134,23 +136,6 @@ def _reseed_and_normalise(D, S, residual_fn):
     return D / norms, S * norms[:, None]
 
 
-def shrunk_covariance(cov: torch.Tensor, shrinkage: float) -> torch.Tensor:
-    """C + shrinkage diag(C) + a tiny ridge (float64): keeps the Cholesky factor well defined."""
-    C = cov.detach().to(torch.float64)
-    diag = C.diagonal().clamp_min(0)
-    return C + torch.diag(shrinkage * diag + 1e-8 * diag.mean().clamp_min(1e-30))
-
-
-def robust_cholesky(C: torch.Tensor) -> torch.Tensor:
-    """Cholesky factor of a PSD matrix, adding a growing ridge (relative to its mean diagonal) if needed."""
-    scale = C.diagonal().mean().clamp_min(1e-30)
-    for ridge in (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
-        L, info = torch.linalg.cholesky_ex(C + ridge * scale * torch.eye(C.shape[0], dtype=C.dtype, device=C.device))
-        if int(info) == 0:
-            return L
-    raise ValueError("covariance is not positive definite even with a 1e-2 ridge")
-
-
 def _factorize_whitened(W, k, s, cov, iters, cg_steps, pattern, seed) -> DenseSparseFactors:
     m, n = W.shape
     # Jacobi preconditioning: with a = sqrt(diag C), (W - D S) C (W - D S)^T equals the same form in
@@ -160,7 +145,7 @@ def _factorize_whitened(W, k, s, cov, iters, cg_steps, pattern, seed) -> DenseSp
     C64 = C64 / (a64[:, None] * a64[None, :])
     a = a64.float()
     Wf = W.detach().float() * a[None, :]
-    L64 = robust_cholesky(C64)
+    L64 = positive_cholesky(C64)
     C, L = C64.float(), L64.float()
     WL = Wf @ L
     total = WL.pow(2).sum().clamp_min(1e-30)
@@ -207,7 +192,7 @@ def dense_sparse_factorize(W: torch.Tensor, k: int, s: int, iters: int = 40, cg_
     """Factor ``W`` [m, n] as D [m, k] @ S [k, n] (s non-zeros per column of S); float32 maths.
 
     ``scale`` [n] (optional, > 0) weights the error of input channel j by scale[j]; ``cov`` [n, n]
-    (optional, positive definite, e.g. from ``shrunk_covariance``) weights it by the full input
+    (optional, positive definite, e.g. from ``lowrank_math.shrink``) weights it by the full input
     covariance. Returns factors of W itself, in float32; errors are relative in the weighted norm.
     """
     m, n = W.shape

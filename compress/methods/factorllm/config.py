@@ -4,6 +4,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from ...training import Training
 from ..base import StageConfig
 
 
@@ -12,8 +13,8 @@ class FactorLLMConfig(StageConfig):
     router trained against Prior-Approximate (PA) pseudo-labels, run the top-k experts per token.
 
     Stage order: split (partition + layer-by-layer router fit on calibration activations, each
-    layer seeing the already-split layers before it), then optional end-to-end training
-    (``train``) with accelerate, attention and norms frozen.
+    layer seeing the already-split layers before it), then optional end-to-end training (a ``train:``
+    block; ``trainable`` says what trains) with accelerate, attention and norms frozen.
     """
 
     method: Literal["factorllm"] = "factorllm"
@@ -44,30 +45,30 @@ class FactorLLMConfig(StageConfig):
     router_fit_windows: int = Field(32, ge=1, description="calibration windows used for clustering and the router fit")
     ridge: float = Field(1e-3, ge=0, description="least squares: ridge relative to the mean input variance")
     calibration_batch_size: int = Field(4, ge=1, le=1024)
-    # end-to-end training (accelerate)
-    train: Literal["none", "router", "router+experts"] = "none"
-    steps: int = Field(0, ge=0, le=1_000_000, description="training steps (0 = none)")
-    lr: float = Field(1e-4, gt=0, le=1.0)
-    router_lr: float | None = Field(None, gt=0, le=10.0, description="router learning rate (default: lr * 10)")
-    schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    batch_size: int = Field(2, ge=1)
-    max_grad_norm: float = Field(1.0, gt=0)
+    # end-to-end training (accelerate): the shared hyper-parameters, plus what trains and the PA loss's weights
+    train: Training | None = Field(None, description="end-to-end training after the split (default: none)")
+    trainable: Literal["router", "router+experts"] = Field(
+        "router+experts", description="router: only the routers train; router+experts: the experts' weights too")
+    router_lr: float | None = Field(None, gt=0, le=10.0, description="router learning rate (default: train.lr * 10)")
     lm_loss_weight: float = Field(1.0, ge=0, description="next-token cross-entropy of the whole model")
     distill_loss_weight: float = Field(1.0, ge=0, description="relative MSE of each MoE FFN output vs the dense FFN")
     route_loss_weight: float = Field(1.0, ge=0, description="KL(softmax(router) || softmax(pseudo-labels))")
     balance_loss_weight: float = Field(0.01, ge=0, description="Switch-style load balance (1 at uniform load)")
-    eval_windows: int = Field(4, ge=1, description="calibration windows scored before and after training")
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_train_field(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("train"), str):
+            raise ValueError("'train' is a block of training settings now, e.g. train: {steps: 120, lr: 1.0e-4}; "
+                             f"say what trains with trainable: {data['train']}")
+        return data
 
     @model_validator(mode="after")
     def _consistent(self):
         if self.top_k > self.experts:
             raise ValueError(f"top_k ({self.top_k}) must not exceed experts ({self.experts})")
-        if self.steps and self.warmup_steps >= self.steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be smaller than steps ({self.steps})")
-        if self.train != "none" and not self.steps:
-            raise ValueError(f"train: {self.train} needs steps > 0")
-        if self.train == "none" and self.steps:
-            raise ValueError("steps > 0 needs train: router or router+experts")
+        if self.train is not None and (self.train.scope != "global" or self.train.loss != "next_token"):
+            raise ValueError("factorllm trains the whole model with its PA loss: train.scope must be global and "
+                             "train.loss next_token")
         return self

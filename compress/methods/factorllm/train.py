@@ -16,7 +16,6 @@ from torch import nn
 
 from ...modules.moe_ffn import MoEFeedForward
 from ...targets import replace_module
-from ...training import train_loop
 from .pa_loss import agreement, all_group_outputs, balance_loss, combine_scale, pseudo_labels, route_loss
 
 
@@ -108,28 +107,16 @@ def measure_agreement(model: nn.Module, windows: torch.Tensor, label_rule: str =
             "chance": moe.top_k / moe.experts, "per_layer": per_layer}
 
 
-def mean_lm_loss(model: nn.Module, windows: torch.Tensor, batch_size: int) -> float:
-    from ..finetune.apply import mean_loss
+@contextlib.contextmanager
+def pa_training(model: nn.Module, names: list[str], config, training):
+    """The ``trainable`` hook of factorllm: PA wrappers on the MoE FFNs ``names``, router (and expert)
+    parameter groups, and the PA loss (next-token CE + distill + route + balance), which also fills the
+    per-step curves. Inside the block's ``inference_view()`` the real MoE modules are back in place."""
+    from ..base import TrainingSetup
 
-    return mean_loss(model, windows, batch_size)
-
-
-def train_moe(model: nn.Module, config, windows: torch.Tensor, progress: bool = True, callback=None) -> dict:
-    """Train the MoE routers (``config.train == "router"``) or routers + experts; returns summary and series.
-
-    ``callback(step, tokens)`` (optional) runs after every step with the MoE modules in place (no
-    wrappers), e.g. to measure a quality curve; its time is not counted in ``wall_time_s``."""
-    from accelerate.utils import set_seed
-
-    set_seed(config.seed)
-    names = moe_names(model)
-    train_experts = config.train == "router+experts"
-    held = windows[: config.eval_windows]
-    was_training = model.training
-    model.eval()
-    loss_before = mean_lm_loss(model, held, config.batch_size)
-    model.requires_grad_(False)
-    series = {key: [] for key in ("train_loss", "lm_loss", "distill", "route", "balance", "agreement", "tokens")}
+    train_experts = config.trainable == "router+experts"
+    router_lr = config.router_lr or training.lr * 10
+    series = {key: [] for key in ("lm_loss", "distill", "route", "balance", "agreement", "tokens")}
     with pa_wrapped(model, names, config.labels, teacher=train_experts) as wrappers:
         routers, experts = [], []
         for wrapper in wrappers.values():
@@ -138,9 +125,9 @@ def train_moe(model: nn.Module, config, windows: torch.Tensor, progress: bool = 
                 experts += [wrapper.moe.w_gate, wrapper.moe.w_up, wrapper.moe.w_down]
         for p in routers + experts:
             p.requires_grad_(True)
-        groups = [{"params": routers, "lr": config.router_lr or config.lr * 10}]
+        groups = [{"params": routers, "lr": router_lr}]
         if experts:
-            groups.append({"params": experts, "lr": config.lr})
+            groups.append({"params": experts, "lr": training.lr})
 
         def pa_loss(wrapped, batch):
             for wrapper in wrappers.values():
@@ -151,32 +138,37 @@ def train_moe(model: nn.Module, config, windows: torch.Tensor, progress: bool = 
             loss = (config.lm_loss_weight * lm + config.distill_loss_weight * parts["distill"]
                     + config.route_loss_weight * parts["route"] + config.balance_loss_weight * parts["balance"])
             agree = sum(w.agreement()[0] for w in wrappers.values()) / len(wrappers)
-            for key, value in (("train_loss", loss), ("lm_loss", lm), *parts.items()):
+            for key, value in (("lm_loss", lm), *parts.items()):
                 series[key].append(float(value.detach()))
             series["agreement"].append(agree)
             series["tokens"].append(series["tokens"][-1] + batch.numel() if series["tokens"] else batch.numel())
             return loss, {"agree": agree}
 
-        def measure(step, tokens):  # the callback sees the real inference modules, not the training wrappers
+        @contextlib.contextmanager
+        def inference_view():
             for name, wrapper in wrappers.items():
                 replace_module(model, name, wrapper.moe)
             try:
-                callback(step, tokens)
+                yield
             finally:
                 for name, wrapper in wrappers.items():
                     replace_module(model, name, wrapper)
 
-        run = train_loop(model, groups, windows, steps=config.steps, batch_size=config.batch_size,
-                         schedule=config.schedule, warmup_steps=config.warmup_steps,
-                         max_grad_norm=config.max_grad_norm, loss_fn=pa_loss, desc="factorllm train",
-                         progress=progress, on_step=measure if callback is not None else None)
-    model.requires_grad_(False)
-    model.eval()
-    loss_after = mean_lm_loss(model, held, config.batch_size)
-    model.train(was_training)
-    summary = {"train": config.train, "steps": config.steps, "tokens": run["tokens"], "wall_time_s": run["wall_time_s"],
-               "lr": config.lr, "router_lr": config.router_lr or config.lr * 10, "schedule": config.schedule,
-               "trainable_params": sum(p.numel() for group in groups for p in group["params"]),
-               "calibration_loss_before": loss_before, "calibration_loss_after": loss_after,
-               "final_train_agreement": series["agreement"][-1] if series["agreement"] else None}
-    return {"summary": summary, "series": series}
+        setup = TrainingSetup(groups, pa_loss, series, {"trainable": config.trainable, "router_lr": router_lr},
+                              inference_view)
+        try:
+            yield setup
+        finally:
+            setup.summary["final_train_agreement"] = series["agreement"][-1] if series["agreement"] else None
+            model.requires_grad_(False)
+
+
+def train_moe(model: nn.Module, config, windows: torch.Tensor, progress: bool = True, callback=None) -> dict:
+    """Train the MoE FFNs of ``model`` as a factorllm stage with ``config.train`` would; returns summary and
+    series. ``callback(step, tokens)`` (optional) runs after every step with the MoE modules in place (no
+    wrappers), e.g. to measure a quality curve; its time is not counted in ``wall_time_s``."""
+    from ...registry import get_method
+    from ...training import train_globally
+
+    return train_globally(model, get_method("factorllm"), config, config.train, moe_names(model), windows,
+                          progress=progress, on_step=callback)

@@ -7,8 +7,8 @@ from torch import nn
 
 from ...modules import LowRankSparseLinear
 from ...registry import register_method
-from ..base import ModelMethod, StageResult
-from ..dsformer.common import check_linear, factor_modules, fit_weights, summarise, train_factors
+from ..base import Method, Plan, Replacement, StageResult, check_linear, summarise_factors
+from ..scaling import fit_weights
 from .config import LostConfig
 from .factorize import best_split, lowrank_sparse_factorize
 
@@ -41,12 +41,15 @@ def lost_shape(m: int, n: int, reduction: float, sparse_fraction: float | str) -
 
 
 @register_method
-class Lost(ModelMethod):
+class Lost(Method):
     name = "lost"
     config_class = LostConfig
-    summary = "LOST: top-r SVD factors + the residual's largest input channels kept exactly (optional training)"
+    summary = "LOST: W ~= U V + channel-sparse S_c (SVD split + largest residual channels), optional training"
 
-    def plan(self, modules: dict[str, nn.Module], config: LostConfig, ctx) -> tuple[dict, StageResult]:
+    def calibration(self, config: LostConfig):
+        return config.scaling_calibration()
+
+    def plan(self, modules: dict[str, nn.Module], config: LostConfig, planner) -> Plan:
         decisions, result = {}, StageResult(self.name)
         for name, module in modules.items():
             check_linear(self.name, name, module)
@@ -57,12 +60,11 @@ class Lost(ModelMethod):
                                 "channels": shape.channels if shape else None, "replaced": shape is not None,
                                 "params_before": m * n, "params_after": shape.params(m, n) if shape else m * n,
                                 "index_bytes": INDEX_BYTES * shape.channels if shape else 0})
-        summarise(result, config.reduction)
+        self.summarise(result, config)
         result.summary.update({"sparse_fraction": config.sparse_fraction, "scaling": config.scaling})
-        return decisions, result
+        return Plan(decisions, result)
 
-    def factor(self, name: str, module: nn.Linear, config: LostConfig, shape: LostShape,
-               stats: dict | None) -> tuple[LowRankSparseLinear, dict]:
+    def apply(self, name, module: nn.Linear, config: LostConfig, shape: LostShape, stats) -> Replacement:
         weights = fit_weights(stats, config)
         m, n = module.out_features, module.in_features
         if shape.auto:
@@ -74,21 +76,9 @@ class Lost(ModelMethod):
                                                  f.V.to(weight.device, weight.dtype),
                                                  f.sc_values.to(weight.device, weight.dtype),
                                                  f.sc_channels.to(weight.device), module.bias)
-        return layer, {"rel_error": f.error, "plain_rel_error": f.plain_error, "svd_rel_error": f.svd_error,
-                       "rank": shape.rank, "channels": shape.channels, "params_after": shape.params(m, n),
-                       "index_bytes": INDEX_BYTES * shape.channels}
+        return Replacement(layer, {"rel_error": f.error, "plain_rel_error": f.plain_error, "svd_rel_error": f.svd_error,
+                                   "rank": shape.rank, "channels": shape.channels, "params_after": shape.params(m, n),
+                                   "index_bytes": INDEX_BYTES * shape.channels})
 
-    def apply(self, name, module, config, decision, stats):
-        return self.factor(name, module, config, decision, stats)[0]
-
-    def train(self, model: nn.Module, names: list[str], config: LostConfig, ctx) -> dict:
-        """Train U, V and S_c's values of the modules ``names`` (channels stay fixed)."""
-        return train_factors(model, names, config, ctx)
-
-    def run(self, model: nn.Module, config: LostConfig, ctx) -> StageResult:
-        result, made = factor_modules(self, model, config, ctx, "lost")
-        if config.steps and made:
-            trained = self.train(model, list(made), config, ctx)
-            result.summary["training"] = trained["summary"]
-            result.series["train_loss"] = trained["series"].get("train_loss", [])
-        return result
+    def summarise(self, result: StageResult, config: LostConfig) -> None:
+        summarise_factors(result, config.reduction)  # apply may have refined a row (the automatic split)

@@ -4,11 +4,12 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from ..base import StageConfig
-from ..dsformer.config import FactorTrainingFields, ScalingFields
+from ...training import Training
+from ..base import DECODER_PROJECTIONS, StageConfig
+from ..scaling import ScalingFields
 
 
-class LostConfig(FactorTrainingFields, ScalingFields, StageConfig):
+class LostConfig(ScalingFields, StageConfig):
     """LOST (arXiv 2508.02668) for compression: W ~= U_r V_r + S_c, S_c = c whole input channels.
 
     The SVD's top-r components are kept as low-rank factors; the remaining spectrum's residual
@@ -19,10 +20,12 @@ class LostConfig(FactorTrainingFields, ScalingFields, StageConfig):
     """
 
     method: Literal["lost"] = "lost"
+    targets: list[str] = Field(default_factory=lambda: [DECODER_PROJECTIONS], min_length=1)
     reduction: float = Field(gt=0, lt=1, description="fraction of the targeted modules' parameters to remove")
     sparse_fraction: float | str = Field(
         0.1, description="share of the kept parameters spent on S_c (0 <= f < 1), or 'auto' (best split per matrix)")
     refine_iters: int = Field(2, ge=0, le=100, description="SVD refits on the unselected channels (0 = plain LOST)")
+    train: Training | None = Field(None, description="train U, V and S_c's values afterwards (channels fixed)")
 
     @field_validator("sparse_fraction")
     @classmethod

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..dsformer.factorize import robust_cholesky
+from ...lowrank_math import positive_cholesky
 
 
 @dataclass
@@ -103,7 +103,7 @@ class _Whitened:
     def __init__(self, W: torch.Tensor, cov: torch.Tensor):
         self.W = W.detach().to(torch.float64)
         self.C = cov.to(device=self.W.device, dtype=torch.float64)
-        self.L = robust_cholesky(self.C)
+        self.L = positive_cholesky(self.C)
         self.C = self.L @ self.L.T  # the (possibly ridged) matrix actually factorised
         self.total = (self.W @ self.L).pow(2).sum().clamp_min(1e-300)
 

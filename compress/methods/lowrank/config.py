@@ -4,7 +4,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..base import StageConfig
+from ...training import Training
+from ..base import DECODER_PROJECTIONS, StageConfig
 
 Backend = Literal["svd", "asvd", "whiten", "whiten_dense_target"]
 
@@ -19,6 +20,9 @@ class LowRankConfig(StageConfig):
     """
 
     method: Literal["lowrank"] = "lowrank"
+    targets: list[str] = Field(default_factory=lambda: [DECODER_PROJECTIONS], min_length=1)
+    train: Training | None = Field(None, description="train the new factors afterwards: the whole model "
+                                   "(scope: global) or each layer against the dense one (scope: layer)")
     reduction: float = Field(gt=0, lt=1, description="fraction of the targeted parameters to remove")
     backend: Backend = "svd"
     allocation: Literal["uniform", "sensitivity"] = Field(

@@ -12,7 +12,7 @@ from ...errors import CompressError
 from ...lowrank_math import lowrank_params, rank_for_reduction
 from ...modules import GroupedLowRankLinear
 from ...registry import register_method
-from ..base import StageResult
+from ..base import Plan, Replacement, StageResult, budget_summary
 from ..lowrank.apply import LowRank, factorise
 from .config import LowRankAttentionConfig
 
@@ -25,10 +25,11 @@ class LowRankAttention(LowRank):
     config_class = LowRankAttentionConfig
     summary = "low-rank q/k/v/o projections (GQA-aware shapes; per-projection or global budget)"
 
-    def plan(self, modules, config: LowRankAttentionConfig, ctx):
-        decisions, result = self._plan_joint(modules, config, ctx)
+    def plan(self, modules, config: LowRankAttentionConfig, planner) -> Plan:
+        plan = self._plan_joint(modules, config, planner)
+        decisions, result = plan.decisions, plan.result
         if config.kv_groups > 1:
-            _check_groups(ctx.extras.get("model"), config.kv_groups)
+            _check_groups(planner.model_config, config.kv_groups)
             for row in result.rows:
                 name = row["module"]
                 if decisions[name] is None or _KIND.search(name).group(1) not in "kv":
@@ -40,19 +41,20 @@ class LowRankAttention(LowRank):
             after = sum(r["params_after"] for r in result.rows)
             result.summary.update({"kv_groups": config.kv_groups, "targeted_params_after": after,
                                    "achieved_reduction": 1 - after / result.summary["targeted_params_before"]})
-        return decisions, result
+        return plan
 
-    def apply(self, name, module, config: LowRankAttentionConfig, rank, stats):
+    def apply(self, name, module, config: LowRankAttentionConfig, rank, stats) -> Replacement:
         if config.kv_groups == 1 or _KIND.search(name).group(1) not in "kv":
             return super().apply(name, module, config, rank, stats)
         dtype = module.weight.dtype
         factors = [factorise(rows, rank, config.backend, stats, alpha=config.alpha, shrinkage=config.shrinkage,
                              refine=config.refine) for rows in module.weight.chunk(config.kv_groups)]
-        return GroupedLowRankLinear.from_factors([(A.to(dtype), B.to(dtype)) for A, B in factors], module.bias)
+        return Replacement(GroupedLowRankLinear.from_factors([(A.to(dtype), B.to(dtype)) for A, B in factors],
+                                                             module.bias))
 
-    def _plan_joint(self, modules, config: LowRankAttentionConfig, ctx):
+    def _plan_joint(self, modules, config: LowRankAttentionConfig, planner) -> Plan:
         if config.per_projection is None:
-            return super().plan(modules, config, ctx)
+            return super().plan(modules, config, planner)
         decisions, result = {}, StageResult(self.name)
         for name, module in modules.items():
             match = _KIND.search(name)
@@ -65,13 +67,9 @@ class LowRankAttention(LowRank):
             result.rows.append({"module": name, "shape": f"{m}x{n}", "rank": rank, "full_rank": min(m, n),
                                 "kind": "LRC" if rank else "dense", "params_before": m * n,
                                 "params_after": m * n if rank is None else lowrank_params(m, n, rank)})
-        before = sum(r["params_before"] for r in result.rows)
-        after = sum(r["params_after"] for r in result.rows)
-        result.summary = {"requested_reduction": None, "per_projection": dict(config.per_projection),
-                          "achieved_reduction": 1 - after / before, "targeted_params_before": before,
-                          "targeted_params_after": after, "backend": config.backend,
-                          "lrc": sum(r["rank"] is not None for r in result.rows)}
-        return decisions, result
+        result.summary = {**budget_summary(result.rows, None), "per_projection": dict(config.per_projection),
+                          "backend": config.backend, "lrc": sum(r["rank"] is not None for r in result.rows)}
+        return Plan(decisions, result)
 
 
 def grouped_params(out_features: int, in_features: int, rank: int, groups: int) -> int:
@@ -85,8 +83,10 @@ def group_rank(out_features: int, in_features: int, joint_rank: int, groups: int
     return max(1, min(rank, out_features // groups, in_features))
 
 
-def _check_groups(model, groups: int) -> None:
-    heads = getattr(getattr(model, "config", None), "num_key_value_heads", None)
+def _check_groups(model_config, groups: int) -> None:
+    if hasattr(model_config, "get_text_config"):
+        model_config = model_config.get_text_config()
+    heads = getattr(model_config, "num_key_value_heads", None)
     if heads is None:
         raise CompressError("lowrank_attention kv_groups needs a model config with num_key_value_heads")
     if heads % groups:

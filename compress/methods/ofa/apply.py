@@ -1,9 +1,9 @@
 """ofa_embedding: replace the input embedding by OFA's coordinates x primitives factorisation.
 
-A model method (it touches two modules, the embedding and the LM head). A tied head becomes a
-``TiedFactorizedLMHead`` over the same factors; with ``untie`` the head keeps the original dense
-matrix as its own parameter. Training the factors afterwards is the ``finetune`` method with
-``targets: [FactorizedEmbedding]``.
+A model-level method: it receives the embedding and the LM head (``ModelParts``) and returns their
+replacements. A tied head becomes a ``TiedFactorizedLMHead`` over the same factors; with ``untie`` the
+head keeps the original dense matrix as its own parameter. Training the factors afterwards is the
+``finetune`` method with ``targets: [FactorizedEmbedding]``.
 """
 from __future__ import annotations
 
@@ -15,31 +15,26 @@ from torch import nn
 from ...errors import CompressError
 from ...modules import FactorizedEmbedding, TiedFactorizedLMHead
 from ...registry import register_method
-from ...targets import replace_module
-from ..base import ModelMethod, StageResult
+from ..base import Method, ModelNeeds, PartsUpdate, StageResult
 from .config import OfaEmbeddingConfig
-from .factorize import (check_dim, dim_for_reduction, factorize_embedding, factorized_params, frequency_weights,
-                        relative_error, token_counts)
-from .head_covariance import head_input_covariance
-from .model_embeddings import embed_scale, forget_tying, input_embedding, is_tied, module_name
-
-
-def _calibration(ctx, why: str):
-    windows = ctx.calibration_windows()
-    if windows is None:
-        raise CompressError(f"ofa_embedding: {why} needs calibration windows")
-    return windows
+from .factorize import check_dim, dim_for_reduction, factorize_embedding, factorized_params, frequency_weights, relative_error
+from .model_embeddings import embed_scale
 
 
 @register_method
-class OfaEmbedding(ModelMethod):
+class OfaEmbedding(Method):
     name = "ofa_embedding"
     config_class = OfaEmbeddingConfig
     summary = "OFA: factorise the token embedding into coordinates x primitives (SVD, optional frequency weights)"
+    level = "model"
 
-    def run(self, model: nn.Module, config: OfaEmbeddingConfig, ctx) -> StageResult:
+    def model_needs(self, config: OfaEmbeddingConfig) -> ModelNeeds:
+        return ModelNeeds(token_counts=config.weighting == "frequency" or config.keep_frequent > 0,
+                          head_input_cov_windows=config.fit_windows if config.fit == "logits" else None)
+
+    def apply_model(self, parts, config: OfaEmbeddingConfig, stats) -> tuple[PartsUpdate, StageResult]:
         start = time.perf_counter()
-        name, embedding = input_embedding(model, config, "ofa_embedding")
+        name, embedding = parts.embedding_name, parts.embedding
         if isinstance(embedding, FactorizedEmbedding):
             raise CompressError(f"ofa_embedding: {name} is already factorised")
         if not isinstance(embedding, nn.Embedding):
@@ -51,21 +46,15 @@ class OfaEmbedding(ModelMethod):
             raise CompressError(f"ofa_embedding: keep_frequent={full} must be below the vocabulary size {vocab}")
         dim = config.dim if config.dim is not None else dim_for_reduction(vocab, width, config.reduction, full)
         check_dim(vocab, width, dim, full=full)
-        tied = is_tied(model, embedding)
-        head = model.get_output_embeddings()
+        tied, head = parts.tied, parts.head
         if tied and not config.untie and getattr(head, "bias", None) is not None:
             raise CompressError("ofa_embedding: the tied LM head has a bias; use untie: true")
+        if config.fit == "logits" and not tied:
+            raise CompressError("ofa_embedding: fit 'logits' needs a tied LM head (this model's head is untied)")
 
-        counts = weights = None
-        if config.weighting == "frequency" or full:
-            counts = token_counts(_calibration(ctx, "weighting 'frequency' or keep_frequent"), vocab)
-            weights = frequency_weights(counts) if config.weighting == "frequency" else None
+        counts = stats.token_counts
+        weights = frequency_weights(counts) if config.weighting == "frequency" else None
         weight = embedding.weight
-        cov = None
-        if config.fit == "logits":
-            if not tied:
-                raise CompressError("ofa_embedding: fit 'logits' needs a tied LM head (this model's head is untied)")
-            cov = head_input_covariance(model, head, _calibration(ctx, "fit 'logits'")[: config.fit_windows])
         full_ids = tail = None
         if full:  # stable sort: among equal counts the lower id wins, so the choice is deterministic
             full_ids = torch.sort(counts, descending=True, stable=True).indices[:full]
@@ -73,20 +62,19 @@ class OfaEmbedding(ModelMethod):
             is_tail[full_ids] = False
             tail = is_tail.nonzero().squeeze(1)
             coords, primitives = factorize_embedding(weight[tail.to(weight.device)], dim,
-                                                     None if weights is None else weights[tail], cov)
+                                                     None if weights is None else weights[tail], stats.head_input_cov)
         else:
-            coords, primitives = factorize_embedding(weight, dim, weights, cov)
+            coords, primitives = factorize_embedding(weight, dim, weights, stats.head_input_cov)
         new = FactorizedEmbedding.from_factors(
             coords.to(weight.dtype), primitives.to(weight.dtype), embedding.padding_idx, scale, full_ids,
             None if full_ids is None else weight.detach()[full_ids.to(weight.device)].clone())
-        replace_module(model, name, new)
+        update = PartsUpdate(embedding=new, untie=tied)
         if tied:
             if config.untie:  # the head's Linear still holds the original Parameter: now it is its alone
                 head_kind = "dense (untied)"
             else:
-                replace_module(model, module_name(model, head), TiedFactorizedLMHead(new, name))
+                update.head = TiedFactorizedLMHead(new, name)
                 head_kind = "tied to the factors"
-            forget_tying(model)
         else:
             head_kind = "untied in the source (unchanged)"
 
@@ -108,4 +96,4 @@ class OfaEmbedding(ModelMethod):
                 result.summary["full_row_token_share"] = float(counts[full_ids].sum() / counts.sum().clamp_min(1))
             result.summary["weighted_rel_error"] = relative_error(weight, coords, primitives,
                                                                   frequency_weights(counts), rows=tail)
-        return result
+        return update, result

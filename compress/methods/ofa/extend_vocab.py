@@ -1,22 +1,24 @@
 """extend_vocab: move a model to a new tokenizer with OFA's initialisation rules.
 
+A model-level method: it receives the embedding, the LM head and the tokenizer, and returns new ones.
 Rows are "coordinates" for a FactorizedEmbedding (the primitives are shared by every token, so
 only the V x k part changes) and plain embedding rows for a dense one. An untied LM head gets
-the same treatment for its own rows; a TiedFactorizedLMHead follows the embedding by itself.
-Later stages and the saved checkpoint use the new tokenizer (``ctx.tokenizer``).
+the same treatment for its own rows; a tied dense head shares the new embedding's weight; a
+TiedFactorizedLMHead follows the embedding by itself. Later stages and the saved checkpoint use the
+new tokenizer.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
 
 from ...errors import CompressError
-from ...modules import FactorizedEmbedding, TiedFactorizedLMHead
+from ...modules import FactorizedEmbedding
 from ...registry import register_method
-from ...targets import replace_module
-from ..base import ModelMethod, StageResult
+from ..base import Method, PartsUpdate, StageResult
 from .config import ExtendVocabConfig
-from .model_embeddings import input_embedding, is_tied, module_name
 from .word_vectors import read_vec, subword_vectors
 
 COPIED, NEIGHBOURS, RANDOM = 0, 1, 2
@@ -85,15 +87,28 @@ def _load_tokenizer(path: str):
         raise CompressError(f"extend_vocab: cannot load the tokenizer in {path}: {first}") from None
 
 
+def _resized(module: nn.Module, rows: torch.Tensor, size: int) -> nn.Module:
+    """A copy of a dense embedding / head module (same class: Gemma's scaled embedding stays scaled) whose
+    weight is ``rows`` ([size, D])."""
+    new = copy.deepcopy(module)
+    new.weight = nn.Parameter(rows.to(module.weight.dtype).to(module.weight.device), requires_grad=False)
+    if isinstance(new, nn.Embedding):
+        new.num_embeddings = size
+    else:
+        new.out_features = size
+    return new
+
+
 @register_method
-class ExtendVocab(ModelMethod):
+class ExtendVocab(Method):
     name = "extend_vocab"
     config_class = ExtendVocabConfig
     summary = "OFA: move the embedding (and head) to a new tokenizer; new rows from aligned word vectors"
+    level = "model"
 
-    def run(self, model: nn.Module, config: ExtendVocabConfig, ctx) -> StageResult:
-        name, embedding = input_embedding(model, config, "extend_vocab")
-        source_tokenizer = ctx.tokenizer
+    def apply_model(self, parts, config: ExtendVocabConfig, stats) -> tuple[PartsUpdate, StageResult]:
+        name, embedding, head = parts.embedding_name, parts.embedding, parts.head
+        source_tokenizer = parts.tokenizer
         if source_tokenizer is None:
             raise CompressError("extend_vocab needs the model's current tokenizer")
         target_tokenizer = _load_tokenizer(config.tokenizer)
@@ -108,52 +123,39 @@ class ExtendVocab(ModelMethod):
             return ofa_rows(rows, source_vocab, target_vocab, source_vectors, target_vectors, size,
                             config.neighbours, config.temperature, generator)
 
-        head = model.get_output_embeddings()
-        tied = is_tied(model, embedding) or isinstance(head, TiedFactorizedLMHead)
         padding = embedding.padding_idx if isinstance(embedding, (nn.Embedding, FactorizedEmbedding)) else None
         new_padding = _map_token_id(padding, source_tokenizer, target_vocab) if padding is not None else None
         if isinstance(embedding, FactorizedEmbedding) and embedding.full:
             raise CompressError("extend_vocab: an embedding with keep_frequent full rows cannot be extended "
                                 "(extend first, then factorise)")
+        update = PartsUpdate(tokenizer=target_tokenizer)
         if isinstance(embedding, FactorizedEmbedding):
             rows, kinds = extend(embedding.coords.weight)
             dtype = embedding.coords.weight.dtype
-            new = FactorizedEmbedding.from_factors(rows.to(dtype), embedding.primitives.weight.detach().T.clone(),
-                                                   new_padding, embedding.embed_scale)
-            replace_module(model, name, new)
-            if isinstance(head, TiedFactorizedLMHead):
-                head.bind(model)
+            update.embedding = FactorizedEmbedding.from_factors(rows.to(dtype),
+                                                                embedding.primitives.weight.detach().T.clone(),
+                                                                new_padding, embedding.embed_scale)
         elif isinstance(embedding, nn.Embedding):
             rows, kinds = extend(embedding.weight)
-            old_head = None if tied or head is None else head.weight.detach().clone()
-            model.resize_token_embeddings(size, mean_resizing=False)
-            with torch.no_grad():
-                model.get_input_embeddings().weight.copy_(rows)
-                model.get_input_embeddings().padding_idx = new_padding
-            if old_head is not None:  # resize made the head's new shape; fill it by the same rules
-                head_rows, _ = extend(old_head)
-                with torch.no_grad():
-                    model.get_output_embeddings().weight.copy_(head_rows)
+            update.embedding = _resized(embedding, rows, size)
+            update.embedding.padding_idx = new_padding
+            if parts.tied:  # the head keeps sharing the (new) embedding's weight
+                if not isinstance(head, nn.Linear) or head.bias is not None:
+                    raise CompressError("extend_vocab: only a bias-free nn.Linear tied LM head can be extended")
+                update.head = nn.Linear(head.in_features, size, bias=False, device="meta")
+                update.head.weight = update.embedding.weight
         else:
             raise CompressError(f"extend_vocab: {name} is a {type(embedding).__name__}, not an embedding")
-        if isinstance(embedding, FactorizedEmbedding) and not tied and head is not None:
+        if not parts.tied and head is not None:
             if getattr(head, "bias", None) is not None or not isinstance(head, nn.Linear):
                 raise CompressError("extend_vocab: only a bias-free nn.Linear untied LM head can be extended")
-            head_rows, _ = extend(head.weight)
-            new_head = nn.Linear(head.in_features, size, bias=False, dtype=head.weight.dtype,
-                                 device=head.weight.device)
-            with torch.no_grad():
-                new_head.weight.copy_(head_rows)
-            replace_module(model, module_name(model, head), new_head)
+            update.head = _resized(head, extend(head.weight)[0], size)
 
-        configs = [model.config] + ([model.generation_config] if getattr(model, "generation_config", None) else [])
-        for cfg in configs:
+        for target, source in ((update.config, parts.config), (update.generation_config, parts.generation_config)):
             for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-                if getattr(cfg, key, None) is not None:
-                    setattr(cfg, key, _map_token_id(getattr(cfg, key), source_tokenizer, target_vocab))
-        model.config.vocab_size = size
-        ctx.tokenizer = target_tokenizer
-        ctx.extras["tokenizer"] = target_tokenizer
+                if source is not None and getattr(source, key, None) is not None:
+                    target[key] = _map_token_id(getattr(source, key), source_tokenizer, target_vocab)
+        update.config["vocab_size"] = size
 
         counts = torch.bincount(kinds, minlength=3).tolist()
         result = StageResult(self.name)
@@ -164,4 +166,4 @@ class ExtendVocab(ModelMethod):
             "target_tokens_with_vectors": len(target_vectors), "neighbours": config.neighbours,
             "temperature": config.temperature, "tokenizer": config.tokenizer,
         }
-        return result
+        return update, result

@@ -37,14 +37,6 @@ def check_dim(vocab: int, width: int, dim: int, where: str = "ofa_embedding", fu
                             f"(1..{largest}; larger k would not save parameters)")
 
 
-def token_counts(windows: torch.Tensor, vocab: int) -> torch.Tensor:
-    """How often each token id occurs in the calibration windows (float64, length V)."""
-    ids = windows.reshape(-1).to(torch.long)
-    if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
-        raise CompressError(f"calibration tokens fall outside the embedding's {vocab} rows")
-    return torch.bincount(ids, minlength=vocab).to(torch.float64)
-
-
 def frequency_weights(counts: torch.Tensor) -> torch.Tensor:
     return (counts + 1).sqrt()
 

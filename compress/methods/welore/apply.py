@@ -15,8 +15,7 @@ from ...errors import CompressError
 from ...lowrank_math import breakeven_rank, lowrank_params, normalised_spectrum, truncated_svd_factors
 from ...modules import LowRankLinear
 from ...registry import register_method
-from ...utils import progress_iter
-from ..base import ModuleMethod, StageResult
+from ..base import Method, Plan, Replacement, StageResult, budget_summary, check_linear
 from .config import WeLoreConfig
 
 
@@ -69,16 +68,15 @@ def find_tau(spectra: dict[str, MatrixSpectrum], reduction: float, min_ratio: fl
 
 
 @register_method
-class WeLore(ModuleMethod):
+class WeLore(Method):
     name = "welore"
     config_class = WeLoreConfig
     summary = "WeLore: global threshold on normalised singular spectra; low-rank components factorised"
 
-    def plan(self, modules, config: WeLoreConfig, ctx):
+    def plan(self, modules, config: WeLoreConfig, planner) -> Plan:
         spectra = {}
-        for name, module in progress_iter(modules.items(), "welore: spectra", ctx.progress, total=len(modules)):
-            if not isinstance(module, nn.Linear):
-                raise CompressError(f"welore: {name} is a {type(module).__name__}, not a Linear")
+        for name, module in planner.progress(modules.items(), "welore: spectra"):
+            check_linear(self.name, name, module)
             spectra[name] = MatrixSpectrum(module.out_features, module.in_features, normalised_spectrum(module.weight))
         tau = config.threshold if config.threshold is not None else find_tau(spectra, config.reduction, config.min_ratio)
         decisions = {name: s.decision(tau, config.min_ratio) for name, s in spectra.items()}
@@ -93,14 +91,12 @@ class WeLore(ModuleMethod):
                 "kind": "LRC" if rank is not None else "N-LRC",
                 "params_before": s.dense_params, "params_after": s.params(rank),
             })
-        before = sum(r["params_before"] for r in result.rows)
-        after = sum(r["params_after"] for r in result.rows)
-        result.summary = {"tau": tau, "requested_reduction": config.reduction, "achieved_reduction": 1 - after / before,
-                          "targeted_params_before": before, "targeted_params_after": after,
-                          "lrc": sum(r is not None for r in decisions.values()), "n_lrc": sum(r is None for r in decisions.values())}
+        result.summary = {"tau": tau, **budget_summary(result.rows, config.reduction),
+                          "lrc": sum(r is not None for r in decisions.values()),
+                          "n_lrc": sum(r is None for r in decisions.values())}
         result.series = {"spectra": {name: s.spectrum.float().tolist() for name, s in spectra.items()}}
-        return decisions, result
+        return Plan(decisions, result)
 
-    def apply(self, name, module: nn.Linear, config, rank, stats):
+    def apply(self, name, module: nn.Linear, config, rank, stats) -> Replacement:
         A, B = truncated_svd_factors(module.weight, rank)
-        return LowRankLinear.from_factors(A, B, module.bias)
+        return Replacement(LowRankLinear.from_factors(A, B, module.bias))
