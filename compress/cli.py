@@ -62,7 +62,7 @@ def _cmd_eval(args) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .evaluate import evaluate
+    from .scoring import evaluate
     from .models import load_model
     from .recipe import EvalConfig
     from .report import flatten_eval

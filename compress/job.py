@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,14 +68,11 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
             progress: bool = True, device: str = "auto", echo=print) -> Path:
     import torch
 
-    from .calibration import calibration_windows
-    from .checkpoint import mark_compressed
-    from .evaluate import evaluate
-    from .methods.base import StageContext
+    from .api import compress, save
     from .models import load_model, save_folder
-    from .pipeline import compress_model
     from .recipe import load_recipe, recipe_to_yaml
     from .report import write_report
+    from .scoring import evaluate
 
     recipe = load_recipe(recipe_path)  # validated before anything heavy happens
     out = Path(out)
@@ -104,25 +100,15 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
         shutil.rmtree(dense_dir)
         params_before = count_params(model)
 
-        cache: dict = {}
-
-        def windows():  # tokenised with the current tokenizer: a stage (extend_vocab) may replace it
-            if cache.get("tokenizer") is not ctx.tokenizer:
-                cache.update(tokenizer=ctx.tokenizer, windows=calibration_windows(ctx.tokenizer, recipe.calibration))
-            return cache["windows"]
-
-        ctx = StageContext(tokenizer=tokenizer, calibration_windows=windows, progress=progress)
         echo(f"compressing with {len(recipe.stages)} stage(s) ...")
-        start = time.perf_counter()
-        results = compress_model(model, recipe, ctx)
-        compress_time = time.perf_counter() - start
-
-        model.to(getattr(torch, recipe.output.dtype))
-        mark_compressed(model, recipe.model_dump(mode="json"))
-        save_folder(model, ctx.tokenizer, tmp / "model", extra={**loaded.source, "recipe": recipe.name})
+        model = compress(model, recipe, tokenizer=tokenizer, progress=progress)
+        info = model.compression
+        info.source = loaded.source
+        save(model, tmp / "model")
         (tmp / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         staged.keep()  # the checkpoint is saved: from here on a failure keeps the folder
 
+        results = info.stages
         targeted_before = sum(r.summary.get("targeted_params_before", 0) for r in results)
         targeted_after = sum(r.summary.get("targeted_params_after", 0) for r in results)
         report = {
@@ -138,7 +124,7 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
                 "bytes_before": bytes_before, "bytes_after": safetensors_bytes(tmp / "model"),
                 "folder_bytes_after": folder_bytes(tmp / "model"),
             },
-            "timing": {"compression_wall_time_s": compress_time, "peak_rss_bytes": peak_rss_bytes()},
+            "timing": {"compression_wall_time_s": info.wall_time_s, "peak_rss_bytes": peak_rss_bytes()},
             "eval_dense": None,
             "eval_compressed": None,
             "stages": [{"method": r.method, "summary": r.summary, "rows": r.rows} for r in results],
@@ -148,7 +134,7 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
 
         def evaluate_compressed():
             echo("evaluating the compressed model ...")
-            report["eval_compressed"] = evaluate(model, ctx.tokenizer, recipe.eval, progress)
+            report["eval_compressed"] = evaluate(model, info.tokenizer, recipe.eval, progress)
             _write_report_json(tmp, report)
 
         def evaluate_dense():

@@ -1,4 +1,4 @@
-"""Score an in-memory model: token-level held-out perplexity + lm-eval tasks."""
+"""Score an in-memory model: token-level held-out perplexity + lm-eval tasks (``compress.evaluate`` wraps it)."""
 from __future__ import annotations
 
 import time

@@ -45,7 +45,7 @@ def _broken(*args, **kwargs):
 
 @pytest.mark.parametrize("target, step, measured", [
     ("compress.report.plot_figures", "writing the report", ("eval_compressed", "eval_dense")),
-    ("compress.evaluate.evaluate", "evaluating the compressed model", ()),
+    ("compress.scoring.evaluate", "evaluating the compressed model", ()),
 ])
 def test_a_late_failure_keeps_the_checkpoint_and_what_was_measured(setup, monkeypatch, capsys, target, step, measured):
     args, out = setup
