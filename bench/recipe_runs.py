@@ -8,6 +8,10 @@ be compared bit for bit. Runs already in the store are skipped; their folders st
 
     python bench/recipe_runs.py lowrank-20 attention-50 --tag v1            # hours on CPU
     python bench/recipe_runs.py ofa-gemma --model gemma3-270m --tag v1
+    python bench/recipe_runs.py lowrank-40-local --tag lr1e-3 --set stages.0.train.lr=1.0e-3   # a variant
+
+``--set path=value`` changes one field of the recipe (dotted path, list indices as numbers, the value read as
+YAML); the changed recipe is written into the run folder and the change is recorded with the run.
 """
 from __future__ import annotations
 
@@ -54,10 +58,31 @@ def cell_from_report(report: dict, manifest: dict) -> dict:
     }
 
 
-def run_recipe(recipe: str, model: str, tag: str, threads: int) -> dict:
+def with_overrides(recipe_path: Path, overrides: list[str], folder: Path) -> Path:
+    """The recipe with ``path=value`` changes applied, written next to the run folder (or the file itself)."""
+    if not overrides:
+        return recipe_path
+    import yaml
+
+    data = yaml.safe_load(recipe_path.read_text())
+    for item in overrides:
+        path, _, value = item.partition("=")
+        *parents, last = [int(k) if k.isdigit() else k for k in path.split(".")]
+        node = data
+        for key in parents:
+            node = node[key]
+        node[last] = yaml.safe_load(value)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    changed = folder.with_name(folder.name + ".recipe.yaml")
+    changed.write_text(yaml.safe_dump(data, sort_keys=False))
+    return changed
+
+
+def run_recipe(recipe: str, model: str, tag: str, threads: int, overrides: list[str]) -> dict:
     out = ROOT / "runs" / "bench" / re.sub(r"[^\w.-]+", "_", f"{recipe}-{model}-{tag}")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    command = [str(Path(sys.executable).parent / "compress"), "run", str(ROOT / "recipes" / f"{recipe}.yaml"),
+    recipe_path = with_overrides(ROOT / "recipes" / f"{recipe}.yaml", overrides, out)
+    command = [str(Path(sys.executable).parent / "compress"), "run", str(recipe_path),
                model, "--out", str(out), "--overwrite", "--quiet"]
     start = time.perf_counter()
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -66,7 +91,7 @@ def run_recipe(recipe: str, model: str, tag: str, threads: int) -> dict:
         raise RuntimeError(f"{recipe} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
     report = json.loads((out / "report.json").read_text())
     manifest = json.loads((out / "model" / "compress_manifest.json").read_text())
-    return {"recipe": recipe, "model": model, "tag": tag, "commit": _commit(), "threads": threads,
+    return {"recipe": recipe, "model": model, "tag": tag, "overrides": overrides, "commit": _commit(), "threads": threads,
             "date": time.strftime("%Y-%m-%d"), "run_wall_s": wall, "exit_code": proc.returncode,
             "folder": str(out.relative_to(ROOT)), **cell_from_report(report, manifest)}
 
@@ -92,7 +117,7 @@ def render(cells: dict) -> str:
         c = cells[key]
         ratio = c["perplexity"] / c["dense_perplexity"] if c["perplexity"] and c["dense_perplexity"] else None
         lines.append("| " + " | ".join([
-            c["recipe"], c["model"], c["tag"], c["commit"], _fmt(c["perplexity"]), _fmt(c["dense_perplexity"]),
+            c["recipe"] + "".join(f" ({o})" for o in c.get("overrides", [])), c["model"], c["tag"], c["commit"], _fmt(c["perplexity"]), _fmt(c["dense_perplexity"]),
             _fmt(ratio, 3), f"{c['compression_ratio']:.1%}", _fmt(c["params_after"]),
             f"{c['bytes_after'] / 1e6:.1f}", f"{c['compression_wall_s']:.0f}", f"{c['run_wall_s']:.0f}",
             f"{c['peak_rss_bytes'] / 2**30:.2f}", str(c["threads"])]) + " |")
@@ -129,6 +154,8 @@ def main() -> None:
     parser.add_argument("--tag", required=True, help="a label for this series of runs (e.g. the code version)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rerun", action="store_true", help="run again even if the store has the run")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                        help="change one recipe field for these runs, e.g. stages.0.train.lr=1.0e-3")
     args = parser.parse_args()
     cells = load_cells(STORE)
     for recipe in args.recipes:
@@ -136,7 +163,7 @@ def main() -> None:
         if key in cells and not args.rerun:
             continue
         try:
-            cells[key] = run_recipe(recipe, args.model, args.tag, args.threads)
+            cells[key] = run_recipe(recipe, args.model, args.tag, args.threads, args.overrides)
         except RuntimeError as exc:
             print(exc, file=sys.stderr, flush=True)
             continue
