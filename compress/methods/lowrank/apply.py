@@ -70,7 +70,8 @@ class LowRank(Method):
             return Calibration()
         dense_target = config.backend == "whiten_dense_target" or config.refine
         return Calibration(statistics="dense_cross" if dense_target else "input_cov", sequential=config.sequential,
-                           sublayer=config.sublayer, batch_size=config.calibration_batch_size)
+                           sublayer=config.sublayer, windows=config.calibration_windows,
+                           batch_size=config.calibration_batch_size)
 
     def plan(self, modules, config: LowRankConfig, planner) -> Plan:
         result = StageResult(self.name)

@@ -39,6 +39,8 @@ class LowRankConfig(StageConfig):
                                             "whiten_dense_target; pair it with shrinkage > 0: unregularised it "
                                             "over-fits small calibration sets badly)")
     calibration_batch_size: int = Field(4, ge=1, le=1024)
+    calibration_windows: int | None = Field(None, ge=1, description="calibration windows the layer statistics "
+                                            "use (the first N; default all): a later training stage may use more")
     sensitivity_windows: int = Field(16, ge=1, description="calibration windows used to measure sensitivities")
 
     @model_validator(mode="after")
