@@ -291,6 +291,49 @@ def outcome(cells: dict) -> list[str]:
     return lines + [""]
 
 
+# shipped recipe -> the bench cell it reproduces
+RECIPE_CELLS = {"lowrank-20": "allocation-dt@0.2", "lowrank-40": "healing@0.4", "attention-50": "attention-50@0.5"}
+# why a `compress run` of a recipe measured something else than its bench cell, per (recipe, run tag)
+DIFFERENCES = {
+    ("lowrank-40", "v0.1"): "that recipe (before this change) healed on its 64 compression windows cycled three times; "
+                            "the bench cell heals on 192 windows, one pass. The recipe now does the same as the cell "
+                            "(calibration 192 windows, `calibration_windows: 64` for the compression)",
+}
+
+
+def recipe_runs_section(cells: dict) -> list[str]:
+    """The shipped recipes' numbers from `compress run` (bench/recipe_runs.py) beside the cells they reproduce."""
+    store = RESULTS / "recipe_runs.json"
+    runs = json.loads(store.read_text()) if store.is_file() else {}
+    rows = []
+    for run in sorted(runs.values(), key=lambda r: (r["recipe"], r["date"], r["tag"])):
+        key = RECIPE_CELLS.get(run["recipe"])
+        if key is None and not run["recipe"].startswith("lowrank"):
+            continue
+        bench = cells.get(key, {}).get("perplexity") if key else None
+        cli = run["perplexity"]
+        if bench is None:
+            verdict = "no bench cell"
+        elif f"{bench:.4g}" == f"{cli:.4g}":
+            verdict = "agree (same digits)"
+        else:
+            verdict = f"differ: {DIFFERENCES.get((run['recipe'], run['tag']), 'unexplained')}"
+        label = run["recipe"] + "".join(f" ({o})" for o in run.get("overrides", []))
+        rows.append([label, run["tag"], key or "-", "-" if bench is None else f"{bench:.4g}", f"{cli:.4g}",
+                     f"{run['dense_perplexity']:.4g}", verdict])
+    if not rows:
+        return []
+    from compress.report import md_table
+
+    return ["## The shipped recipes through `compress run`", "",
+            "Each recipe run end to end with `compress run recipes/<recipe>.yaml smollm2-135m` (dense and compressed "
+            "evaluation, report) by `bench/recipe_runs.py`; held-out perplexity from the run's report.json, beside "
+            "the bench cell the recipe reproduces. Tags: `v0.1` = the code before the method-protocol refactor, "
+            "`v0.2` = after it (bench/results/recipe_runs.md has sizes, times and memory).", "",
+            md_table(["recipe", "tag", "bench cell", "bench ppl", "`compress run` ppl", "dense (same run)", "verdict"],
+                     rows), ""]
+
+
 def render(cells: dict) -> str:
     from compress.report import md_table
 
@@ -331,6 +374,7 @@ def render(cells: dict) -> str:
         "22,305 / 177,604; ASVD 466,158 / 1.4e7; SVD-LLM whitening 99.1 / 421.2; sequential dense-target 294 at "
         "40 %; + 0.1 diag shrinkage 74.2 / 191.7.", "",
         *outcome(cells),
+        *recipe_runs_section(cells),
         NOTES, "",
     ]
     return "\n".join(lines)

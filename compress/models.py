@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import CompressError
 from .eval.cache import compress_cache_dir
-from .utils import atomic_folder
+from .utils import atomic_folder, require
 
 MANIFEST = "compress_manifest.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -89,6 +89,7 @@ def dequantize_gguf(path: Path, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    require("gguf", "gguf", "reading a .gguf file")
     dtype = dtype or torch.float32
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

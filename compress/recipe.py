@@ -135,10 +135,30 @@ def parse_recipe(data: dict, source: str = "recipe"):
         raise CompressError(f"{source}: {format_error(exc)}") from None
 
 
-def load_recipe(path: str | Path):
-    path = Path(path)
-    if not path.is_file():
-        raise CompressError(f"recipe {str(path)!r} does not exist")
+def bundled_recipes() -> dict[str, Path]:
+    """The recipes shipped inside the package: name (file stem) -> file."""
+    import importlib.resources
+
+    folder = importlib.resources.files("compress.bundled_recipes")
+    return {Path(item.name).stem: Path(str(item)) for item in folder.iterdir() if item.name.endswith(".yaml")}
+
+
+def resolve_recipe(ref: str | Path) -> Path:
+    """A recipe file: ``ref`` itself when it is a file, else the bundled recipe of that name (``lowrank-20``)."""
+    path = Path(ref)
+    if path.is_file():
+        return path
+    bundled = bundled_recipes()
+    name = path.name.removesuffix(".yaml")
+    if path.parent == Path(".") and name in bundled:
+        return bundled[name]
+    raise CompressError(f"recipe {str(ref)!r} is neither a file nor a bundled recipe{suggest(name, bundled)}; "
+                        f"bundled: {', '.join(sorted(bundled))}")
+
+
+def load_recipe(ref: str | Path):
+    """Parse and validate a recipe file, or a bundled recipe given by name."""
+    path = resolve_recipe(ref)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

@@ -16,6 +16,16 @@ def progress_iter(items: Iterable, description: str, enabled: bool = True, total
     return iter(tqdm(items, desc=description, total=total, disable=not enabled, leave=False, dynamic_ncols=True))
 
 
+def require(module: str, extra: str, purpose: str) -> None:
+    """A clear error when an optional dependency is missing: which extra to install, and for what."""
+    import importlib.util
+
+    from .errors import CompressError
+
+    if importlib.util.find_spec(module) is None:
+        raise CompressError(f"{purpose} needs the {module!r} package: pip install 'compress-llm[{extra}]'")
+
+
 def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 

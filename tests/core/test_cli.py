@@ -90,7 +90,7 @@ def test_validate_subprocess_exit_code_and_single_line(tmp_path):
 def test_ls_lists_methods_models_and_recipes(capsys):
     assert main(["ls"]) == 0
     out = capsys.readouterr().out
-    assert "welore" in out and "smollm2-135m" in out and "welore-30.yaml" in out
+    assert "welore" in out and "smollm2-135m" in out and "welore-30-finetune" in out
 
 
 def test_import_is_light():
