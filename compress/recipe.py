@@ -152,8 +152,8 @@ def resolve_recipe(ref: str | Path) -> Path:
     name = path.name.removesuffix(".yaml")
     if path.parent == Path(".") and name in bundled:
         return bundled[name]
-    raise CompressError(f"recipe {str(ref)!r} is neither a file nor a bundled recipe{suggest(name, bundled)}; "
-                        f"bundled: {', '.join(sorted(bundled))}")
+    raise CompressError(f"recipe {str(ref)!r} does not exist: not a file, nor a bundled recipe"
+                        f"{suggest(name, bundled)} (bundled: {', '.join(sorted(bundled))})")
 
 
 def load_recipe(ref: str | Path):
