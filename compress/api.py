@@ -138,6 +138,7 @@ def evaluate(model: nn.Module, tasks: list[str] | tuple[str, ...] = ("wikipedia_
     from pydantic import ValidationError
 
     from .recipe import EvalConfig
+    from .scoring import check_eval
     from .scoring import evaluate as score
 
     tokenizer = tokenizer if tokenizer is not None else getattr(getattr(model, "compression", None), "tokenizer", None)
@@ -147,4 +148,5 @@ def evaluate(model: nn.Module, tasks: list[str] | tuple[str, ...] = ("wikipedia_
         config = EvalConfig(tasks=list(tasks), perplexity_windows=perplexity_windows, seq_len=seq_len, limit=limit)
     except ValidationError as exc:
         raise CompressError(f"evaluate: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    check_eval(config)
     return score(model, tokenizer, config, progress)

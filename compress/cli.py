@@ -21,8 +21,11 @@ def _cmd_run(args) -> None:
 def _cmd_validate(args) -> None:
     from .recipe import load_recipe
 
+    from .scoring import check_eval
+
     for path in args.recipes:
         recipe = load_recipe(path)
+        check_eval(recipe.eval)
         print(f"ok: {path} ({recipe.name}: {', '.join(s.method for s in recipe.stages)})")
 
 
@@ -65,12 +68,14 @@ def _cmd_eval(args) -> None:
     from .models import load_model
     from .recipe import EvalConfig
     from .report import flatten_eval
-    from .scoring import evaluate
+    from .scoring import check_eval, evaluate
 
     try:
-        config = EvalConfig(tasks=args.tasks, perplexity_windows=args.windows, limit=args.limit, seq_len=args.seq_len)
+        config = EvalConfig(tasks=args.tasks, perplexity_windows=args.windows, limit=args.limit, seq_len=args.seq_len,
+                            num_fewshot=args.num_fewshot)
     except ValueError as exc:
         raise CompressError(f"eval: {str(exc).splitlines()[-1].strip()}") from None
+    check_eval(config)
     loaded = load_model(args.model_id)
     result = evaluate(loaded.model, loaded.tokenizer, config, progress=not args.quiet)
     _print_table(f"evaluation of {args.model_id}", ["metric", "value"],
@@ -119,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--windows", type=int, default=None, help="held-out perplexity windows (default: all)")
     ev.add_argument("--seq-len", type=int, default=512)
     ev.add_argument("--limit", type=int, default=None, help="lm-eval documents per task")
+    ev.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per task (default: the task's)")
     ev.add_argument("--json", help="also write the results to this file")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=_cmd_eval)

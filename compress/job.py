@@ -72,12 +72,11 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
     from .models import load_model, save_folder
     from .recipe import load_recipe, recipe_to_yaml
     from .report import write_report
-    from .scoring import evaluate
+    from .scoring import check_eval, evaluate
 
     recipe = load_recipe(recipe_path)  # validated before anything heavy happens
     require("matplotlib", "eval", "the report's plots")
-    if recipe.eval.tasks:
-        require("lm_eval", "eval", "evaluating lm-eval tasks")
+    check_eval(recipe.eval)  # task names and their datasets, before the model loads
     out = Path(out)
     if out.exists() and not overwrite:
         raise CompressError(f"output {out} already exists; pass --overwrite to replace it")

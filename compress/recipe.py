@@ -7,6 +7,7 @@ carry the field path, e.g. ``stages[0].reduction``.
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -16,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from .errors import CompressError
 from .registry import all_methods, suggest
 
-# Task names shipped in compress/eval/tasks plus our own token-level perplexity.
-EVAL_TASKS = ("wikipedia_ppl", "shakespeare_ppl", "wikipedia_lastword")
+# Eval tasks: compress's own (compress.eval.lm_eval_runner.TASKS) or any task lm-eval knows, checked by name
+# (and their datasets by availability) before a run starts: compress.eval.lm_eval_runner.check_tasks.
 CORPORA = ("wikipedia", "shakespeare")
 
 
@@ -32,32 +33,40 @@ class CalibrationConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    tasks: list[str] = Field(default_factory=lambda: ["wikipedia_ppl"])
+    tasks: list[str] = Field(default_factory=lambda: ["wikipedia_ppl"],
+                             description="compress's tasks or any lm-eval task/group (hellaswag, arc_easy, mmlu ...)")
     compare_dense: bool = True
     # token-level held-out perplexity (README, "Measurement protocol"); None = every held-out window
     perplexity_windows: int | None = Field(None, ge=1)
     seq_len: int = Field(512, ge=8, le=32_768)
     # lm-eval documents per task: one number for every task, or {task: n}; None = all
     limit: int | dict[str, int] | None = Field(None)
+    # few-shot examples per task: one number for every task, or {task: n}; None = each task's own default
+    num_fewshot: int | dict[str, int] | None = Field(None)
     # lm-eval's rolling-window length; the model's own maximum (8192 here) costs GBs of logits on CPU
     lm_eval_max_length: int = Field(2048, ge=16, le=131_072)
 
     @model_validator(mode="after")
-    def _known_tasks(self):
-        limits = self.limit if isinstance(self.limit, dict) else {}
-        for task in [*self.tasks, *limits]:
-            if task not in EVAL_TASKS:
-                raise ValueError(f"unknown eval task {task!r}{suggest(task, EVAL_TASKS)}; known: {', '.join(EVAL_TASKS)}")
-        for task in limits:
-            if task not in self.tasks:
-                raise ValueError(f"limit for {task!r}, which is not in tasks")
-        values = limits.values() if limits else ([self.limit] if self.limit is not None else [])
-        if any(v < 1 for v in values):
-            raise ValueError("limit must be >= 1")
+    def _consistent_tasks(self):
+        for task in self.tasks:
+            if not re.fullmatch(r"[\w.-]+", task):
+                raise ValueError(f"{task!r} is not a task name")
+        for field, minimum in (("limit", 1), ("num_fewshot", 0)):
+            value = getattr(self, field)
+            per_task = value if isinstance(value, dict) else {}
+            for task in per_task:
+                if task not in self.tasks:
+                    raise ValueError(f"{field} for {task!r}, which is not in tasks{suggest(task, self.tasks)}")
+            values = per_task.values() if per_task else ([value] if value is not None else [])
+            if any(v < minimum for v in values):
+                raise ValueError(f"{field} must be >= {minimum}")
         return self
 
     def limit_for(self, task: str) -> int | None:
         return self.limit.get(task) if isinstance(self.limit, dict) else self.limit
+
+    def num_fewshot_for(self, task: str) -> int | None:
+        return self.num_fewshot.get(task) if isinstance(self.num_fewshot, dict) else self.num_fewshot
 
 
 class PushConfig(_Strict):

@@ -4,6 +4,16 @@ from __future__ import annotations
 import time
 
 
+def check_eval(eval_config) -> None:
+    """Before any heavy work: the lm-eval extra is there and every task exists and can load its data."""
+    if eval_config.tasks:
+        from .eval.lm_eval_runner import check_tasks
+        from .utils import require
+
+        require("lm_eval", "eval", "evaluating lm-eval tasks")
+        check_tasks(eval_config.tasks)
+
+
 def evaluate(model, tokenizer, eval_config, progress: bool = True) -> dict:
     from .eval.corpora import load_documents
     from .eval.lm_eval_runner import run_lm_eval
@@ -16,8 +26,9 @@ def evaluate(model, tokenizer, eval_config, progress: bool = True) -> dict:
     result = {"perplexity": {**perplexity(model, windows, progress=progress), "seq_len": eval_config.seq_len}}
     if eval_config.tasks:
         result["lm_eval"] = {}
-        for task in eval_config.tasks:  # one call per task: each has its own document limit
+        for task in eval_config.tasks:  # one call per task: each has its own document limit and shots
             result["lm_eval"].update(run_lm_eval(model, tokenizer, [task], limit=eval_config.limit_for(task),
-                                                 max_length=eval_config.lm_eval_max_length))
+                                                 max_length=eval_config.lm_eval_max_length,
+                                                 num_fewshot=eval_config.num_fewshot_for(task)))
     result["wall_time_s"] = time.perf_counter() - start
     return result

@@ -1,6 +1,10 @@
-"""Score an in-memory model with lm-eval on compress's offline tasks.
+"""Score an in-memory model with lm-eval: compress's offline tasks, or any task lm-eval knows.
 
-The tasks are lm-eval YAMLs shipped as templates in ``eval/tasks/``. At run time their data
+Any name in lm-eval's ``TaskManager`` works (hellaswag, arc_easy, mmlu, gsm8k, wikitext, ...): its
+dataset comes from the Hugging Face datasets cache or the hub, and :func:`check_tasks` makes sure, before
+any heavy work, that every name exists and every dataset can be loaded (offline: that it is cached).
+
+compress's own tasks are lm-eval YAMLs shipped as templates in ``eval/tasks/``. At run time their data
 (JSONL built from the held-out corpora) and the YAMLs, with the absolute data path filled in,
 are written to ``compress_cache_dir()/lm_eval/v<N>/`` and loaded with
 ``TaskManager(include_path=<that dir>)``. Nothing touches the network
@@ -33,6 +37,7 @@ __all__ = [
     "TASKS",
     "available_tasks",
     "build_task_data",
+    "check_tasks",
     "prepare_tasks",
     "run_lm_eval",
 ]
@@ -58,11 +63,12 @@ _LAST_WORD_RE = re.compile(r"(?:^|\s)([A-Za-z]{3,})\.$")
 
 
 def available_tasks() -> list[str]:
-    """Names accepted by :func:`run_lm_eval`."""
+    """compress's own task names (any lm-eval task name is accepted as well)."""
     return list(TASKS)
 
 
 def _check_tasks(tasks) -> list[str]:
+    """compress's own tasks among ``tasks`` (which must all be ours)."""
     if isinstance(tasks, str):
         tasks = [tasks]
     tasks = list(tasks)
@@ -181,6 +187,58 @@ def prepare_tasks(tasks) -> Path:
     return task_dir
 
 
+# --------------------------------------------------------------------------- lm-eval's own tasks
+_MANAGERS: dict = {}
+
+
+def _task_manager(include_defaults: bool):
+    """lm-eval's TaskManager with our tasks included (indexing lm-eval's ~15k task files takes seconds: once)."""
+    if include_defaults not in _MANAGERS:
+        import logging
+
+        from lm_eval.tasks import TaskManager
+
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+        _MANAGERS[include_defaults] = TaskManager(include_path=str(prepare_tasks(TASKS)),
+                                                  include_defaults=include_defaults)
+    return _MANAGERS[include_defaults]
+
+
+def check_tasks(tasks) -> None:
+    """Every name is a task or group lm-eval knows (or ours), and every dataset loads, before any heavy work.
+
+    Offline (``HF_DATASETS_OFFLINE=1`` / ``HF_HUB_OFFLINE=1``) a dataset must already be in the Hugging Face
+    datasets cache; online it is downloaded into that cache now. Raises ``CompressError`` with one line.
+    """
+    import difflib
+
+    from compress.errors import CompressError
+    from compress.utils import require
+
+    foreign = [t for t in dict.fromkeys(tasks) if t not in TASKS]
+    if not foreign:
+        return
+    require("lm_eval", "eval", "evaluating lm-eval tasks")
+    manager = _task_manager(include_defaults=True)
+    known = set(manager.all_tasks)
+    for task in foreign:
+        if task not in known:
+            close = difflib.get_close_matches(task, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise CompressError(f"unknown eval task {task!r}{hint}: not one of compress's tasks "
+                                f"({', '.join(TASKS)}) nor a task or group lm-eval knows")
+    from lm_eval.tasks import get_task_dict
+
+    for task in foreign:
+        try:
+            get_task_dict([task], manager)
+        except Exception as exc:  # datasets raises ConnectionError, FileNotFoundError, DatasetNotFoundError ...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            offline = any(os.environ.get(k, "") not in ("", "0") for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+            why = "it is not in the Hugging Face datasets cache (offline mode)" if offline else "it could not be loaded"
+            raise CompressError(f"eval task {task!r}: its dataset is not available, {why}: {first}") from None
+
+
 # --------------------------------------------------------------------------- running
 _NOT_METRICS = {"alias", "sample_len", "samples"}
 
@@ -208,8 +266,9 @@ def run_lm_eval(
     batch_size: int = 1,
     max_length: int | None = None,
     bootstrap_iters: int = 0,
+    num_fewshot: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Evaluate the in-memory ``model`` on compress's offline lm-eval ``tasks``.
+    """Evaluate the in-memory ``model`` on lm-eval ``tasks`` (compress's offline ones or any lm-eval knows).
 
     ``limit`` keeps the first ``limit`` documents of each task (documents are interleaved
     across articles/plays, so small limits still cover several sources). ``max_length``
@@ -220,17 +279,25 @@ def run_lm_eval(
     Returns ``{task: {metric: value}}`` with lm-eval's ``,none`` filter suffix stripped, e.g.
     ``{"wikipedia_ppl": {"word_perplexity": ..., "byte_perplexity": ..., "bits_per_byte": ...}}``.
     """
-    names = _check_tasks(tasks)
+    names = list(dict.fromkeys([tasks] if isinstance(tasks, str) else tasks))
+    if not names:
+        raise ValueError(f"no task given; compress's tasks: {', '.join(TASKS)}")
     if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
-    include_dir = prepare_tasks(names)
+    if any(name not in TASKS for name in names):  # lm-eval's own tasks: datasets from the cache or the hub
+        return _evaluate(model, tokenizer, names, _task_manager(include_defaults=True), limit, batch_size,
+                         max_length, bootstrap_iters, num_fewshot)
+    from lm_eval.tasks import TaskManager
 
+    include_dir = prepare_tasks(names)
     # lm-eval must never reach the hub: our tasks read local files. Restored afterwards so a
     # later hub push (or a subprocess) in the same run is not silently offline.
     saved_env = {key: os.environ.get(key) for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     os.environ.update({key: "1" for key in saved_env})
     try:
-        return _evaluate(model, tokenizer, names, include_dir, limit, batch_size, max_length, bootstrap_iters)
+        manager = TaskManager(include_path=str(include_dir), include_defaults=False)
+        return _evaluate(model, tokenizer, names, manager, limit, batch_size, max_length, bootstrap_iters,
+                         num_fewshot)
     finally:
         for key, value in saved_env.items():
             if value is None:
@@ -239,7 +306,7 @@ def run_lm_eval(
                 os.environ[key] = value
 
 
-def _evaluate(model, tokenizer, names, include_dir, limit, batch_size, max_length, bootstrap_iters):
+def _evaluate(model, tokenizer, names, task_manager, limit, batch_size, max_length, bootstrap_iters, num_fewshot):
     import logging
 
     import lm_eval
@@ -247,7 +314,6 @@ def _evaluate(model, tokenizer, names, include_dir, limit, batch_size, max_lengt
     # lm-eval warns about passing an in-memory model, which is exactly what we mean to do
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     was_training = getattr(model, "training", False)
     # HFLM sets a pad token on the tokenizer it is given: hand it a copy
@@ -265,11 +331,11 @@ def _evaluate(model, tokenizer, names, include_dir, limit, batch_size, max_lengt
                 object.__setattr__(model, "tie_weights", own_tie)
             else:
                 del model.__dict__["tie_weights"]
-        task_manager = TaskManager(include_path=str(include_dir), include_defaults=False)
         out = lm_eval.simple_evaluate(
             model=lm,
             tasks=names,
             task_manager=task_manager,
+            num_fewshot=num_fewshot,
             limit=None if limit is None else int(limit),
             bootstrap_iters=bootstrap_iters,
             log_samples=False,
@@ -283,4 +349,4 @@ def _evaluate(model, tokenizer, names, include_dir, limit, batch_size, max_lengt
             model.train()
     if out is None:  # only happens on non-zero ranks of a distributed launch
         return {}
-    return _flatten(out["results"], names)
+    return _flatten({**out.get("groups", {}), **out["results"]}, names)  # a group (mmlu) scores in either
