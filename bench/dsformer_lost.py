@@ -123,7 +123,7 @@ def run_cell(name: str, reduction: float, args) -> dict:
 
     samples = max(SCALING_WINDOWS, args.steps * args.batch_size) if train else SCALING_WINDOWS
     recipe = parse_recipe({"name": "bench", "stages": [stage],
-                           "calibration": {"samples": samples, "seq_len": args.seq_len}})
+                           "calibration": {"corpus": "wikipedia", "samples": samples, "seq_len": args.seq_len}})
     windows = lazy_calibration_windows(tokenizer, recipe.calibration)
 
     ctx = StageContext(tokenizer, windows, progress=False)

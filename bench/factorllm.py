@@ -87,7 +87,7 @@ def _calibration(tokenizer, args, samples: int):
     from compress.calibration import calibration_windows
     from compress.recipe import CalibrationConfig
 
-    return calibration_windows(tokenizer, CalibrationConfig(samples=samples, seq_len=args.seq_len))
+    return calibration_windows(tokenizer, CalibrationConfig(corpus="wikipedia", samples=samples, seq_len=args.seq_len))
 
 
 def _agreement(model, held, args) -> dict:
@@ -130,7 +130,7 @@ def run_split(layout: str, partition: str, args) -> dict:
     model, tokenizer = loaded.model, loaded.tokenizer
     held = _held(tokenizer, args)
     recipe = parse_recipe({"name": "bench", "stages": [stage_for(layout, partition, args)],
-                           "calibration": {"samples": args.fit_windows, "seq_len": args.seq_len}})
+                           "calibration": {"corpus": "wikipedia", "samples": args.fit_windows, "seq_len": args.seq_len}})
     calib = _calibration(tokenizer, args, args.fit_windows)
     start = time.perf_counter()
     result = apply_stage(model, recipe.stages[0], StageContext(tokenizer, lambda: calib, progress=False))

@@ -151,7 +151,7 @@ def run_cell(model_id: str, variant: str, k: int, args) -> dict:
 
     samples = max(args.samples, max(args.curve_steps) * args.batch_size) if train else args.samples
     recipe = parse_recipe({"name": "bench", "stages": [stage_for(base, k)],
-                           "calibration": {"samples": samples, "seq_len": args.seq_len}})
+                           "calibration": {"corpus": "wikipedia", "samples": samples, "seq_len": args.seq_len}})
     windows = lazy_calibration_windows(tokenizer, recipe.calibration)
 
     ctx = StageContext(tokenizer, windows, progress=False)

@@ -54,7 +54,7 @@ def run_row(kind: str, reduction: float, windows: int, steps: int, model_id: str
     results = []
     if stages:
         recipe = parse_recipe({"name": "bench", "stages": stages,
-                               "calibration": {"samples": 256, "seq_len": 256}})
+                               "calibration": {"corpus": "wikipedia", "samples": 256, "seq_len": 256}})
         ctx = StageContext(tokenizer, lazy_calibration_windows(tokenizer, recipe.calibration), progress=False)
         results = compress_model(model, recipe, ctx)
         mark_compressed(model, recipe.model_dump(mode="json"))

@@ -33,6 +33,7 @@ class Compression:
     tokenizer: Any
     source: dict = field(default_factory=dict)
     wall_time_s: float = 0.0
+    calibration: list[dict] | None = None  # the calibration sources and their windows (None: data-free run)
 
 
 def as_recipe(recipe) -> Any:
@@ -68,13 +69,15 @@ def compress(model: str | Path | nn.Module, recipe, *, tokenizer=None, calibrati
     """
     import torch
 
-    from .calibration import calibration_windows
+    from .calibration import build_calibration, check_calibration
     from .checkpoint import mark_compressed
     from .methods.base import StageContext
     from .pipeline import compress_model
 
     recipe = as_recipe(recipe)
     source: dict = {}
+    if calibration is None:
+        check_calibration(recipe.calibration)  # a missing dataset fails before the model loads
     if isinstance(model, (str, Path)):
         from .models import load_model
 
@@ -92,8 +95,8 @@ def compress(model: str | Path | nn.Module, recipe, *, tokenizer=None, calibrati
         if ctx.tokenizer is None:
             raise CompressError("this recipe calibrates on text: pass tokenizer= (or calibration= token windows)")
         if cache.get("tokenizer") is not ctx.tokenizer:
-            cache.update(tokenizer=ctx.tokenizer, windows=calibration_windows(ctx.tokenizer, recipe.calibration))
-        return cache["windows"]
+            cache.update(tokenizer=ctx.tokenizer, built=build_calibration(ctx.tokenizer, recipe.calibration))
+        return cache["built"].windows
 
     ctx = StageContext(tokenizer=tokenizer, calibration_windows=windows, progress=progress)
     start = time.perf_counter()
@@ -101,7 +104,9 @@ def compress(model: str | Path | nn.Module, recipe, *, tokenizer=None, calibrati
     wall = time.perf_counter() - start
     model.to(getattr(torch, recipe.output.dtype))
     mark_compressed(model, recipe.model_dump(mode="json"))
-    model.compression = Compression(recipe, results, ctx.tokenizer, source, wall)
+    used = [{"source": "token windows given to compress()", "windows": len(calibration)}] if calibration is not None \
+        else cache["built"].sources if "built" in cache else None
+    model.compression = Compression(recipe, results, ctx.tokenizer, source, wall, used)
     return model
 
 

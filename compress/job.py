@@ -69,6 +69,7 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
     import torch
 
     from .api import compress, save
+    from .calibration import check_calibration
     from .models import load_model, save_folder
     from .recipe import load_recipe, recipe_to_yaml
     from .report import write_report
@@ -77,6 +78,7 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
     recipe = load_recipe(recipe_path)  # validated before anything heavy happens
     require("matplotlib", "eval", "the report's plots")
     check_eval(recipe.eval)  # task names and their datasets, before the model loads
+    check_calibration(recipe.calibration)
     out = Path(out)
     if out.exists() and not overwrite:
         raise CompressError(f"output {out} already exists; pass --overwrite to replace it")
@@ -127,6 +129,9 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
                 "folder_bytes_after": folder_bytes(tmp / "model"),
             },
             "timing": {"compression_wall_time_s": info.wall_time_s, "peak_rss_bytes": peak_rss_bytes()},
+            "calibration": None if info.calibration is None else {
+                "samples": recipe.calibration.samples, "seq_len": recipe.calibration.seq_len,
+                "sources": info.calibration},
             "eval_dense": None,
             "eval_compressed": None,
             "stages": [{"method": r.method, "summary": r.summary, "rows": r.rows} for r in results],

@@ -137,12 +137,15 @@ def eval_results(report: dict) -> list:
     results = []
     evaluation = report.get("eval_compressed") or {}
     settings = report.get("recipe", {}).get("eval", {})
-    ppl = evaluation.get("perplexity")
-    if ppl and _finite(ppl.get("perplexity")):
+    for ppl in (evaluation.get("perplexity_by_corpus") or {"wikipedia": evaluation.get("perplexity")}).values():
+        if not ppl or not _finite(ppl.get("perplexity")):
+            continue
+        corpus = ppl.get("corpus", "wikipedia")
+        dataset = _WIKI if corpus == "wikipedia" else (corpus, f"{corpus} held-out split (compress's bundled corpus)")
         results.append(EvalResult(
-            task_type="text-generation", task_name="held-out token perplexity (compress)",
-            dataset_type=_WIKI[0], dataset_name=_WIKI[1], dataset_config="token_perplexity", dataset_split="heldout",
-            metric_type="perplexity", metric_value=float(ppl["perplexity"]),
+            task_type="text-generation", task_name=f"held-out token perplexity (compress, {corpus})",
+            dataset_type=dataset[0], dataset_name=dataset[1], dataset_config="token_perplexity",
+            dataset_split="heldout", metric_type="perplexity", metric_value=float(ppl["perplexity"]),
             metric_name=f"token perplexity ({ppl.get('windows')} windows x {ppl.get('seq_len')} tokens)"))
     limit = settings.get("limit")
     for task, metrics in (evaluation.get("lm_eval") or {}).items():
@@ -285,6 +288,13 @@ def render_body(run: RunFolder, repo_id: str, revision: str | None = None) -> st
         rows.append([i, f"`{cfg['method']}`", settings, results])
     out += ["Per stage (settings from the recipe, results from the run):", "",
             _table(["stage", "method", "settings", "results"], rows), ""]
+    calibration = report.get("calibration")
+    if calibration:
+        parts = [f"{c['source']}: {c['windows']} windows" for c in calibration["sources"]]
+        out += [f"Calibration data ({calibration['samples']} windows of {calibration['seq_len']} tokens): "
+                + "; ".join(parts) + ".", ""]
+    elif "calibration" in report:
+        out += ["No calibration data was used (every stage is data-free).", ""]
 
     ev = recipe.get("eval", {})
     ppl = (report.get("eval_compressed") or {}).get("perplexity") or {}

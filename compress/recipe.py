@@ -19,17 +19,70 @@ from .registry import all_methods, suggest
 
 # Eval tasks: compress's own (compress.eval.lm_eval_runner.TASKS) or any task lm-eval knows, checked by name
 # (and their datasets by availability) before a run starts: compress.eval.lm_eval_runner.check_tasks.
-CORPORA = ("wikipedia", "shakespeare")
+Corpus = Literal["wikipedia", "shakespeare", "bible", "python"]  # compress.eval.corpora.CORPORA
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class CalibrationSource(_Strict):
+    """One source of calibration text: a bundled ``corpus``, a Hugging Face ``dataset`` or a local ``file``."""
+
+    corpus: Corpus | None = Field(None, description="a bundled corpus (its calibration split)")
+    dataset: str | None = Field(None, description="a Hugging Face dataset id (or local dataset folder)")
+    config: str | None = Field(None, description="the dataset's configuration name")
+    split: str = "train"
+    file: str | None = Field(None, description="a local .txt, .jsonl, .json or .parquet file")
+    text_field: str = Field("text", description="the field holding the text")
+    messages_field: str | None = Field(None, description="a field of {role, content} messages, rendered with "
+                                                         "the tokenizer's chat template (instead of text_field)")
+    max_documents: int | None = Field(None, ge=1, description="read at most this many records")
+    weight: float = Field(1.0, gt=0, description="share of the windows, relative to the other sources")
+
+    @model_validator(mode="after")
+    def _one_origin(self):
+        given = [name for name in ("corpus", "dataset", "file") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of corpus, dataset or file")
+        if self.file is not None and not Path(self.file).expanduser().is_file():
+            raise ValueError(f"calibration file {self.file!r} does not exist")
+        return self
+
+    def describe(self) -> str:
+        if self.corpus is not None:
+            return f"{self.corpus} (bundled, calibration split)"
+        where = f"dataset {self.dataset}" + (f" [{self.config}]" if self.config else "") + f" split {self.split}" \
+            if self.dataset is not None else f"file {self.file}"
+        return f"{where}, field {self.messages_field or self.text_field}" + (
+            " (chat template)" if self.messages_field else "")
+
+
+# Without a corpus or sources: text of two unlike domains, so the compressed model is not fitted to one.
+DEFAULT_SOURCES = (CalibrationSource(corpus="wikipedia", weight=0.5), CalibrationSource(corpus="shakespeare", weight=0.5))
+
+
 class CalibrationConfig(_Strict):
-    corpus: Literal[CORPORA] = "wikipedia"  # type: ignore[valid-type]
+    corpus: Corpus | None = Field(None, description="shorthand for sources: [{corpus: ...}]")
+    sources: list[CalibrationSource] | None = Field(None, min_length=1, description="a weighted mix of sources")
     samples: int = Field(64, ge=1, le=100_000, description="number of calibration windows")
     seq_len: int = Field(512, ge=8, le=32_768)
+
+    @model_validator(mode="after")
+    def _corpus_or_sources(self):
+        if self.corpus is not None and self.sources is not None:
+            raise ValueError("give corpus or sources, not both")
+        if len(self.resolved_sources()) > self.samples:
+            raise ValueError(f"{len(self.resolved_sources())} sources need at least as many samples")
+        return self
+
+    def resolved_sources(self) -> list[CalibrationSource]:
+        """The sources in use: ``sources``, the one ``corpus``, or the default mix."""
+        if self.sources is not None:
+            return list(self.sources)
+        if self.corpus is not None:
+            return [CalibrationSource(corpus=self.corpus)]
+        return list(DEFAULT_SOURCES)
 
 
 class EvalConfig(_Strict):
@@ -38,6 +91,8 @@ class EvalConfig(_Strict):
     compare_dense: bool = True
     # token-level held-out perplexity (README, "Measurement protocol"); None = every held-out window
     perplexity_windows: int | None = Field(None, ge=1)
+    # the corpora it is measured on (their held-out split); the first is the run's headline number
+    perplexity_corpora: list[Corpus] = Field(default_factory=lambda: ["wikipedia"], min_length=1)
     seq_len: int = Field(512, ge=8, le=32_768)
     # lm-eval documents per task: one number for every task, or {task: n}; None = all
     limit: int | dict[str, int] | None = Field(None)

@@ -37,9 +37,10 @@ def md_table(headers: list[str], rows: list[list]) -> str:
 def flatten_eval(evaluation: dict) -> dict[str, float]:
     """{"wikipedia token perplexity": x, "wikipedia_ppl word_perplexity": y, ...}."""
     flat = {}
-    if "perplexity" in evaluation:
-        ppl = evaluation["perplexity"]
-        flat[f"wikipedia held-out token perplexity ({ppl['windows']} x {ppl.get('seq_len', 512)} tokens)"] = ppl["perplexity"]
+    for ppl in (evaluation.get("perplexity_by_corpus") or {"": evaluation.get("perplexity")}).values():
+        if ppl:
+            flat[f"{ppl.get('corpus', 'wikipedia')} held-out token perplexity ({ppl['windows']} x "
+                 f"{ppl.get('seq_len', 512)} tokens)"] = ppl["perplexity"]
     for task, metrics in evaluation.get("lm_eval", {}).items():
         for metric, value in metrics.items():
             if not metric.endswith("_stderr"):
@@ -72,6 +73,11 @@ def render_markdown(report: dict) -> str:
                 size["bytes_after"] / size["bytes_before"]],
            ]), "",
            f"Compression ratio (targeted parameters removed): **{size['compression_ratio']:.1%}**.", ""]
+    calibration = report.get("calibration")
+    if calibration:
+        out += ["## Calibration data", "", md_table(["source", "weight", "windows"], [
+            [c["source"], c.get("weight", 1.0), c["windows"]] for c in calibration["sources"]]), "",
+                f"{calibration['samples']} windows of {calibration['seq_len']} tokens.", ""]
     out += ["## Evaluation", "", md_table(["metric", "dense", "compressed", "compressed / dense"],
                                           eval_rows(report.get("eval_dense"), report["eval_compressed"])), "",
             PROTOCOL, ""]

@@ -21,9 +21,15 @@ def evaluate(model, tokenizer, eval_config, progress: bool = True) -> dict:
     from .eval.windows import token_windows
 
     start = time.perf_counter()
-    windows = token_windows(tokenizer, load_documents("wikipedia", "heldout"), eval_config.seq_len,
-                            eval_config.perplexity_windows)
-    result = {"perplexity": {**perplexity(model, windows, progress=progress), "seq_len": eval_config.seq_len}}
+    by_corpus = {}
+    for corpus in eval_config.perplexity_corpora:
+        windows = token_windows(tokenizer, load_documents(corpus, "heldout"), eval_config.seq_len,
+                                eval_config.perplexity_windows)
+        by_corpus[corpus] = {**perplexity(model, windows, progress=progress), "seq_len": eval_config.seq_len,
+                             "corpus": corpus}
+    result = {"perplexity": by_corpus[eval_config.perplexity_corpora[0]]}
+    if len(by_corpus) > 1:
+        result["perplexity_by_corpus"] = by_corpus
     if eval_config.tasks:
         result["lm_eval"] = {}
         for task in eval_config.tasks:  # one call per task: each has its own document limit and shots

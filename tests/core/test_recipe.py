@@ -25,7 +25,7 @@ def test_good_recipe_is_frozen_with_defaults():
     (_stage(threshold=0.2), r"exactly one of 'reduction' or 'threshold'"),
     (_stage(targets=[]), r"stages\[0\]\.targets"),
     (_stage(targets=["re:("]), r"invalid regex"),
-    ({**GOOD, "eval": {"tasks": ["wikipedia_pl"]}}, r"did you mean 'wikipedia_ppl'"),
+    ({**GOOD, "eval": {"tasks": ["wiki pl"]}}, r"eval: 'wiki pl' is not a task name"),
     ({**GOOD, "calibration": {"samples": 0}}, r"calibration\.samples"),
     ({**GOOD, "colour": "red"}, r"colour: unknown field"),
     ({"name": "w", "stages": []}, r"stages"),
