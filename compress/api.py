@@ -34,6 +34,7 @@ class Compression:
     source: dict = field(default_factory=dict)
     wall_time_s: float = 0.0
     calibration: list[dict] | None = None  # the calibration sources and their windows (None: data-free run)
+    dtype: str = "float32"                 # what the weights are stored in
 
 
 def as_recipe(recipe) -> Any:
@@ -58,14 +59,16 @@ def as_recipe(recipe) -> Any:
 
 
 def compress(model: str | Path | nn.Module, recipe, *, tokenizer=None, calibration: torch.Tensor | None = None,
-             device: str | None = None, progress: bool = True) -> nn.Module:
+             device: str | None = None, progress: bool = True, source: dict | None = None) -> nn.Module:
     """Apply ``recipe``'s stages to ``model`` and return the compressed model.
 
     ``model``: a MODEL_ID (bundled alias, local folder, .gguf file or hub id; loaded here) or an
     ``nn.Module`` (compressed in place; give its ``tokenizer`` if a stage calibrates). ``recipe``: see
     :func:`as_recipe`. ``calibration``: token windows ``[N, seq_len]`` to calibrate on instead of the
-    recipe's ``calibration`` corpus. The result is marked as a compress checkpoint, stored in the recipe's
-    ``output.dtype``, and carries :class:`Compression` as ``model.compression``.
+    recipe's ``calibration`` data. The work runs in float32; the result is marked as a compress checkpoint,
+    stored in the recipe's ``output.dtype`` (``auto``: the source's own dtype), and carries
+    :class:`Compression` as ``model.compression``. ``source`` describes where an ``nn.Module`` came from
+    (as ``compress.models.load_model`` does; its ``dtype`` is what ``auto`` keeps).
     """
     import torch
 
@@ -75,7 +78,9 @@ def compress(model: str | Path | nn.Module, recipe, *, tokenizer=None, calibrati
     from .pipeline import compress_model
 
     recipe = as_recipe(recipe)
-    source: dict = {}
+    source = dict(source or {})
+    if isinstance(model, torch.nn.Module):
+        source.setdefault("dtype", str(next(model.parameters()).dtype).removeprefix("torch."))
     if calibration is None:
         check_calibration(recipe.calibration)  # a missing dataset fails before the model loads
     if isinstance(model, (str, Path)):
@@ -86,6 +91,7 @@ def compress(model: str | Path | nn.Module, recipe, *, tokenizer=None, calibrati
         tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
     if device is not None:
         model.to(device)
+    model.float()  # statistics, factorisations and training in float32 (float64 inside the maths)
 
     cache: dict = {}
 
@@ -102,11 +108,12 @@ def compress(model: str | Path | nn.Module, recipe, *, tokenizer=None, calibrati
     start = time.perf_counter()
     results = compress_model(model, recipe, ctx)
     wall = time.perf_counter() - start
-    model.to(getattr(torch, recipe.output.dtype))
+    dtype = recipe.output.dtype if recipe.output.dtype != "auto" else source.get("dtype", "float32")
+    model.to(getattr(torch, dtype))
     mark_compressed(model, recipe.model_dump(mode="json"))
     used = [{"source": "token windows given to compress()", "windows": len(calibration)}] if calibration is not None \
         else cache["built"].sources if "built" in cache else None
-    model.compression = Compression(recipe, results, ctx.tokenizer, source, wall, used)
+    model.compression = Compression(recipe, results, ctx.tokenizer, source, wall, used, dtype)
     return model
 
 

@@ -105,9 +105,8 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
         params_before = count_params(model)
 
         echo(f"compressing with {len(recipe.stages)} stage(s) ...")
-        model = compress(model, recipe, tokenizer=tokenizer, progress=progress)
+        model = compress(model, recipe, tokenizer=tokenizer, progress=progress, source=loaded.source)
         info = model.compression
-        info.source = loaded.source
         save(model, tmp / "model")
         (tmp / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         staged.keep()  # the checkpoint is saved: from here on a failure keeps the folder
@@ -126,7 +125,7 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
                 "targeted_params_before": targeted_before, "targeted_params_after": targeted_after,
                 "compression_ratio": 1 - targeted_after / targeted_before if targeted_before else 0.0,
                 "bytes_before": bytes_before, "bytes_after": safetensors_bytes(tmp / "model"),
-                "folder_bytes_after": folder_bytes(tmp / "model"),
+                "folder_bytes_after": folder_bytes(tmp / "model"), "dtype": info.dtype,
             },
             "timing": {"compression_wall_time_s": info.wall_time_s, "peak_rss_bytes": peak_rss_bytes()},
             "calibration": None if info.calibration is None else {

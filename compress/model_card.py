@@ -249,7 +249,7 @@ def render_body(run: RunFolder, repo_id: str, revision: str | None = None) -> st
               enumerate(zip(recipe["stages"], report["stages"]))]
     modules = (run.config.get("quantization_config") or {}).get("modules", {})
     kinds = sorted({spec.get("type", "?") for spec in modules.values()})
-    dtype = recipe.get("output", {}).get("dtype", "float32")
+    dtype = size.get("dtype") or recipe.get("output", {}).get("dtype", "float32")
     license_id = base_license(run)
     name = repo_id.split("/")[-1]
 

@@ -221,20 +221,36 @@ def resolve(model_id: str) -> tuple[str, Path | str]:
                         f"bundled alias ({', '.join(BUNDLED)}) or hub id (owner/name)")
 
 
+def declared_dtype(folder: Path) -> str:
+    """The dtype a model folder's config.json declares (``dtype``, formerly ``torch_dtype``); float32 if none."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "float32"
+    value = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+    return value if value in ("float32", "bfloat16", "float16") else "float32"
+
+
 def load_model(model_id: str, dtype=None) -> LoadedModel:
+    """Load a MODEL_ID (in float32 unless ``dtype``); ``source["dtype"]`` is the dtype its checkpoint declares."""
     kind, location = resolve(model_id)
-    source = {"id": model_id, "kind": kind}
+    source = {"id": model_id, "kind": kind, "dtype": "float32"}  # a de-quantised GGUF is float32
     if kind == "bundled":
         entry = BUNDLED[model_id]
         source.update(base_model=entry.base_model, license=entry.license)
-        model, tokenizer, _ = load_folder(ensure_bundled(model_id), dtype)
+        folder = ensure_bundled(model_id)
+        source["dtype"] = declared_dtype(folder)
+        model, tokenizer, _ = load_folder(folder, dtype)
     elif kind == "gguf":
         model, tokenizer = dequantize_gguf(Path(location), dtype)
     elif kind == "folder":
+        source["dtype"] = declared_dtype(Path(location))
         model, tokenizer, manifest = load_folder(Path(location), dtype)
         source.update({k: manifest[k] for k in ("base_model", "license") if k in manifest})
     else:
-        model, tokenizer, _ = load_folder(_hub_snapshot(str(location)), dtype)
+        folder = _hub_snapshot(str(location))
+        source["dtype"] = declared_dtype(folder)
+        model, tokenizer, _ = load_folder(folder, dtype)
         source["base_model"] = model_id
     source.setdefault("base_model", getattr(model.config, "name_or_path", "") or model_id)
     return LoadedModel(model, tokenizer, source)

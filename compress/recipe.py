@@ -131,7 +131,9 @@ class PushConfig(_Strict):
 
 
 class OutputConfig(_Strict):
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # auto: the dtype the source checkpoint declares (bf16 for most hub models); the work itself (statistics,
+    # factorisations, training) is always float32 or float64
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     push_to_hub: PushConfig | None = None
 
 
