@@ -13,10 +13,11 @@ It does not import triton or lm-eval, and does not touch CUDA.
 __version__ = "0.1.0"
 
 from . import checkpoint as _checkpoint  # noqa: E402,F401  (registration side effect)
+from .adapters import lora_config  # noqa: E402
 from .api import Compression, compress, evaluate, save  # noqa: E402
 from .errors import CompressError  # noqa: E402
 
-__all__ = ["Compression", "CompressError", "compress", "evaluate", "recipes", "save"]
+__all__ = ["Compression", "CompressError", "compress", "evaluate", "lora_config", "recipes", "save"]
 
 
 def __getattr__(name: str):

@@ -28,6 +28,7 @@ class DenseSparseLinear(nn.Module):
     """
 
     spec_type = "dense_sparse"
+    adapter_parameters = ("D",)  # the dense factor (peft cannot wrap a parameter called "values")
 
     def __init__(self, in_features: int, out_features: int, k: int, s: int, bias: bool = False,
                  pattern: str = "topk", index_dtype: torch.dtype | None = None,

@@ -25,6 +25,7 @@ class FactorizedEmbedding(nn.Module):
     """
 
     spec_type = "factorized_embedding"
+    adapter_parameters = ("coords.weight", "primitives.weight")
 
     def __init__(self, num_embeddings: int, embedding_dim: int, dim: int, padding_idx: int | None = None,
                  embed_scale: float = 1.0, full: int = 0, dtype: torch.dtype | None = None, device=None):

@@ -16,6 +16,7 @@ class GroupedLowRankLinear(nn.Module):
     """y = concat_g(A_g (B_g x)) + bias with ``A`` [G, out/G, r] and ``B`` [G * r, in]."""
 
     spec_type = "grouped_lowrank"
+    adapter_parameters = ("A", "B")  # A is [groups, rows, rank]: one adapter per group
 
     def __init__(self, in_features: int, out_features: int, groups: int, rank: int, bias: bool = False,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None):

@@ -15,6 +15,7 @@ class LowRankLinear(nn.Module):
     """
 
     spec_type = "lowrank"
+    adapter_parameters = ("A", "B")  # LoRA (compress.adapters) on each factor: a merge keeps the rank
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None):

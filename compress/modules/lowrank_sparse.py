@@ -14,6 +14,7 @@ from ..kernels import lowrank_sparse_linear
 
 class LowRankSparseLinear(nn.Module):
     spec_type = "lowrank_sparse"
+    adapter_parameters = ("U", "V", "sc_values")  # the channels stay fixed
 
     def __init__(self, in_features: int, out_features: int, rank: int, channels: int, bias: bool = False,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None):

@@ -39,6 +39,7 @@ class MoEFeedForward(nn.Module):
     """
 
     spec_type = "moe_ffn"
+    adapter_parameters = ("w_gate", "w_up", "w_down")  # [experts, rows, cols]: one adapter per expert
 
     def __init__(self, hidden_size: int, expert_size: int, experts: int, top_k: int, shared: int = 0,
                  combine: str = "sum", activation: str = "silu", dtype: torch.dtype | None = None,

@@ -2,10 +2,22 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ...training import Training
 from ..base import StageConfig
+
+
+class LoraAdapter(BaseModel):
+    """Train low-rank adapters on the targeted modules' factors (peft), merged back into them afterwards."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["lora"] = "lora"
+    rank: int = Field(8, ge=1, le=4096)
+    alpha: float = Field(16.0, gt=0)
+    targets: list[str] | None = Field(None, description="modules whose factors get adapters (default: the stage's "
+                                                        "targets)")
 
 
 class FinetuneConfig(Training, StageConfig):
@@ -17,6 +29,8 @@ class FinetuneConfig(Training, StageConfig):
 
     method: Literal["finetune"] = "finetune"
     targets: list[str] = Field(default_factory=lambda: ["LowRankLinear", "GroupedLowRankLinear"], min_length=1)
+    adapter: LoraAdapter | None = Field(None, description="train LoRA adapters on the factors instead of the "
+                                                          "factors themselves (merged back at the end)")
 
     @model_validator(mode="after")
     def _global_only(self):
