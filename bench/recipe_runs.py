@@ -42,10 +42,25 @@ def _commit() -> str:
     return out.stdout.strip() + ("+dirty" if dirty else "")
 
 
+def _numbers(summary: dict) -> dict:
+    """The scalar entries of a stage summary (and of its training part)."""
+    out = {k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    if isinstance(summary.get("training"), dict):
+        out["training"] = _numbers(summary["training"])
+    return out
+
+
+def _by_corpus(evaluation: dict) -> dict:
+    return {corpus: ppl["perplexity"] for corpus, ppl in (evaluation.get("perplexity_by_corpus") or {}).items()}
+
+
 def cell_from_report(report: dict, manifest: dict) -> dict:
     size, timing = report["size"], report["timing"]
     dense, compressed = report.get("eval_dense") or {}, report.get("eval_compressed") or {}
     return {
+        "stages": [{"method": stage["method"], **_numbers(stage["summary"])} for stage in report["stages"]],
+        "perplexity_by_corpus": _by_corpus(compressed), "dense_perplexity_by_corpus": _by_corpus(dense),
+        "dtype": size.get("dtype", "float32"),
         "perplexity": (compressed.get("perplexity") or {}).get("perplexity"),
         "dense_perplexity": (dense.get("perplexity") or {}).get("perplexity"),
         "windows": (compressed.get("perplexity") or {}).get("windows"),
@@ -123,8 +138,66 @@ def render(cells: dict) -> str:
             f"{c['peak_rss_bytes'] / 2**30:.2f}", str(c["threads"])]) + " |")
         if c.get("error"):
             lines.append(f"|  | error in {c['error']['step']}: {c['error']['message']} |" + " |" * 12)
-    lines += ["", *compare_tags(cells)]
+    lines += ["", *compare_tags(cells), *findings(cells)]
     return "\n".join(lines) + "\n"
+
+
+def _training(cell: dict) -> dict:
+    """The training summary of the run (the stage that trained), or {}."""
+    return next((st["training"] for st in cell["stages"] if "training" in st),
+                next((st for st in cell["stages"] if st["method"] == "finetune"), {}))
+
+
+def _peak_compress(cell: dict) -> float:
+    """Peak RSS (GiB) by the end of the compression stages (before any evaluation)."""
+    return max(st.get("peak_rss_bytes", 0) for st in cell["stages"]) / 2**30
+
+
+HEALING = ("Healing lowrank-40's compression (whitening + sensitivity allocation, 40 % removed)",
+           "The same one-shot compression, healed five ways. `global` trains the factors in the whole model on "
+           "calibration text (the `finetune` stage); `layer` trains each compressed layer to reproduce the dense "
+           "layer's output right after it is compressed (`train: {scope: layer}`: memory is one layer); `lora` "
+           "trains rank-16 adapters on the factors and merges them. Training wall time is the training alone; "
+           "peak RSS is the process's by the end of compression (before evaluation). Every row sees 96 steps x 2 "
+           "windows x 512 tokens = 98,304 tokens (per layer for `layer`).",
+           [("lowrank-40@smollm2-135m#v0.1", "global, 64 windows cycled, lr 1e-4"),
+            ("lowrank-40-local@smollm2-135m#v0.2", "layer, 64 windows cycled, lr 1e-4"),
+            ("lowrank-40-local@smollm2-135m#v0.2-lr1e-3", "layer, 64 windows cycled, lr 1e-3"),
+            ("lowrank-40@smollm2-135m#v0.2", "global, 192 windows (one pass), lr 1e-4"),
+            ("lowrank-40@smollm2-135m#v0.3-lora-r16", "lora r16, 192 windows (one pass), lr 1e-3")])
+
+
+def findings(cells: dict) -> list[str]:
+    lines = []
+    title, text, rows = HEALING
+    table = [[label, _fmt(cells[key]["perplexity"]), _fmt(_training(cells[key]).get("trainable_params")
+                                                           or _training(cells[key]).get("trainable_params_per_layer_max")),
+              f"{_training(cells[key]).get('wall_time_s', 0):.0f}", f"{_peak_compress(cells[key]):.2f}"]
+             for key, label in rows if key in cells]
+    if table:
+        lines += [f"## {title}", "", text, "",
+                  "| healing | held-out ppl | trainable params (at once) | training s | peak RSS GiB |",
+                  "|---|---|---|---|---|", *("| " + " | ".join(row) + " |" for row in table), ""]
+    wiki, mix = cells.get("lowrank-20@smollm2-135m#v0.3-calib-wikipedia"), cells.get("lowrank-20@smollm2-135m#v0.3-calib-mix")
+    if wiki and mix:
+        lines += ["## Calibration data: Wikipedia only against the default mix (lowrank-20)", "",
+                  "`recipes/lowrank-20.yaml` calibrated on 64 windows of Wikipedia (as shipped) or on the default mix "
+                  "(32 Wikipedia + 32 Shakespeare windows), scored on the held-out split of four corpora: Bible and "
+                  "Python code were seen by neither calibration. Token-level perplexity, 32 windows of 512 tokens "
+                  "each (Python: the running interpreter's standard library).", "",
+                  "| held-out corpus | dense | Wikipedia-only | x dense | default mix | x dense |", "|---|---|---|---|---|---|"]
+        for corpus, dense in wiki["dense_perplexity_by_corpus"].items():
+            a, b = wiki["perplexity_by_corpus"][corpus], mix["perplexity_by_corpus"][corpus]
+            lines.append(f"| {corpus} | {_fmt(dense)} | {_fmt(a)} | {a / dense:.2f} | {_fmt(b)} | {b / dense:.2f} |")
+        lines.append("")
+    fp32, bf16 = cells.get("lowrank-20@smollm2-135m#v0.2"), cells.get("lowrank-20@smollm2-135m#v0.3-bf16")
+    if fp32 and bf16:
+        lines += ["## Stored in bfloat16 (lowrank-20)", "",
+                  f"The same compression (float32 work) saved and evaluated in bfloat16: held-out perplexity "
+                  f"{_fmt(bf16['perplexity'], 6)} against {_fmt(fp32['perplexity'], 6)} in float32 "
+                  f"({bf16['perplexity'] / fp32['perplexity'] - 1:+.2%}); safetensors {bf16['bytes_after'] / 1e6:.1f} MB "
+                  f"against {fp32['bytes_after'] / 1e6:.1f} MB.", ""]
+    return lines
 
 
 def compare_tags(cells: dict) -> list[str]:
@@ -147,9 +220,23 @@ def compare_tags(cells: dict) -> list[str]:
     return lines + [""]
 
 
+def merge(roots: list[Path]) -> dict:
+    """The runs stored under other checkouts (e.g. worktrees of older commits), re-read from their reports."""
+    cells = load_cells(STORE)
+    for root in roots:
+        for key, cell in load_cells(root / "bench" / "results" / "recipe_runs.json").items():
+            folder = root / cell["folder"]
+            report = json.loads((folder / "report.json").read_text())
+            manifest = json.loads((folder / "model" / "compress_manifest.json").read_text())
+            cells[key] = {**cell, **cell_from_report(report, manifest)}
+    return cells
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("recipes", nargs="+", help="recipe names (files in recipes/, without .yaml)")
+    parser.add_argument("recipes", nargs="*", help="recipe names (files in recipes/, without .yaml)")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="CHECKOUT",
+                        help="instead of running: take the runs stored under these checkouts into this store")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tag", required=True, help="a label for this series of runs (e.g. the code version)")
     parser.add_argument("--threads", type=int, default=1)
@@ -157,6 +244,9 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                         help="change one recipe field for these runs, e.g. stages.0.train.lr=1.0e-3")
     args = parser.parse_args()
+    if args.merge:
+        save_cells(merge(args.merge), STORE, MARKDOWN, render)
+        return
     cells = load_cells(STORE)
     for recipe in args.recipes:
         key = key_of(recipe, args.model, args.tag)

@@ -137,6 +137,7 @@ def _layer_training_summary(training, reports: list[dict]) -> dict:
     return {"scope": "layer", "layers": len(reports), "steps_per_layer": training.steps,
             "tokens_per_layer": reports[0]["tokens"], "lr": training.lr, "schedule": training.schedule,
             "wall_time_s": sum(r["wall_time_s"] for r in reports),
+            "trainable_params_per_layer_max": max(r["trainable_params"] for r in reports),
             "mean_rel_error_before": sum(r["rel_error_before"] for r in reports) / len(reports),
             "mean_rel_error_after": sum(r["rel_error_after"] for r in reports) / len(reports)}
 

@@ -249,6 +249,7 @@ def train_layer(layer: nn.Module, method, config, training: Training, names: lis
         def loss_fn(wrapped, index):
             return relative_mse(forward(wrapped, index), wanted[index]), {}
 
+        trainable = sum(p.numel() for group in setup.param_groups for p in group["params"])
         run = train_loop(layer, setup.param_groups, torch.arange(hidden.shape[0]), steps=training.steps,
                          batch_size=training.batch_size, schedule=training.schedule,
                          warmup_steps=training.warmup_steps, max_grad_norm=training.max_grad_norm,
@@ -257,4 +258,5 @@ def train_layer(layer: nn.Module, method, config, training: Training, names: lis
     layer.requires_grad_(False)
     layer.eval()
     return {"steps": run["steps"], "tokens": run["tokens"] * hidden.shape[1], "wall_time_s": run["wall_time_s"],
+            "trainable_params": trainable,
             "rel_error_before": before, "rel_error_after": evaluate(), "losses": run["losses"]}
