@@ -58,6 +58,11 @@ def as_recipe(recipe) -> Any:
     raise CompressError(f"recipe must be a YAML path, a Recipe, a dict or stage configs; got {type(recipe).__name__}")
 
 
+def output_dtype(recipe, source: dict) -> str:
+    """The dtype the compressed weights are stored in: the recipe's, or with ``auto`` the source's."""
+    return recipe.output.dtype if recipe.output.dtype != "auto" else source.get("dtype", "float32")
+
+
 def compress(model: str | Path | nn.Module, recipe, *, tokenizer=None, calibration: torch.Tensor | None = None,
              device: str | None = None, progress: bool = True, source: dict | None = None) -> nn.Module:
     """Apply ``recipe``'s stages to ``model`` and return the compressed model.
@@ -108,7 +113,7 @@ def compress(model: str | Path | nn.Module, recipe, *, tokenizer=None, calibrati
     start = time.perf_counter()
     results = compress_model(model, recipe, ctx)
     wall = time.perf_counter() - start
-    dtype = recipe.output.dtype if recipe.output.dtype != "auto" else source.get("dtype", "float32")
+    dtype = output_dtype(recipe, source)
     model.to(getattr(torch, dtype))
     mark_compressed(model, recipe.model_dump(mode="json"))
     used = [{"source": "token windows given to compress()", "windows": len(calibration)}] if calibration is not None \

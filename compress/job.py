@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,9 +67,9 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
             progress: bool = True, device: str = "auto", echo=print) -> Path:
     import torch
 
-    from .api import compress, save
+    from .api import compress, output_dtype, save
     from .calibration import check_calibration
-    from .models import load_model, save_folder
+    from .models import checkpoint_bytes, load_model
     from .recipe import load_recipe, recipe_to_yaml
     from .report import write_report
     from .scoring import check_eval, evaluate
@@ -98,11 +97,8 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
     model, tokenizer = loaded.model.to(device), loaded.tokenizer
     with StagedFolder(out, overwrite=overwrite) as staged:
         tmp = staged.path
-        dense_dir = tmp / "_dense"
-        save_folder(model, tokenizer, dense_dir)
-        bytes_before = safetensors_bytes(dense_dir)
-        shutil.rmtree(dense_dir)
         params_before = count_params(model)
+        bytes_before = checkpoint_bytes(loaded, output_dtype(recipe, loaded.source))  # no copy written
 
         echo(f"compressing with {len(recipe.stages)} stage(s) ...")
         model = compress(model, recipe, tokenizer=tokenizer, progress=progress, source=loaded.source)

@@ -62,6 +62,35 @@ class LoadedModel:
     model: object
     tokenizer: object
     source: dict = field(default_factory=dict)
+    folder: Path | None = None  # the safetensors folder it was read from (None: a de-quantised .gguf)
+
+
+def checkpoint_bytes(loaded: LoadedModel, dtype: str) -> int:
+    """The dense model's size on disk in ``dtype``, without writing a copy: the source's safetensors headers
+    (data bytes rescaled when ``dtype`` differs from the source's), or the tensors' own sizes for a .gguf."""
+    import struct
+
+    import torch
+
+    width = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    files = sorted(Path(loaded.folder).glob("*.safetensors")) if loaded.folder is not None else []
+    if not files:  # header-free: count each distinct tensor once (tied weights are one tensor)
+        tensors = {t.data_ptr(): t for t in loaded.model.state_dict().values()}.values()
+        return sum(t.numel() * (width if t.is_floating_point() else t.element_size()) for t in tensors)
+    total = 0
+    for path in files:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        total += 8 + length
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = entry["data_offsets"]
+            floating = entry["dtype"] in ("F64", "F32", "F16", "BF16")
+            source_width = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}.get(entry["dtype"], 1)
+            total += (end - start) * width // source_width if floating else end - start
+    return total
 
 
 # ---------------------------------------------------------------- bundled / gguf
@@ -242,10 +271,12 @@ def load_model(model_id: str, dtype=None) -> LoadedModel:
         source["dtype"] = declared_dtype(folder)
         model, tokenizer, _ = load_folder(folder, dtype)
     elif kind == "gguf":
+        folder = None
         model, tokenizer = dequantize_gguf(Path(location), dtype)
     elif kind == "folder":
-        source["dtype"] = declared_dtype(Path(location))
-        model, tokenizer, manifest = load_folder(Path(location), dtype)
+        folder = Path(location)
+        source["dtype"] = declared_dtype(folder)
+        model, tokenizer, manifest = load_folder(folder, dtype)
         source.update({k: manifest[k] for k in ("base_model", "license") if k in manifest})
     else:
         folder = _hub_snapshot(str(location))
@@ -253,4 +284,4 @@ def load_model(model_id: str, dtype=None) -> LoadedModel:
         model, tokenizer, _ = load_folder(folder, dtype)
         source["base_model"] = model_id
     source.setdefault("base_model", getattr(model.config, "name_or_path", "") or model_id)
-    return LoadedModel(model, tokenizer, source)
+    return LoadedModel(model, tokenizer, source, folder)
