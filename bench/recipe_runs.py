@@ -60,6 +60,7 @@ def cell_from_report(report: dict, manifest: dict) -> dict:
     return {
         "stages": [{"method": stage["method"], **_numbers(stage["summary"])} for stage in report["stages"]],
         "perplexity_by_corpus": _by_corpus(compressed), "dense_perplexity_by_corpus": _by_corpus(dense),
+        "budgets": compressed.get("budgets"),
         "dtype": size.get("dtype", "float32"),
         "perplexity": (compressed.get("perplexity") or {}).get("perplexity"),
         "dense_perplexity": (dense.get("perplexity") or {}).get("perplexity"),
@@ -86,7 +87,10 @@ def with_overrides(recipe_path: Path, overrides: list[str], folder: Path) -> Pat
         node = data
         for key in parents:
             node = node[key]
-        node[last] = yaml.safe_load(value)
+        if isinstance(node, list) and last == len(node):  # one past the end: append (e.g. a new stage)
+            node.append(yaml.safe_load(value))
+        else:
+            node[last] = yaml.safe_load(value)
     folder.parent.mkdir(parents=True, exist_ok=True)
     changed = folder.with_name(folder.name + ".recipe.yaml")
     changed.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -15,9 +15,11 @@ __version__ = "0.1.0"
 from . import checkpoint as _checkpoint  # noqa: E402,F401  (registration side effect)
 from .adapters import lora_config  # noqa: E402
 from .api import Compression, compress, evaluate, save  # noqa: E402
+from .elastic import resize, set_budget  # noqa: E402
 from .errors import CompressError  # noqa: E402
 
-__all__ = ["Compression", "CompressError", "compress", "evaluate", "lora_config", "recipes", "save"]
+__all__ = ["Compression", "CompressError", "compress", "evaluate", "lora_config", "recipes", "resize", "save",
+           "set_budget"]
 
 
 def __getattr__(name: str):

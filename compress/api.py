@@ -122,12 +122,14 @@ def compress(model: str | Path | nn.Module, recipe, *, tokenizer=None, calibrati
     return model
 
 
-def save(model: nn.Module, folder: str | Path, *, tokenizer=None, overwrite: bool = False) -> Path:
+def save(model: nn.Module, folder: str | Path, *, tokenizer=None, overwrite: bool = False,
+         provenance: dict | None = None) -> Path:
     """Write ``model`` as a compress checkpoint (safetensors, config.json with the compression section,
     tokenizer, a manifest of sha256s) that loads back with ``from_pretrained`` after ``import compress``.
 
     The compression section is refreshed from the model as it is now, so saving can never forget it.
-    The folder appears complete or not at all.
+    The folder appears complete or not at all. ``provenance`` (base model, license ...) goes into the
+    manifest; by default what :func:`compress` recorded.
     """
     from .checkpoint import mark_compressed
     from .models import save_folder
@@ -142,6 +144,8 @@ def save(model: nn.Module, folder: str | Path, *, tokenizer=None, overwrite: boo
     mark_compressed(model, recipe)
     tokenizer = tokenizer if tokenizer is not None else getattr(info, "tokenizer", None)
     extra = {**info.source, "recipe": info.recipe.name} if info is not None else None
+    if provenance is not None:
+        extra = {**(extra or {}), **provenance}
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         save_folder(model, tokenizer, tmp, extra=extra)
     return folder

@@ -1,4 +1,4 @@
-"""`compress` command line: run / validate / ls / eval / push. Thin: parsing and printing only."""
+"""`compress` command line: run / validate / ls / eval / resize / push. Thin: parsing and printing only."""
 from __future__ import annotations
 
 import argparse
@@ -84,6 +84,30 @@ def _cmd_eval(args) -> None:
         Path(args.json).write_text(json.dumps({"model": args.model_id, **result}, indent=2))
 
 
+def _cmd_resize(args) -> None:
+    import time
+
+    import torch
+
+    from .api import save
+    from .elastic import budget_range, elastic_modules, reduction_at, resize
+    from .models import declared_dtype, load_folder
+
+    folder = args.source / "model" if (args.source / "model").is_dir() else args.source
+    model, tokenizer, manifest = load_folder(folder, getattr(torch, declared_dtype(folder)))
+    start = time.perf_counter()
+    low, high = budget_range(model)
+    resize(model, args.reduction, inplace=True)
+    modules = elastic_modules(model)
+    achieved = reduction_at(modules, {name: m.rank for name, m in modules.items()})
+    seconds = time.perf_counter() - start
+    keep = {k: v for k, v in manifest.items() if k != "files"}
+    save(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, provenance=keep)
+    size = sum(p.stat().st_size for p in Path(args.out).glob("*.safetensors"))
+    print(f"resized to {achieved:.1%} of the targeted parameters removed (asked {args.reduction:.1%}; this "
+          f"checkpoint serves {low:.1%} .. {high:.1%}) in {seconds:.1f} s: {args.out} ({size / 1e6:,.1f} MB)")
+
+
 def _cmd_push(args) -> None:
     from .hub import describe_plan, plan_push, push_run
 
@@ -128,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="also write the results to this file")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=_cmd_eval)
+
+    resize = sub.add_parser("resize", parents=[common],
+                            help="cut an elastic checkpoint to another budget (seconds, no data)")
+    resize.add_argument("source", type=Path, help="a run folder of an elastic recipe, or its model/ folder")
+    resize.add_argument("--reduction", type=float, required=True, help="fraction of the targeted parameters removed")
+    resize.add_argument("--out", type=Path, required=True, help="the resized model folder")
+    resize.add_argument("--overwrite", action="store_true")
+    resize.set_defaults(func=_cmd_resize)
 
     push = sub.add_parser("push", parents=[common],
                           help="upload a finished run folder to the Hugging Face Hub (one commit)")

@@ -146,7 +146,8 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
             model = None  # the compressed model is saved and scored: free it before the dense one loads
             echo("evaluating the dense model (reloaded from the source) ...")
             dense = load_model(model_id)
-            report["eval_dense"] = evaluate(dense.model.to(device), dense.tokenizer, recipe.eval, progress)
+            dense_eval = recipe.eval.model_copy(update={"budgets": None})  # budgets are the compressed model's
+            report["eval_dense"] = evaluate(dense.model.to(device), dense.tokenizer, dense_eval, progress)
             _write_report_json(tmp, report)
 
         def write_the_report():

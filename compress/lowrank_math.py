@@ -240,11 +240,13 @@ def truncation_error_profile(weight: torch.Tensor, cov: torch.Tensor, out_weight
 
 
 def allocate_ranks(curves: dict[str, tuple[int, int, torch.Tensor]], reduction: float,
-                   tolerance: float = 0.005, allow_dense: bool = True) -> dict[str, int | None]:
+                   tolerance: float = 0.005, allow_dense: bool = True,
+                   max_ranks: dict[str, int] | None = None) -> dict[str, int | None]:
     """Ranks minimising the summed loss curves under a global parameter budget.
 
     ``curves[name] = (out_features, in_features, loss)`` with ``loss[k]`` the estimated loss at
-    rank k (k = 0 .. min(m, n)). A matrix either keeps a rank below its break-even rank or stays
+    rank k (k = 0 .. min(m, n), or 0 .. ``max_ranks[name]``, the ranks an elastic module stores). A
+    matrix either keeps a rank below its break-even rank (and at most ``max_ranks[name]``) or stays
     dense (``None``, loss 0) when ``allow_dense``. The removed fraction lands in
     ``[reduction, reduction + tolerance]``: a Lagrangian bisection on the price of a parameter
     finds the convex-hull allocation, then a greedy pass spends what is left of the budget on
@@ -257,7 +259,7 @@ def allocate_ranks(curves: dict[str, tuple[int, int, torch.Tensor]], reduction: 
     options = {}
     for name in names:
         m, n, loss = curves[name]
-        kmax = breakeven_rank(m, n)
+        kmax = _max_rank(m, n, max_ranks, name)
         ks = torch.arange(1, kmax + 1)
         params = (ks * (m + n)).to(torch.float64)
         losses = loss.to(torch.float64)[1:kmax + 1].clone()
@@ -337,9 +339,14 @@ def allocate_ranks(curves: dict[str, tuple[int, int, torch.Tensor]], reduction: 
     out = {}
     for name, i in choice.items():
         m, n, _ = curves[name]
-        kmax = breakeven_rank(m, n)
+        kmax = _max_rank(m, n, max_ranks, name)
         out[name] = None if i >= kmax else i + 1
     achieved = 1 - spent / total
     if achieved > reduction + tolerance + 1e-12:
         raise ValueError(f"allocate_ranks: achieved {achieved:.4f}, outside the tolerance of {reduction}")
     return out
+
+
+def _max_rank(m: int, n: int, max_ranks: dict[str, int] | None, name: str) -> int:
+    kmax = breakeven_rank(m, n)
+    return kmax if max_ranks is None else min(kmax, max_ranks[name])

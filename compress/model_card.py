@@ -313,6 +313,13 @@ def render_body(run: RunFolder, repo_id: str, revision: str | None = None) -> st
                else "No dense baseline was measured in this run (`eval.compare_dense: false`). ")
             + ("Small evaluations like this one are indicative only." if limits and min(limits) < 50
                else ""), "", PROTOCOL, ""]
+    budgets = (report.get("eval_compressed") or {}).get("budgets")
+    if budgets:
+        out += ["### Budgets", "", "An elastic checkpoint: `compress.set_budget(model, reduction)` switches it to any "
+                "budget below in place (no copy), `compress.resize` cuts it to a smaller one. Held-out token "
+                "perplexity at each:", "",
+                _table(["reduction (targeted parameters removed)", "perplexity"],
+                       [[f"{b['reduction']:.1%}", b["perplexity"]] for b in budgets]), ""]
 
     rev = f', revision="{revision}"' if revision else ""
     out += ["## How to use", "",

@@ -93,6 +93,8 @@ class EvalConfig(_Strict):
     perplexity_windows: int | None = Field(None, ge=1)
     # the corpora it is measured on (their held-out split); the first is the run's headline number
     perplexity_corpora: list[Corpus] = Field(default_factory=lambda: ["wikipedia"], min_length=1)
+    # elastic models: also the held-out perplexity (first corpus) at each of these reductions
+    budgets: list[float] | None = Field(None, min_length=1)
     seq_len: int = Field(512, ge=8, le=32_768)
     # lm-eval documents per task: one number for every task, or {task: n}; None = all
     limit: int | dict[str, int] | None = Field(None)

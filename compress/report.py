@@ -81,6 +81,15 @@ def render_markdown(report: dict) -> str:
     out += ["## Evaluation", "", md_table(["metric", "dense", "compressed", "compressed / dense"],
                                           eval_rows(report.get("eval_dense"), report["eval_compressed"])), "",
             PROTOCOL, ""]
+    budgets = (report.get("eval_compressed") or {}).get("budgets")
+    if budgets:
+        dense = ((report.get("eval_dense") or {}).get("perplexity") or {}).get("perplexity")
+        out += ["## Budgets this elastic checkpoint serves", "",
+                "`compress.set_budget(model, r)` switches in place; `compress resize RUN --reduction r` writes a "
+                "smaller checkpoint. Held-out token perplexity at each budget (same windows):", "",
+                md_table(["requested reduction", "achieved reduction", "perplexity", "x dense"],
+                         [[b["requested_reduction"], b["reduction"], b["perplexity"],
+                           b["perplexity"] / dense if dense else None] for b in budgets]), ""]
     for i, stage in enumerate(report["stages"]):
         out += [f"## Stage {i}: {stage['method']}", "",
                 md_table(["", "value"], [[k, v] for k, v in stage["summary"].items()]), ""]

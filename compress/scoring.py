@@ -36,5 +36,31 @@ def evaluate(model, tokenizer, eval_config, progress: bool = True) -> dict:
             result["lm_eval"].update(run_lm_eval(model, tokenizer, [task], limit=eval_config.limit_for(task),
                                                  max_length=eval_config.lm_eval_max_length,
                                                  num_fewshot=eval_config.num_fewshot_for(task)))
+    if eval_config.budgets:
+        result["budgets"] = budget_perplexities(model, tokenizer, eval_config, progress)
     result["wall_time_s"] = time.perf_counter() - start
     return result
+
+
+def budget_perplexities(model, tokenizer, eval_config, progress: bool) -> list[dict]:
+    """An elastic model's held-out perplexity at each budget (views of the same factors); its own budget is
+    restored afterwards."""
+    from .elastic import elastic_modules, reduction_at, set_budget
+    from .eval.corpora import load_documents
+    from .eval.perplexity import perplexity
+    from .eval.windows import token_windows
+
+    modules = elastic_modules(model)
+    before = {name: m.active_rank for name, m in modules.items()}
+    windows = token_windows(tokenizer, load_documents(eval_config.perplexity_corpora[0], "heldout"),
+                            eval_config.seq_len, eval_config.perplexity_windows)
+    out = []
+    try:
+        for budget in eval_config.budgets:
+            ranks = set_budget(model, budget)
+            out.append({"requested_reduction": budget, "reduction": reduction_at(modules, ranks),
+                        "perplexity": perplexity(model, windows, progress=progress)["perplexity"]})
+    finally:
+        for name, module in modules.items():
+            module.active_rank = before[name]
+    return out

@@ -12,13 +12,20 @@ class LowRankLinear(nn.Module):
 
     ``A`` is (out_features x rank), ``B`` is (rank x in_features). Stored as two
     nn.Linear-style parameters so peft/accelerate treat them as ordinary weights.
+
+    Elastic (``curve_points > 0``): the factors are ordered by importance, so every prefix of rank r is
+    that layer's best rank-r approximation; ``active_rank`` (saved) selects the prefix the forward uses
+    (views of the stored factors, no copy), and ``curve_ranks`` / ``curve_loss`` (buffers, saved with the
+    weights) hold the estimated loss against rank that lets ``compress.set_budget`` re-allocate ranks for
+    any budget without calibration data.
     """
 
     spec_type = "lowrank"
     adapter_parameters = ("A", "B")  # LoRA (compress.adapters) on each factor: a merge keeps the rank
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 curve_points: int = 0, active_rank: int | None = None):
         super().__init__()
         if not 0 < rank <= min(in_features, out_features):
             raise ValueError(f"rank {rank} out of range for a {out_features}x{in_features} matrix")
@@ -27,6 +34,11 @@ class LowRankLinear(nn.Module):
         self.A = nn.Parameter(torch.empty(out_features, rank, **factory))
         self.B = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        self.curve_points = curve_points
+        if curve_points:
+            self.register_buffer("curve_ranks", torch.zeros(curve_points, dtype=torch.int64, device=device))
+            self.register_buffer("curve_loss", torch.zeros(curve_points, dtype=torch.float32, device=device))
+        self.active_rank = active_rank
 
     @classmethod
     def from_factors(cls, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None) -> "LowRankLinear":
@@ -38,24 +50,53 @@ class LowRankLinear(nn.Module):
                 layer.bias.copy_(bias)
         return layer
 
+    def set_curve(self, ranks: torch.Tensor, loss: torch.Tensor) -> None:
+        """Make the module elastic: the estimated loss at ``ranks`` (ascending, from 0 to ``self.rank``)."""
+        self.curve_points = len(ranks)
+        self.register_buffer("curve_ranks", ranks.to(torch.int64).to(self.A.device))
+        self.register_buffer("curve_loss", loss.to(torch.float32).to(self.A.device))
+
+    def curve(self) -> torch.Tensor:
+        """The estimated loss at every rank 0 .. ``self.rank`` (linear between the stored points)."""
+        ranks, loss = self.curve_ranks.double().cpu(), self.curve_loss.double().cpu()
+        grid = torch.arange(self.rank + 1, dtype=torch.float64)
+        upper = torch.searchsorted(ranks, grid).clamp(1, len(ranks) - 1)
+        lo, hi = ranks[upper - 1], ranks[upper]
+        t = ((grid - lo) / (hi - lo).clamp_min(1)).clamp(0, 1)
+        return loss[upper - 1] + t * (loss[upper] - loss[upper - 1])
+
+    @property
+    def effective_rank(self) -> int:
+        return self.rank if self.active_rank is None else self.active_rank
+
     # -- checkpoint spec: enough to rebuild the empty module before weights load --
     def spec(self) -> dict:
-        return {"type": self.spec_type, "in_features": self.in_features, "out_features": self.out_features,
+        spec = {"type": self.spec_type, "in_features": self.in_features, "out_features": self.out_features,
                 "rank": self.rank, "bias": self.bias is not None}
+        if self.curve_points:
+            spec.update(curve_points=self.curve_points, active_rank=self.active_rank)
+        return spec
 
     @classmethod
     def from_spec(cls, spec: dict, dtype: torch.dtype | None = None, device=None) -> "LowRankLinear":
-        return cls(spec["in_features"], spec["out_features"], spec["rank"], spec["bias"], dtype=dtype, device=device)
+        return cls(spec["in_features"], spec["out_features"], spec["rank"], spec["bias"], dtype=dtype, device=device,
+                   curve_points=spec.get("curve_points", 0), active_rank=spec.get("active_rank"))
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dense equivalent A @ B (materialised on demand; for analysis, not the forward)."""
-        return self.A @ self.B
+        """The dense equivalent A @ B at the active rank (materialised on demand; for analysis, not the forward)."""
+        r = self.effective_rank
+        return self.A[:, :r] @ self.B[:r]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Two thin matmuls: k(m+n) multiply-adds per token instead of m*n (fused Triton kernel on
-        # CUDA, the PyTorch reference elsewhere).
-        return lowrank_linear(x, self.A, self.B, self.bias)
+        # CUDA, the PyTorch reference elsewhere). An elastic module uses the first active_rank
+        # components: views of the factors, so switching budgets copies nothing.
+        if self.active_rank is None or self.active_rank == self.rank:
+            return lowrank_linear(x, self.A, self.B, self.bias)
+        return lowrank_linear(x, self.A[:, : self.active_rank], self.B[: self.active_rank], self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+        elastic = f", active_rank={self.effective_rank}, elastic" if self.curve_points else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"bias={self.bias is not None}{elastic}")

@@ -15,6 +15,36 @@ from ..base import Method, TrainingSetup
 from .config import FinetuneConfig
 
 
+@contextlib.contextmanager
+def elastic_loss(model, elastic):
+    """The next-token loss of an elastic model at its budgets: one sampled per step, or their mean. The model's
+    own budget (active ranks) is restored afterwards."""
+    import torch
+
+    from ...elastic import elastic_modules, ranks_for
+
+    modules = elastic_modules(model)
+    before = {name: m.active_rank for name, m in modules.items()}
+    allocations = [ranks_for(model, budget) for budget in elastic.budgets]  # once: the curves do not change
+
+    def use(ranks):
+        for name, module in modules.items():
+            module.active_rank = ranks[name]
+
+    def loss(wrapped, batch):
+        chosen = allocations if elastic.rule == "sum" else [allocations[int(torch.randint(len(allocations), ()))]]
+        total = 0.0
+        for ranks in chosen:
+            use(ranks)
+            total = total + wrapped(input_ids=batch, labels=batch).loss
+        return total / len(chosen), {}
+
+    try:
+        yield loss
+    finally:
+        use(before)
+
+
 @register_method
 class Finetune(Method):
     name = "finetune"
@@ -28,6 +58,12 @@ class Finetune(Method):
     @contextlib.contextmanager
     def trainable(self, root, names, config: FinetuneConfig, training):
         """The factors themselves (the default), or LoRA adapters on them, merged into them at the end."""
+        if config.elastic is not None:
+            with super().trainable(root, names, config, training) as setup, elastic_loss(root, config.elastic) as loss:
+                setup.loss_fn = loss
+                setup.summary["elastic"] = f"{config.elastic.rule} over {config.elastic.budgets}"
+                yield setup
+            return
         if config.adapter is None:
             with super().trainable(root, names, config, training) as setup:
                 yield setup

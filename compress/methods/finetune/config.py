@@ -20,6 +20,22 @@ class LoraAdapter(BaseModel):
                                                         "targets)")
 
 
+class ElasticTraining(BaseModel):
+    """Train every budget of an elastic model at once: ``sample`` one budget per step (Maestro's ordered
+    dropout) or ``sum`` the loss over all of them each step (Starbucks' rule)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    budgets: list[float] = Field(min_length=1, description="reductions to train, within the model's range")
+    rule: Literal["sample", "sum"] = "sum"
+
+    @model_validator(mode="after")
+    def _in_range(self):
+        if not all(0 < b < 1 for b in self.budgets):
+            raise ValueError("budgets are reductions in (0, 1)")
+        return self
+
+
 class FinetuneConfig(Training, StageConfig):
     """Train only the targeted modules' parameters (default: every low-rank factor) on calibration text.
 
@@ -31,10 +47,13 @@ class FinetuneConfig(Training, StageConfig):
     targets: list[str] = Field(default_factory=lambda: ["LowRankLinear", "GroupedLowRankLinear"], min_length=1)
     adapter: LoraAdapter | None = Field(None, description="train LoRA adapters on the factors instead of the "
                                                           "factors themselves (merged back at the end)")
+    elastic: ElasticTraining | None = Field(None, description="elastic models: train several budgets at once")
 
     @model_validator(mode="after")
     def _global_only(self):
         if self.scope != "global":
             raise ValueError("finetune trains the whole model; for layer-local training give the compressing "
                              "stage a `train: {scope: layer}` block")
+        if self.elastic is not None and (self.adapter is not None or self.loss != "next_token"):
+            raise ValueError("elastic training trains the factors on the next-token loss (no adapter, no distill)")
         return self

@@ -8,12 +8,15 @@ measure on calibration data.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ...errors import CompressError
-from ...lowrank_math import (allocate_ranks, asvd_factors, lowrank_params, rank_for_reduction, refine_factors,
-                             truncated_svd_factors, truncation_error_profile, whitened_factors)
+from ...lowrank_math import (allocate_ranks, asvd_factors, breakeven_rank, lowrank_params, rank_for_reduction,
+                             refine_factors, truncated_svd_factors, truncation_error_profile, whitened_factors)
 from ...modules import LowRankLinear
 from ...registry import register_method
 from ..base import Calibration, Method, Plan, Replacement, StageResult, budget_summary, check_linear
@@ -78,6 +81,9 @@ class LowRank(Method):
         for name, module in modules.items():
             check_linear(self.name, name, module)
         curves = None
+        if config.elastic is not None:
+            curves = sensitivity_curves(modules, config, planner)
+            return elastic_plan(modules, config, curves, result)
         if config.allocation == "sensitivity":
             curves = sensitivity_curves(modules, config, planner)
             decisions = allocate_ranks(curves, config.reduction)
@@ -101,7 +107,86 @@ class LowRank(Method):
         return Plan(decisions, result)
 
     def apply(self, name, module: nn.Linear, config: LowRankConfig, rank, stats) -> Replacement:
+        elastic = rank if isinstance(rank, ElasticDecision) else None
+        rank = elastic.stored_rank if elastic else rank
         A, B = factorise(module.weight, rank, config.backend, stats, alpha=config.alpha,
                          shrinkage=config.shrinkage, refine=config.refine)
         dtype = module.weight.dtype
-        return Replacement(LowRankLinear.from_factors(A.to(dtype), B.to(dtype), module.bias))
+        layer = LowRankLinear.from_factors(A.to(dtype), B.to(dtype), module.bias)
+        if elastic is not None:  # the factors come ordered by importance: every prefix is the best of its rank
+            layer.set_curve(*curve_points(elastic.curve[: rank + 1]))
+            layer.active_rank = elastic.active_rank
+        return Replacement(layer)
+
+
+@dataclass(frozen=True)
+class ElasticDecision:
+    stored_rank: int      # the largest rank any budget of the range uses
+    active_rank: int      # the rank at the stage's own reduction
+    curve: torch.Tensor   # estimated loss at every rank
+
+
+CURVE_POINTS = 256
+
+
+def curve_points(loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """At most CURVE_POINTS + 1 (rank, loss) points of a loss curve, from rank 0 to its last rank, denser at
+    low ranks (geometric spacing), where the curve bends most."""
+    last = len(loss) - 1
+    if last <= CURVE_POINTS:
+        ranks = torch.arange(last + 1)
+    else:
+        ranks = torch.unique(torch.cat([torch.tensor([0, last]), torch.logspace(0, math.log10(last), CURVE_POINTS)
+                                         .round().long().clamp(0, last)]))
+    return ranks, loss[ranks].float()
+
+
+def stored_ranks(modules, curves, min_reduction: float) -> dict[str, int]:
+    """Ranks to store so that ``min_reduction`` can be served: the allocation at some reduction t <= min_reduction
+    with every matrix it keeps dense stored at its largest rank that still saves parameters (which removes a
+    little more than t: t is the largest value for which the stored total still fits min_reduction)."""
+    dense = sum(m.out_features * m.in_features for m in modules.values())
+
+    def at(t: float) -> tuple[dict[str, int], float]:
+        ranks = {name: rank or breakeven_rank(modules[name].out_features, modules[name].in_features)
+                 for name, rank in allocate_ranks(curves, t).items()}
+        kept = sum(r * (modules[n].out_features + modules[n].in_features) for n, r in ranks.items())
+        return ranks, 1 - kept / dense
+
+    ranks, removed = at(min_reduction)
+    if removed <= min_reduction + 1e-9:
+        return ranks
+    best, removed = at(1e-6)
+    if removed > min_reduction:
+        raise CompressError(f"lowrank elastic: min_reduction {min_reduction} is below what factorising every "
+                            f"targeted matrix can serve ({removed:.3f})")
+    lo, hi = 1e-6, min_reduction
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        ranks, removed = at(mid)
+        if removed <= min_reduction:
+            best, lo = ranks, mid
+        else:
+            hi = mid
+    return best
+
+
+def elastic_plan(modules, config: LowRankConfig, curves, result: StageResult) -> Plan:
+    """Store each matrix at its rank for ``elastic.min_reduction`` (a matrix that budget keeps dense: its largest
+    rank that still saves parameters); start at the allocation of ``reduction`` within those ranks."""
+    stored = stored_ranks(modules, curves, config.elastic.min_reduction)
+    active = allocate_ranks(curves, config.reduction, allow_dense=False, max_ranks=stored)
+    decisions = {name: ElasticDecision(stored[name], active[name], curves[name][2]) for name in modules}
+    for name, module in modules.items():
+        m, n = module.out_features, module.in_features
+        result.rows.append({"module": name, "shape": f"{m}x{n}", "rank": active[name], "full_rank": min(m, n),
+                            "stored_rank": stored[name], "kind": "LRC", "params_before": m * n,
+                            "params_after": lowrank_params(m, n, active[name]),
+                            "params_stored": lowrank_params(m, n, stored[name]),
+                            "est_loss_increase": float(curves[name][2][active[name]])})
+    result.summary = {**budget_summary(result.rows, config.reduction), "backend": config.backend,
+                      "allocation": config.allocation, "lrc": len(result.rows),
+                      "elastic_range": [config.elastic.min_reduction, config.elastic.max_reduction],
+                      "targeted_params_stored": sum(r["params_stored"] for r in result.rows),
+                      "est_loss_increase": sum(r["est_loss_increase"] for r in result.rows)}
+    return Plan(decisions, result)

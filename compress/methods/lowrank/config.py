@@ -2,12 +2,27 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ...training import Training
 from ..base import DECODER_PROJECTIONS, StageConfig
 
 Backend = Literal["svd", "asvd", "whiten", "whiten_dense_target"]
+
+
+class ElasticRange(BaseModel):
+    """The budgets an elastic checkpoint serves: factors are stored at the ranks ``min_reduction`` needs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_reduction: float = Field(gt=0, lt=1)
+    max_reduction: float = Field(gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min_reduction >= self.max_reduction:
+            raise ValueError("min_reduction must be below max_reduction")
+        return self
 
 
 class LowRankConfig(StageConfig):
@@ -42,10 +57,20 @@ class LowRankConfig(StageConfig):
     calibration_windows: int | None = Field(None, ge=1, description="calibration windows the layer statistics "
                                             "use (the first N; default all): a later training stage may use more")
     sensitivity_windows: int = Field(16, ge=1, description="calibration windows used to measure sensitivities")
+    elastic: ElasticRange | None = Field(None, description="store factors and loss curves for every budget of "
+                                         "this range (compress.set_budget / compress.resize); reduction is "
+                                         "the budget the checkpoint starts at")
 
     @model_validator(mode="after")
     def _sublayer_needs_sequential(self):
         if self.sublayer and not self.sequential:
             raise ValueError("sublayer: true needs sequential: true")
+        if self.elastic is not None:
+            if self.allocation != "sensitivity":
+                raise ValueError("elastic needs allocation: sensitivity (its curves are what a resize re-allocates)")
+            if self.refine:
+                raise ValueError("elastic needs ordered factors; refine re-fits them as a whole")
+            if not self.elastic.min_reduction <= self.reduction <= self.elastic.max_reduction:
+                raise ValueError("reduction must lie in the elastic range")
         return self
 

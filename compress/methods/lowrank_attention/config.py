@@ -42,4 +42,6 @@ class LowRankAttentionConfig(LowRankConfig):
                 raise ValueError(f"per_projection reductions must be in (0, 1): {bad}")
             if self.allocation != "uniform":
                 raise ValueError("per_projection fixes the ranks; use allocation: uniform")
+        if self.elastic is not None and self.kv_groups > 1:
+            raise ValueError("elastic ranks are for joint factorisations; use kv_groups: 1")
         return self

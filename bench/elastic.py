@@ -1,0 +1,212 @@
+"""Elastic rank on SmolLM2-135M -> bench/results/elastic.md (+ elastic.json).
+
+Every number comes out of the command line: `compress run recipes/lowrank-elastic.yaml` once (its report scores
+the checkpoint at 10..50 % through compress.set_budget), `compress run recipes/lowrank-20.yaml` with
+`stages.0.reduction` set to each budget for the fresh compressions it is compared with (bench/recipe_runs.py
+keeps those runs), and `compress resize` for each budget (wall time, checkpoint bytes, and the resized
+checkpoint's perplexity through `compress eval`). Healing: `recipes/lowrank-elastic-healed.yaml` (one run for
+20-40 %, Starbucks' summed loss, and with `rule: sample`, Maestro's ordered dropout) against a fresh compression
+healed at each budget separately (the same 96 steps and tokens). Switching: the forward latency at each budget
+of one loaded elastic model, interleaved with the dense model in one process, and a bit-identity check of
+switching back and forth.
+
+    python bench/elastic.py                 # runs what is missing (hours on CPU), then writes the results
+    python bench/elastic.py --render        # only rewrite the markdown from the json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cells import load_cells, save_cells  # noqa: E402
+from recipe_runs import ROOT, STORE, key_of, run_recipe  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+BUDGETS = (0.1, 0.2, 0.3, 0.4, 0.5)
+HEALED = (0.2, 0.3, 0.4)
+MODEL = "smollm2-135m"
+HEAL_STAGE = "{method: finetune, targets: [LowRankLinear], steps: 96, lr: 1.0e-4, schedule: cosine, warmup_steps: 5, " \
+             "batch_size: 2}"
+
+
+def runs_plan() -> list[tuple[str, str, list[str]]]:
+    """(recipe, tag, overrides) of every `compress run` this benchmark reads."""
+    plan = [("lowrank-elastic", "elastic", []),
+            ("lowrank-elastic-healed", "elastic-sum", []),
+            ("lowrank-elastic-healed", "elastic-sample", ["stages.1.elastic.rule=sample"])]
+    plan += [("lowrank-20", f"fresh-{b:g}", [f"stages.0.reduction={b}"]) for b in BUDGETS if b != 0.2]
+    plan += [("lowrank-20", f"fresh-{b:g}-healed", [f"stages.0.reduction={b}", f"stages.1={HEAL_STAGE}",
+                                                   "stages.0.calibration_windows=64", "calibration.samples=192"])
+             for b in HEALED]
+    return plan
+
+
+def ensure_runs(threads: int) -> dict:
+    cells = load_cells(STORE)
+    for recipe, tag, overrides in runs_plan():
+        key = key_of(recipe, MODEL, tag)
+        if key in cells:
+            continue
+        print(f"running {key} ...", file=sys.stderr, flush=True)
+        cells[key] = run_recipe(recipe, MODEL, tag, threads, overrides)
+        from recipe_runs import MARKDOWN, render
+        save_cells(cells, STORE, MARKDOWN, render)
+    return cells
+
+
+def fresh_cell(cells: dict, budget: float) -> dict | None:
+    """The plain (not elastic) compression at ``budget``: lowrank-20 itself at 20 %."""
+    if budget == 0.2:
+        return next((c for k, c in sorted(cells.items()) if k.startswith("lowrank-20@smollm2-135m#v0.")), None)
+    return cells.get(key_of("lowrank-20", MODEL, f"fresh-{budget:g}"))
+
+
+def measure_resizes(elastic_folder: Path, threads: int) -> list[dict]:
+    """`compress resize` to each budget (wall time of the command and of the resize itself), then `compress eval`."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cli = str(Path(sys.executable).parent / "compress")
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for budget in BUDGETS:
+            target = Path(tmp) / f"r{budget:g}"
+            start = time.perf_counter()
+            proc = subprocess.run([cli, "resize", str(elastic_folder), "--reduction", str(budget), "--out", str(target)],
+                                  capture_output=True, text=True, env=env)
+            command_s = time.perf_counter() - start
+            if proc.returncode:
+                raise SystemExit(f"resize {budget} failed: {proc.stderr}")
+            resize_s = float(proc.stdout.split(") in ")[1].split(" s:")[0])
+            scores = Path(tmp) / f"e{budget:g}.json"
+            subprocess.run([cli, "eval", str(target), "--tasks", "--windows", "32", "--quiet", "--json", str(scores)],
+                           check=True, capture_output=True, env=env)
+            out.append({"budget": budget, "command_s": command_s, "resize_s": resize_s,
+                        "bytes": sum(p.stat().st_size for p in target.glob("*.safetensors")),
+                        "perplexity": json.loads(scores.read_text())["perplexity"]["perplexity"]})
+    return out
+
+
+def measure_switching(elastic_folder: Path, threads: int) -> dict:
+    """Forward latency at each budget of one loaded model vs the dense one (interleaved), and bit-identity."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from latency import compare_latency
+
+    import compress  # noqa: F401  (the checkpoint format)
+    from compress.elastic import set_budget
+    from compress.eval.corpora import load_documents
+    from compress.eval.windows import token_windows
+    from compress.models import load_folder, load_model
+
+    model, tokenizer, _ = load_folder(elastic_folder)
+    dense = load_model(MODEL).model
+    ids = token_windows(tokenizer, load_documents("wikipedia", "heldout"), 512, 1)
+    rows = []
+    for budget in BUDGETS:
+        set_budget(model, budget)
+        timing = compare_latency({"dense": dense, "elastic": model}, ids, new_tokens=16, repeats=5)
+        rows.append({"budget": budget, "forward_ratio": timing["elastic"]["forward_s"] / timing["dense"]["forward_s"],
+                     "dense_forward_s": timing["dense"]["forward_s"], "forward_s": timing["elastic"]["forward_s"],
+                     "decode_ratio": timing["elastic"]["decode_s"] / timing["dense"]["decode_s"]})
+    with torch.no_grad():
+        set_budget(model, 0.3)
+        first = model(ids).logits
+        for budget in (0.1, 0.5, 0.2, 0.4):
+            set_budget(model, budget)
+            model(ids)
+        set_budget(model, 0.3)
+        identical = bool(torch.equal(model(ids).logits, first))
+    return {"rows": rows, "switch_back_bit_identical": identical}
+
+
+def _fmt(v, digits=4):
+    return "-" if v is None else (f"{v:,.{digits}g}" if isinstance(v, float) else f"{v:,}")
+
+
+def render(data: dict) -> str:
+    cells = load_cells(STORE)
+    elastic = cells.get(key_of("lowrank-elastic", MODEL, "elastic"))
+    lines = ["# Elastic rank on SmolLM2-135M", "",
+             "Written by `python bench/elastic.py`; every number comes from `compress run` / `compress resize` / "
+             "`compress eval` (bench/recipe_runs.md has the runs). Held-out Wikipedia, 32 windows of 512 tokens, "
+             "one torch thread. `elastic` = one `recipes/lowrank-elastic.yaml` run (10-50 % range) switched to each "
+             "budget; `resized` = that checkpoint cut with `compress resize` and scored with `compress eval`; "
+             "`fresh` = `recipes/lowrank-20.yaml` run at that budget.", ""]
+    if elastic:
+        budgets = {round(b["requested_reduction"], 3): b for b in elastic.get("budgets", [])}
+        resized = {r["budget"]: r for r in data.get("resize", [])}
+        lines += ["| budget | elastic ppl | resized ppl | fresh ppl | elastic / fresh | resize s (command s) | "
+                  "resized MB | fresh MB |", "|---|---|---|---|---|---|---|---|"]
+        for b in BUDGETS:
+            e, r, f = budgets.get(b, {}), resized.get(b, {}), fresh_cell(cells, b) or {}
+            ratio = e["perplexity"] / f["perplexity"] if e and f.get("perplexity") else None
+            lines.append(f"| {b:.0%} | {_fmt(e.get('perplexity'))} | {_fmt(r.get('perplexity'))} | "
+                         f"{_fmt(f.get('perplexity'))} | {_fmt(ratio, 3)} | "
+                         f"{r.get('resize_s', 0):.1f} ({r.get('command_s', 0):.1f}) | "
+                         f"{r.get('bytes', 0) / 1e6:.1f} | {f.get('bytes_after', 0) / 1e6:.1f} |")
+        single = fresh_cell(cells, 0.2)
+        if single:
+            lines += ["", f"The elastic checkpoint stores {elastic['bytes_after'] / 1e6:.1f} MB against "
+                          f"{single['bytes_after'] / 1e6:.1f} MB for the single-budget 20 % checkpoint "
+                          f"({elastic['bytes_after'] / single['bytes_after'] - 1:+.1%}): its factors are kept at the "
+                          "ranks the 10 % budget needs, and matrices that budget keeps dense at their largest rank "
+                          "that still saves parameters."]
+    heal = [(label, cells.get(key_of("lowrank-elastic-healed", MODEL, tag))) for label, tag in
+            (("elastic, summed loss (Starbucks)", "elastic-sum"), ("elastic, sampled budget (Maestro)", "elastic-sample"))]
+    separate = {b: cells.get(key_of("lowrank-20", MODEL, f"fresh-{b:g}-healed")) for b in HEALED}
+    if any(c for _, c in heal) or any(separate.values()):
+        lines += ["", "## Healing 20-40 % at once", "",
+                  "96 steps x 2 windows x 512 tokens (one pass over 192 windows), AdamW lr 1e-4 cosine, every row. The "
+                  "elastic rows are one training run each for all three budgets; `separate` heals a fresh compression "
+                  "at each budget (three runs).", "",
+                  "| healing | " + " | ".join(f"{b:.0%}" for b in HEALED) + " | training s |", "|---|---|---|---|---|"]
+        for label, c in heal:
+            if c:
+                at = {round(b["requested_reduction"], 3): b["perplexity"] for b in c.get("budgets", [])}
+                train_s = next((st.get("wall_time_s") for st in c["stages"] if st["method"] == "finetune"), None)
+                lines.append(f"| {label} | " + " | ".join(_fmt(at.get(b)) for b in HEALED) + f" | {_fmt(train_s, 4)} |")
+        if any(separate.values()):
+            train = sum(next((st.get("wall_time_s", 0) for st in c["stages"] if st["method"] == "finetune"), 0)
+                        for c in separate.values() if c)
+            lines.append("| separate (one run per budget) | " + " | ".join(
+                _fmt(separate[b]["perplexity"]) if separate[b] else "pending" for b in HEALED) + f" | {_fmt(train, 4)} |")
+    switching = data.get("switching")
+    if switching:
+        lines += ["", "## Switching budgets in one process", "",
+                  "`compress.set_budget` on one loaded elastic model; forward pass over a 512-token window, median of "
+                  "5 runs interleaved with the dense model (CPU, fp32, 1 thread).", "",
+                  "| budget | forward s | dense forward s | forward ratio | 16-token decode ratio |", "|---|---|---|---|---|"]
+        for row in switching["rows"]:
+            lines.append(f"| {row['budget']:.0%} | {row['forward_s']:.3f} | {row['dense_forward_s']:.3f} | "
+                         f"{row['forward_ratio']:.2f} | {row['decode_ratio']:.2f} |")
+        lines += ["", f"Switching 30 % -> 10 % -> 50 % -> 20 % -> 40 % -> 30 % gives bit-identical logits: "
+                      f"{switching['switch_back_bit_identical']}."]
+    lines += ["", "Not measured here (CPU time): the same grid on Gemma-3-270M."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--render", action="store_true")
+    args = parser.parse_args()
+    store = RESULTS / "elastic.json"
+    data = json.loads(store.read_text()) if store.is_file() else {}
+    if not args.render:
+        cells = ensure_runs(args.threads)
+        folder = ROOT / cells[key_of("lowrank-elastic", MODEL, "elastic")]["folder"] / "model"
+        data["resize"] = measure_resizes(folder, args.threads)
+        data["switching"] = measure_switching(folder, args.threads)
+        store.write_text(json.dumps(data, indent=2))
+    (RESULTS / "elastic.md").write_text(render(data))
+
+
+if __name__ == "__main__":
+    main()

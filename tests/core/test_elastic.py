@@ -1,0 +1,120 @@
+"""Elastic rank: one compression serves every budget of its range, switched in place or cut to size, without data."""
+import json
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+import compress
+from compress.cli import main
+from compress.elastic import budget_range, elastic_modules, reduction_at
+from compress.errors import CompressError
+from compress.models import save_folder
+
+from tests.tiny import make_tiny_llama
+
+ELASTIC = {"method": "lowrank", "reduction": 0.3, "backend": "whiten", "allocation": "sensitivity",
+           "sensitivity_windows": 4, "elastic": {"min_reduction": 0.1, "max_reduction": 0.6}}
+
+
+def _windows(n=8, length=24, seed=0):
+    return torch.randint(3, 256, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture(scope="module")
+def elastic_model():
+    return compress.compress(make_tiny_llama(), [ELASTIC], calibration=_windows(), progress=False)
+
+
+def _ranks(model):
+    return {name: m.effective_rank for name, m in elastic_modules(model).items()}
+
+
+def test_the_stage_stores_the_range_and_starts_at_its_reduction(elastic_model):
+    modules = elastic_modules(elastic_model)
+    assert len(modules) == 14  # every projection of both layers
+    assert abs(reduction_at(modules, _ranks(elastic_model)) - 0.3) <= 0.005 + 1e-9
+    low, high = budget_range(elastic_model)
+    assert low == pytest.approx(0.1, abs=0.01) and high == 0.6
+    summary = elastic_model.compression.stages[0].summary
+    assert summary["targeted_params_stored"] > summary["targeted_params_after"]
+
+
+def test_switching_budgets_uses_views_and_comes_back_bit_identical(elastic_model):
+    ids = _windows(2, 17, seed=5)
+    stored = {name: m.A.data_ptr() for name, m in elastic_modules(elastic_model).items()}
+    compress.set_budget(elastic_model, 0.5)
+    at_half = _logits(elastic_model, ids)
+    assert abs(reduction_at(elastic_modules(elastic_model), _ranks(elastic_model)) - 0.5) <= 0.005 + 1e-9
+    compress.set_budget(elastic_model, 0.2)
+    at_fifth = _logits(elastic_model, ids)
+    compress.set_budget(elastic_model, 0.5)
+    assert torch.equal(_logits(elastic_model, ids), at_half) and not torch.equal(at_fifth, at_half)
+    assert {name: m.A.data_ptr() for name, m in elastic_modules(elastic_model).items()} == stored  # nothing copied
+    compress.set_budget(elastic_model, 0.3)
+
+
+def test_resize_cuts_the_factors_and_matches_the_switched_model(elastic_model, tmp_path):
+    ids = _windows(2, 17, seed=5)
+    compress.set_budget(elastic_model, 0.45)
+    expected = _logits(elastic_model, ids)
+    small = compress.resize(elastic_model, 0.45)
+    compress.set_budget(elastic_model, 0.3)
+    assert torch.allclose(_logits(small, ids), expected, atol=1e-5)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in elastic_model.parameters())
+    compress.save(small, tmp_path / "small")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "small").eval()
+    assert torch.equal(_logits(reloaded, ids), _logits(small, ids))
+    assert budget_range(reloaded)[0] == pytest.approx(0.45, abs=0.006)  # still elastic below its new size
+    with pytest.raises(CompressError, match="outside the range"):
+        compress.set_budget(reloaded, 0.2)
+
+
+def test_a_reloaded_checkpoint_keeps_its_budget_and_curves(elastic_model, tmp_path):
+    compress.save(elastic_model, tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert _ranks(reloaded) == _ranks(elastic_model)
+    assert compress.set_budget(reloaded, 0.4) == compress.set_budget(elastic_model, 0.4)
+    compress.set_budget(elastic_model, 0.3)
+
+
+@pytest.mark.parametrize("rule", ["sum", "sample"])
+def test_elastic_healing_trains_every_budget(rule):
+    model = compress.compress(make_tiny_llama(), [ELASTIC], calibration=_windows(16, 32), progress=False)
+    before = _ranks(model)
+    heal = {"method": "finetune", "steps": 12, "lr": 3e-3, "batch_size": 4,
+            "elastic": {"budgets": [0.2, 0.4, 0.55], "rule": rule}}
+    model = compress.compress(model, [heal], calibration=_windows(16, 32), progress=False)
+    summary = model.compression.stages[0].summary
+    assert summary["calibration_loss_after"] < summary["calibration_loss_before"]
+    assert summary["elastic"] == f"{rule} over [0.2, 0.4, 0.55]" and _ranks(model) == before
+
+
+def test_run_reports_budgets_and_resize_writes_a_smaller_checkpoint(tmp_path, smol_tokenizer, capsys):
+    folder = tmp_path / "tiny"
+    save_folder(make_tiny_llama(vocab_size=len(smol_tokenizer)), smol_tokenizer, folder)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "tiny-elastic", "stages": [ELASTIC], "calibration": {"samples": 8, "seq_len": 32},
+        "eval": {"tasks": [], "perplexity_windows": 1, "seq_len": 64, "budgets": [0.1, 0.3, 0.5]}}))
+    assert main(["run", str(recipe), str(folder), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    budgets = report["eval_compressed"]["budgets"]
+    assert [b["requested_reduction"] for b in budgets] == [0.1, 0.3, 0.5]
+    assert "## Budgets this elastic checkpoint serves" in (tmp_path / "run" / "report.md").read_text()
+    assert main(["resize", str(tmp_path / "run"), "--reduction", "0.5", "--out", str(tmp_path / "r50")]) == 0
+    assert "resized to 5" in capsys.readouterr().out
+    size = lambda f: sum(p.stat().st_size for p in f.glob("*.safetensors"))  # noqa: E731
+    assert size(tmp_path / "r50") < size(tmp_path / "run" / "model")
+    assert main(["eval", str(tmp_path / "r50"), "--tasks", "--windows", "1", "--seq-len", "64", "--quiet",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    ppl = json.loads((tmp_path / "e.json").read_text())["perplexity"]["perplexity"]
+    assert ppl == pytest.approx(budgets[2]["perplexity"], rel=1e-4)  # the resized model scores as its budget did
+    assert main(["resize", str(tmp_path / "run"), "--reduction", "0.9", "--out", str(tmp_path / "r90")]) == 2
+    assert "outside the range" in capsys.readouterr().err and not (tmp_path / "r90").exists()
