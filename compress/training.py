@@ -58,10 +58,6 @@ class Training(BaseModel):
             raise ValueError("scope: layer trains towards the dense layer's output; loss does not apply there")
         return self
 
-    def training_fields(self) -> Training:
-        """The plain ``Training`` part of this config (a ``finetune`` stage is a subclass)."""
-        return Training.model_validate({name: getattr(self, name) for name in Training.model_fields})
-
 
 LossFn = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, dict]]
 
