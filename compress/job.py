@@ -110,6 +110,8 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
         results = info.stages
         targeted_before = sum(r.summary.get("targeted_params_before", 0) for r in results)
         targeted_after = sum(r.summary.get("targeted_params_after", 0) for r in results)
+        targeted_stored = sum(r.summary.get("targeted_params_stored", r.summary.get("targeted_params_after", 0))
+                              for r in results)
         report = {
             "recipe": recipe.model_dump(mode="json"),
             "source": loaded.source,
@@ -119,6 +121,7 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
             "size": {
                 "params_before": params_before, "params_after": count_params(model),
                 "targeted_params_before": targeted_before, "targeted_params_after": targeted_after,
+                "targeted_params_stored": targeted_stored,
                 "compression_ratio": 1 - targeted_after / targeted_before if targeted_before else 0.0,
                 "bytes_before": bytes_before, "bytes_after": safetensors_bytes(tmp / "model"),
                 "folder_bytes_after": folder_bytes(tmp / "model"), "dtype": info.dtype,

@@ -236,7 +236,7 @@ def _stage_sentence(i: int, stage_config: dict, stage_report: dict, summaries: d
 
 def render_body(run: RunFolder, repo_id: str, revision: str | None = None) -> str:
     from .registry import all_methods
-    from .report import PROTOCOL, eval_rows
+    from .report import PROTOCOL, eval_rows, size_rows
 
     report, size = run.report, run.report["size"]
     recipe = report["recipe"]
@@ -271,14 +271,8 @@ def render_body(run: RunFolder, repo_id: str, revision: str | None = None) -> st
     out += ["The license is carried over from the base model: " + (f"`{license_id}`." if license_id else
             "unknown (the run did not record one); check the base model's terms before sharing."), ""]
 
-    out += ["## Compression", "", _table(["", "dense", "compressed", "compressed / dense"], [
-        ["parameters (whole model)", size["params_before"], size["params_after"],
-         size["params_after"] / max(size["params_before"], 1)],
-        ["parameters (targeted modules)", size["targeted_params_before"], size["targeted_params_after"],
-         size["targeted_params_after"] / max(size["targeted_params_before"], 1)],
-        ["bytes on disk (safetensors)", size["bytes_before"], size["bytes_after"],
-         size["bytes_after"] / max(size["bytes_before"], 1)],
-    ]), "", f"Compression ratio (fraction of the targeted modules' parameters removed): "
+    out += ["## Compression", "", _table(["", "dense", "compressed", "compressed / dense"], size_rows(size)), "",
+            f"Compression ratio (fraction of the targeted modules' parameters removed): "
             f"**{size['compression_ratio']:.1%}**.", ""]
     rows = []
     for i, (cfg, st) in enumerate(zip(recipe["stages"], report["stages"])):

@@ -58,20 +58,24 @@ def eval_rows(dense: dict | None, compressed: dict) -> list[list]:
     return rows
 
 
+def size_rows(size: dict) -> list[list]:
+    """Parameters and bytes before and after (an elastic checkpoint also stores more than its budget uses)."""
+    rows = [["parameters (whole model)", size["params_before"], size["params_after"]],
+            ["parameters (targeted modules)", size["targeted_params_before"], size["targeted_params_after"]]]
+    if size.get("targeted_params_stored") not in (None, size["targeted_params_after"]):
+        rows.append(["parameters (targeted modules, stored for every budget)", size["targeted_params_before"],
+                     size["targeted_params_stored"]])
+    rows.append(["bytes on disk (safetensors)", size["bytes_before"], size["bytes_after"]])
+    return [[label, before, after, after / max(before, 1)] for label, before, after in rows]
+
+
 def render_markdown(report: dict) -> str:
     size = report["size"]
     out = [f"# {report['recipe']['name']}: {report['source']['id']}", "",
            f"Base model: `{report['source'].get('base_model', '')}` ({report['source']['kind']}). "
            f"Created {report['created']} with compress {report['versions']['compress']}.", "",
            "## Size", "",
-           md_table(["", "dense", "compressed", "compressed / dense"], [
-               ["parameters (whole model)", size["params_before"], size["params_after"],
-                size["params_after"] / size["params_before"]],
-               ["parameters (targeted modules)", size["targeted_params_before"], size["targeted_params_after"],
-                size["targeted_params_after"] / max(size["targeted_params_before"], 1)],
-               ["bytes on disk (safetensors)", size["bytes_before"], size["bytes_after"],
-                size["bytes_after"] / size["bytes_before"]],
-           ]), "",
+           md_table(["", "dense", "compressed", "compressed / dense"], size_rows(size)), "",
            f"Compression ratio (targeted parameters removed): **{size['compression_ratio']:.1%}**.", ""]
     calibration = report.get("calibration")
     if calibration:
