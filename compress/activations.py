@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .distributed import shard, sum_, sum_number, world_size
 from .errors import CompressError
 from .targets import layer_index
 
@@ -69,7 +70,12 @@ class InputStats:
                 self.dense_cov.addmm_(d.T, d)
 
     def as_dict(self) -> dict:
-        """Normalised (per-token) statistics, the ``stats`` a method's ``apply`` receives."""
+        """Normalised (per-token) statistics, the ``stats`` a method's ``apply`` receives (summed over every
+        process first: each one saw its own share of the windows)."""
+        for tensor in (self.cov, self.abs_sum, self.cross, self.dense_cov):
+            if tensor is not None:
+                sum_(tensor)
+        self.tokens = int(sum_number(self.tokens))
         if self.tokens == 0:
             raise CompressError("activation statistics: a targeted module saw no tokens")
         n = float(self.tokens)
@@ -337,6 +343,9 @@ def calibrate_sequentially(model: nn.Module, modules: dict[str, nn.Module], wind
         raise CompressError("activation-aware methods need calibration windows (a [N, seq_len] token tensor)")
     if sublayer and not sequential:
         raise CompressError("sub-layer calibration needs sequential calibration")
+    if statistics == "io" and world_size() > 1:
+        raise CompressError("module input/output capture (factorllm's router fit) runs in one process only")
+    windows = shard(windows)  # this process's share; the statistics are summed over processes
     prefix, layers = decoder_layers(model, modules)
     by_layer: dict[int, dict[str, nn.Module]] = {}
     for name, module in modules.items():
@@ -465,7 +474,7 @@ def output_fisher(model: nn.Module, modules: dict[str, nn.Module], windows: torc
     model.eval()
     try:
         embed = model.get_input_embeddings()
-        for batch in windows.split(batch_size):
+        for batch in shard(windows).split(batch_size):
             batch = batch.to(device)
             with torch.enable_grad():
                 embeds = embed(batch).detach().requires_grad_(True)
@@ -480,7 +489,7 @@ def output_fisher(model: nn.Module, modules: dict[str, nn.Module], windows: torc
     missing = [n for n, s in sums.items() if s is None]
     if missing:
         raise CompressError(f"sensitivity: no gradient reached {missing[:3]}")
-    return {name: sums[name] / counts[name] for name in modules}
+    return {name: sum_(sums[name]) / sum_number(counts[name]) for name in modules}
 
 
 class _HeadInputCaptured(Exception):
@@ -498,7 +507,7 @@ def head_input_covariance(model: nn.Module, head: nn.Module, windows: torch.Tens
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            for batch in windows.split(batch_size):
+            for batch in shard(windows).split(batch_size):
                 try:
                     model(input_ids=batch.to(device), use_cache=False)
                 except _HeadInputCaptured as captured:
@@ -509,12 +518,12 @@ def head_input_covariance(model: nn.Module, head: nn.Module, windows: torch.Tens
         handle.remove()
     if total is None:
         raise CompressError("the model's forward never reached its LM head")
-    return total / count
+    return sum_(total) / sum_number(count)
 
 
 def token_counts(windows: torch.Tensor, vocab: int) -> torch.Tensor:
     """How often each token id occurs in the calibration windows (float64, length V)."""
-    ids = windows.reshape(-1).to(torch.long)
+    ids = shard(windows).reshape(-1).to(torch.long)
     if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
         raise CompressError(f"calibration tokens fall outside the embedding's {vocab} rows")
-    return torch.bincount(ids, minlength=vocab).to(torch.float64)
+    return sum_(torch.bincount(ids, minlength=vocab).to(torch.float64))

@@ -199,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     import threading
 
     args = build_parser().parse_args(argv)
+    from .distributed import init as init_processes
+
+    init_processes()  # a launch of several processes (torchrun / accelerate launch): join them
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if on_main_thread else None
     try:

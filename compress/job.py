@@ -16,6 +16,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from . import distributed
 from .errors import CompressError, RunIncomplete, describe_exception, write_traceback
 from .utils import StagedFolder, folder_bytes, peak_rss_bytes, require
 
@@ -63,6 +64,24 @@ def _finish_steps(folder: Path, out: Path, report: dict, steps: list[tuple[str, 
                                 interrupted=interrupted) from exc
 
 
+def _follow(recipe, model_id: str, device: str) -> None:
+    """A non-main process of a multi-process run: the same compression and evaluations in lockstep with the
+    main process (every statistic and perplexity sum is all-reduced), nothing written, no lm-eval tasks."""
+    from .api import compress
+    from .models import load_model
+    from .scoring import evaluate
+
+    loaded = load_model(model_id)
+    model = compress(loaded.model.to(device), recipe, tokenizer=loaded.tokenizer, progress=False,
+                     source=loaded.source)
+    del loaded
+    evaluate(model, model.compression.tokenizer, recipe.eval, progress=False)
+    if recipe.eval.compare_dense:
+        model = None
+        dense = load_model(model_id)
+        evaluate(dense.model.to(device), dense.tokenizer, recipe.eval.model_copy(update={"budgets": None}), False)
+
+
 def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: bool = False,
             progress: bool = True, device: str = "auto", echo=print) -> Path:
     import torch
@@ -90,7 +109,9 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
         except CompressError as exc:
             raise CompressError(f"output.push_to_hub is set but {exc}; the run was not started") from None
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = str(distributed.device())
+    if not distributed.is_main():  # the other processes of a launch: compute their share, write nothing
+        return _follow(recipe, model_id, device)
 
     echo(f"loading {model_id} ...")
     loaded = load_model(model_id)
@@ -117,7 +138,7 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
             "source": loaded.source,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": versions(),
-            "device": device,
+            "device": device, "processes": distributed.world_size(),
             "size": {
                 "params_before": params_before, "params_after": count_params(model),
                 "targeted_params_before": targeted_before, "targeted_params_after": targeted_after,

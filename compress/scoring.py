@@ -30,7 +30,9 @@ def evaluate(model, tokenizer, eval_config, progress: bool = True) -> dict:
     result = {"perplexity": by_corpus[eval_config.perplexity_corpora[0]]}
     if len(by_corpus) > 1:
         result["perplexity_by_corpus"] = by_corpus
-    if eval_config.tasks:
+    from .distributed import is_main
+
+    if eval_config.tasks and is_main():  # several processes: lm-eval runs in the main one only
         result["lm_eval"] = {}
         for task in eval_config.tasks:  # one call per task: each has its own document limit and shots
             result["lm_eval"].update(run_lm_eval(model, tokenizer, [task], limit=eval_config.limit_for(task),

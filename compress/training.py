@@ -78,18 +78,27 @@ def train_loop(model: nn.Module, param_groups: list[dict], data: torch.Tensor, *
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
+    from .distributed import rank, world_size
+
     params = [p for group in param_groups for p in group["params"]]
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     optimizer = torch.optim.AdamW(param_groups, weight_decay=weight_decay)
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=False)
-    wrapped, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    processes = world_size()
+    if processes == 1:
+        wrapped, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    else:  # every process draws the same batches (same seed) and trains on its slice of each; DDP averages
+        wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     wrapped.train()
     losses, tokens, step, paused = [], 0, 0, 0.0
     start = time.perf_counter()
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     while step < steps:
         for batch in loader:
+            full = batch.numel()
+            if processes > 1:
+                batch = batch[rank()::processes].to(accelerator.device)
             loss, shown = loss_fn(wrapped, batch)
             value = loss.item()
             if not math.isfinite(value):
@@ -100,7 +109,7 @@ def train_loop(model: nn.Module, param_groups: list[dict], data: torch.Tensor, *
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(value)
-            tokens += batch.numel()
+            tokens += full
             step += 1
             bar.update(1)
             bar.set_postfix({key: f"{v:.3f}" for key, v in {"loss": value, **shown}.items()})

@@ -7,6 +7,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from ..distributed import shard, sum_number
 from .corpora import load_documents
 from .windows import token_windows
 
@@ -42,15 +43,16 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
     was_training = getattr(model, "training", False)
     model.eval()
     total_nll = 0.0
+    mine = shard(windows)  # several processes: each scores its share, the sums are added up below
     try:
         with torch.inference_mode():
             for start in tqdm(
-                range(0, n, batch_size),
+                range(0, len(mine), batch_size),
                 desc="perplexity",
                 unit="batch",
                 disable=not progress,
             ):
-                ids = windows[start : start + batch_size].to(device=device, dtype=torch.long)
+                ids = mine[start : start + batch_size].to(device=device, dtype=torch.long)
                 logits = model(input_ids=ids, use_cache=False).logits  # [B, L, V]
                 logprobs = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
                 target_lp = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, L-1]
@@ -61,7 +63,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
             model.train()
 
     tokens = n * (seq_len - 1)
-    nll = total_nll / tokens
+    nll = sum_number(total_nll) / tokens
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": tokens, "windows": int(n)}
 
 

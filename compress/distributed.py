@@ -1,0 +1,83 @@
+"""Several processes on one or more machines (``torchrun`` on CPUs, ``accelerate launch`` on GPUs).
+
+Every process runs the same pipeline on its share of the calibration and evaluation windows; the statistics
+(input covariances, output sensitivities, token counts, perplexity sums) are summed across processes with
+``all_reduce``, so every process derives the same factors from the same numbers, and only the main process
+writes. With a single process every function here is a no-op.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def launched() -> bool:
+    """Started by a distributed launcher (torchrun / accelerate launch) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init() -> None:
+    """Join the process group the launcher describes (gloo on CPU, nccl on GPUs), and give each process its
+    share of the machine's cores unless OMP_NUM_THREADS says otherwise."""
+    if not launched() or torch.distributed.is_initialized():
+        return
+    from accelerate import PartialState
+
+    PartialState(cpu=not torch.cuda.is_available())
+    if "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+def device() -> torch.device:
+    """This process's device: its own GPU under a launcher, else cuda if present, else the CPU."""
+    if torch.distributed.is_initialized():
+        from accelerate import PartialState
+
+        return PartialState().device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def shard(windows: torch.Tensor) -> torch.Tensor:
+    """This process's share of ``windows`` (every world_size-th, starting at its rank)."""
+    if world_size() == 1:
+        return windows
+    if len(windows) < world_size():
+        from .errors import CompressError
+
+        raise CompressError(f"{len(windows)} windows cannot be shared by {world_size()} processes")
+    return windows[rank()::world_size()]
+
+
+def sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over every process, in place (through this process's device when the backend needs it:
+    nccl reduces GPU tensors only)."""
+    if world_size() == 1:
+        return tensor
+    here = device()
+    if tensor.device == here or torch.distributed.get_backend() == "gloo":
+        torch.distributed.all_reduce(tensor)
+    else:
+        moved = tensor.to(here)
+        torch.distributed.all_reduce(moved)
+        tensor.copy_(moved)
+    return tensor
+
+
+def sum_number(value: float) -> float:
+    if world_size() == 1:
+        return value
+    return float(sum_(torch.tensor([value], dtype=torch.float64)).item())
