@@ -84,7 +84,6 @@ def _follow(recipe, model_id: str, device: str) -> None:
 
 def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: bool = False,
             progress: bool = True, device: str = "auto", echo=print) -> Path:
-    import torch
 
     from .api import compress, output_dtype, save
     from .calibration import check_calibration
