@@ -68,6 +68,20 @@ def test_method_conforms(case, stages, parameters, tmp_path):
         compress.compress(make_tiny_llama(), bad, calibration=_windows(), progress=False)
 
 
+def test_no_method_runs_its_own_loop():
+    """Every method is a Method driven by the pipeline: no `run` of its own, no walk over the model."""
+    import inspect
+
+    from compress.methods.base import Method
+
+    for name, method in all_methods().items():
+        assert isinstance(method, Method) and method.level in ("layers", "model", "training"), name
+        assert not hasattr(method, "run"), f"{name} defines its own run loop"
+        source = inspect.getsource(type(method))
+        for walk in ("select_modules(", "named_modules(", "calibrate_sequentially(", "train_loop("):
+            assert walk not in source, f"{name} calls {walk} itself"
+
+
 def test_every_registered_method_has_a_case():
     covered = {stage["method"] for _, stages, _ in CASES for stage in stages} | COVERED_ELSEWHERE
     assert set(all_methods()) <= covered, set(all_methods()) - covered
