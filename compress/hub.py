@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CompressError
-from .model_card import CARD_NAME, RunFolder, human_bytes, read_run, render_card
+from .model_card import CARD_NAME, human_bytes, render_card
+from .run_folder import RunFolder, read_run
 
 RUN_FILES = ("recipe.yaml", "report.json", "report.md")
 

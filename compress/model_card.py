@@ -21,19 +21,18 @@ Render the card of an existing run folder without pushing::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CompressError
+from .models import HUB_ID
+from .run_folder import RunFolder, read_run
 
 CARD_NAME = "README.md"
 HUB_RELATIONS = ("adapter", "merge", "quantized", "finetune")
 QUANTIZING_METHODS: frozenset[str] = frozenset()  # methods whose output stores weights at lower precision
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
 
 # Where the numbers come from: lm-eval task -> (dataset type, pretty name). Local data sets,
@@ -47,59 +46,13 @@ _TASK_DATASETS = {
 _METRIC_TYPES = {"acc": "accuracy"}
 
 
-@dataclass
-class RunFolder:
-    """What a card (and a push) needs from a finished `compress run` folder."""
-
-    path: Path
-    report: dict
-    recipe_text: str
-    manifest: dict
-    config: dict
-
-    @property
-    def model_dir(self) -> Path:
-        return self.path / "model"
-
-
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CompressError(f"{path.parent} is not a finished compress run: {path.name} is missing ({what})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CompressError(f"{path} is corrupt: {exc}") from None
-
-
-def read_run(run_dir: str | Path) -> RunFolder:
-    """Read and sanity-check a run folder (no hashing of the weights: see hub.check_run)."""
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise CompressError(f"run folder {str(path)!r} does not exist")
-    report = _read_json(path / "report.json", "written by `compress run`")
-    for key in ("recipe", "source", "size", "eval_compressed", "stages"):
-        if key not in report:
-            raise CompressError(f"{path / 'report.json'} has no {key!r} section; was it written by `compress run`?")
-    recipe_path = path / "recipe.yaml"
-    if not recipe_path.is_file():
-        raise CompressError(f"{path} is not a finished compress run: recipe.yaml is missing")
-    model_dir = path / "model"
-    if not model_dir.is_dir():
-        raise CompressError(f"{path} is not a finished compress run: the model/ folder is missing")
-    from .models import MANIFEST
-
-    manifest = _read_json(model_dir / MANIFEST, "the checkpoint manifest")
-    config = _read_json(model_dir / "config.json", "the model config")
-    return RunFolder(path, report, recipe_path.read_text(), manifest, config)
-
-
 # ---------------------------------------------------------------- metadata
 
 def hub_base_model(run: RunFolder) -> str | None:
     """The base model's hub id, when the run knows one (local paths are not hub ids)."""
     source = run.report.get("source", {})
     for candidate in (source.get("base_model"), run.manifest.get("base_model")):
-        if isinstance(candidate, str) and _HUB_ID.match(candidate) and not Path(candidate).expanduser().exists():
+        if isinstance(candidate, str) and HUB_ID.match(candidate) and not Path(candidate).expanduser().exists():
             return candidate
     return None
 
@@ -189,25 +142,10 @@ def card_data(run: RunFolder, repo_id: str):
 
 # ---------------------------------------------------------------- body
 
-def _cell(value) -> str:
-    """A markdown table cell: numbers formatted like report.md, pipes escaped."""
-    from .report import _fmt  # the number format of report.md
-
-    if isinstance(value, (list, tuple)):
-        value = ", ".join(str(v) for v in value) if value else "-"
-    return _fmt(value).replace("|", "\\|").replace("\n", " ")
-
-
 def _setting(value) -> str:
     if isinstance(value, (list, tuple)):
         return ", ".join(f"`{v}`" for v in value) if value else "none"
     return str(value)
-
-
-def _table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def human_bytes(n: int | float | None) -> str:
@@ -236,7 +174,7 @@ def _stage_sentence(i: int, stage_config: dict, stage_report: dict, summaries: d
 
 def render_body(run: RunFolder, repo_id: str, revision: str | None = None) -> str:
     from .registry import all_methods
-    from .report import PROTOCOL, eval_rows, size_rows
+    from .report import PROTOCOL, cell, eval_rows, md_table, size_rows
 
     report, size = run.report, run.report["size"]
     recipe = report["recipe"]
@@ -271,17 +209,17 @@ def render_body(run: RunFolder, repo_id: str, revision: str | None = None) -> st
     out += ["The license is carried over from the base model: " + (f"`{license_id}`." if license_id else
             "unknown (the run did not record one); check the base model's terms before sharing."), ""]
 
-    out += ["## Compression", "", _table(["", "dense", "compressed", "compressed / dense"], size_rows(size)), "",
+    out += ["## Compression", "", md_table(["", "dense", "compressed", "compressed / dense"], size_rows(size)), "",
             f"Compression ratio (fraction of the targeted modules' parameters removed): "
             f"**{size['compression_ratio']:.1%}**.", ""]
     rows = []
     for i, (cfg, st) in enumerate(zip(recipe["stages"], report["stages"])):
         settings = "; ".join(f"{k}: {_setting(v)}" for k, v in cfg.items() if k != "method" and v is not None)
-        results = "; ".join(f"{k}: {_cell(v)}" for k, v in st.get("summary", {}).items()
+        results = "; ".join(f"{k}: {cell(v)}" for k, v in st.get("summary", {}).items()
                             if k not in ("wall_time_s", "peak_rss_bytes") and not isinstance(v, (dict, list)))
         rows.append([i, f"`{cfg['method']}`", settings, results])
     out += ["Per stage (settings from the recipe, results from the run):", "",
-            _table(["stage", "method", "settings", "results"], rows), ""]
+            md_table(["stage", "method", "settings", "results"], rows), ""]
     calibration = report.get("calibration")
     if calibration:
         parts = [f"{c['source']}: {c['windows']} windows" for c in calibration["sources"]]
@@ -293,7 +231,7 @@ def render_body(run: RunFolder, repo_id: str, revision: str | None = None) -> st
     ev = recipe.get("eval", {})
     ppl = (report.get("eval_compressed") or {}).get("perplexity") or {}
     out += ["## Evaluation", "",
-            _table(["metric", "dense", "compressed", "compressed / dense"],
+            md_table(["metric", "dense", "compressed", "compressed / dense"],
                    eval_rows(report.get("eval_dense"), report["eval_compressed"])), ""]
     limits = ev.get("limit")
     limits = list(limits.values()) if isinstance(limits, dict) else ([limits] if limits else [])
@@ -312,7 +250,7 @@ def render_body(run: RunFolder, repo_id: str, revision: str | None = None) -> st
         out += ["### Budgets", "", "An elastic checkpoint: `compress.set_budget(model, reduction)` switches it to any "
                 "budget below in place (no copy), `compress.resize` cuts it to a smaller one. Held-out token "
                 "perplexity at each:", "",
-                _table(["reduction (targeted parameters removed)", "perplexity"],
+                md_table(["reduction (targeted parameters removed)", "perplexity"],
                        [[f"{b['reduction']:.1%}", b["perplexity"]] for b in budgets]), ""]
 
     rev = f', revision="{revision}"' if revision else ""
@@ -387,7 +325,7 @@ def card_problems(text: str) -> list[str]:
             problems.append("base_model_relation without base_model")
     bases = meta.get("base_model")
     for base in [bases] if isinstance(bases, str) else (bases or []):
-        if not isinstance(base, str) or not _HUB_ID.match(base):
+        if not isinstance(base, str) or not HUB_ID.match(base):
             problems.append(f"base_model {base!r} is not a hub model id (owner/name)")
     if meta.get("library_name") != "transformers":
         problems.append(f"library_name is {meta.get('library_name')!r}, expected 'transformers'")

@@ -19,7 +19,7 @@ from .eval.cache import compress_cache_dir
 from .utils import atomic_folder, require
 
 MANIFEST = "compress_manifest.json"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name on the Hugging Face Hub
 
 
 @dataclass(frozen=True)
@@ -244,7 +244,7 @@ def resolve(model_id: str) -> tuple[str, Path | str]:
         if path.suffix == ".gguf":
             return "gguf", path
         raise CompressError(f"{model_id} is a file but not a .gguf; give a model folder, .gguf, alias or hub id")
-    if _HUB_ID.match(model_id) and not model_id.endswith(".gguf"):
+    if HUB_ID.match(model_id) and not model_id.endswith(".gguf"):
         return "hub", model_id
     raise CompressError(f"model {model_id!r} does not exist: not a local folder, .gguf file, "
                         f"bundled alias ({', '.join(BUNDLED)}) or hub id (owner/name)")

@@ -15,11 +15,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from .errors import CompressError
+from .eval.corpora import CORPORA
+from .models import HUB_ID
 from .registry import all_methods, suggest
 
 # Eval tasks: compress's own (compress.eval.lm_eval_runner.TASKS) or any task lm-eval knows, checked by name
 # (and their datasets by availability) before a run starts: compress.eval.lm_eval_runner.check_tasks.
-Corpus = Literal["wikipedia", "shakespeare", "bible", "python"]  # compress.eval.corpora.CORPORA
+Corpus = Literal[CORPORA]  # the bundled corpora
 
 
 class _Strict(BaseModel):
@@ -127,7 +129,7 @@ class EvalConfig(_Strict):
 
 
 class PushConfig(_Strict):
-    repo_id: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")
+    repo_id: str = Field(pattern=HUB_ID.pattern)
     private: bool = True
     revision: str | None = None
 

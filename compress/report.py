@@ -28,9 +28,17 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def cell(value) -> str:
+    """A markdown table cell: numbers formatted as above, lists joined, pipes escaped, one line."""
+    if isinstance(value, (list, tuple)):
+        value = ", ".join(str(v) for v in value) if value else "-"
+    return _fmt(value).replace("|", "\\|").replace("\n", " ")
+
+
 def md_table(headers: list[str], rows: list[list]) -> str:
+    """A markdown table (report.md, the model card, the bench results)."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
