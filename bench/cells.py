@@ -5,6 +5,7 @@ processes keeps their wall time and peak RSS their own; saving the JSON (and re-
 markdown) after every cell means a stopped run resumes where it stopped. A failing cell is
 reported and skipped, never fatal to the cells after it.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,9 +40,14 @@ def save_cells(cells: dict, store: Path, markdown: Path, render: Callable[[dict]
     markdown.write_text(render(cells))
 
 
-def run_cells(plan: Iterable[str], cells: dict, command: Callable[[str], list[str]],
-              save: Callable[[dict], None], describe: Callable[[dict], str],
-              done: Callable[[str], bool] | None = None) -> dict:
+def run_cells(
+    plan: Iterable[str],
+    cells: dict,
+    command: Callable[[str], list[str]],
+    save: Callable[[dict], None],
+    describe: Callable[[dict], str],
+    done: Callable[[str], bool] | None = None,
+) -> dict:
     """Run every key of ``plan`` not ``done`` (default: already in ``cells``) as ``command(key)``.
 
     Each result gets ``cell_wall_s`` (the subprocess's wall time, start-up included), is stored

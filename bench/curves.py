@@ -1,11 +1,13 @@
 """One picture for the training benches: held-out perplexity against training tokens, per run."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 
-def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path, title: str,
-                dense: float | None = None) -> str | None:
+def plot_curves(
+    curves: dict[str, list[tuple[int, float]]], path: Path, title: str, dense: float | None = None
+) -> str | None:
     """Write a log-scale ppl-vs-tokens plot of ``curves`` ({label: [(tokens, ppl), ...]}) to ``path``.
 
     Returns the file name (for a markdown link), or None when there is nothing to draw."""

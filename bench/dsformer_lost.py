@@ -14,6 +14,7 @@ windows (activation statistics, training) are --seq-len-token windows of the cal
     python bench/dsformer_lost.py --cells dsformer:0.3 svd:0.5
     python bench/dsformer_lost.py --row dsformer 0.3 --windows 2 --steps 2 --iters 2   # one cell, JSON
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,8 @@ ROWS = {
     "lost-act": "lost, activation-scaled (a_j = rms(x_j), sequential calibration)",
     "lost-auto-act": "lost-act with `sparse_fraction: auto` (the best rank/channel split per matrix)",
     "lost-whiten": "lost, covariance-weighted (expected output error under the full input covariance + 0.05 "
-                   "diag shrinkage; S_c columns are the least-squares fit on the chosen channels), sequential "
-                   "calibration",
+    "diag shrinkage; S_c columns are the least-squares fit on the chosen channels), sequential "
+    "calibration",
 }
 TRAINED = ("svd", "dsformer-act", "lost-act")  # rows that are also trained (--steps)
 
@@ -53,12 +54,22 @@ def stage_for(row: str, reduction: float, iters: int) -> dict | None:
         "svd": {"method": "lowrank", **base},
         "asvd": {"method": "lowrank", "backend": "asvd", "sequential": False, **base},
         "dsformer": {"method": "dsformer", "iters": iters, **base},
-        "dsformer-act": {"method": "dsformer", "iters": iters, "scaling": "activation",
-                         "scaling_windows": SCALING_WINDOWS, **base},
+        "dsformer-act": {
+            "method": "dsformer",
+            "iters": iters,
+            "scaling": "activation",
+            "scaling_windows": SCALING_WINDOWS,
+            **base,
+        },
         "lost": {"method": "lost", **base},
         "lost-act": {"method": "lost", "scaling": "activation", "scaling_windows": SCALING_WINDOWS, **base},
-        "lost-auto-act": {"method": "lost", "scaling": "activation", "scaling_windows": SCALING_WINDOWS,
-                          "sparse_fraction": "auto", **base},
+        "lost-auto-act": {
+            "method": "lost",
+            "scaling": "activation",
+            "scaling_windows": SCALING_WINDOWS,
+            "sparse_fraction": "auto",
+            **base,
+        },
         "lost-whiten": {"method": "lost", "scaling": "whiten", "scaling_windows": SCALING_WINDOWS, **base},
     }[row]
 
@@ -112,8 +123,14 @@ def run_cell(name: str, reduction: float, args) -> dict:
         loaded = load_model(args.model)
         model, tokenizer = loaded.model, loaded.tokenizer
     held = token_windows(tokenizer, load_documents("wikipedia", "heldout"), 512, args.windows)
-    row = {"row": name, "reduction": reduction, "params_before": count_params(model), "threads": args.threads,
-           "eval_windows": int(held.shape[0]), "eval_tokens": int(held.numel())}
+    row = {
+        "row": name,
+        "reduction": reduction,
+        "params_before": count_params(model),
+        "threads": args.threads,
+        "eval_windows": int(held.shape[0]),
+        "eval_tokens": int(held.numel()),
+    }
     stage = stage_for(base, reduction, args.iters)
     if stage is None:
         _measure(model, tokenizer, held, row)
@@ -122,14 +139,25 @@ def run_cell(name: str, reduction: float, args) -> dict:
         return row
 
     samples = max(SCALING_WINDOWS, args.steps * args.batch_size) if train else SCALING_WINDOWS
-    recipe = parse_recipe({"name": "bench", "stages": [stage],
-                           "calibration": {"corpus": "wikipedia", "samples": samples, "seq_len": args.seq_len}})
+    recipe = parse_recipe(
+        {
+            "name": "bench",
+            "stages": [stage],
+            "calibration": {"corpus": "wikipedia", "samples": samples, "seq_len": args.seq_len},
+        }
+    )
     windows = lazy_calibration_windows(tokenizer, recipe.calibration)
 
     ctx = StageContext(tokenizer, windows, progress=False)
     if train:
-        tcfg = {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "warmup_steps": args.warmup,
-                "schedule": "cosine", "eval_windows": 4}
+        tcfg = {
+            "steps": args.steps,
+            "lr": args.lr,
+            "batch_size": args.batch_size,
+            "warmup_steps": args.warmup,
+            "schedule": "cosine",
+            "eval_windows": 4,
+        }
         start = time.perf_counter()
         if stage["method"] == "lowrank":  # the fair baseline: the finetune method on the low-rank factors
             ft = parse_recipe({"name": "bench", "stages": [{"method": "finetune", **tcfg}]}).stages[0]
@@ -144,8 +172,12 @@ def run_cell(name: str, reduction: float, args) -> dict:
             names = [n for n, m in model.named_modules() if isinstance(m, types)]
             summary = train_globally(model, method, config, training, names, windows(), progress=False)["summary"]
         row["train_wall_s"] = time.perf_counter() - start
-        row.update({"train_" + k: summary[k] for k in ("steps", "tokens", "calibration_loss_before",
-                                                       "calibration_loss_after", "lr")})
+        row.update(
+            {
+                "train_" + k: summary[k]
+                for k in ("steps", "tokens", "calibration_loss_before", "calibration_loss_after", "lr")
+            }
+        )
         _measure(model, tokenizer, held, row, prefix="trained_")
         row["peak_rss_bytes"] = peak_rss_bytes()
         return row
@@ -160,8 +192,9 @@ def run_cell(name: str, reduction: float, args) -> dict:
     for key in ("mean_rel_error", "mean_svd_rel_error"):
         if key in s:
             row[key] = s[key]
-    row["shapes"] = sorted({(r["shape"], r.get("k") or r.get("rank"), r.get("s") or r.get("channels"))
-                            for r in result.rows}, key=str)
+    row["shapes"] = sorted(
+        {(r["shape"], r.get("k") or r.get("rank"), r.get("s") or r.get("channels")) for r in result.rows}, key=str
+    )
     _measure(model, tokenizer, held, row)
     if base in TRAINED and args.steps > 0:  # for the <row>+train cell
         save_folder(model, tokenizer, _checkpoint(base, reduction))
@@ -174,6 +207,7 @@ def _outcome(cells: dict) -> list[str]:
     lines = ["## Outcome", ""]
     for red in REDUCTIONS:
         for key, label in (("perplexity", "one-shot"), ("trained_perplexity", "trained")):
+
             def value(name):  # a trained value lives in the <row>+train cell (or, older, in the row's own)
                 for c in (cells.get(f"{name}+train:{red}"), cells.get(f"{name}:{red}")):
                     if c and key in c:
@@ -183,9 +217,12 @@ def _outcome(cells: dict) -> list[str]:
             def best(prefix):
                 found = [(value(name), name) for name in ROWS if name.startswith(prefix) and value(name)]
                 return min(found) if found else None
+
             svd = value("svd")
-            parts = [f"{name} {ppl:,.4g} ({svd / ppl:,.1f}x lower than svd)" if svd else f"{name} {ppl:,.4g}"
-                     for ppl, name in filter(None, (best("dsformer"), best("lost")))]
+            parts = [
+                f"{name} {ppl:,.4g} ({svd / ppl:,.1f}x lower than svd)" if svd else f"{name} {ppl:,.4g}"
+                for ppl, name in filter(None, (best("dsformer"), best("lost")))
+            ]
             if svd and parts:
                 lines.append(f"- {red:.0%} removed, {label}: plain SVD {svd:,.4g}; best " + "; ".join(parts) + ".")
     lines += [
@@ -216,45 +253,82 @@ def render(cells: dict, args) -> str:
             if c is None:
                 one_shot.append([name, f"{red:.0%}"] + ["pending"] * 8)
                 continue
-            one_shot.append([
-                name, f"{red:.0%}", f"{c['achieved_reduction']:.2%}", c["params_after"],
-                f"{c['bytes'] / 1e6:.1f}", f"{c['index_bytes'] / 1e6:.2f}",
-                f"{c['mean_rel_error']:.3f}" if "mean_rel_error" in c else "-",
-                c["perplexity"], c["perplexity"] / dppl if dppl else "-", f"{c['compress_wall_s']:.0f}"])
+            one_shot.append(
+                [
+                    name,
+                    f"{red:.0%}",
+                    f"{c['achieved_reduction']:.2%}",
+                    c["params_after"],
+                    f"{c['bytes'] / 1e6:.1f}",
+                    f"{c['index_bytes'] / 1e6:.2f}",
+                    f"{c['mean_rel_error']:.3f}" if "mean_rel_error" in c else "-",
+                    c["perplexity"],
+                    c["perplexity"] / dppl if dppl else "-",
+                    f"{c['compress_wall_s']:.0f}",
+                ]
+            )
             t = cell(name + "+train", red) or (c if "trained_perplexity" in c else None)
             if t is not None:
                 c = {**t, "perplexity": c["perplexity"]}
-                trained.append([name, f"{red:.0%}", c["perplexity"], c["trained_perplexity"],
-                                c["trained_perplexity"] / dppl if dppl else "-", c["train_steps"],
-                                f"{c['train_tokens']:,}",
-                                f"{c['train_calibration_loss_before']:.3f} -> {c['train_calibration_loss_after']:.3f}",
-                                f"{c['train_wall_s']:.0f}"])
+                trained.append(
+                    [
+                        name,
+                        f"{red:.0%}",
+                        c["perplexity"],
+                        c["trained_perplexity"],
+                        c["trained_perplexity"] / dppl if dppl else "-",
+                        c["train_steps"],
+                        f"{c['train_tokens']:,}",
+                        f"{c['train_calibration_loss_before']:.3f} -> {c['train_calibration_loss_after']:.3f}",
+                        f"{c['train_wall_s']:.0f}",
+                    ]
+                )
     threads = next(iter(cells.values()))["threads"] if cells else args.threads
     windows = dense["eval_windows"] if dense else args.windows
-    intro = (f"Measured {time.strftime('%Y-%m-%d')} on a shared 2-core CPU ({threads} torch thread(s) per cell; "
-             "another benchmark ran on the same cores, so wall times are inflated and only roughly comparable "
-             "within this table) by `python bench/dsformer_lost.py`. Targets: gate/up/down projections of all 30 "
-             "layers (90 matrices, 79.6M parameters); every matrix loses the same fraction of its parameters "
-             "(uniform budget) and none is left dense. Perplexity: token-level exp(mean NLL) over the first "
-             f"{windows} non-overlapping 512-token windows of held-out Wikipedia (articles with index % 4 == 0), "
-             "the dense model measured by the same script" + (f" (ppl {dppl:.2f}). " if dppl else ". "))
+    intro = (
+        f"Measured {time.strftime('%Y-%m-%d')} on a shared 2-core CPU ({threads} torch thread(s) per cell; "
+        "another benchmark ran on the same cores, so wall times are inflated and only roughly comparable "
+        "within this table) by `python bench/dsformer_lost.py`. Targets: gate/up/down projections of all 30 "
+        "layers (90 matrices, 79.6M parameters); every matrix loses the same fraction of its parameters "
+        "(uniform budget) and none is left dense. Perplexity: token-level exp(mean NLL) over the first "
+        f"{windows} non-overlapping 512-token windows of held-out Wikipedia (articles with index % 4 == 0), "
+        "the dense model measured by the same script" + (f" (ppl {dppl:.2f}). " if dppl else ". ")
+    )
     lines = [
-        "# DSFormer and LOST vs plain SVD on SmolLM2-135M (MLP projections)", "",
-        intro +
-        "Parameters count stored values (D and S's non-zeros for dsformer; U, V and S_c's columns for lost); "
+        "# DSFormer and LOST vs plain SVD on SmolLM2-135M (MLP projections)",
+        "",
+        intro + "Parameters count stored values (D and S's non-zeros for dsformer; U, V and S_c's columns for lost); "
         "the index tensors are not parameters: they are listed separately (dsformer: int16, one per non-zero; "
         "lost: int32, one per channel) and included in the bytes on disk (fp32 safetensors, whole model). "
         f"Activation statistics: the first {SCALING_WINDOWS} calibration windows of {args.seq_len} tokens "
         f"(Wikipedia calibration split). dsformer: {args.iters} IHT/least-squares iterations (4 CG steps each), "
-        "sparsity 0.75 (s = k/4 non-zeros per column of S).", "",
-        *_outcome(cells), "",
-        "## One-shot", "",
-        md_table(["row", "requested", "targeted params removed", "whole-model params", "MB on disk",
-                  "index MB", "mean rel. weight error", "held-out ppl", "ppl / dense", "compress wall s"],
-                 one_shot), "",
+        "sparsity 0.75 (s = k/4 non-zeros per column of S).",
+        "",
+        *_outcome(cells),
+        "",
+        "## One-shot",
+        "",
+        md_table(
+            [
+                "row",
+                "requested",
+                "targeted params removed",
+                "whole-model params",
+                "MB on disk",
+                "index MB",
+                "mean rel. weight error",
+                "held-out ppl",
+                "ppl / dense",
+                "compress wall s",
+            ],
+            one_shot,
+        ),
+        "",
         "Mean rel. weight error: ||W - W_hat||_F / ||W||_F averaged over the 90 matrices (for the activation-scaled "
-        "rows the same with every column j weighted by rms(x_j), i.e. the error the fit minimises).", "",
-        "Rows: " + "; ".join(f"`{k}` = {v}" for k, v in ROWS.items()) + ".", "",
+        "rows the same with every column j weighted by rms(x_j), i.e. the error the fit minimises).",
+        "",
+        "Rows: " + "; ".join(f"`{k}` = {v}" for k, v in ROWS.items()) + ".",
+        "",
     ]
     shapes = []
     for name in ("dsformer", "lost"):
@@ -262,23 +336,46 @@ def render(cells: dict, args) -> str:
             c = cell(name, red)
             if c:
                 what = "k x s" if name == "dsformer" else "rank + channels"
-                shapes.append(f"{name} {red:.0%} ({what}): " + ", ".join(
-                    f"{shape}: {a} x {b}" if name == "dsformer" else f"{shape}: {a} + {b}" for shape, a, b in c["shapes"]))
+                shapes.append(
+                    f"{name} {red:.0%} ({what}): "
+                    + ", ".join(
+                        f"{shape}: {a} x {b}" if name == "dsformer" else f"{shape}: {a} + {b}"
+                        for shape, a, b in c["shapes"]
+                    )
+                )
     if shapes:
-        lines += ["Factor shapes (every layer alike): " + "; ".join(shapes) + ". The plain SVD ranks at the same "
-                  "budget are 293 (30 %) and 209 (50 %).", ""]
+        lines += [
+            "Factor shapes (every layer alike): " + "; ".join(shapes) + ". The plain SVD ranks at the same "
+            "budget are 293 (30 %) and 209 (50 %).",
+            "",
+        ]
     if trained:
         first = next(c for c in cells.values() if "trained_perplexity" in c)
         lines += [
-            "## With a short training run", "",
+            "## With a short training run",
+            "",
             f"{first['train_steps']} steps of AdamW (lr {first['train_lr']:g}, cosine, {args.warmup} warm-up steps, "
             f"batch {args.batch_size} x {args.seq_len} tokens = {first['train_tokens']:,} tokens of calibration "
             "Wikipedia); only the new factors train. dsformer trains with the Straight-Through Factorizer "
             "(dense latent S, top-s projection per column in the forward, identity gradient), then stores the "
             "compact form again; lost trains U, V and S_c's values (channels fixed); svd uses the `finetune` "
-            "method on the low-rank factors. Same parameter counts and bytes as the one-shot rows.", "",
-            md_table(["row", "requested", "one-shot ppl", "trained ppl", "ppl / dense", "steps", "tokens",
-                      "calibration loss", "train wall s"], trained), "",
+            "method on the low-rank factors. Same parameter counts and bytes as the one-shot rows.",
+            "",
+            md_table(
+                [
+                    "row",
+                    "requested",
+                    "one-shot ppl",
+                    "trained ppl",
+                    "ppl / dense",
+                    "steps",
+                    "tokens",
+                    "calibration loss",
+                    "train wall s",
+                ],
+                trained,
+            ),
+            "",
         ]
     return "\n".join(lines)
 
@@ -313,8 +410,16 @@ def main() -> None:
 
     def command(key):
         name, red = key.split(":")
-        return [sys.executable, __file__, "--row", name, red, *forwarded_flags(args, (
-            "windows", "steps", "lr", "warmup", "batch_size", "seq_len", "iters", "threads", "model"))]
+        return [
+            sys.executable,
+            __file__,
+            "--row",
+            name,
+            red,
+            *forwarded_flags(
+                args, ("windows", "steps", "lr", "warmup", "batch_size", "seq_len", "iters", "threads", "model")
+            ),
+        ]
 
     def describe(cell):
         return "ppl " + " -> ".join(f"{cell[k]:.4g}" for k in ("perplexity", "trained_perplexity") if k in cell)

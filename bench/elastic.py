@@ -13,6 +13,7 @@ switching back and forth.
     python bench/elastic.py                 # runs what is missing (hours on CPU), then writes the results
     python bench/elastic.py --render        # only rewrite the markdown from the json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,10 @@ RESULTS = ROOT / "bench" / "results"
 BUDGETS = (0.1, 0.2, 0.3, 0.4, 0.5)
 HEALED = (0.2, 0.3, 0.4)
 MODEL = "smollm2-135m"
-HEAL_STAGE = "{method: finetune, targets: [LowRankLinear], steps: 96, lr: 1.0e-4, schedule: cosine, warmup_steps: 5, " \
-             "batch_size: 2}"
+HEAL_STAGE = (
+    "{method: finetune, targets: [LowRankLinear], steps: 96, lr: 1.0e-4, schedule: cosine, warmup_steps: 5, "
+    "batch_size: 2}"
+)
 
 
 # token-level perplexity is all these runs are compared on: no lm-eval tasks, no dense baseline (the shipped
@@ -43,14 +46,26 @@ PPL_ONLY = ["eval.tasks=[]", "eval.limit=null", "eval.compare_dense=false"]
 
 def runs_plan() -> list[tuple[str, str, list[str]]]:
     """(recipe, tag, overrides) of every `compress run` this benchmark reads."""
-    plan = [("lowrank-elastic", "elastic", PPL_ONLY),
-            ("lowrank-elastic-healed", "elastic-sum", PPL_ONLY),
-            ("lowrank-elastic-healed", "elastic-sample", ["stages.1.elastic.rule=sample", *PPL_ONLY])]
+    plan = [
+        ("lowrank-elastic", "elastic", PPL_ONLY),
+        ("lowrank-elastic-healed", "elastic-sum", PPL_ONLY),
+        ("lowrank-elastic-healed", "elastic-sample", ["stages.1.elastic.rule=sample", *PPL_ONLY]),
+    ]
     plan += [("lowrank-20", f"fresh-{b:g}", [f"stages.0.reduction={b}", *PPL_ONLY]) for b in BUDGETS if b != 0.2]
-    plan += [("lowrank-20", f"fresh-{b:g}-healed", [f"stages.0.reduction={b}", f"stages.1={HEAL_STAGE}",
-                                                   "stages.0.calibration_windows=64", "calibration.samples=192",
-                                                   *PPL_ONLY])
-             for b in HEALED]
+    plan += [
+        (
+            "lowrank-20",
+            f"fresh-{b:g}-healed",
+            [
+                f"stages.0.reduction={b}",
+                f"stages.1={HEAL_STAGE}",
+                "stages.0.calibration_windows=64",
+                "calibration.samples=192",
+                *PPL_ONLY,
+            ],
+        )
+        for b in HEALED
+    ]
     return plan
 
 
@@ -63,6 +78,7 @@ def ensure_runs(threads: int) -> dict:
         print(f"running {key} ...", file=sys.stderr, flush=True)
         cells[key] = run_recipe(recipe, MODEL, tag, threads, overrides)
         from recipe_runs import MARKDOWN, render
+
         save_cells(cells, STORE, MARKDOWN, render)
     return cells
 
@@ -83,18 +99,32 @@ def measure_resizes(elastic_folder: Path, threads: int) -> list[dict]:
         for budget in BUDGETS:
             target = Path(tmp) / f"r{budget:g}"
             start = time.perf_counter()
-            proc = subprocess.run([cli, "resize", str(elastic_folder), "--reduction", str(budget), "--out", str(target)],
-                                  capture_output=True, text=True, env=env)
+            proc = subprocess.run(
+                [cli, "resize", str(elastic_folder), "--reduction", str(budget), "--out", str(target)],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
             command_s = time.perf_counter() - start
             if proc.returncode:
                 raise SystemExit(f"resize {budget} failed: {proc.stderr}")
             resize_s = float(proc.stdout.split(") in ")[1].split(" s:")[0])
             scores = Path(tmp) / f"e{budget:g}.json"
-            subprocess.run([cli, "eval", str(target), "--tasks", "--windows", "32", "--quiet", "--json", str(scores)],
-                           check=True, capture_output=True, env=env)
-            out.append({"budget": budget, "command_s": command_s, "resize_s": resize_s,
-                        "bytes": sum(p.stat().st_size for p in target.glob("*.safetensors")),
-                        "perplexity": json.loads(scores.read_text())["perplexity"]["perplexity"]})
+            subprocess.run(
+                [cli, "eval", str(target), "--tasks", "--windows", "32", "--quiet", "--json", str(scores)],
+                check=True,
+                capture_output=True,
+                env=env,
+            )
+            out.append(
+                {
+                    "budget": budget,
+                    "command_s": command_s,
+                    "resize_s": resize_s,
+                    "bytes": sum(p.stat().st_size for p in target.glob("*.safetensors")),
+                    "perplexity": json.loads(scores.read_text())["perplexity"]["perplexity"],
+                }
+            )
     return out
 
 
@@ -118,9 +148,15 @@ def measure_switching(elastic_folder: Path, threads: int) -> dict:
     for budget in BUDGETS:
         set_budget(model, budget)
         timing = compare_latency({"dense": dense, "elastic": model}, ids, new_tokens=16, repeats=5)
-        rows.append({"budget": budget, "forward_ratio": timing["elastic"]["forward_s"] / timing["dense"]["forward_s"],
-                     "dense_forward_s": timing["dense"]["forward_s"], "forward_s": timing["elastic"]["forward_s"],
-                     "decode_ratio": timing["elastic"]["decode_s"] / timing["dense"]["decode_s"]})
+        rows.append(
+            {
+                "budget": budget,
+                "forward_ratio": timing["elastic"]["forward_s"] / timing["dense"]["forward_s"],
+                "dense_forward_s": timing["dense"]["forward_s"],
+                "forward_s": timing["elastic"]["forward_s"],
+                "decode_ratio": timing["elastic"]["decode_s"] / timing["dense"]["decode_s"],
+            }
+        )
     with torch.no_grad():
         set_budget(model, 0.3)
         first = model(ids).logits
@@ -139,61 +175,101 @@ def _fmt(v, digits=4):
 def render(data: dict) -> str:
     cells = load_cells(STORE)
     elastic = cells.get(key_of("lowrank-elastic", MODEL, "elastic"))
-    lines = ["# Elastic rank on SmolLM2-135M", "",
-             "Written by `python bench/elastic.py`; every number comes from `compress run` / `compress resize` / "
-             "`compress eval` (bench/recipe_runs.md has the runs). Held-out Wikipedia, 32 windows of 512 tokens, "
-             "one torch thread. `elastic` = one `recipes/lowrank-elastic.yaml` run (10-50 % range) switched to each "
-             "budget; `resized` = that checkpoint cut with `compress resize` and scored with `compress eval`; "
-             "`fresh` = `recipes/lowrank-20.yaml` run at that budget.", ""]
+    lines = [
+        "# Elastic rank on SmolLM2-135M",
+        "",
+        "Written by `python bench/elastic.py`; every number comes from `compress run` / `compress resize` / "
+        "`compress eval` (bench/recipe_runs.md has the runs). Held-out Wikipedia, 32 windows of 512 tokens, "
+        "one torch thread. `elastic` = one `recipes/lowrank-elastic.yaml` run (10-50 % range) switched to each "
+        "budget; `resized` = that checkpoint cut with `compress resize` and scored with `compress eval`; "
+        "`fresh` = `recipes/lowrank-20.yaml` run at that budget.",
+        "",
+    ]
     if elastic:
         budgets = {round(b["requested_reduction"], 3): b for b in elastic.get("budgets", [])}
         resized = {r["budget"]: r for r in data.get("resize", [])}
-        lines += ["| budget | elastic ppl | resized ppl | fresh ppl | elastic / fresh | resize s (command s) | "
-                  "resized MB | fresh MB |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "| budget | elastic ppl | resized ppl | fresh ppl | elastic / fresh | resize s (command s) | "
+            "resized MB | fresh MB |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for b in BUDGETS:
             e, r, f = budgets.get(b, {}), resized.get(b, {}), fresh_cell(cells, b) or {}
             ratio = e["perplexity"] / f["perplexity"] if e and f.get("perplexity") else None
-            lines.append(f"| {b:.0%} | {_fmt(e.get('perplexity'))} | {_fmt(r.get('perplexity'))} | "
-                         f"{_fmt(f.get('perplexity'))} | {_fmt(ratio, 3)} | "
-                         f"{r.get('resize_s', 0):.1f} ({r.get('command_s', 0):.1f}) | "
-                         f"{r.get('bytes', 0) / 1e6:.1f} | {f.get('bytes_after', 0) / 1e6:.1f} |")
+            lines.append(
+                f"| {b:.0%} | {_fmt(e.get('perplexity'))} | {_fmt(r.get('perplexity'))} | "
+                f"{_fmt(f.get('perplexity'))} | {_fmt(ratio, 3)} | "
+                f"{r.get('resize_s', 0):.1f} ({r.get('command_s', 0):.1f}) | "
+                f"{r.get('bytes', 0) / 1e6:.1f} | {f.get('bytes_after', 0) / 1e6:.1f} |"
+            )
         single = fresh_cell(cells, 0.2)
         if single:
-            lines += ["", f"The elastic checkpoint stores {elastic['bytes_after'] / 1e6:.1f} MB against "
-                          f"{single['bytes_after'] / 1e6:.1f} MB for the single-budget 20 % checkpoint "
-                          f"({elastic['bytes_after'] / single['bytes_after'] - 1:+.1%}): its factors are kept at the "
-                          "ranks the 10 % budget needs, and matrices that budget keeps dense at their largest rank "
-                          "that still saves parameters."]
-    heal = [(label, cells.get(key_of("lowrank-elastic-healed", MODEL, tag))) for label, tag in
-            (("elastic, summed loss (Starbucks)", "elastic-sum"), ("elastic, sampled budget (Maestro)", "elastic-sample"))]
+            lines += [
+                "",
+                f"The elastic checkpoint stores {elastic['bytes_after'] / 1e6:.1f} MB against "
+                f"{single['bytes_after'] / 1e6:.1f} MB for the single-budget 20 % checkpoint "
+                f"({elastic['bytes_after'] / single['bytes_after'] - 1:+.1%}): its factors are kept at the "
+                "ranks the 10 % budget needs, and matrices that budget keeps dense at their largest rank "
+                "that still saves parameters.",
+            ]
+    heal = [
+        (label, cells.get(key_of("lowrank-elastic-healed", MODEL, tag)))
+        for label, tag in (
+            ("elastic, summed loss (Starbucks)", "elastic-sum"),
+            ("elastic, sampled budget (Maestro)", "elastic-sample"),
+        )
+    ]
     separate = {b: cells.get(key_of("lowrank-20", MODEL, f"fresh-{b:g}-healed")) for b in HEALED}
     if any(c for _, c in heal) or any(separate.values()):
-        lines += ["", "## Healing 20-40 % at once", "",
-                  "96 steps x 2 windows x 512 tokens (one pass over 192 windows), AdamW lr 1e-4 cosine, every row. The "
-                  "elastic rows are one training run each for all three budgets; `separate` heals a fresh compression "
-                  "at each budget (three runs).", "",
-                  "| healing | " + " | ".join(f"{b:.0%}" for b in HEALED) + " | training s |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Healing 20-40 % at once",
+            "",
+            "96 steps x 2 windows x 512 tokens (one pass over 192 windows), AdamW lr 1e-4 cosine, every row. The "
+            "elastic rows are one training run each for all three budgets; `separate` heals a fresh compression "
+            "at each budget (three runs).",
+            "",
+            "| healing | " + " | ".join(f"{b:.0%}" for b in HEALED) + " | training s |",
+            "|---|---|---|---|---|",
+        ]
         for label, c in heal:
             if c:
                 at = {round(b["requested_reduction"], 3): b["perplexity"] for b in c.get("budgets", [])}
                 train_s = next((st.get("wall_time_s") for st in c["stages"] if st["method"] == "finetune"), None)
                 lines.append(f"| {label} | " + " | ".join(_fmt(at.get(b)) for b in HEALED) + f" | {_fmt(train_s, 4)} |")
         if any(separate.values()):
-            train = sum(next((st.get("wall_time_s", 0) for st in c["stages"] if st["method"] == "finetune"), 0)
-                        for c in separate.values() if c)
-            lines.append("| separate (one run per budget) | " + " | ".join(
-                _fmt(separate[b]["perplexity"]) if separate[b] else "pending" for b in HEALED) + f" | {_fmt(train, 4)} |")
+            train = sum(
+                next((st.get("wall_time_s", 0) for st in c["stages"] if st["method"] == "finetune"), 0)
+                for c in separate.values()
+                if c
+            )
+            lines.append(
+                "| separate (one run per budget) | "
+                + " | ".join(_fmt(separate[b]["perplexity"]) if separate[b] else "pending" for b in HEALED)
+                + f" | {_fmt(train, 4)} |"
+            )
     switching = data.get("switching")
     if switching:
-        lines += ["", "## Switching budgets in one process", "",
-                  "`compress.set_budget` on one loaded elastic model; forward pass over a 512-token window, median of "
-                  "5 runs interleaved with the dense model (CPU, fp32, 1 thread).", "",
-                  "| budget | forward s | dense forward s | forward ratio | 16-token decode ratio |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Switching budgets in one process",
+            "",
+            "`compress.set_budget` on one loaded elastic model; forward pass over a 512-token window, median of "
+            "5 runs interleaved with the dense model (CPU, fp32, 1 thread).",
+            "",
+            "| budget | forward s | dense forward s | forward ratio | 16-token decode ratio |",
+            "|---|---|---|---|---|",
+        ]
         for row in switching["rows"]:
-            lines.append(f"| {row['budget']:.0%} | {row['forward_s']:.3f} | {row['dense_forward_s']:.3f} | "
-                         f"{row['forward_ratio']:.2f} | {row['decode_ratio']:.2f} |")
-        lines += ["", f"Switching 30 % -> 10 % -> 50 % -> 20 % -> 40 % -> 30 % gives bit-identical logits: "
-                      f"{switching['switch_back_bit_identical']}."]
+            lines.append(
+                f"| {row['budget']:.0%} | {row['forward_s']:.3f} | {row['dense_forward_s']:.3f} | "
+                f"{row['forward_ratio']:.2f} | {row['decode_ratio']:.2f} |"
+            )
+        lines += [
+            "",
+            f"Switching 30 % -> 10 % -> 50 % -> 20 % -> 40 % -> 30 % gives bit-identical logits: "
+            f"{switching['switch_back_bit_identical']}.",
+        ]
     lines += ["", "Not measured here (CPU time): the same grid on Gemma-3-270M."]
     return "\n".join(lines) + "\n"
 

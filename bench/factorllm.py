@@ -24,6 +24,7 @@ measured in the same process (median of --latency-repeats runs after a warm-up, 
     python bench/factorllm.py --layouts 4e2k --partitions cluster
     python bench/factorllm.py --cell 4e2k/cluster/split --windows 1 --fit-windows 2 --seq-len 64   # one cell, JSON
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,14 +54,33 @@ LONG_PHASE = "experts-long"  # router + experts for --long-steps at --long-lr: t
 
 def stage_for(layout: str, partition: str, args, train: str = "none") -> dict:
     experts, top_k, shared = LAYOUTS[layout]
-    stage = {"method": "factorllm", "targets": [r"re:.*\.mlp$"], "experts": experts, "top_k": top_k,
-             "shared_experts": shared, "partition": partition, "combine": args.combine, "labels": args.labels,
-             "router_fit": "least_squares", "router_fit_windows": args.fit_windows,
-             "router_fit_epochs": args.fit_epochs, "cluster_tokens": 4096}
+    stage = {
+        "method": "factorllm",
+        "targets": [r"re:.*\.mlp$"],
+        "experts": experts,
+        "top_k": top_k,
+        "shared_experts": shared,
+        "partition": partition,
+        "combine": args.combine,
+        "labels": args.labels,
+        "router_fit": "least_squares",
+        "router_fit_windows": args.fit_windows,
+        "router_fit_epochs": args.fit_epochs,
+        "cluster_tokens": 4096,
+    }
     if train != "none":
-        stage.update(trainable=train, router_lr=args.router_lr,
-                     train={"steps": args.steps, "lr": args.lr, "schedule": "cosine", "eval_windows": 4,
-                            "warmup_steps": min(args.warmup, args.steps - 1), "batch_size": args.batch_size})
+        stage.update(
+            trainable=train,
+            router_lr=args.router_lr,
+            train={
+                "steps": args.steps,
+                "lr": args.lr,
+                "schedule": "cosine",
+                "eval_windows": 4,
+                "warmup_steps": min(args.warmup, args.steps - 1),
+                "batch_size": args.batch_size,
+            },
+        )
     return stage
 
 
@@ -107,13 +127,18 @@ def run_dense(args) -> dict:
 
     loaded = load_model(args.model)
     held = _held(loaded.tokenizer, args)
-    return {"cell": "dense", "perplexity": _ppl(loaded.model, held), "params": count_params(loaded.model),
-            "eval_windows": int(held.shape[0]), "threads": args.threads, "peak_rss_bytes": peak_rss_bytes()}
+    return {
+        "cell": "dense",
+        "perplexity": _ppl(loaded.model, held),
+        "params": count_params(loaded.model),
+        "eval_windows": int(held.shape[0]),
+        "threads": args.threads,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
 
 
 def run_split(layout: str, partition: str, args) -> dict:
     import torch
-
     from latency import compare_latency
 
     from compress.checkpoint import mark_compressed
@@ -129,16 +154,26 @@ def run_split(layout: str, partition: str, args) -> dict:
     loaded = load_model(args.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     held = _held(tokenizer, args)
-    recipe = parse_recipe({"name": "bench", "stages": [stage_for(layout, partition, args)],
-                           "calibration": {"corpus": "wikipedia", "samples": args.fit_windows, "seq_len": args.seq_len}})
+    recipe = parse_recipe(
+        {
+            "name": "bench",
+            "stages": [stage_for(layout, partition, args)],
+            "calibration": {"corpus": "wikipedia", "samples": args.fit_windows, "seq_len": args.seq_len},
+        }
+    )
     calib = _calibration(tokenizer, args, args.fit_windows)
     start = time.perf_counter()
     result = apply_stage(model, recipe.stages[0], StageContext(tokenizer, lambda: calib, progress=False))
-    row = {"cell": f"{layout}/{partition}/split", "split_wall_s": time.perf_counter() - start,
-           "eval_windows": int(held.shape[0]), "threads": args.threads, "params": count_params(model),
-           **model_ffn_flops(model),
-           "router_fit_agreement": result.summary.get("router_fit_agreement"),
-           "label_load_max": max(r.get("label_load_max", 0.0) for r in result.rows)}
+    row = {
+        "cell": f"{layout}/{partition}/split",
+        "split_wall_s": time.perf_counter() - start,
+        "eval_windows": int(held.shape[0]),
+        "threads": args.threads,
+        "params": count_params(model),
+        **model_ffn_flops(model),
+        "router_fit_agreement": result.summary.get("router_fit_agreement"),
+        "label_load_max": max(r.get("label_load_max", 0.0) for r in result.rows),
+    }
     row["ppl_fitted"] = _ppl(model, held)
     row["agreement"] = _agreement(model, held, args)
     names = moe_names(model)
@@ -190,14 +225,25 @@ def run_train(layout: str, partition: str, phase: str, args) -> dict:
 
     trained = train_moe(model, config, windows, progress=False, callback=measure)
     s = trained["summary"]
-    return {"cell": f"{layout}/{partition}/{phase}", "train": config.trainable, "curve": curve,
-            "warmup": config.train.warmup_steps,
-            "perplexity": curve[-1]["perplexity"], "train_wall_s": s["wall_time_s"], "steps": s["steps"],
-            "tokens": s["tokens"], "lr": s["lr"], "router_lr": s["router_lr"],
-            "trainable_params": s["trainable_params"], "calibration_loss_before": s["calibration_loss_before"],
-            "calibration_loss_after": s["calibration_loss_after"],
-            "agreement": _agreement(model, held, args), "eval_windows": int(held.shape[0]), "threads": args.threads,
-            "peak_rss_bytes": peak_rss_bytes()}
+    return {
+        "cell": f"{layout}/{partition}/{phase}",
+        "train": config.trainable,
+        "curve": curve,
+        "warmup": config.train.warmup_steps,
+        "perplexity": curve[-1]["perplexity"],
+        "train_wall_s": s["wall_time_s"],
+        "steps": s["steps"],
+        "tokens": s["tokens"],
+        "lr": s["lr"],
+        "router_lr": s["router_lr"],
+        "trainable_params": s["trainable_params"],
+        "calibration_loss_before": s["calibration_loss_before"],
+        "calibration_loss_after": s["calibration_loss_after"],
+        "agreement": _agreement(model, held, args),
+        "eval_windows": int(held.shape[0]),
+        "threads": args.threads,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
 
 
 def run_cell(key: str, args) -> dict:
@@ -221,8 +267,7 @@ def _agree(c: dict | None, layout: str, rule: str = "pa") -> str:
         return "-"
     a = c["agreement"][rule]
     experts, top_k, _ = LAYOUTS[layout]
-    return (f"{a['agreement']:.3f} / {a['exact']:.3f} (chance {a['chance']:.2f} / "
-            f"{1 / math.comb(experts, top_k):.3f})")
+    return f"{a['agreement']:.3f} / {a['exact']:.3f} (chance {a['chance']:.2f} / {1 / math.comb(experts, top_k):.3f})"
 
 
 def render(cells: dict, args) -> str:
@@ -240,12 +285,22 @@ def render(cells: dict, args) -> str:
             if c is None:
                 split_rows.append([layout, partition] + ["pending"] * 10)
             else:
-                split_rows.append([
-                    layout, partition, f"{c['ffn_flops_per_token'] / 1e6:.1f}M ({c['ffn_flops_ratio']:.3f})",
-                    rel(c["ppl_untrained"]), rel(c["ppl_oracle_pa"]), rel(c["ppl_oracle_best_subset"]),
-                    rel(c["ppl_fitted"]), _agree(c, layout),
-                    _agree(c, layout, "best_subset"), f"{c['forward_ratio']:.3f}", f"{c['decode_ratio']:.3f}",
-                    f"{c['split_wall_s']:.0f}"])
+                split_rows.append(
+                    [
+                        layout,
+                        partition,
+                        f"{c['ffn_flops_per_token'] / 1e6:.1f}M ({c['ffn_flops_ratio']:.3f})",
+                        rel(c["ppl_untrained"]),
+                        rel(c["ppl_oracle_pa"]),
+                        rel(c["ppl_oracle_best_subset"]),
+                        rel(c["ppl_fitted"]),
+                        _agree(c, layout),
+                        _agree(c, layout, "best_subset"),
+                        f"{c['forward_ratio']:.3f}",
+                        f"{c['decode_ratio']:.3f}",
+                        f"{c['split_wall_s']:.0f}",
+                    ]
+                )
             for phase in ("router", "experts", LONG_PHASE):
                 t = cells.get(f"{layout}/{partition}/{phase}")
                 if t is None:
@@ -253,32 +308,58 @@ def render(cells: dict, args) -> str:
                 points = ([{"tokens": 0, "perplexity": c["ppl_fitted"]}] if c else []) + t["curve"]
                 curve = ", ".join(f"{p['tokens']:,}: {p['perplexity']:.4g}" for p in points)
                 curves[f"{layout}/{partition}: {t['train']}, {t['steps']} steps, lr {t['lr']:g}"] = [
-                    (p["tokens"], p["perplexity"]) for p in points]
-                train_rows.append([layout, partition, f"{t['train']} ({t['steps']} steps, lr {t['lr']:g})", curve,
-                                   rel(t["perplexity"]), _agree(t, layout),
-                                   f"{t['calibration_loss_before']:.3f} -> {t['calibration_loss_after']:.3f}",
-                                   f"{t['train_wall_s']:.0f}"])
+                    (p["tokens"], p["perplexity"]) for p in points
+                ]
+                train_rows.append(
+                    [
+                        layout,
+                        partition,
+                        f"{t['train']} ({t['steps']} steps, lr {t['lr']:g})",
+                        curve,
+                        rel(t["perplexity"]),
+                        _agree(t, layout),
+                        f"{t['calibration_loss_before']:.3f} -> {t['calibration_loss_after']:.3f}",
+                        f"{t['train_wall_s']:.0f}",
+                    ]
+                )
     threads = next(iter(cells.values()))["threads"] if cells else args.threads
     windows = dense["eval_windows"] if dense else args.windows
     lines = [
-        "# FactorLLM on SmolLM2-135M: FFNs split into routed experts", "",
+        "# FactorLLM on SmolLM2-135M: FFNs split into routed experts",
+        "",
         f"Measured {time.strftime('%Y-%m-%d')} by `python bench/factorllm.py` on a shared CPU ({threads} torch "
         "thread(s) per cell; wall times are only roughly comparable). Every one of the 30 FFNs (hidden 576, "
         "intermediate 1536) is split into equal experts that reuse its weights (nothing removed: the saving is "
         "compute, not parameters); a linear router (with bias) picks the top-k routed experts per token, "
         f"combined as `{args.combine}`. Perplexity: token-level exp(mean NLL) over the first {windows} "
         "non-overlapping 512-token windows of held-out Wikipedia (articles with index % 4 == 0), the dense "
-        "model measured by the same script" + (f" (ppl {dppl:.2f})." if dppl else "."), "",
+        "model measured by the same script" + (f" (ppl {dppl:.2f})." if dppl else "."),
+        "",
         "Layouts: `4e2k` = 4 experts, top-2; `8e2k` = 8 experts, top-2; `1s3e1k` = 1 always-on shared expert "
         "+ top-1 of 3 routed (half the FFN per token, like 4e2k; the shared expert takes the neurons of highest "
         "mean |activation|). Partitions: `contiguous` neuron blocks, `random`, `cluster` = balanced k-means on "
-        "the neurons' |activation| patterns over 4,096 calibration tokens (MoEfication).", "",
-        "## Split, router fitted layer by layer", "",
-        md_table(["layout", "partition", "FFN FLOPs/token (vs dense)", "ppl, untrained router", "ppl, oracle PA labels",
-                  "ppl, oracle best-subset labels",
-                  "ppl, fitted router", "agreement with PA labels (overlap / exact)",
-                  "agreement with best-subset labels",
-                  "CPU forward 512 tok (vs dense)", "CPU greedy decode (vs dense)", "split wall s"], split_rows), "",
+        "the neurons' |activation| patterns over 4,096 calibration tokens (MoEfication).",
+        "",
+        "## Split, router fitted layer by layer",
+        "",
+        md_table(
+            [
+                "layout",
+                "partition",
+                "FFN FLOPs/token (vs dense)",
+                "ppl, untrained router",
+                "ppl, oracle PA labels",
+                "ppl, oracle best-subset labels",
+                "ppl, fitted router",
+                "agreement with PA labels (overlap / exact)",
+                "agreement with best-subset labels",
+                "CPU forward 512 tok (vs dense)",
+                "CPU greedy decode (vs dense)",
+                "split wall s",
+            ],
+            split_rows,
+        ),
+        "",
         f"FFN FLOPs/token: matmul FLOPs of all 30 FFNs incl. the routers (2 per multiply-add). Router fit: ridge "
         f"regression onto the {args.labels} pseudo-labels of {args.fit_windows} calibration windows of "
         f"{args.seq_len} tokens, then {args.fit_epochs} epochs of the PA route loss (KL to the labels) + load "
@@ -289,17 +370,31 @@ def render(cells: dict, args) -> str:
         f"Agreement: on the first {args.agree_windows} held-out windows, "
         "mean overlap of the router's top-k with the label set / fraction of identical sets. Latency: median of "
         f"{args.latency_repeats} interleaved runs after a warm-up (forward of one 512-token window; 32 greedy "
-        "decoding steps after a 16-token prompt), dense and split model in the same process.", "",
+        "decoding steps after a 16-token prompt), dense and split model in the same process.",
+        "",
     ]
     if train_rows:
-        figure = plot_curves(curves, RESULTS / f"{args.name}_curves.png",
-                             "FactorLLM on SmolLM2-135M: training buys back", dppl)
+        figure = plot_curves(
+            curves, RESULTS / f"{args.name}_curves.png", "FactorLLM on SmolLM2-135M: training buys back", dppl
+        )
         lines += [
-            "## End-to-end training (from the split checkpoint)", "",
+            "## End-to-end training (from the split checkpoint)",
+            "",
             *([f"![perplexity against training tokens]({figure})", ""] if figure else []),
-            md_table(["layout", "partition", "train", "ppl after N training tokens", "final ppl",
-                      "agreement with PA labels",
-                      "calibration loss", "train wall s"], train_rows), "",
+            md_table(
+                [
+                    "layout",
+                    "partition",
+                    "train",
+                    "ppl after N training tokens",
+                    "final ppl",
+                    "agreement with PA labels",
+                    "calibration loss",
+                    "train wall s",
+                ],
+                train_rows,
+            ),
+            "",
             f"AdamW (cosine schedule, {min(args.warmup, args.steps - 1)} warm-up steps, "
             f"batch {args.batch_size} x "
             f"{args.seq_len} tokens of calibration Wikipedia; expert lr as in the train column, {args.router_lr:g} for "
@@ -307,7 +402,8 @@ def render(cells: dict, args) -> str:
             "relative MSE of the MoE FFN output against the frozen dense FFN + KL(router || PA labels) + 0.01 load "
             "balance. With `combine: sum` the CE and MSE terms reach only the experts (hard top-k passes no gradient "
             "to the router), so `train: router` is driven by the PA route loss alone. Train wall time excludes the "
-            "perplexity measurements of the curve.", "",
+            "perplexity measurements of the curve.",
+            "",
         ]
     lines += combine_section(cells, args, rel)
     lines += outcome(cells, dppl)
@@ -330,19 +426,40 @@ def combine_section(cells: dict, args, rel) -> list[str]:
     rows = []
     for combine, run in runs.items():
         split, trained = run.get(f"{COMBINE_CELL}/split"), run.get(f"{COMBINE_CELL}/experts")
-        rows.append([f"`{combine}`", rel(split["ppl_untrained"]) if split else "pending",
-                     rel(split["ppl_fitted"]) if split else "pending",
-                     ", ".join(f"{p['tokens']:,}: {p['perplexity']:.4g}" for p in trained["curve"]) if trained
-                     else "pending", rel(trained["perplexity"]) if trained else "pending",
-                     _agree(trained, "4e2k") if trained else "-"])
-    return ["## Combine rule", "",
-            f"{COMBINE_CELL}, the same split, router fit and router+experts training ({args.steps} steps) with each "
-            "combine rule: `sum` = plain partial sum of the dense FFN; `scale` = times E/k (FactorLLM); `weights` = "
-            "k * softmax over the chosen router logits (the only rule that passes the CE gradient to the router). "
-            "Results of the other rules: `python bench/factorllm.py --name factorllm-<rule> --combine <rule> --cells "
-            f"{COMBINE_CELL}/split {COMBINE_CELL}/experts`.", "",
-            md_table(["combine", "ppl, untrained router", "ppl, fitted router", "ppl after N training tokens",
-                      "final ppl", "agreement with PA labels"], rows), ""]
+        rows.append(
+            [
+                f"`{combine}`",
+                rel(split["ppl_untrained"]) if split else "pending",
+                rel(split["ppl_fitted"]) if split else "pending",
+                ", ".join(f"{p['tokens']:,}: {p['perplexity']:.4g}" for p in trained["curve"])
+                if trained
+                else "pending",
+                rel(trained["perplexity"]) if trained else "pending",
+                _agree(trained, "4e2k") if trained else "-",
+            ]
+        )
+    return [
+        "## Combine rule",
+        "",
+        f"{COMBINE_CELL}, the same split, router fit and router+experts training ({args.steps} steps) with each "
+        "combine rule: `sum` = plain partial sum of the dense FFN; `scale` = times E/k (FactorLLM); `weights` = "
+        "k * softmax over the chosen router logits (the only rule that passes the CE gradient to the router). "
+        "Results of the other rules: `python bench/factorllm.py --name factorllm-<rule> --combine <rule> --cells "
+        f"{COMBINE_CELL}/split {COMBINE_CELL}/experts`.",
+        "",
+        md_table(
+            [
+                "combine",
+                "ppl, untrained router",
+                "ppl, fitted router",
+                "ppl after N training tokens",
+                "final ppl",
+                "agreement with PA labels",
+            ],
+            rows,
+        ),
+        "",
+    ]
 
 
 def outcome(cells: dict, dppl: float | None) -> list[str]:
@@ -350,8 +467,12 @@ def outcome(cells: dict, dppl: float | None) -> list[str]:
     trained = [(key, c) for key, c in cells.items() if key.count("/") == 2 and not key.endswith("/split")]
     if not dppl or not trained:
         return []
-    lines = ["## Outcome against the aim", "",
-             "Aim: FFN FLOPs halved at perplexity <= 1.5x dense and a 512-token forward latency ratio < 0.85.", ""]
+    lines = [
+        "## Outcome against the aim",
+        "",
+        "Aim: FFN FLOPs halved at perplexity <= 1.5x dense and a 512-token forward latency ratio < 0.85.",
+        "",
+    ]
     for key, t in sorted(trained, key=lambda kc: kc[1]["perplexity"]):
         split = cells.get(key.rsplit("/", 1)[0] + "/split")
         if split is None:
@@ -362,7 +483,8 @@ def outcome(cells: dict, dppl: float | None) -> list[str]:
             f"x{split['ffn_flops_ratio']:.3f}, perplexity {t['perplexity']:.4g} = {ratio:.2f}x dense "
             f"({'met' if ratio <= 1.5 else 'missed'}), forward latency x{split['forward_ratio']:.2f} "
             f"({'met' if split['forward_ratio'] < 0.85 else 'missed'}); routing by the best-subset labels of the "
-            f"same split (no training) gives {split['ppl_oracle_best_subset']:.4g}.")
+            f"same split (no training) gives {split['ppl_oracle_best_subset']:.4g}."
+        )
     return lines + [""]
 
 
@@ -399,22 +521,54 @@ def main() -> None:
         return
     store, markdown = RESULTS / f"{args.name}.json", RESULTS / f"{args.name}.md"
     cells = load_cells(store)
-    plan = ["dense"] + [f"{layout}/{partition}/{phase}" for layout in args.layouts for partition in args.partitions
-                        for phase in PHASES]
+    plan = ["dense"] + [
+        f"{layout}/{partition}/{phase}" for layout in args.layouts for partition in args.partitions for phase in PHASES
+    ]
 
     def command(key):
-        return [sys.executable, __file__, "--cell", key, *forwarded_flags(args, (
-            "name", "windows", "fit_windows", "fit_epochs", "seq_len", "combine", "labels", "steps", "curve_points",
-            "lr", "router_lr", "long_steps", "long_lr", "warmup", "batch_size", "agree_windows", "latency_repeats",
-            "threads", "model"))]
+        return [
+            sys.executable,
+            __file__,
+            "--cell",
+            key,
+            *forwarded_flags(
+                args,
+                (
+                    "name",
+                    "windows",
+                    "fit_windows",
+                    "fit_epochs",
+                    "seq_len",
+                    "combine",
+                    "labels",
+                    "steps",
+                    "curve_points",
+                    "lr",
+                    "router_lr",
+                    "long_steps",
+                    "long_lr",
+                    "warmup",
+                    "batch_size",
+                    "agree_windows",
+                    "latency_repeats",
+                    "threads",
+                    "model",
+                ),
+            ),
+        ]
 
     def save(cells):
         save_cells(cells, store, markdown, lambda c: render(c, args))
 
     if not args.render:
-        run_cells(args.cells or plan, cells, command, save,
-                  lambda c: f"ppl {c.get('ppl_fitted', c.get('perplexity')):.4g}",
-                  lambda key: key in cells and not args.force)
+        run_cells(
+            args.cells or plan,
+            cells,
+            command,
+            save,
+            lambda c: f"ppl {c.get('ppl_fitted', c.get('perplexity')):.4g}",
+            lambda key: key in cells and not args.force,
+        )
     save(cells)
 
 

@@ -13,6 +13,7 @@ non-overlapping 512-token windows of held-out Wikipedia (index % 4 == 0); calibr
     python bench/lowrank.py --rows svd whiten --reductions 0.2
     python bench/lowrank.py --row whiten 0.2 --windows 2 --samples 4 --seq-len 128   # one cell, JSON
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,22 +37,22 @@ ROWS = {
     "whiten+seq": "whitening, sequential calibration",
     "dense-target": "+ dense target, shrinkage 0.1 diag",
     "dense-target-sub": "dense target, shrinkage 0.1, sub-layer sequential calibration (o_proj fitted after q/k/v "
-                        "are compressed, down_proj after gate/up; the dense stream runs through an untouched copy "
-                        "of the layer)",
+    "are compressed, down_proj after gate/up; the dense stream runs through an untouched copy "
+    "of the layer)",
     "refine": "whitening sequential, shrinkage 0.1, + least-squares refit of both factors against the dense "
-              "outputs (on top of dense-target it would be a no-op: that closed form is already the optimum)",
+    "outputs (on top of dense-target it would be a no-op: that closed form is already the optimum)",
     "refine-sub": "as refine, with sub-layer sequential calibration (the refit's dense target then sees the "
-                  "inputs that really occur; compare dense-target-sub, the closed-form optimum of the same objective)",
+    "inputs that really occur; compare dense-target-sub, the closed-form optimum of the same objective)",
     "refine-noshrink": "as refine but shrinkage 0 (shows the over-fit of the unregularised refit)",
     "allocation": "whitening (dense calibration) + sensitivity allocation (Fisher-weighted output error, global "
-                  "budget)",
+    "budget)",
     "healing": "the allocation row's checkpoint + 96 steps of fine-tuning every low-rank factor (AdamW, lr 1e-4, "
-               "cosine, batch 2 x 512 tokens: 98,304 tokens, one pass over 192 calibration windows)",
+    "cosine, batch 2 x 512 tokens: 98,304 tokens, one pass over 192 calibration windows)",
     "allocation-dt": "dense-target-sub + sensitivity allocation (ranks chosen as in the allocation row, from "
-                     "curves with shrinkage 0.1; factors from the sub-layer dense-target fit)",
+    "curves with shrinkage 0.1; factors from the sub-layer dense-target fit)",
     "healing-dt": "the allocation-dt row's checkpoint + the healing row's 96 fine-tuning steps",
     "healing-dt-kd": "as healing-dt, but trained on the KL divergence to the dense model's next-token "
-                     "distribution (knowledge distillation) instead of the next-token loss",
+    "distribution (knowledge distillation) instead of the next-token loss",
     "attention-50": "q/k/v/o only, 50 % of their parameters removed (whitening + sensitivity allocation)",
 }
 HEALING_STEPS = 96
@@ -74,8 +75,17 @@ def stages_for(row: str, reduction: float) -> list[dict]:
     if row == "svd":
         return [base]
     if row == "attention-50":
-        return [{"method": "lowrank_attention", "targets": [r"re:.*\.self_attn\.(q|k|v|o)_proj$"], "reduction": 0.5,
-                 "backend": "whiten", "sequential": False, "allocation": "sensitivity", "sensitivity_windows": 16}]
+        return [
+            {
+                "method": "lowrank_attention",
+                "targets": [r"re:.*\.self_attn\.(q|k|v|o)_proj$"],
+                "reduction": 0.5,
+                "backend": "whiten",
+                "sequential": False,
+                "allocation": "sensitivity",
+                "sensitivity_windows": 16,
+            }
+        ]
     if row == "asvd":
         return [{**base, "backend": "asvd", "sequential": False}]
     if row == "whiten":
@@ -94,16 +104,30 @@ def stages_for(row: str, reduction: float) -> list[dict]:
         return [{**base, "backend": "whiten", "refine": True}]
     # allocation was first measured on whitening with dense calibration (the best uniform row before
     # sub-layer calibration); allocation-dt puts the same allocation on dense-target-sub
-    allocated = {**base, "backend": "whiten", "sequential": False, "allocation": "sensitivity",
-                 "sensitivity_windows": 16}
+    allocated = {
+        **base,
+        "backend": "whiten",
+        "sequential": False,
+        "allocation": "sensitivity",
+        "sensitivity_windows": 16,
+    }
     if row == "allocation":
         return [allocated]
     if row == "allocation-dt":
-        return [{**allocated, "backend": "whiten_dense_target", "shrinkage": 0.1, "sequential": True,
-                 "sublayer": True}]
+        return [{**allocated, "backend": "whiten_dense_target", "shrinkage": 0.1, "sequential": True, "sublayer": True}]
     if row in HEALS:  # run on the healed row's saved checkpoint (see run_cell)
-        return [{"method": "finetune", "steps": HEALING_STEPS, "lr": 1e-4, "batch_size": 2, "warmup_steps": 5,
-                 "schedule": "cosine", "eval_windows": 4, "loss": "distill" if row.endswith("-kd") else "next_token"}]
+        return [
+            {
+                "method": "finetune",
+                "steps": HEALING_STEPS,
+                "lr": 1e-4,
+                "batch_size": 2,
+                "warmup_steps": 5,
+                "schedule": "cosine",
+                "eval_windows": 4,
+                "loss": "distill" if row.endswith("-kd") else "next_token",
+            }
+        ]
     raise SystemExit(f"unknown row {row!r}; known: {', '.join(ROWS)}")
 
 
@@ -135,21 +159,33 @@ def run_cell(row: str, reduction: float, windows: int, samples: int, seq_len: in
         loaded = load_model(model_id)
         model, tokenizer = loaded.model, loaded.tokenizer
         teacher = None
-    out = {"row": row, "reduction": reduction, "windows": windows, "calibration": f"{samples}x{seq_len}",
-           "params_before": count_params(model)}
+    out = {
+        "row": row,
+        "reduction": reduction,
+        "windows": windows,
+        "calibration": f"{samples}x{seq_len}",
+        "params_before": count_params(model),
+    }
     start = time.perf_counter()
     stages = stages_for(row, reduction)
     if stages:
-        recipe = parse_recipe({"name": "bench", "stages": stages,
-                               "calibration": {"corpus": "wikipedia", "samples": samples, "seq_len": seq_len}})
+        recipe = parse_recipe(
+            {
+                "name": "bench",
+                "stages": stages,
+                "calibration": {"corpus": "wikipedia", "samples": samples, "seq_len": seq_len},
+            }
+        )
         calib = lazy_calibration_windows(tokenizer, recipe.calibration)
 
-        ctx = StageContext(tokenizer, calib, progress=False,
-                           teacher=None if teacher is None else teacher.eval().requires_grad_(False))
+        ctx = StageContext(
+            tokenizer, calib, progress=False, teacher=None if teacher is None else teacher.eval().requires_grad_(False)
+        )
         results = compress_model(model, recipe, ctx)
         out["achieved_reduction"] = results[0].summary.get("achieved_reduction")
-        out["stage_summaries"] = [{k: v for k, v in r.summary.items() if isinstance(v, (int, float, str))}
-                                  for r in results]
+        out["stage_summaries"] = [
+            {k: v for k, v in r.summary.items() if isinstance(v, (int, float, str))} for r in results
+        ]
     out["compress_wall_s"] = time.perf_counter() - start
     out["params_after"] = count_params(model)
     held = token_windows(tokenizer, load_documents("wikipedia", "heldout"), 512, windows)
@@ -198,9 +234,14 @@ def run_latency(row: str, reduction: float, model_id: str, repeats: int) -> dict
         compress_model(compressed, recipe, StageContext(dense.tokenizer, lambda: None, progress=False))
     ids = token_windows(dense.tokenizer, load_documents("wikipedia", "heldout"), 512, 1)
     timing = compare_latency({"dense": dense.model, "compressed": compressed}, ids, repeats=repeats)
-    return {"row": row, "reduction": reduction, "threads": torch.get_num_threads(), **timing,
-            "forward_ratio": timing["compressed"]["forward_s"] / timing["dense"]["forward_s"],
-            "decode_ratio": timing["compressed"]["decode_s"] / timing["dense"]["decode_s"]}
+    return {
+        "row": row,
+        "reduction": reduction,
+        "threads": torch.get_num_threads(),
+        **timing,
+        "forward_ratio": timing["compressed"]["forward_s"] / timing["dense"]["forward_s"],
+        "decode_ratio": timing["compressed"]["decode_s"] / timing["dense"]["decode_s"],
+    }
 
 
 NOTES = """## What the table says (2026-12-02)
@@ -214,8 +255,8 @@ NOTES = """## What the table says (2026-12-02)
 - Matching the dense layer's output needs the right inputs. At layer granularity (rows dense-target
   and refine) o_proj and down_proj are fitted, through the cross term W C_dc C_cc^-1, to inputs that no
   longer occur once q/k/v and gate/up are compressed: 13,399 and 15,400 at 40 % (refine: 5,321 at
-  20 %), worse than plain whitening. Sub-layer calibration (`sublayer: true`: o_proj calibrated after q/k/v are compressed,
-  down_proj after gate/up; the dense stream runs through an untouched copy of the layer) fixes it:
+  20 %), worse than plain whitening. Sub-layer calibration (`sublayer: true`: o_proj calibrated after q/k/v are
+  compressed, down_proj after gate/up; the dense stream runs through an untouched copy of the layer) fixes it:
   dense-target-sub gives 73.9 / 178.5 with uniform ranks. The least-squares refit of both factors
   against the dense outputs, on the same sub-layer statistics (row refine-sub), takes sequential
   whitening to 75.0 / 182: next to the closed form (73.9 / 178.5), as expected, since one
@@ -269,8 +310,10 @@ def outcome(cells: dict) -> list[str]:
     lines = ["## Outcome against the targets", ""]
     for red, (one_shot, healed) in TARGETS_PPL.items():
         measured = {row: cells[f"{row}@{red}"] for row in ROWS if f"{row}@{red}" in cells}
-        for label, rows, target in (("without fine-tuning", [r for r in measured if r not in HEALS], one_shot),
-                                    ("with healing", [r for r in measured if r in HEALS], healed)):
+        for label, rows, target in (
+            ("without fine-tuning", [r for r in measured if r not in HEALS], one_shot),
+            ("with healing", [r for r in measured if r in HEALS], healed),
+        ):
             if not rows:
                 lines.append(f"- {red:.0%} {label}: target <= {target:g}, nothing measured yet.")
                 continue
@@ -286,8 +329,10 @@ def outcome(cells: dict) -> list[str]:
             lines.append(f"- `recipes/{recipe}` = row `{row}` at {red:.0%}: pending.")
             continue
         against = f"whitening (SVD-LLM) measured here {whiten['perplexity']:.4g}, " if whiten else ""
-        lines.append(f"- `recipes/{recipe}` = row `{row}` at {red:.0%}: {c['perplexity']:.4g} against {against}"
-                     f"issue 3's SVD-LLM {SVD_LLM_ISSUE[red]:g}.")
+        lines.append(
+            f"- `recipes/{recipe}` = row `{row}` at {red:.0%}: {c['perplexity']:.4g} against {against}"
+            f"issue 3's SVD-LLM {SVD_LLM_ISSUE[red]:g}."
+        )
     return lines + [""]
 
 
@@ -296,8 +341,8 @@ RECIPE_CELLS = {"lowrank-20": "allocation-dt@0.2", "lowrank-40": "healing@0.4", 
 # why a `compress run` of a recipe measured something else than its bench cell, per (recipe, run tag)
 DIFFERENCES = {
     ("lowrank-40", "v0.1"): "that recipe (before this change) healed on its 64 compression windows cycled three times; "
-                            "the bench cell heals on 192 windows, one pass. The recipe now does the same as the cell "
-                            "(calibration 192 windows, `calibration_windows: 64` for the compression)",
+    "the bench cell heals on 192 windows, one pass. The recipe now does the same as the cell "
+    "(calibration 192 windows, `calibration_windows: 64` for the compression)",
 }
 
 
@@ -319,19 +364,34 @@ def recipe_runs_section(cells: dict) -> list[str]:
         else:
             verdict = f"differ: {DIFFERENCES.get((run['recipe'], run['tag']), 'unexplained')}"
         label = run["recipe"] + "".join(f" ({o})" for o in run.get("overrides", []))
-        rows.append([label, run["tag"], key or "-", "-" if bench is None else f"{bench:.4g}", f"{cli:.4g}",
-                     f"{run['dense_perplexity']:.4g}", verdict])
+        rows.append(
+            [
+                label,
+                run["tag"],
+                key or "-",
+                "-" if bench is None else f"{bench:.4g}",
+                f"{cli:.4g}",
+                f"{run['dense_perplexity']:.4g}",
+                verdict,
+            ]
+        )
     if not rows:
         return []
     from compress.report import md_table
 
-    return ["## The shipped recipes through `compress run`", "",
-            "Each recipe run end to end with `compress run recipes/<recipe>.yaml smollm2-135m` (dense and compressed "
-            "evaluation, report) by `bench/recipe_runs.py`; held-out perplexity from the run's report.json, beside "
-            "the bench cell the recipe reproduces. Tags: `v0.1` = the code before the method-protocol refactor, "
-            "`v0.2` = after it (bench/results/recipe_runs.md has sizes, times and memory).", "",
-            md_table(["recipe", "tag", "bench cell", "bench ppl", "`compress run` ppl", "dense (same run)", "verdict"],
-                     rows), ""]
+    return [
+        "## The shipped recipes through `compress run`",
+        "",
+        "Each recipe run end to end with `compress run recipes/<recipe>.yaml smollm2-135m` (dense and compressed "
+        "evaluation, report) by `bench/recipe_runs.py`; held-out perplexity from the run's report.json, beside "
+        "the bench cell the recipe reproduces. Tags: `v0.1` = the code before the method-protocol refactor, "
+        "`v0.2` = after it (bench/results/recipe_runs.md has sizes, times and memory).",
+        "",
+        md_table(
+            ["recipe", "tag", "bench cell", "bench ppl", "`compress run` ppl", "dense (same run)", "verdict"], rows
+        ),
+        "",
+    ]
 
 
 def render(cells: dict) -> str:
@@ -341,41 +401,65 @@ def render(cells: dict) -> str:
         c = cells.get(f"{row}@{red}")
         if c is None:
             return "pending"
-        return (f"{c['perplexity']:.4g} ({c['windows']} win, calib {c['calibration']}, "
-                f"{c['wall_s']:.0f} s, {c['peak_rss_bytes'] / 2**30:.2f} GiB)")
+        return (
+            f"{c['perplexity']:.4g} ({c['windows']} win, calib {c['calibration']}, "
+            f"{c['wall_s']:.0f} s, {c['peak_rss_bytes'] / 2**30:.2f} GiB)"
+        )
 
     table = [[name, ROWS[name]] + [cell(name, r) for r in REDUCTIONS] for name in ROWS if name not in ROW_REDUCTIONS]
     latency = []
     for row in LATENCY_ROWS:
         for red in ROW_REDUCTIONS.get(row, REDUCTIONS):
             c = cells.get(f"latency:{row}@{red}")
-            latency.append([row, f"{red:.0%}"] + (["pending"] * 4 if c is None else [
-                f"{c['dense']['forward_s']:.3f} / {c['compressed']['forward_s']:.3f}", f"{c['forward_ratio']:.2f}",
-                f"{c['dense']['decode_s']:.2f} / {c['compressed']['decode_s']:.2f}", f"{c['decode_ratio']:.2f}"]))
+            latency.append(
+                [row, f"{red:.0%}"]
+                + (
+                    ["pending"] * 4
+                    if c is None
+                    else [
+                        f"{c['dense']['forward_s']:.3f} / {c['compressed']['forward_s']:.3f}",
+                        f"{c['forward_ratio']:.2f}",
+                        f"{c['dense']['decode_s']:.2f} / {c['compressed']['decode_s']:.2f}",
+                        f"{c['decode_ratio']:.2f}",
+                    ]
+                )
+            )
     measured = [k for k in cells]
     lines = [
-        "# Activation-aware low-rank on SmolLM2-135M", "",
+        "# Activation-aware low-rank on SmolLM2-135M",
+        "",
         "Written by `python bench/lowrank.py`. Targets: q/k/v/o/gate/up/down of all 30 layers. Cell: token-level "
         "held-out Wikipedia perplexity (first N 512-token windows; protocol target N = 32, calibration 64 x 512 from "
         "the calibration split), then windows / calibration actually used, wall time (compress + eval) and peak "
-        "RSS of that cell's own process. `pending` = not measured yet. One torch thread per cell.", "",
-        md_table(["row", "what", "20 %", "40 %"], table), "",
+        "RSS of that cell's own process. `pending` = not measured yet. One torch thread per cell.",
+        "",
+        md_table(["row", "what", "20 %", "40 %"], table),
+        "",
         f"Dense baseline: {cell('dense', 0.0)}.",
         "",
-        f"Attention only (`attention-50`, {ROWS['attention-50']}): {cell('attention-50', 0.5)}.", "",
-        "## CPU latency, compressed vs dense", "",
+        f"Attention only (`attention-50`, {ROWS['attention-50']}): {cell('attention-50', 0.5)}.",
+        "",
+        "## CPU latency, compressed vs dense",
+        "",
         "Median of 5 interleaved runs in one process (1 torch thread, fp32, after one warm-up each): one forward "
-        "pass over a 512-token window, and 64 tokens of greedy decoding (KV cache) after a 16-token prompt.", "",
-        md_table(["row", "removed", "forward s (dense / compressed)", "ratio", "decode s (dense / compressed)",
-                  "ratio"], latency), "",
+        "pass over a 512-token window, and 64 tokens of greedy decoding (KV cache) after a 16-token prompt.",
+        "",
+        md_table(
+            ["row", "removed", "forward s (dense / compressed)", "ratio", "decode s (dense / compressed)", "ratio"],
+            latency,
+        ),
+        "",
         f"Measured cells: {', '.join(measured) if measured else 'none'}. Cells measured with fewer windows or a "
-        "smaller calibration set than the protocol are smoke tests, not results.", "",
+        "smaller calibration set than the protocol are smoke tests, not results.",
+        "",
         "Reference numbers from issue 3 (earlier prototype, same protocol): plain SVD 3.1e7 / 2.5e7; WeLore "
         "22,305 / 177,604; ASVD 466,158 / 1.4e7; SVD-LLM whitening 99.1 / 421.2; sequential dense-target 294 at "
-        "40 %; + 0.1 diag shrinkage 74.2 / 191.7.", "",
+        "40 %; + 0.1 diag shrinkage 74.2 / 191.7.",
+        "",
         *outcome(cells),
         *recipe_runs_section(cells),
-        NOTES, "",
+        NOTES,
+        "",
     ]
     return "\n".join(lines)
 
@@ -400,8 +484,9 @@ def main() -> None:
     parser.add_argument("--render", action="store_true", help="only rewrite the markdown from the json")
     args = parser.parse_args()
     if args.row:
-        print(json.dumps(run_cell(args.row[0], float(args.row[1]), args.windows, args.samples, args.seq_len,
-                                  args.model)))
+        print(
+            json.dumps(run_cell(args.row[0], float(args.row[1]), args.windows, args.samples, args.seq_len, args.model))
+        )
         return
     if args.latency:
         print(json.dumps(run_latency(args.latency[0], float(args.latency[1]), args.model, args.repeats)))
@@ -413,9 +498,20 @@ def main() -> None:
 
     if not args.render:
         plan = [f"{row}@{red}" for row in args.rows for red in ROW_REDUCTIONS.get(row, args.reductions)]
-        run_cells(plan, cells, lambda key: [sys.executable, __file__, "--row", *key.split("@"), *forwarded_flags(
-                      args, ("windows", "samples", "seq_len", "model"))],
-                  _save, lambda c: f"ppl {c['perplexity']:.4g}", lambda key: not pending(key))
+        run_cells(
+            plan,
+            cells,
+            lambda key: [
+                sys.executable,
+                __file__,
+                "--row",
+                *key.split("@"),
+                *forwarded_flags(args, ("windows", "samples", "seq_len", "model")),
+            ],
+            _save,
+            lambda c: f"ppl {c['perplexity']:.4g}",
+            lambda key: not pending(key),
+        )
     if args.latency_cells and not args.render:
         plan = []
         for row in LATENCY_ROWS:
@@ -423,13 +519,26 @@ def main() -> None:
                 if f"{row}@{red}" not in cells:
                     continue
                 if row in SAVED_ROWS and not _checkpoint(row, red).is_dir():
-                    print(f"latency:{row}@{red}: skipped, no saved checkpoint (re-run the cell {row}@{red})",
-                          file=sys.stderr)
+                    print(
+                        f"latency:{row}@{red}: skipped, no saved checkpoint (re-run the cell {row}@{red})",
+                        file=sys.stderr,
+                    )
                     continue
                 plan.append(f"latency:{row}@{red}")
-        run_cells(plan, cells, lambda key: [sys.executable, __file__, "--latency", *key.removeprefix("latency:").split("@"),
-                                            *forwarded_flags(args, ("model", "repeats"))],
-                  _save, lambda c: f"forward x{c['forward_ratio']:.2f}", lambda key: not pending(key))
+        run_cells(
+            plan,
+            cells,
+            lambda key: [
+                sys.executable,
+                __file__,
+                "--latency",
+                *key.removeprefix("latency:").split("@"),
+                *forwarded_flags(args, ("model", "repeats")),
+            ],
+            _save,
+            lambda c: f"forward x{c['forward_ratio']:.2f}",
+            lambda key: not pending(key),
+        )
     _save(cells)
 
 

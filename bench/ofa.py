@@ -23,6 +23,7 @@ the median of the dense head (the source model's own V x D matrix) timed in the 
     python bench/ofa.py --cells smollm2-135m:freq-tied:128 smollm2-135m:freq-tied+train:128
     python bench/ofa.py --row smollm2-135m freq-tied 64 --windows 1 --curve-steps 1 2   # one cell, JSON
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,19 +46,19 @@ VARIANTS = {
     "svd-untied": "plain SVD, the LM head keeps its own dense V x D matrix",
     "freq-untied": "frequency-weighted SVD, the LM head keeps its own dense V x D matrix",
     "top8k-tied": "the 8,192 most frequent calibration tokens keep full rows, the tail is frequency-weighted rank k, "
-                  "tied head (adaptive-input layout)",
+    "tied head (adaptive-input layout)",
     "top16k-tied": "the same with 16,384 full rows",
     "top32k-tied": "the same with 32,768 full rows",
     "freq-tied-logitfit": "freq-tied, but the rank-k fit minimises the tied head's logit error (`fit: logits`: the "
-                          "table whitened by the covariance of the final hidden states on 16 calibration windows)",
+    "table whitened by the covariance of the final hidden states on 16 calibration windows)",
     "top16k-tied-logitfit": "top16k-tied with `fit: logits` for the tail",
     "top32k-tied-logitfit": "top32k-tied with `fit: logits` for the tail",
     "top48k-tied-logitfit": "the same with 49,152 full rows (beyond the tokens the calibration text counts, the "
-                            "lower token id wins: SentencePiece/BPE ids follow merge order, a frequency prior)",
+    "lower token id wins: SentencePiece/BPE ids follow merge order, a frequency prior)",
     "top64k-tied-logitfit": "the same with 65,536 full rows",
     "top80k-tied-logitfit": "the same with 81,920 full rows",
     "top48k-tied-logitfit-fw128": "top48k-tied-logitfit with the hidden-state covariance from 128 calibration "
-                                  "windows instead of 16",
+    "windows instead of 16",
     "top64k-tied-logitfit-fw128": "top64k-tied-logitfit, covariance from 128 windows",
     "top48k-tied-logitfit-fw512": "top48k-tied-logitfit, covariance from 512 windows",
     "top64k-tied-logitfit-fw512": "top64k-tied-logitfit, covariance from 512 windows",
@@ -69,9 +70,14 @@ def stage_for(variant: str, k: int) -> dict:
     """``<weighting>-<head>[-logitfit[-fwN]]``: fwN = the logit fit's covariance from N calibration windows."""
     weighting, head, *fit = variant.split("-")
     full = int(weighting[3:-1]) * 1024 if weighting.startswith("top") else 0
-    stage = {"method": "ofa_embedding", "dim": k, "weighting": "none" if weighting == "svd" else "frequency",
-             "keep_frequent": full, "untie": head == "untied",
-             "fit": "logits" if fit[:1] == ["logitfit"] else "embedding"}
+    stage = {
+        "method": "ofa_embedding",
+        "dim": k,
+        "weighting": "none" if weighting == "svd" else "frequency",
+        "keep_frequent": full,
+        "untie": head == "untied",
+        "fit": "logits" if fit[:1] == ["logitfit"] else "embedding",
+    }
     if fit[1:2] and fit[1].startswith("fw"):
         stage["fit_windows"] = int(fit[1][2:])
     return stage
@@ -133,9 +139,17 @@ def run_cell(model_id: str, variant: str, k: int, args) -> dict:
     embedding = model.get_input_embeddings()
     vocab, width = embedding.weight.shape
     dense_weight = embedding.weight.detach().clone()
-    row = {"model": model_id, "variant": variant, "k": k, "vocab": vocab, "width": width,
-           "params_before": sum(p.numel() for p in model.parameters()), "threads": args.threads,
-           "eval_windows": int(held.shape[0]), "eval_tokens": int(held.numel())}
+    row = {
+        "model": model_id,
+        "variant": variant,
+        "k": k,
+        "vocab": vocab,
+        "width": width,
+        "params_before": sum(p.numel() for p in model.parameters()),
+        "threads": args.threads,
+        "eval_windows": int(held.shape[0]),
+        "eval_tokens": int(held.numel()),
+    }
 
     def ppl() -> float:
         return perplexity(model, held, batch_size=args.eval_batch, progress=False)["perplexity"]
@@ -144,14 +158,18 @@ def run_cell(model_id: str, variant: str, k: int, args) -> dict:
         row["embedding_params"] = vocab * width
         row["perplexity"] = ppl()
         _size(model, tokenizer, row)
-        row.update(logits_latency(dense_weight, model.get_output_embeddings(), args.latency_tokens,
-                                  args.latency_runs))
+        row.update(logits_latency(dense_weight, model.get_output_embeddings(), args.latency_tokens, args.latency_runs))
         row["peak_rss_bytes"] = peak_rss_bytes()
         return row
 
     samples = max(args.samples, max(args.curve_steps) * args.batch_size) if train else args.samples
-    recipe = parse_recipe({"name": "bench", "stages": [stage_for(base, k)],
-                           "calibration": {"corpus": "wikipedia", "samples": samples, "seq_len": args.seq_len}})
+    recipe = parse_recipe(
+        {
+            "name": "bench",
+            "stages": [stage_for(base, k)],
+            "calibration": {"corpus": "wikipedia", "samples": samples, "seq_len": args.seq_len},
+        }
+    )
     windows = lazy_calibration_windows(tokenizer, recipe.calibration)
 
     ctx = StageContext(tokenizer, windows, progress=False)
@@ -168,23 +186,38 @@ def run_cell(model_id: str, variant: str, k: int, args) -> dict:
     if not train:
         mark_compressed(model, recipe.model_dump(mode="json"))
         _size(model, tokenizer, row)
-        row.update(logits_latency(dense_weight, model.get_output_embeddings(), args.latency_tokens,
-                                  args.latency_runs))
+        row.update(logits_latency(dense_weight, model.get_output_embeddings(), args.latency_tokens, args.latency_runs))
         row["peak_rss_bytes"] = peak_rss_bytes()
         return row
 
     curve, done, tokens, wall = [], 0, 0, 0.0
     for target in args.curve_steps:
         steps = target - done
-        stage = {"method": "finetune", "targets": ["FactorizedEmbedding"], "steps": steps, "lr": lr,
-                 "schedule": "constant", "batch_size": args.batch_size, "eval_windows": 2, "seed": done}
+        stage = {
+            "method": "finetune",
+            "targets": ["FactorizedEmbedding"],
+            "steps": steps,
+            "lr": lr,
+            "schedule": "constant",
+            "batch_size": args.batch_size,
+            "eval_windows": 2,
+            "seed": done,
+        }
         ft = parse_recipe({"name": "bench", "stages": [stage]}).stages[0]
         summary = apply_stage(model, ft, ctx).summary
         done, tokens, wall = target, tokens + summary["tokens"], wall + summary["wall_time_s"]
-        curve.append({"steps": done, "tokens": tokens, "train_wall_s": wall, "perplexity": ppl(),
-                      "calibration_loss": summary["calibration_loss_after"]})
-        print(f"  {model_id}:{variant}:{k} {done} steps: ppl {curve[-1]['perplexity']:.4g}", file=sys.stderr,
-              flush=True)
+        curve.append(
+            {
+                "steps": done,
+                "tokens": tokens,
+                "train_wall_s": wall,
+                "perplexity": ppl(),
+                "calibration_loss": summary["calibration_loss_after"],
+            }
+        )
+        print(
+            f"  {model_id}:{variant}:{k} {done} steps: ppl {curve[-1]['perplexity']:.4g}", file=sys.stderr, flush=True
+        )
     row["curve"], row["lr"] = curve, lr
     row["trainable_params"] = summary["trainable_params"]
     row["peak_rss_bytes"] = peak_rss_bytes()
@@ -204,7 +237,8 @@ def render(cells: dict, args) -> str:
     first = next(iter(cells.values()), None)
     threads = first["threads"] if first else args.threads
     lines = [
-        "# OFA embedding factorisation (coordinates x primitives) on Gemma-3-270M and SmolLM2-135M", "",
+        "# OFA embedding factorisation (coordinates x primitives) on Gemma-3-270M and SmolLM2-135M",
+        "",
         f"Measured {time.strftime('%Y-%m-%d')} on CPU ({threads} torch thread(s) per cell) by `python bench/ofa.py`. "
         "The input embedding E (V x D) becomes coordinates C (V x k) times primitives P (k x D) from a truncated SVD "
         "(`ofa_embedding`); `freq` weights row i by sqrt(count_i + 1) (token counts on the calibration windows) "
@@ -216,8 +250,10 @@ def render(cells: dict, args) -> str:
         "V x D. Bytes: fp32 safetensors of the whole model. Logits latency: median LM-head time on "
         f"{args.latency_tokens} random hidden states / the dense head's median in the same process (CPU, "
         "shared machine: a ratio, not an absolute time). Rel. error: ||E - CP||_F / ||E||_F; weighted: the same "
-        "with rows weighted by sqrt(count + 1).", "",
-        "Variants: " + "; ".join(f"`{k}` = {v}" for k, v in VARIANTS.items()) + ".", "",
+        "with rows weighted by sqrt(count + 1).",
+        "",
+        "Variants: " + "; ".join(f"`{k}` = {v}" for k, v in VARIANTS.items()) + ".",
+        "",
     ]
     for model_id in MODELS:
         rows = [c for c in cells.values() if c["model"] == model_id]
@@ -227,50 +263,126 @@ def render(cells: dict, args) -> str:
         dppl = dense["perplexity"] if dense else None
         table = []
         if dense:
-            table.append(["dense", "-", f"{dense['embedding_params']:,}", "0 %", f"{dense['params']:,}", "0 %",
-                          f"{dense['bytes'] / 1e6:.1f}", "-", "-", "-", dense["perplexity"], 1.0, 1.0, "-"])
+            table.append(
+                [
+                    "dense",
+                    "-",
+                    f"{dense['embedding_params']:,}",
+                    "0 %",
+                    f"{dense['params']:,}",
+                    "0 %",
+                    f"{dense['bytes'] / 1e6:.1f}",
+                    "-",
+                    "-",
+                    "-",
+                    dense["perplexity"],
+                    1.0,
+                    1.0,
+                    "-",
+                ]
+            )
         for c in sorted((c for c in rows if c["variant"] in VARIANTS), key=lambda c: (c["variant"], c["k"])):
-            table.append([c["variant"], c["k"], f"{c['embedding_params']:,}", f"{c['achieved_reduction']:.1%}",
-                          f"{c['params']:,}", f"{1 - c['params'] / dense['params']:.1%}" if dense else "-",
-                          f"{c['bytes'] / 1e6:.1f}", f"{c['rel_error']:.3f}",
-                          f"{c['weighted_rel_error']:.3f}" if "weighted_rel_error" in c else "-",
-                          _counted(c), c["perplexity"],
-                          c["perplexity"] / dppl if dppl else "-", f"{c['latency_ratio']:.2f}",
-                          f"{c['factorise_wall_s']:.1f}"])
+            table.append(
+                [
+                    c["variant"],
+                    c["k"],
+                    f"{c['embedding_params']:,}",
+                    f"{c['achieved_reduction']:.1%}",
+                    f"{c['params']:,}",
+                    f"{1 - c['params'] / dense['params']:.1%}" if dense else "-",
+                    f"{c['bytes'] / 1e6:.1f}",
+                    f"{c['rel_error']:.3f}",
+                    f"{c['weighted_rel_error']:.3f}" if "weighted_rel_error" in c else "-",
+                    _counted(c),
+                    c["perplexity"],
+                    c["perplexity"] / dppl if dppl else "-",
+                    f"{c['latency_ratio']:.2f}",
+                    f"{c['factorise_wall_s']:.1f}",
+                ]
+            )
         n = (dense or rows[0])["eval_windows"]
-        lines += [f"## {model_id} (V = {rows[0]['vocab']:,}, D = {rows[0]['width']})", "",
-                  f"One-shot (no training), held-out perplexity over {n} x 512 tokens.", "",
-                  md_table(["variant", "k", "embedding params", "embedding removed", "whole-model params",
-                            "whole model removed", "MB on disk", "rel. error", "weighted rel. error",
-                            "counted calibration tokens (share on full rows)", "held-out ppl", "ppl / dense",
-                            "logits latency / dense", "factorise wall s"], table), ""]
+        lines += [
+            f"## {model_id} (V = {rows[0]['vocab']:,}, D = {rows[0]['width']})",
+            "",
+            f"One-shot (no training), held-out perplexity over {n} x 512 tokens.",
+            "",
+            md_table(
+                [
+                    "variant",
+                    "k",
+                    "embedding params",
+                    "embedding removed",
+                    "whole-model params",
+                    "whole model removed",
+                    "MB on disk",
+                    "rel. error",
+                    "weighted rel. error",
+                    "counted calibration tokens (share on full rows)",
+                    "held-out ppl",
+                    "ppl / dense",
+                    "logits latency / dense",
+                    "factorise wall s",
+                ],
+                table,
+            ),
+            "",
+        ]
         trained = sorted((c for c in rows if "+train" in c["variant"]), key=lambda c: (c["variant"], c["k"]))
         if trained:
             curve_rows, curves = [], {}
             for c in trained:
                 curves[f"{c['variant']} k={c['k']}"] = [(0, c["perplexity"])] + [
-                    (p["tokens"], p["perplexity"]) for p in c["curve"]]
-                curve_rows.append([c["variant"], c["k"], 0, 0, "0", "-", c["perplexity"],
-                                   c["perplexity"] / dppl if dppl else "-"])
+                    (p["tokens"], p["perplexity"]) for p in c["curve"]
+                ]
+                curve_rows.append(
+                    [c["variant"], c["k"], 0, 0, "0", "-", c["perplexity"], c["perplexity"] / dppl if dppl else "-"]
+                )
                 for p in c["curve"]:
-                    curve_rows.append([c["variant"], c["k"], p["steps"], f"{p['tokens']:,}",
-                                       f"{p['train_wall_s']:.0f}", f"{p['calibration_loss']:.3f}", p["perplexity"],
-                                       p["perplexity"] / dppl if dppl else "-"])
-            figure = plot_curves(curves, RESULTS / f"{args.out}_{model_id}_curves.png",
-                                 f"OFA on {model_id}: training the factorised embedding", dppl)
+                    curve_rows.append(
+                        [
+                            c["variant"],
+                            c["k"],
+                            p["steps"],
+                            f"{p['tokens']:,}",
+                            f"{p['train_wall_s']:.0f}",
+                            f"{p['calibration_loss']:.3f}",
+                            p["perplexity"],
+                            p["perplexity"] / dppl if dppl else "-",
+                        ]
+                    )
+            figure = plot_curves(
+                curves,
+                RESULTS / f"{args.out}_{model_id}_curves.png",
+                f"OFA on {model_id}: training the factorised embedding",
+                dppl,
+            )
             if figure:
                 lines += [f"![perplexity against training tokens]({figure})", ""]
-            lines += ["Training curve: only the factorised embedding trains (its full rows, coordinates and "
-                      "primitives: `finetune` with "
-                      f"`targets: [FactorizedEmbedding]`), AdamW at a constant lr (in the variant name after @, else "
-                      f"{args.lr:g}), batch {args.batch_size} x "
-                      f"{args.seq_len} calibration tokens; the stage is re-run for each point, so the optimiser "
-                      "state restarts there. Wall time is training only (perplexity excluded). Calibration loss: mean "
-                      "next-token loss on the first 2 calibration windows after that point (text the factors "
-                      "trained on); a falling calibration loss with a rising held-out perplexity is over-fitting.", "",
-                      md_table(["variant", "k", "steps", "tokens", "train wall s", "calibration loss", "held-out ppl",
-                                "ppl / dense"],
-                               curve_rows), ""]
+            lines += [
+                "Training curve: only the factorised embedding trains (its full rows, coordinates and "
+                "primitives: `finetune` with "
+                f"`targets: [FactorizedEmbedding]`), AdamW at a constant lr (in the variant name after @, else "
+                f"{args.lr:g}), batch {args.batch_size} x "
+                f"{args.seq_len} calibration tokens; the stage is re-run for each point, so the optimiser "
+                "state restarts there. Wall time is training only (perplexity excluded). Calibration loss: mean "
+                "next-token loss on the first 2 calibration windows after that point (text the factors "
+                "trained on); a falling calibration loss with a rising held-out perplexity is over-fitting.",
+                "",
+                md_table(
+                    [
+                        "variant",
+                        "k",
+                        "steps",
+                        "tokens",
+                        "train wall s",
+                        "calibration loss",
+                        "held-out ppl",
+                        "ppl / dense",
+                    ],
+                    curve_rows,
+                ),
+                "",
+            ]
     lines += outcome(cells)
     return "\n".join(lines)
 
@@ -291,29 +403,48 @@ def outcome(cells: dict, model_id: str = "gemma3-270m", cut: float = 0.40, aim: 
         base_name = c["variant"].partition("+train")[0]
         points.append((c["perplexity"], f"`{base_name}` k={c['k']} one-shot ({removed:.1%} removed)"))
         for p in c.get("curve", []):
-            points.append((p["perplexity"], f"`{c['variant']}` k={c['k']} after {p['steps']} steps / "
-                                            f"{p['tokens']:,} tokens ({removed:.1%} removed)"))
+            points.append(
+                (
+                    p["perplexity"],
+                    f"`{c['variant']}` k={c['k']} after {p['steps']} steps / "
+                    f"{p['tokens']:,} tokens ({removed:.1%} removed)",
+                )
+            )
     if not points:
         return []
     best_ppl, best = min(points)
     ratio = best_ppl / dense["perplexity"]
-    lines = ["## Outcome against the aim", "",
-             f"Aim on {model_id}: whole-model parameters cut by >= {cut:.0%} at perplexity <= {aim}x dense "
-             f"({aim * dense['perplexity']:.1f}). Best measured point that cuts enough: {best}, perplexity "
-             f"{best_ppl:.4g} = {ratio:.2f}x dense: {'met' if ratio <= aim else 'missed'}.", ""]
+    lines = [
+        "## Outcome against the aim",
+        "",
+        f"Aim on {model_id}: whole-model parameters cut by >= {cut:.0%} at perplexity <= {aim}x dense "
+        f"({aim * dense['perplexity']:.1f}). Best measured point that cuts enough: {best}, perplexity "
+        f"{best_ppl:.4g} = {ratio:.2f}x dense: {'met' if ratio <= aim else 'missed'}.",
+        "",
+    ]
     ladder = [cells[key] for key in (f"{model_id}:{variant}:{k}" for variant, k in LADDER) if key in cells]
     if ladder:
         lines += ["What each step buys (one-shot, no training):", ""]
-        lines += [f"- `{c['variant']}` k={c['k']} ({1 - c['params'] / dense['params']:.1%} removed): "
-                  f"{c['perplexity']:.4g} ({c['perplexity'] / dense['perplexity']:.2f}x)" for c in ladder]
+        lines += [
+            f"- `{c['variant']}` k={c['k']} ({1 - c['params'] / dense['params']:.1%} removed): "
+            f"{c['perplexity']:.4g} ({c['perplexity'] / dense['perplexity']:.2f}x)"
+            for c in ladder
+        ]
         lines.append("")
     return lines
 
 
 # from plain OFA to the aim: one change per step
-LADDER = (("svd-tied", 128), ("freq-tied", 128), ("top32k-tied", 128), ("top32k-tied-logitfit", 128),
-          ("top48k-tied-logitfit", 128), ("top48k-tied-logitfit-fw128", 128), ("top48k-tied-logitfit-fw512", 128),
-          ("top64k-tied-logitfit-fw512", 64))
+LADDER = (
+    ("svd-tied", 128),
+    ("freq-tied", 128),
+    ("top32k-tied", 128),
+    ("top32k-tied-logitfit", 128),
+    ("top48k-tied-logitfit", 128),
+    ("top48k-tied-logitfit-fw128", 128),
+    ("top48k-tied-logitfit-fw512", 128),
+    ("top64k-tied-logitfit-fw512", 64),
+)
 
 
 def plan_cells(args) -> list[str]:
@@ -357,9 +488,30 @@ def main() -> None:
 
     def command(key):
         model_id, variant, k = key.split(":")
-        return [sys.executable, __file__, "--row", model_id, variant, k, "--curve-steps", *map(str, args.curve_steps),
-                *forwarded_flags(args, ("windows", "eval_batch", "samples", "seq_len", "lr", "batch_size",
-                                        "latency_tokens", "latency_runs", "threads"))]
+        return [
+            sys.executable,
+            __file__,
+            "--row",
+            model_id,
+            variant,
+            k,
+            "--curve-steps",
+            *map(str, args.curve_steps),
+            *forwarded_flags(
+                args,
+                (
+                    "windows",
+                    "eval_batch",
+                    "samples",
+                    "seq_len",
+                    "lr",
+                    "batch_size",
+                    "latency_tokens",
+                    "latency_runs",
+                    "threads",
+                ),
+            ),
+        ]
 
     def describe(cell):
         curve = cell.get("curve")
@@ -369,8 +521,9 @@ def main() -> None:
         save_cells(cells, store, markdown, lambda c: render(c, args))
 
     if not args.render:
-        run_cells(args.cells or plan_cells(args), cells, command, save, describe,
-                  lambda key: key in cells and not args.force)
+        run_cells(
+            args.cells or plan_cells(args), cells, command, save, describe, lambda key: key in cells and not args.force
+        )
     save(cells)
 
 

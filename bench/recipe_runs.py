@@ -13,6 +13,7 @@ be compared bit for bit. Runs already in the store are skipped; their folders st
 ``--set path=value`` changes one field of the recipe (dotted path, list indices as numbers, the value read as
 YAML); the changed recipe is written into the run folder and the change is recorded with the run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,9 @@ def key_of(recipe: str, model: str, tag: str) -> str:
 
 def _commit() -> str:
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     return out.stdout.strip() + ("+dirty" if dirty else "")
 
 
@@ -59,16 +61,22 @@ def cell_from_report(report: dict, manifest: dict) -> dict:
     dense, compressed = report.get("eval_dense") or {}, report.get("eval_compressed") or {}
     return {
         "stages": [{"method": stage["method"], **_numbers(stage["summary"])} for stage in report["stages"]],
-        "perplexity_by_corpus": _by_corpus(compressed), "dense_perplexity_by_corpus": _by_corpus(dense),
+        "perplexity_by_corpus": _by_corpus(compressed),
+        "dense_perplexity_by_corpus": _by_corpus(dense),
         "budgets": compressed.get("budgets"),
         "dtype": size.get("dtype", "float32"),
         "perplexity": (compressed.get("perplexity") or {}).get("perplexity"),
         "dense_perplexity": (dense.get("perplexity") or {}).get("perplexity"),
         "windows": (compressed.get("perplexity") or {}).get("windows"),
-        "lm_eval": compressed.get("lm_eval"), "dense_lm_eval": dense.get("lm_eval"),
-        "compression_ratio": size["compression_ratio"], "params_before": size["params_before"],
-        "params_after": size["params_after"], "bytes_before": size["bytes_before"], "bytes_after": size["bytes_after"],
-        "compression_wall_s": timing["compression_wall_time_s"], "peak_rss_bytes": timing["peak_rss_bytes"],
+        "lm_eval": compressed.get("lm_eval"),
+        "dense_lm_eval": dense.get("lm_eval"),
+        "compression_ratio": size["compression_ratio"],
+        "params_before": size["params_before"],
+        "params_after": size["params_after"],
+        "bytes_before": size["bytes_before"],
+        "bytes_after": size["bytes_after"],
+        "compression_wall_s": timing["compression_wall_time_s"],
+        "peak_rss_bytes": timing["peak_rss_bytes"],
         "weights_sha256": {name: entry["sha256"] for name, entry in manifest.get("files", {}).items()},
         "error": report.get("error"),
     }
@@ -101,8 +109,16 @@ def run_recipe(recipe: str, model: str, tag: str, threads: int, overrides: list[
     out = ROOT / "runs" / "bench" / re.sub(r"[^\w.-]+", "_", f"{recipe}-{model}-{tag}")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     recipe_path = with_overrides(ROOT / "recipes" / f"{recipe}.yaml", overrides, out)
-    command = [str(Path(sys.executable).parent / "compress"), "run", str(recipe_path),
-               model, "--out", str(out), "--overwrite", "--quiet"]
+    command = [
+        str(Path(sys.executable).parent / "compress"),
+        "run",
+        str(recipe_path),
+        model,
+        "--out",
+        str(out),
+        "--overwrite",
+        "--quiet",
+    ]
     start = time.perf_counter()
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -110,9 +126,19 @@ def run_recipe(recipe: str, model: str, tag: str, threads: int, overrides: list[
         raise RuntimeError(f"{recipe} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
     report = json.loads((out / "report.json").read_text())
     manifest = json.loads((out / "model" / "compress_manifest.json").read_text())
-    return {"recipe": recipe, "model": model, "tag": tag, "overrides": overrides, "commit": _commit(), "threads": threads,
-            "date": time.strftime("%Y-%m-%d"), "run_wall_s": wall, "exit_code": proc.returncode,
-            "folder": str(out.relative_to(ROOT)), **cell_from_report(report, manifest)}
+    return {
+        "recipe": recipe,
+        "model": model,
+        "tag": tag,
+        "overrides": overrides,
+        "commit": _commit(),
+        "threads": threads,
+        "date": time.strftime("%Y-%m-%d"),
+        "run_wall_s": wall,
+        "exit_code": proc.returncode,
+        "folder": str(out.relative_to(ROOT)),
+        **cell_from_report(report, manifest),
+    }
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -124,22 +150,43 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 def render(cells: dict) -> str:
-    lines = ["# Shipped recipes through `compress run`", "",
-             "Written by `python bench/recipe_runs.py`. Each row is one `compress run recipes/<recipe>.yaml MODEL` "
-             "in its own process; every number is read from that run's report.json. Perplexity: token-level, "
-             "held-out Wikipedia, the recipe's `eval.perplexity_windows` 512-token windows, dense baseline from the "
-             "same run. Wall times are on a shared 2-core CPU (the run's torch threads in the `threads` column).", "",
-             "| recipe | model | tag | commit | held-out ppl | dense ppl | ratio | targeted removed | params after | "
-             "MB after | compress s | run s | peak RSS GiB | threads |",
-             "|" + "---|" * 14]
+    lines = [
+        "# Shipped recipes through `compress run`",
+        "",
+        "Written by `python bench/recipe_runs.py`. Each row is one `compress run recipes/<recipe>.yaml MODEL` "
+        "in its own process; every number is read from that run's report.json. Perplexity: token-level, "
+        "held-out Wikipedia, the recipe's `eval.perplexity_windows` 512-token windows, dense baseline from the "
+        "same run. Wall times are on a shared 2-core CPU (the run's torch threads in the `threads` column).",
+        "",
+        "| recipe | model | tag | commit | held-out ppl | dense ppl | ratio | targeted removed | params after | "
+        "MB after | compress s | run s | peak RSS GiB | threads |",
+        "|" + "---|" * 14,
+    ]
     for key in sorted(cells, key=lambda k: (cells[k]["recipe"], cells[k]["model"], cells[k]["date"], cells[k]["tag"])):
         c = cells[key]
         ratio = c["perplexity"] / c["dense_perplexity"] if c["perplexity"] and c["dense_perplexity"] else None
-        lines.append("| " + " | ".join([
-            c["recipe"] + "".join(f" ({o})" for o in c.get("overrides", [])), c["model"], c["tag"], c["commit"], _fmt(c["perplexity"]), _fmt(c["dense_perplexity"]),
-            _fmt(ratio, 3), f"{c['compression_ratio']:.1%}", _fmt(c["params_after"]),
-            f"{c['bytes_after'] / 1e6:.1f}", f"{c['compression_wall_s']:.0f}", f"{c['run_wall_s']:.0f}",
-            f"{c['peak_rss_bytes'] / 2**30:.2f}", str(c["threads"])]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    c["recipe"] + "".join(f" ({o})" for o in c.get("overrides", [])),
+                    c["model"],
+                    c["tag"],
+                    c["commit"],
+                    _fmt(c["perplexity"]),
+                    _fmt(c["dense_perplexity"]),
+                    _fmt(ratio, 3),
+                    f"{c['compression_ratio']:.1%}",
+                    _fmt(c["params_after"]),
+                    f"{c['bytes_after'] / 1e6:.1f}",
+                    f"{c['compression_wall_s']:.0f}",
+                    f"{c['run_wall_s']:.0f}",
+                    f"{c['peak_rss_bytes'] / 2**30:.2f}",
+                    str(c["threads"]),
+                ]
+            )
+            + " |"
+        )
         if c.get("error"):
             lines.append(f"|  | error in {c['error']['step']}: {c['error']['message']} |" + " |" * 12)
     lines += ["", *compare_tags(cells), *findings(cells)]
@@ -148,8 +195,10 @@ def render(cells: dict) -> str:
 
 def _training(cell: dict) -> dict:
     """The training summary of the run (the stage that trained), or {}."""
-    return next((st["training"] for st in cell["stages"] if "training" in st),
-                next((st for st in cell["stages"] if st["method"] == "finetune"), {}))
+    return next(
+        (st["training"] for st in cell["stages"] if "training" in st),
+        next((st for st in cell["stages"] if st["method"] == "finetune"), {}),
+    )
 
 
 def _peak_compress(cell: dict) -> float:
@@ -157,50 +206,83 @@ def _peak_compress(cell: dict) -> float:
     return max(st.get("peak_rss_bytes", 0) for st in cell["stages"]) / 2**30
 
 
-HEALING = ("Healing lowrank-40's compression (whitening + sensitivity allocation, 40 % removed)",
-           "The same one-shot compression, healed five ways. `global` trains the factors in the whole model on "
-           "calibration text (the `finetune` stage); `layer` trains each compressed layer to reproduce the dense "
-           "layer's output right after it is compressed (`train: {scope: layer}`: memory is one layer); `lora` "
-           "trains rank-16 adapters on the factors and merges them. Training wall time is the training alone; "
-           "peak RSS is the process's by the end of compression (before evaluation). Every row sees 96 steps x 2 "
-           "windows x 512 tokens = 98,304 tokens (per layer for `layer`).",
-           [("lowrank-40@smollm2-135m#v0.1", "global, 64 windows cycled, lr 1e-4"),
-            ("lowrank-40-local@smollm2-135m#v0.2", "layer, 64 windows cycled, lr 1e-4"),
-            ("lowrank-40-local@smollm2-135m#v0.2-lr1e-3", "layer, 64 windows cycled, lr 1e-3"),
-            ("lowrank-40@smollm2-135m#v0.2", "global, 192 windows (one pass), lr 1e-4"),
-            ("lowrank-40@smollm2-135m#v0.3-lora-r16", "lora r16, 192 windows (one pass), lr 1e-3")])
+HEALING = (
+    "Healing lowrank-40's compression (whitening + sensitivity allocation, 40 % removed)",
+    "The same one-shot compression, healed five ways. `global` trains the factors in the whole model on "
+    "calibration text (the `finetune` stage); `layer` trains each compressed layer to reproduce the dense "
+    "layer's output right after it is compressed (`train: {scope: layer}`: memory is one layer); `lora` "
+    "trains rank-16 adapters on the factors and merges them. Training wall time is the training alone; "
+    "peak RSS is the process's by the end of compression (before evaluation). Every row sees 96 steps x 2 "
+    "windows x 512 tokens = 98,304 tokens (per layer for `layer`).",
+    [
+        ("lowrank-40@smollm2-135m#v0.1", "global, 64 windows cycled, lr 1e-4"),
+        ("lowrank-40-local@smollm2-135m#v0.2", "layer, 64 windows cycled, lr 1e-4"),
+        ("lowrank-40-local@smollm2-135m#v0.2-lr1e-3", "layer, 64 windows cycled, lr 1e-3"),
+        ("lowrank-40@smollm2-135m#v0.2", "global, 192 windows (one pass), lr 1e-4"),
+        ("lowrank-40@smollm2-135m#v0.3-lora-r16", "lora r16, 192 windows (one pass), lr 1e-3"),
+    ],
+)
 
 
 def findings(cells: dict) -> list[str]:
     lines = []
     title, text, rows = HEALING
-    table = [[label, _fmt(cells[key]["perplexity"]), _fmt(_training(cells[key]).get("trainable_params")
-                                                           or _training(cells[key]).get("trainable_params_per_layer_max")),
-              f"{_training(cells[key]).get('wall_time_s', 0):.0f}", f"{_peak_compress(cells[key]):.2f}"]
-             for key, label in rows if key in cells]
+    table = [
+        [
+            label,
+            _fmt(cells[key]["perplexity"]),
+            _fmt(
+                _training(cells[key]).get("trainable_params")
+                or _training(cells[key]).get("trainable_params_per_layer_max")
+            ),
+            f"{_training(cells[key]).get('wall_time_s', 0):.0f}",
+            f"{_peak_compress(cells[key]):.2f}",
+        ]
+        for key, label in rows
+        if key in cells
+    ]
     if table:
-        lines += [f"## {title}", "", text, "",
-                  "| healing | held-out ppl | trainable params (at once) | training s | peak RSS GiB |",
-                  "|---|---|---|---|---|", *("| " + " | ".join(row) + " |" for row in table), ""]
-    wiki, mix = cells.get("lowrank-20@smollm2-135m#v0.3-calib-wikipedia"), cells.get("lowrank-20@smollm2-135m#v0.3-calib-mix")
+        lines += [
+            f"## {title}",
+            "",
+            text,
+            "",
+            "| healing | held-out ppl | trainable params (at once) | training s | peak RSS GiB |",
+            "|---|---|---|---|---|",
+            *("| " + " | ".join(row) + " |" for row in table),
+            "",
+        ]
+    wiki, mix = (
+        cells.get("lowrank-20@smollm2-135m#v0.3-calib-wikipedia"),
+        cells.get("lowrank-20@smollm2-135m#v0.3-calib-mix"),
+    )
     if wiki and mix:
-        lines += ["## Calibration data: Wikipedia only against the default mix (lowrank-20)", "",
-                  "`recipes/lowrank-20.yaml` calibrated on 64 windows of Wikipedia (as shipped) or on the default mix "
-                  "(32 Wikipedia + 32 Shakespeare windows), scored on the held-out split of four corpora: Bible and "
-                  "Python code were seen by neither calibration. Token-level perplexity, 32 windows of 512 tokens "
-                  "each (Python: the running interpreter's standard library).", "",
-                  "| held-out corpus | dense | Wikipedia-only | x dense | default mix | x dense |", "|---|---|---|---|---|---|"]
+        lines += [
+            "## Calibration data: Wikipedia only against the default mix (lowrank-20)",
+            "",
+            "`recipes/lowrank-20.yaml` calibrated on 64 windows of Wikipedia (as shipped) or on the default mix "
+            "(32 Wikipedia + 32 Shakespeare windows), scored on the held-out split of four corpora: Bible and "
+            "Python code were seen by neither calibration. Token-level perplexity, 32 windows of 512 tokens "
+            "each (Python: the running interpreter's standard library).",
+            "",
+            "| held-out corpus | dense | Wikipedia-only | x dense | default mix | x dense |",
+            "|---|---|---|---|---|---|",
+        ]
         for corpus, dense in wiki["dense_perplexity_by_corpus"].items():
             a, b = wiki["perplexity_by_corpus"][corpus], mix["perplexity_by_corpus"][corpus]
             lines.append(f"| {corpus} | {_fmt(dense)} | {_fmt(a)} | {a / dense:.2f} | {_fmt(b)} | {b / dense:.2f} |")
         lines.append("")
     fp32, bf16 = cells.get("lowrank-20@smollm2-135m#v0.2"), cells.get("lowrank-20@smollm2-135m#v0.3-bf16")
     if fp32 and bf16:
-        lines += ["## Stored in bfloat16 (lowrank-20)", "",
-                  f"The same compression (float32 work) saved and evaluated in bfloat16: held-out perplexity "
-                  f"{_fmt(bf16['perplexity'], 6)} against {_fmt(fp32['perplexity'], 6)} in float32 "
-                  f"({bf16['perplexity'] / fp32['perplexity'] - 1:+.2%}); safetensors {bf16['bytes_after'] / 1e6:.1f} MB "
-                  f"against {fp32['bytes_after'] / 1e6:.1f} MB.", ""]
+        lines += [
+            "## Stored in bfloat16 (lowrank-20)",
+            "",
+            f"The same compression (float32 work) saved and evaluated in bfloat16: held-out perplexity "
+            f"{_fmt(bf16['perplexity'], 6)} against {_fmt(fp32['perplexity'], 6)} in float32 "
+            f"({bf16['perplexity'] / fp32['perplexity'] - 1:+.2%}); safetensors {bf16['bytes_after'] / 1e6:.1f} MB "
+            f"against {fp32['bytes_after'] / 1e6:.1f} MB.",
+            "",
+        ]
     return lines
 
 
@@ -212,15 +294,21 @@ def compare_tags(cells: dict) -> list[str]:
     pairs = [sorted(g, key=lambda c: c["date"] + c["tag"]) for g in groups.values() if len(g) > 1]
     if not pairs:
         return []
-    lines = ["## The same recipe under different tags", "",
-             "| recipe | model | tags | held-out ppl | weights |", "|---|---|---|---|---|"]
+    lines = [
+        "## The same recipe under different tags",
+        "",
+        "| recipe | model | tags | held-out ppl | weights |",
+        "|---|---|---|---|---|",
+    ]
     for group in sorted(pairs, key=lambda g: g[0]["recipe"]):
         first = group[0]
         for other in group[1:]:
             same = other["weights_sha256"] == first["weights_sha256"]
-            lines.append(f"| {first['recipe']} | {first['model']} | {first['tag']} -> {other['tag']} | "
-                         f"{_fmt(first['perplexity'], 6)} -> {_fmt(other['perplexity'], 6)} | "
-                         f"{'bit-identical' if same else 'differ'} |")
+            lines.append(
+                f"| {first['recipe']} | {first['model']} | {first['tag']} -> {other['tag']} | "
+                f"{_fmt(first['perplexity'], 6)} -> {_fmt(other['perplexity'], 6)} | "
+                f"{'bit-identical' if same else 'differ'} |"
+            )
     return lines + [""]
 
 
@@ -239,14 +327,25 @@ def merge(roots: list[Path]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="*", help="recipe names (files in recipes/, without .yaml)")
-    parser.add_argument("--merge", nargs="+", type=Path, metavar="CHECKOUT",
-                        help="instead of running: take the runs stored under these checkouts into this store")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        metavar="CHECKOUT",
+        help="instead of running: take the runs stored under these checkouts into this store",
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tag", required=True, help="a label for this series of runs (e.g. the code version)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rerun", action="store_true", help="run again even if the store has the run")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
-                        help="change one recipe field for these runs, e.g. stages.0.train.lr=1.0e-3")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="change one recipe field for these runs, e.g. stages.0.train.lr=1.0e-3",
+    )
     args = parser.parse_args()
     if args.merge:
         save_cells(merge(args.merge), STORE, MARKDOWN, render)

@@ -7,6 +7,7 @@ over the first --windows non-overlapping 512-token windows of held-out Wikipedia
     python bench/welore.py                    # full table (about an hour on 2 CPU cores)
     python bench/welore.py --row welore 0.3   # one row, printed as JSON
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,14 +48,16 @@ def run_row(kind: str, reduction: float, windows: int, steps: int, model_id: str
     elif kind == "svd-uniform":
         stages.append({"method": "lowrank", "targets": TARGETS, "reduction": reduction})
     if kind == "welore+finetune":
-        stages.append({"method": "finetune", "steps": steps, "lr": 1e-4, "batch_size": 2, "warmup_steps": 5,
-                       "schedule": "cosine"})
+        stages.append(
+            {"method": "finetune", "steps": steps, "lr": 1e-4, "batch_size": 2, "warmup_steps": 5, "schedule": "cosine"}
+        )
     row = {"method": kind, "reduction": reduction, "params_before": count_params(model)}
     start = time.perf_counter()
     results = []
     if stages:
-        recipe = parse_recipe({"name": "bench", "stages": stages,
-                               "calibration": {"corpus": "wikipedia", "samples": 256, "seq_len": 256}})
+        recipe = parse_recipe(
+            {"name": "bench", "stages": stages, "calibration": {"corpus": "wikipedia", "samples": 256, "seq_len": 256}}
+        )
         ctx = StageContext(tokenizer, lazy_calibration_windows(tokenizer, recipe.calibration), progress=False)
         results = compress_model(model, recipe, ctx)
         mark_compressed(model, recipe.model_dump(mode="json"))
@@ -68,8 +71,12 @@ def run_row(kind: str, reduction: float, windows: int, steps: int, model_id: str
         row["targeted_after"] = results[0].summary["targeted_params_after"]
         row["lrc"] = results[0].summary.get("lrc")
     if kind == "welore+finetune":
-        row.update({k: results[1].summary[k] for k in ("steps", "tokens", "wall_time_s", "calibration_loss_before",
-                                                          "calibration_loss_after")})
+        row.update(
+            {
+                k: results[1].summary[k]
+                for k in ("steps", "tokens", "wall_time_s", "calibration_loss_before", "calibration_loss_after")
+            }
+        )
     held = token_windows(tokenizer, load_documents("wikipedia", "heldout"), 512, windows)
     row["perplexity"] = perplexity(model, held, batch_size=4, progress=False)["perplexity"]
     row["peak_rss_bytes"] = peak_rss_bytes()
@@ -84,44 +91,82 @@ def render(rows: list[dict], windows: int, steps: int) -> str:
     table = []
     for r in rows:
         removed = 1 - r["targeted_after"] / r["targeted_before"] if "targeted_before" in r else 0.0
-        table.append([r["method"], f"{r['reduction']:.0%}" if r["reduction"] else "-", f"{removed:.1%}",
-                      r["params_after"], f"{r['bytes'] / 1e6:.1f}", r["perplexity"],
-                      r["perplexity"] / dense["perplexity"], f"{r['compress_wall_s']:.1f}",
-                      f"{r['peak_rss_bytes'] / 2**30:.2f}"])
+        table.append(
+            [
+                r["method"],
+                f"{r['reduction']:.0%}" if r["reduction"] else "-",
+                f"{removed:.1%}",
+                r["params_after"],
+                f"{r['bytes'] / 1e6:.1f}",
+                r["perplexity"],
+                r["perplexity"] / dense["perplexity"],
+                f"{r['compress_wall_s']:.1f}",
+                f"{r['peak_rss_bytes'] / 2**30:.2f}",
+            ]
+        )
     ft = [r for r in rows if r["method"] == "welore+finetune"]
     loads = [r["load_avg_1m"] for r in rows if "load_avg_1m" in r]
-    contention = ("Wall times here are NOT clean: the machine was shared with other jobs while this table ran "
-                  "(load average up to ~9 on 2 cores; rows measured before load was recorded were run under "
-                  "the same conditions), so compression wall times are inflated several-fold (a profile of WeLore "
-                  "on this model under lighter load took 68 s, of which 54 s are the 210 SVDs for the spectra)."
-                  if not loads or max(loads) > 3 else f"Load average during the rows: at most {max(loads):.1f}.")
+    contention = (
+        "Wall times here are NOT clean: the machine was shared with other jobs while this table ran "
+        "(load average up to ~9 on 2 cores; rows measured before load was recorded were run under "
+        "the same conditions), so compression wall times are inflated several-fold (a profile of WeLore "
+        "on this model under lighter load took 68 s, of which 54 s are the 210 SVDs for the spectra)."
+        if not loads or max(loads) > 3
+        else f"Load average during the rows: at most {max(loads):.1f}."
+    )
     lines = [
-        "# WeLore on SmolLM2-135M", "",
+        "# WeLore on SmolLM2-135M",
+        "",
         f"Measured {time.strftime('%Y-%m-%d')} on 2 CPU cores by `python bench/welore.py`. Targets: every "
         "q/k/v/o/gate/up/down projection (30 layers, 210 matrices, 106.2M parameters). Perplexity: token-level "
         f"exp(mean NLL) over the first {windows} non-overlapping 512-token windows of held-out Wikipedia "
         "(articles with index % 4 == 0), dense measured by the same script. Bytes: fp32 safetensors. "
-        "Each row runs in a fresh process (wall time and peak RSS are that row's). " + contention, "",
-        md_table(["method", "requested", "targeted params removed", "whole-model params", "MB on disk",
-                  "held-out ppl", "ppl / dense", "compress wall s", "peak RSS GiB"], table), "",
+        "Each row runs in a fresh process (wall time and peak RSS are that row's). " + contention,
+        "",
+        md_table(
+            [
+                "method",
+                "requested",
+                "targeted params removed",
+                "whole-model params",
+                "MB on disk",
+                "held-out ppl",
+                "ppl / dense",
+                "compress wall s",
+                "peak RSS GiB",
+            ],
+            table,
+        ),
+        "",
     ]
     if ft:
         f = ft[0]
-        lines += [f"WeLore + LRC fine-tuning: {f['steps']} steps of AdamW (lr 1e-4, cosine, batch 2 x 256 tokens "
-                  f"= {f['tokens']:,} tokens of calibration Wikipedia), {f['wall_time_s']:.0f} s on CPU; "
-                  f"calibration loss {f['calibration_loss_before']:.3f} -> {f['calibration_loss_after']:.3f}. "
-                  "Only the LRC factors train (everything else frozen).", ""]
-    pairs = [(w, u) for w in rows if w["method"] == "welore"
-             for u in rows if u["method"] == "svd-uniform" and u["reduction"] == w["reduction"]]
+        lines += [
+            f"WeLore + LRC fine-tuning: {f['steps']} steps of AdamW (lr 1e-4, cosine, batch 2 x 256 tokens "
+            f"= {f['tokens']:,} tokens of calibration Wikipedia), {f['wall_time_s']:.0f} s on CPU; "
+            f"calibration loss {f['calibration_loss_before']:.3f} -> {f['calibration_loss_after']:.3f}. "
+            "Only the LRC factors train (everything else frozen).",
+            "",
+        ]
+    pairs = [
+        (w, u)
+        for w in rows
+        if w["method"] == "welore"
+        for u in rows
+        if u["method"] == "svd-uniform" and u["reduction"] == w["reduction"]
+    ]
     if pairs:
         better = sum(w["perplexity"] < u["perplexity"] for w, u in pairs)
-        lines += [f"Reading: WeLore's non-uniform ranks beat uniform-rank SVD at {better} of {len(pairs)} measured "
-                  "ratios, but data-free low-rank factorisation destroys this 135M model at every ratio: its "
-                  "normalised spectra are flat (see a run's `spectra_stage0.png`: most s' stay above 0.1), so one "
-                  "global threshold must cut deep into many matrices, and a matrix is only factorised when that "
-                  "saves parameters (k(m+n) < mn), so every LRC loses at least a quarter of its rank (more for "
-                  "the square and k/v matrices). Activation-aware factorisation (issue 3) is the path to usable "
-                  "quality.", ""]
+        lines += [
+            f"Reading: WeLore's non-uniform ranks beat uniform-rank SVD at {better} of {len(pairs)} measured "
+            "ratios, but data-free low-rank factorisation destroys this 135M model at every ratio: its "
+            "normalised spectra are flat (see a run's `spectra_stage0.png`: most s' stay above 0.1), so one "
+            "global threshold must cut deep into many matrices, and a matrix is only factorised when that "
+            "saves parameters (k(m+n) < mn), so every LRC loses at least a quarter of its rank (more for "
+            "the square and k/v matrices). Activation-aware factorisation (issue 3) is the path to usable "
+            "quality.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -143,8 +188,19 @@ def main() -> None:
     for kind, reduction in plan:
         if (kind, reduction) in done:
             continue
-        cmd = [sys.executable, __file__, "--row", kind, str(reduction), "--windows", str(args.windows),
-               "--steps", str(args.steps), "--model", args.model]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--row",
+            kind,
+            str(reduction),
+            "--windows",
+            str(args.windows),
+            "--steps",
+            str(args.steps),
+            "--model",
+            args.model,
+        ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(f"{kind} {reduction}: ppl {rows[-1]['perplexity']:.4g}", file=sys.stderr, flush=True)

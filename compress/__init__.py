@@ -10,6 +10,7 @@ Importing the package registers the "compress" checkpoint format with transforme
 ``AutoModelForCausalLM.from_pretrained(run_dir / "model")`` rebuilds compressed modules.
 It does not import triton or lm-eval, and does not touch CUDA.
 """
+
 __version__ = "0.1.0"
 
 from . import checkpoint as _checkpoint  # noqa: E402,F401  (registration side effect)
@@ -18,8 +19,17 @@ from .api import Compression, compress, evaluate, save  # noqa: E402
 from .elastic import resize, set_budget  # noqa: E402
 from .errors import CompressError  # noqa: E402
 
-__all__ = ["Compression", "CompressError", "compress", "evaluate", "lora_config", "recipes", "resize", "save",
-           "set_budget"]
+__all__ = [
+    "Compression",
+    "CompressError",
+    "compress",
+    "evaluate",
+    "lora_config",
+    "recipes",
+    "resize",
+    "save",
+    "set_budget",
+]
 
 
 def __getattr__(name: str):

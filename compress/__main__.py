@@ -1,4 +1,5 @@
 """``python -m compress ...`` (and ``accelerate launch -m compress ...``): the command line."""
+
 import sys
 
 from .cli import main

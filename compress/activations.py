@@ -21,6 +21,7 @@ Only hidden states ``[N, seq, hidden]`` (one per stream) are held, never every l
 activations. Modules that receive the very same input tensor (q/k/v, gate/up) share one
 accumulator, so each distinct covariance is computed once.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -88,8 +89,14 @@ class InputStats:
 class _Collector:
     """Forward pre-hooks on one layer's targeted Linears (alias-aware)."""
 
-    def __init__(self, modules: dict[str, nn.Linear], want_cross: bool, want_dense_cov: bool,
-                 dense_modules: dict[str, nn.Module] | None = None, stop_after: str | None = None):
+    def __init__(
+        self,
+        modules: dict[str, nn.Linear],
+        want_cross: bool,
+        want_dense_cov: bool,
+        dense_modules: dict[str, nn.Module] | None = None,
+        stop_after: str | None = None,
+    ):
         self.modules = modules
         self.dense_modules = dense_modules  # the dense copy's modules, when the dense stream has its own layer
         self.stop_after = stop_after  # the module after whose input the layer call can stop
@@ -190,8 +197,9 @@ def layer_kinds(model: nn.Module, layers: nn.ModuleList) -> list:
     return list(types[: len(layers)])
 
 
-def capture_layer0_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor,
-                          batch_size: int) -> tuple[list[torch.Tensor], dict]:
+def capture_layer0_inputs(
+    model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int
+) -> tuple[list[torch.Tensor], dict]:
     """Hidden states entering ``layers[0]`` per batch, and the keyword arguments each layer kind is
     called with: ``{kind: [kwargs per batch]}`` (see :func:`layer_kinds`). The forward stops at the
     first layer of the last kind, so usually only layer 0's inputs are computed."""
@@ -213,6 +221,7 @@ def capture_layer0_inputs(model: nn.Module, layers: nn.ModuleList, windows: torc
             kwargs_by_kind[kind].append(kwargs)
             if index == stop_at:
                 raise _StopForward
+
         return hook
 
     handles = [layers[i].register_forward_pre_hook(grab(i, kind), with_kwargs=True) for kind, i in first_of.items()]
@@ -249,8 +258,10 @@ def call_groups(layer: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor
     """The targeted modules of one layer in call order, grouped by shared input tensor
     (e.g. ``[[q, k, v], [o], [gate, up], [down]]``), from one probe call of the layer on ``x``."""
     order: list[tuple[torch.Tensor, str]] = []
-    handles = [module.register_forward_pre_hook(lambda m, a, name=name: order.append((a[0], name)))
-               for name, module in modules.items()]
+    handles = [
+        module.register_forward_pre_hook(lambda m, a, name=name: order.append((a[0], name)))
+        for name, module in modules.items()
+    ]
     try:
         _run(layer, x, kwargs)
     finally:
@@ -300,25 +311,39 @@ class _IOCollector:
             x = args[0]
             self.seen[name][0].append(x.detach().reshape(-1, x.shape[-1]))
             self.seen[name][1].append(output.detach().reshape(-1, output.shape[-1]))
+
         return keep
 
     def new_call(self) -> None:
         pass
 
     def results(self) -> dict[str, dict]:
-        return {name: {"inputs": torch.cat(xs), "outputs": torch.cat(ys), "tokens": sum(x.shape[0] for x in xs)}
-                for name, (xs, ys) in self.seen.items() if xs}
+        return {
+            name: {"inputs": torch.cat(xs), "outputs": torch.cat(ys), "tokens": sum(x.shape[0] for x in xs)}
+            for name, (xs, ys) in self.seen.items()
+            if xs
+        }
 
 
 LayerTrainer = Callable[[int, nn.Module, list, list, dict], None]
 
 
-def calibrate_sequentially(model: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor,
-                           on_layer: Callable[[int, dict[str, nn.Module], dict[str, dict]], None], *,
-                           statistics: str = "cov", sequential: bool = True, sublayer: bool = False,
-                           cross: bool = False, dense_cov: bool = False, batch_size: int = 4,
-                           train_layer: LayerTrainer | None = None, progress: bool = False,
-                           description: str = "layers") -> EngineReport:
+def calibrate_sequentially(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    windows: torch.Tensor,
+    on_layer: Callable[[int, dict[str, nn.Module], dict[str, dict]], None],
+    *,
+    statistics: str = "cov",
+    sequential: bool = True,
+    sublayer: bool = False,
+    cross: bool = False,
+    dense_cov: bool = False,
+    batch_size: int = 4,
+    train_layer: LayerTrainer | None = None,
+    progress: bool = False,
+    description: str = "layers",
+) -> EngineReport:
     """Walk decoder layers in order; call ``on_layer(index, {name: module}, {name: stats})`` per layer
     (per group of modules sharing an input, in call order, with ``sublayer``).
 
@@ -378,11 +403,26 @@ def calibrate_sequentially(model: nn.Module, modules: dict[str, nn.Module], wind
                 dense_layer = copy.deepcopy(layer) if dense is not None else None
                 local = f"{prefix}.{i}."
                 for group in groups:
-                    dense_modules = None if dense_layer is None else {
-                        name: dense_layer.get_submodule(name.removeprefix(local)) for name in group}
-                    stats, _, _ = _collect(i, layer, {name: targeted[name] for name in group}, current, dense,
-                                           kwargs_list, statistics, cross, dense_cov, report, dense_layer=dense_layer,
-                                           dense_modules=dense_modules, stop_after=group[-1])
+                    dense_modules = (
+                        None
+                        if dense_layer is None
+                        else {name: dense_layer.get_submodule(name.removeprefix(local)) for name in group}
+                    )
+                    stats, _, _ = _collect(
+                        i,
+                        layer,
+                        {name: targeted[name] for name in group},
+                        current,
+                        dense,
+                        kwargs_list,
+                        statistics,
+                        cross,
+                        dense_cov,
+                        report,
+                        dense_layer=dense_layer,
+                        dense_modules=dense_modules,
+                        stop_after=group[-1],
+                    )
                     on_layer(i, {name: targeted[name] for name in group}, stats)
                 if train_layer is not None:
                     with torch.enable_grad():
@@ -392,8 +432,9 @@ def calibrate_sequentially(model: nn.Module, modules: dict[str, nn.Module], wind
                     dense = [_run(dense_layer, h, kw) for h, kw in zip(dense, kwargs_list)]
                     del dense_layer
             else:
-                stats, outputs, next_dense = _collect(i, layer, targeted, current, dense, kwargs_list, statistics,
-                                                      cross, dense_cov, report)
+                stats, outputs, next_dense = _collect(
+                    i, layer, targeted, current, dense, kwargs_list, statistics, cross, dense_cov, report
+                )
                 on_layer(i, targeted, stats)
                 del stats
                 if train_layer is not None:
@@ -411,8 +452,22 @@ def calibrate_sequentially(model: nn.Module, modules: dict[str, nn.Module], wind
     return report
 
 
-def _collect(index, layer, targeted, current, dense, kwargs_list, statistics, cross, dense_cov, report, *,
-             dense_layer=None, dense_modules=None, stop_after=None):
+def _collect(
+    index,
+    layer,
+    targeted,
+    current,
+    dense,
+    kwargs_list,
+    statistics,
+    cross,
+    dense_cov,
+    report,
+    *,
+    dense_layer=None,
+    dense_modules=None,
+    stop_after=None,
+):
     """One pass of the layer over every batch with hooks on ``targeted``: their normalised input
     statistics, and (without ``stop_after``) the layer's outputs on both streams."""
     if statistics == "none":
@@ -422,8 +477,9 @@ def _collect(index, layer, targeted, current, dense, kwargs_list, statistics, cr
     if statistics == "io":
         collector = _IOCollector(targeted)
     else:
-        collector = _Collector(targeted, want_cross=cross, want_dense_cov=dense_cov, dense_modules=dense_modules,
-                               stop_after=stop_after)
+        collector = _Collector(
+            targeted, want_cross=cross, want_dense_cov=dense_cov, dense_modules=dense_modules, stop_after=stop_after
+        )
     outputs, next_dense = [], []
     with collector:
         for b, kw in enumerate(kwargs_list):
@@ -440,8 +496,11 @@ def _collect(index, layer, targeted, current, dense, kwargs_list, statistics, cr
         stats = collector.results()
     else:
         normalised: dict[int, dict] = {}  # shared accumulators are normalised once
-        stats = {name: normalised.setdefault(id(collector.stats[name]), collector.stats[name].as_dict())
-                 for name in targeted if name in collector.stats}
+        stats = {
+            name: normalised.setdefault(id(collector.stats[name]), collector.stats[name].as_dict())
+            for name in targeted
+            if name in collector.stats
+        }
     missing = [name for name in targeted if name not in stats]
     if missing:
         raise CompressError(f"activation statistics: {missing} were never called in layer {index}")
@@ -450,8 +509,10 @@ def _collect(index, layer, targeted, current, dense, kwargs_list, statistics, cr
 
 # ---------------------------------------------------------------- whole-model measurements
 
-def output_fisher(model: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor,
-                  batch_size: int = 2) -> dict[str, torch.Tensor]:
+
+def output_fisher(
+    model: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor, batch_size: int = 2
+) -> dict[str, torch.Tensor]:
     """Mean squared gradient of the summed token loss w.r.t. each module's output, per channel."""
     sums = {name: None for name in modules}
     counts = {name: 0 for name in modules}
@@ -460,11 +521,14 @@ def output_fisher(model: nn.Module, modules: dict[str, nn.Module], windows: torc
     def hook(name):
         def forward_hook(module, args, output):
             if output.requires_grad:
+
                 def grad_hook(g):
                     g2 = g.detach().to(torch.float64).pow(2).reshape(-1, g.shape[-1])
                     sums[name] = g2.sum(0) if sums[name] is None else sums[name] + g2.sum(0)
                     counts[name] += g2.shape[0]
+
                 output.register_hook(grad_hook)
+
         return forward_hook
 
     for name, module in modules.items():
@@ -479,8 +543,9 @@ def output_fisher(model: nn.Module, modules: dict[str, nn.Module], windows: torc
             with torch.enable_grad():
                 embeds = embed(batch).detach().requires_grad_(True)
                 logits = model(inputs_embeds=embeds, use_cache=False).logits[:, :-1].float()
-                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                         batch[:, 1:].reshape(-1), reduction="sum")
+                loss = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+                )
                 torch.autograd.grad(loss, embeds)
     finally:
         for handle in handles:

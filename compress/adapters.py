@@ -13,14 +13,20 @@ parameter, applied inside the module's own forward), so
 works on any compressed model. A merge adds each adapter to its factor (SVD-LLM's LoRA healing): a low-rank
 module keeps its rank and its parameter count exactly, and the checkpoint format is unchanged.
 """
+
 from __future__ import annotations
 
 from torch import nn
 
 from .errors import CompressError
 
-DEFAULT_TARGETS = ("LowRankLinear", "GroupedLowRankLinear", "DenseSparseLinear", "LowRankSparseLinear",
-                   "MoEFeedForward")
+DEFAULT_TARGETS = (
+    "LowRankLinear",
+    "GroupedLowRankLinear",
+    "DenseSparseLinear",
+    "LowRankSparseLinear",
+    "MoEFeedForward",
+)
 
 
 def adapter_parameter_names(model: nn.Module, targets=DEFAULT_TARGETS, ignore=()) -> list[str]:
@@ -33,23 +39,32 @@ def adapter_parameter_names(model: nn.Module, targets=DEFAULT_TARGETS, ignore=()
     for name, module in select_modules(model, targets, ignore, "adapter targets").items():
         parameters = getattr(type(module), "adapter_parameters", None)
         if parameters is None:
-            raise CompressError(f"adapter targets: {name} is a {type(module).__name__}, not a compressed module "
-                                "with adapter parameters")
+            raise CompressError(
+                f"adapter targets: {name} is a {type(module).__name__}, not a compressed module with adapter parameters"
+            )
         if isinstance(module, FactorizedEmbedding) and isinstance(head, TiedFactorizedLMHead):
-            raise CompressError(f"adapter targets: {name} feeds a tied factorised LM head, which reads the factors "
-                                "outside the embedding's forward and would not see the adapter; train the factors "
-                                "with finetune instead")
+            raise CompressError(
+                f"adapter targets: {name} feeds a tied factorised LM head, which reads the factors "
+                "outside the embedding's forward and would not see the adapter; train the factors "
+                "with finetune instead"
+            )
         names += [f"{name}.{parameter}" for parameter in parameters]
     return names
 
 
-def lora_config(model: nn.Module, *, rank: int = 8, alpha: float = 16, targets=DEFAULT_TARGETS, ignore=(),
-                **lora_kwargs):
+def lora_config(
+    model: nn.Module, *, rank: int = 8, alpha: float = 16, targets=DEFAULT_TARGETS, ignore=(), **lora_kwargs
+):
     """A ``peft.LoraConfig`` with rank-``rank`` adapters on the factors of the targeted compressed modules."""
     from .utils import require
 
     require("peft", "peft", "LoRA adapters")
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=[],
-                      target_parameters=adapter_parameter_names(model, targets, ignore), **lora_kwargs)
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=[],
+        target_parameters=adapter_parameter_names(model, targets, ignore),
+        **lora_kwargs,
+    )

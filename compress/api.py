@@ -7,6 +7,7 @@
 
 Heavy imports happen inside the functions, so ``import compress`` stays light.
 """
+
 from __future__ import annotations
 
 import time
@@ -34,7 +35,7 @@ class Compression:
     source: dict = field(default_factory=dict)
     wall_time_s: float = 0.0
     calibration: list[dict] | None = None  # the calibration sources and their windows (None: data-free run)
-    dtype: str = "float32"                 # what the weights are stored in
+    dtype: str = "float32"  # what the weights are stored in
 
 
 def as_recipe(recipe) -> Any:
@@ -63,8 +64,16 @@ def output_dtype(recipe, source: dict) -> str:
     return recipe.output.dtype if recipe.output.dtype != "auto" else source.get("dtype", "float32")
 
 
-def compress(model: str | Path | nn.Module, recipe, *, tokenizer=None, calibration: torch.Tensor | None = None,
-             device: str | None = None, progress: bool = True, source: dict | None = None) -> nn.Module:
+def compress(
+    model: str | Path | nn.Module,
+    recipe,
+    *,
+    tokenizer=None,
+    calibration: torch.Tensor | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    source: dict | None = None,
+) -> nn.Module:
     """Apply ``recipe``'s stages to ``model`` and return the compressed model.
 
     ``model``: a MODEL_ID (bundled alias, local folder, .gguf file or hub id; loaded here) or an
@@ -116,14 +125,20 @@ def compress(model: str | Path | nn.Module, recipe, *, tokenizer=None, calibrati
     dtype = output_dtype(recipe, source)
     model.to(getattr(torch, dtype))
     mark_compressed(model, recipe.model_dump(mode="json"))
-    used = [{"source": "token windows given to compress()", "windows": len(calibration)}] if calibration is not None \
-        else cache["built"].sources if "built" in cache else None
+    used = (
+        [{"source": "token windows given to compress()", "windows": len(calibration)}]
+        if calibration is not None
+        else cache["built"].sources
+        if "built" in cache
+        else None
+    )
     model.compression = Compression(recipe, results, ctx.tokenizer, source, wall, used, dtype)
     return model
 
 
-def save(model: nn.Module, folder: str | Path, *, tokenizer=None, overwrite: bool = False,
-         provenance: dict | None = None) -> Path:
+def save(
+    model: nn.Module, folder: str | Path, *, tokenizer=None, overwrite: bool = False, provenance: dict | None = None
+) -> Path:
     """Write ``model`` as a compress checkpoint (safetensors, config.json with the compression section,
     tokenizer, a manifest of sha256s) that loads back with ``from_pretrained`` after ``import compress``.
 
@@ -151,9 +166,16 @@ def save(model: nn.Module, folder: str | Path, *, tokenizer=None, overwrite: boo
     return folder
 
 
-def evaluate(model: nn.Module, tasks: list[str] | tuple[str, ...] = ("wikipedia_ppl",), *, tokenizer=None,
-             perplexity_windows: int | None = 32, seq_len: int = 512, limit: int | dict[str, int] | None = None,
-             progress: bool = True) -> dict:
+def evaluate(
+    model: nn.Module,
+    tasks: list[str] | tuple[str, ...] = ("wikipedia_ppl",),
+    *,
+    tokenizer=None,
+    perplexity_windows: int | None = 32,
+    seq_len: int = 512,
+    limit: int | dict[str, int] | None = None,
+    progress: bool = True,
+) -> dict:
     """Held-out token perplexity plus lm-eval ``tasks`` of an in-memory model (the numbers `compress run`
     reports). ``tokenizer`` defaults to the one :func:`compress` kept on the model."""
     from pydantic import ValidationError

@@ -7,6 +7,7 @@ or its ``messages_field`` (a list of ``{role, content}``) rendered with the toke
 Each source gives its share of the windows (by ``weight``); the sources' windows are interleaved, so any
 prefix of the set (e.g. the first 16 windows a sensitivity pass reads) keeps the mix.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from .errors import CompressError
 @dataclass
 class CalibrationSet:
     windows: torch.Tensor  # [samples, seq_len] token ids
-    sources: list[dict]    # per source: what it is, its weight and how many windows it gave
+    sources: list[dict]  # per source: what it is, its weight and how many windows it gave
 
 
 def source_documents(source) -> list:
@@ -36,8 +37,9 @@ def source_documents(source) -> list:
     rows = _dataset_rows(source.dataset, source.config, source.split, source.file)
     field = source.messages_field or source.text_field
     if rows and field not in rows[0]:
-        raise CompressError(f"calibration source {source.describe()}: no field {field!r} "
-                            f"(fields: {', '.join(sorted(rows[0]))})")
+        raise CompressError(
+            f"calibration source {source.describe()}: no field {field!r} (fields: {', '.join(sorted(rows[0]))})"
+        )
     documents = [row[field] for row in rows[: source.max_documents] if row[field]]
     if not documents:
         raise CompressError(f"calibration source {source.describe()}: no documents")
@@ -57,11 +59,13 @@ def _dataset_rows(dataset: str | None, config: str | None, split: str, file: str
             loaded = datasets.load_dataset(dataset, config, split=split)
         else:
             kind = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(
-                "." + file.rsplit(".", 1)[-1].lower())
+                "." + file.rsplit(".", 1)[-1].lower()
+            )
             if kind is None:
                 raise CompressError(f"calibration file {file}: use a .txt, .jsonl, .json or .parquet file")
-            loaded = datasets.load_dataset(kind, data_files=file, split="train",
-                                           **({"sample_by": "document"} if kind == "text" else {}))
+            loaded = datasets.load_dataset(
+                kind, data_files=file, split="train", **({"sample_by": "document"} if kind == "text" else {})
+            )
     except CompressError:
         raise
     except Exception as exc:  # datasets raises many types for a missing or unreadable dataset
@@ -110,8 +114,10 @@ def build_calibration(tokenizer, config) -> CalibrationSet:
             documents = [_render_chat(tokenizer, messages, source) for messages in documents]
         windows = token_windows(tokenizer, documents, config.seq_len, count)
         if windows.shape[0] < count:
-            raise CompressError(f"calibration source {source.describe()} gives only {windows.shape[0]} windows of "
-                                f"{config.seq_len} tokens, fewer than the {count} it should give")
+            raise CompressError(
+                f"calibration source {source.describe()} gives only {windows.shape[0]} windows of "
+                f"{config.seq_len} tokens, fewer than the {count} it should give"
+            )
         parts.append(windows)
         described.append({"source": source.describe(), "weight": source.weight, "windows": count})
     return CalibrationSet(interleave(parts), described)
@@ -119,8 +125,9 @@ def build_calibration(tokenizer, config) -> CalibrationSet:
 
 def _render_chat(tokenizer, messages, source) -> str:
     if getattr(tokenizer, "chat_template", None) is None:
-        raise CompressError(f"calibration source {source.describe()}: messages need a chat template, and the "
-                            "model's tokenizer has none")
+        raise CompressError(
+            f"calibration source {source.describe()}: messages need a chat template, and the model's tokenizer has none"
+        )
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
 

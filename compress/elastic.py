@@ -11,6 +11,7 @@ allocation. For a budget, the same allocation runs again on those curves (restri
 
 The reduction is the fraction of the targeted matrices' dense parameters removed, as everywhere else.
 """
+
 from __future__ import annotations
 
 import copy
@@ -42,8 +43,10 @@ def budget_range(model: nn.Module) -> tuple[float, float]:
     """(smallest, largest) reduction the model serves: the declared range of its elastic stage, within what the
     stored ranks allow (all stored / rank 1 everywhere)."""
     modules = _require_elastic(model)
-    feasible = (reduction_at(modules, {n: m.rank for n, m in modules.items()}),
-                reduction_at(modules, {n: 1 for n in modules}))
+    feasible = (
+        reduction_at(modules, {n: m.rank for n, m in modules.items()}),
+        reduction_at(modules, {n: 1 for n in modules}),
+    )
     declared = _declared_range(model) or feasible
     return max(declared[0], feasible[0]), min(declared[1], feasible[1])
 
@@ -53,8 +56,9 @@ def ranks_for(model: nn.Module, reduction: float) -> dict[str, int]:
     modules = _require_elastic(model)
     low, high = budget_range(model)
     if not low - 1e-9 <= reduction <= high + 1e-9:
-        raise CompressError(f"reduction {reduction:.3f} is outside the range this elastic model serves "
-                            f"({low:.3f} .. {high:.3f})")
+        raise CompressError(
+            f"reduction {reduction:.3f} is outside the range this elastic model serves ({low:.3f} .. {high:.3f})"
+        )
     curves = {name: (m.out_features, m.in_features, m.curve()) for name, m in modules.items()}
     try:
         return allocate_ranks(curves, reduction, allow_dense=False, max_ranks={n: m.rank for n, m in modules.items()})
@@ -106,8 +110,9 @@ def truncate(module, rank: int) -> None:
 def _require_elastic(model: nn.Module) -> dict:
     modules = elastic_modules(model)
     if not modules:
-        raise CompressError("the model has no elastic low-rank modules (compress it with a lowrank stage that has "
-                            "an `elastic:` range)")
+        raise CompressError(
+            "the model has no elastic low-rank modules (compress it with a lowrank stage that has an `elastic:` range)"
+        )
     return modules
 
 

@@ -1,10 +1,11 @@
 """The exceptions users see, and the exit code each one gives (documented in the README)."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
-EXIT_INTERNAL = 1    # an unexpected exception: one `error:` line, the traceback in a log file
-EXIT_USER = 2        # a CompressError: bad recipe, unknown model, corrupt checkpoint ... nothing written
+EXIT_INTERNAL = 1  # an unexpected exception: one `error:` line, the traceback in a log file
+EXIT_USER = 2  # a CompressError: bad recipe, unknown model, corrupt checkpoint ... nothing written
 EXIT_INCOMPLETE = 3  # a step after the checkpoint was saved failed: the run folder keeps what was done
 EXIT_INTERRUPTED = 130
 

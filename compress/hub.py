@@ -22,6 +22,7 @@ commit call returned.
 The endpoint is ``$HF_ENDPOINT`` read when pushing (huggingface_hub itself reads it once,
 at import, into ``constants.ENDPOINT``), so tests and mirrors can point it elsewhere.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,8 @@ RUN_FILES = ("recipe.yaml", "report.json", "report.md")
 class UploadItem:
     path_in_repo: str
     size: int
-    local: Path | None = None    # a file of the run folder, streamed from disk
-    data: bytes | None = None    # generated content (the model card)
+    local: Path | None = None  # a file of the run folder, streamed from disk
+    data: bytes | None = None  # generated content (the model card)
 
 
 @dataclass
@@ -65,8 +66,9 @@ def _check_target(repo_id: str, private: bool, revision: str | None) -> None:
     try:
         PushConfig(repo_id=repo_id, private=private, revision=revision)
     except ValidationError:
-        raise CompressError(f"invalid repo id {repo_id!r}: expected owner/name (letters, digits, '_', '-', '.')"
-                            ) from None
+        raise CompressError(
+            f"invalid repo id {repo_id!r}: expected owner/name (letters, digits, '_', '-', '.')"
+        ) from None
 
 
 def plan_push(run_dir: str | Path, repo_id: str, private: bool = True, revision: str | None = None) -> PushPlan:
@@ -78,8 +80,9 @@ def plan_push(run_dir: str | Path, repo_id: str, private: bool = True, revision:
     run = read_run(run_dir)
     quant = run.config.get("quantization_config") or {}
     if quant.get("quant_method") != QUANT_METHOD:
-        raise CompressError(f"{run.model_dir / 'config.json'} has no compress quantization_config; "
-                            f"is {run.path} a compress run?")
+        raise CompressError(
+            f"{run.model_dir / 'config.json'} has no compress quantization_config; is {run.path} a compress run?"
+        )
     verify_folder(run.model_dir)  # a truncated/corrupt weight file fails here, before any upload
     items: list[UploadItem] = []
     for path in sorted(run.model_dir.iterdir()):
@@ -103,9 +106,12 @@ def plan_push(run_dir: str | Path, repo_id: str, private: bool = True, revision:
 def describe_plan(plan: PushPlan, endpoint: str | None = None) -> str:
     """What `compress push --dry-run` prints: files, sizes and the card."""
     width = max(len(item.path_in_repo) for item in plan.items)
-    lines = [f"dry run: would push {len(plan.items)} files ({human_bytes(plan.total_bytes)}) in one commit to "
-             f"{plan.repo_id} ({'private' if plan.private else 'public'} if created, revision "
-             f"{plan.revision or 'main'}) at {endpoint or hub_endpoint()}; nothing was uploaded", ""]
+    lines = [
+        f"dry run: would push {len(plan.items)} files ({human_bytes(plan.total_bytes)}) in one commit to "
+        f"{plan.repo_id} ({'private' if plan.private else 'public'} if created, revision "
+        f"{plan.revision or 'main'}) at {endpoint or hub_endpoint()}; nothing was uploaded",
+        "",
+    ]
     for item in plan.items:
         source = str(item.local) if item.local else "generated model card"
         lines.append(f"  {item.path_in_repo:<{width}}  {human_bytes(item.size):>9}  {source}")
@@ -114,6 +120,7 @@ def describe_plan(plan: PushPlan, endpoint: str | None = None) -> str:
 
 
 # ---------------------------------------------------------------- the push
+
 
 def hub_endpoint() -> str:
     from huggingface_hub import constants
@@ -127,8 +134,10 @@ def resolve_token(token: str | None = None) -> str:
 
     token = token or get_token()
     if not token:
-        raise CompressError("no Hugging Face token: set HF_TOKEN or run `hf auth login` "
-                            "(a token with write access); nothing was uploaded")
+        raise CompressError(
+            "no Hugging Face token: set HF_TOKEN or run `hf auth login` "
+            "(a token with write access); nothing was uploaded"
+        )
     return token
 
 
@@ -148,40 +157,60 @@ def _explain(exc: BaseException, stage: str, repo_id: str, endpoint: str) -> str
         seen.add(id(cause))
         chain.append(cause)
         cause = cause.__cause__ or cause.__context__
-    committed = ("the commit was not confirmed (check the repo before retrying)" if stage == "committing"
-                 else "nothing was committed")
+    committed = (
+        "the commit was not confirmed (check the repo before retrying)"
+        if stage == "committing"
+        else "nothing was committed"
+    )
     http = next((c for c in chain if isinstance(c, HfHubHTTPError) and c.response is not None), None)
     if http is not None:
         code = http.response.status_code
         server = _first_line(http.server_message or "")
         said = f" (the hub said: {server})" if server else ""
         if code == 401:
-            return (f"the hub at {endpoint} refused the token with 401 Unauthorized while {stage}{said}: it is invalid "
-                    f"or expired; log in again (`hf auth login`) or set HF_TOKEN; {committed}")
+            return (
+                f"the hub at {endpoint} refused the token with 401 Unauthorized while {stage}{said}: it is invalid "
+                f"or expired; log in again (`hf auth login`) or set HF_TOKEN; {committed}"
+            )
         if code == 403:
-            return (f"the token may not write to {repo_id}: 403 Forbidden while {stage}{said}; use a token with "
-                    f"write access to that namespace; {committed}")
+            return (
+                f"the token may not write to {repo_id}: 403 Forbidden while {stage}{said}; use a token with "
+                f"write access to that namespace; {committed}"
+            )
         if code == 404:
             return f"{repo_id} was not found or is not accessible with this token: 404 while {stage}{said}; {committed}"
         if code == 429 or code >= 500:
             retried = ", after huggingface_hub's retries" if stage == "uploading" else ""
-            return (f"the hub at {endpoint} failed with HTTP {code} while {stage}{said}{retried}; {committed}; "
-                    f"the local run folder is unchanged, retry later")
+            return (
+                f"the hub at {endpoint} failed with HTTP {code} while {stage}{said}{retried}; {committed}; "
+                f"the local run folder is unchanged, retry later"
+            )
         return f"the hub at {endpoint} rejected the push with HTTP {code} while {stage}{said}; {committed}"
     offline = next((c for c in chain if isinstance(c, OfflineModeIsEnabled)), None)
     if offline is not None:
         return f"HF_HUB_OFFLINE is set, pushing needs the network; {committed}"
     transport = next((c for c in chain if isinstance(c, httpx2.TransportError)), None)
     if transport is not None:
-        return (f"cannot reach the hub at {endpoint} while {stage}: {type(transport).__name__}: "
-                f"{_first_line(transport) or 'no details'}; {committed}")
+        return (
+            f"cannot reach the hub at {endpoint} while {stage}: {type(transport).__name__}: "
+            f"{_first_line(transport) or 'no details'}; {committed}"
+        )
     if isinstance(exc, ValueError) and "metadata" in str(exc):
-        return f"the hub rejected the model card while {stage}: {_first_line(str(exc).replace(chr(10), ' '))}; {committed}"
+        return (
+            f"the hub rejected the model card while {stage}: {_first_line(str(exc).replace(chr(10), ' '))}; {committed}"
+        )
     return f"push failed while {stage}: {type(exc).__name__}: {_first_line(exc) or 'no details'}; {committed}"
 
 
-def push_run(run_dir: str | Path, repo_id: str, private: bool = True, revision: str | None = None,
-             token: str | None = None, endpoint: str | None = None, echo=print):
+def push_run(
+    run_dir: str | Path,
+    repo_id: str,
+    private: bool = True,
+    revision: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    echo=print,
+):
     """Push a finished run folder in one commit; returns huggingface_hub's CommitInfo."""
     from huggingface_hub import CommitOperationAdd, HfApi, constants
 
@@ -193,11 +222,15 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = True, revision: 
     if constants.is_offline_mode():
         raise CompressError("HF_HUB_OFFLINE is set, pushing needs the network; nothing was uploaded")
     api = HfApi(endpoint=endpoint, token=token, library_name="compress", library_version=__version__)
-    operations = [CommitOperationAdd(item.path_in_repo, item.data if item.data is not None else str(item.local))
-                  for item in plan.items]
+    operations = [
+        CommitOperationAdd(item.path_in_repo, item.data if item.data is not None else str(item.local))
+        for item in plan.items
+    ]
     size = plan.run.report["size"]
-    title = (f"compress: {plan.run.report['recipe']['name']} "
-             f"({size['compression_ratio']:.1%} of the targeted parameters removed)")
+    title = (
+        f"compress: {plan.run.report['recipe']['name']} "
+        f"({size['compression_ratio']:.1%} of the targeted parameters removed)"
+    )
     echo(f"pushing {len(plan.items)} files ({human_bytes(plan.total_bytes)}) to {repo_id} at {endpoint} ...")
     stage = "creating the repo"
     try:
@@ -206,11 +239,16 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = True, revision: 
             stage = f"creating the branch {revision!r}"
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         stage = "uploading"  # which files are LFS (preupload), then their content (LFS batch / Xet)
-        api.preupload_lfs_files(repo_id, additions=operations, repo_type="model", revision=revision,
-                                free_memory=False)
+        api.preupload_lfs_files(repo_id, additions=operations, repo_type="model", revision=revision, free_memory=False)
         stage = "committing"  # README.md metadata check, then the commit itself (uploaded files are skipped)
-        info = api.create_commit(repo_id, operations, commit_message=title, repo_type="model", revision=revision,
-                                 commit_description=f"Run folder: {plan.run.path.name}. Made with compress {__version__}.")
+        info = api.create_commit(
+            repo_id,
+            operations,
+            commit_message=title,
+            repo_type="model",
+            revision=revision,
+            commit_description=f"Run folder: {plan.run.path.name}. Made with compress {__version__}.",
+        )
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # huggingface_hub / httpx raise many types; all become one line

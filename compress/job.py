@@ -9,6 +9,7 @@ and raises ``RunIncomplete``.
 The compressed model is evaluated first; the dense baseline is then measured on the source reloaded
 (same settings, same run), so the two models are never in memory together.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -59,9 +60,12 @@ def _finish_steps(folder: Path, out: Path, report: dict, steps: list[tuple[str, 
             report["error"] = {"step": name, "message": cause, "log": ERROR_LOG if log else None}
             _write_report_json(folder, report)
             where = f" (traceback in {out / ERROR_LOG})" if log else ""
-            raise RunIncomplete(name, f"{name} failed: {cause}{where}; the checkpoint and everything measured "
-                                      f"before this step are kept in {out} (report.json records the error)",
-                                interrupted=interrupted) from exc
+            raise RunIncomplete(
+                name,
+                f"{name} failed: {cause}{where}; the checkpoint and everything measured "
+                f"before this step are kept in {out} (report.json records the error)",
+                interrupted=interrupted,
+            ) from exc
 
 
 def _follow(recipe, model_id: str, device: str) -> None:
@@ -72,8 +76,7 @@ def _follow(recipe, model_id: str, device: str) -> None:
     from .scoring import evaluate
 
     loaded = load_model(model_id)
-    model = compress(loaded.model.to(device), recipe, tokenizer=loaded.tokenizer, progress=False,
-                     source=loaded.source)
+    model = compress(loaded.model.to(device), recipe, tokenizer=loaded.tokenizer, progress=False, source=loaded.source)
     del loaded
     evaluate(model, model.compression.tokenizer, recipe.eval, progress=False)
     if recipe.eval.compare_dense:
@@ -82,8 +85,15 @@ def _follow(recipe, model_id: str, device: str) -> None:
         evaluate(dense.model.to(device), dense.tokenizer, recipe.eval.model_copy(update={"budgets": None}), False)
 
 
-def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: bool = False,
-            progress: bool = True, device: str = "auto", echo=print) -> Path:
+def run_job(
+    recipe_path: str | Path,
+    model_id: str,
+    out: str | Path,
+    overwrite: bool = False,
+    progress: bool = True,
+    device: str = "auto",
+    echo=print,
+) -> Path:
 
     from .api import compress, output_dtype, save
     from .calibration import check_calibration
@@ -130,26 +140,36 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
         results = info.stages
         targeted_before = sum(r.summary.get("targeted_params_before", 0) for r in results)
         targeted_after = sum(r.summary.get("targeted_params_after", 0) for r in results)
-        targeted_stored = sum(r.summary.get("targeted_params_stored", r.summary.get("targeted_params_after", 0))
-                              for r in results)
+        targeted_stored = sum(
+            r.summary.get("targeted_params_stored", r.summary.get("targeted_params_after", 0)) for r in results
+        )
         report = {
             "recipe": recipe.model_dump(mode="json"),
             "source": loaded.source,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": versions(),
-            "device": device, "processes": distributed.world_size(),
+            "device": device,
+            "processes": distributed.world_size(),
             "size": {
-                "params_before": params_before, "params_after": count_params(model),
-                "targeted_params_before": targeted_before, "targeted_params_after": targeted_after,
+                "params_before": params_before,
+                "params_after": count_params(model),
+                "targeted_params_before": targeted_before,
+                "targeted_params_after": targeted_after,
                 "targeted_params_stored": targeted_stored,
                 "compression_ratio": 1 - targeted_after / targeted_before if targeted_before else 0.0,
-                "bytes_before": bytes_before, "bytes_after": safetensors_bytes(tmp / "model"),
-                "folder_bytes_after": folder_bytes(tmp / "model"), "dtype": info.dtype,
+                "bytes_before": bytes_before,
+                "bytes_after": safetensors_bytes(tmp / "model"),
+                "folder_bytes_after": folder_bytes(tmp / "model"),
+                "dtype": info.dtype,
             },
             "timing": {"compression_wall_time_s": info.wall_time_s, "peak_rss_bytes": peak_rss_bytes()},
-            "calibration": None if info.calibration is None else {
-                "samples": recipe.calibration.samples, "seq_len": recipe.calibration.seq_len,
-                "sources": info.calibration},
+            "calibration": None
+            if info.calibration is None
+            else {
+                "samples": recipe.calibration.samples,
+                "seq_len": recipe.calibration.seq_len,
+                "sources": info.calibration,
+            },
             "eval_dense": None,
             "eval_compressed": None,
             "stages": [{"method": r.method, "summary": r.summary, "rows": r.rows} for r in results],
@@ -177,9 +197,16 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
             report["timing"]["peak_rss_bytes"] = peak_rss_bytes()
             write_report(report, [r.series for r in results], tmp)
 
-        _finish_steps(tmp, out, report, [("evaluating the compressed model", evaluate_compressed),
-                                         ("evaluating the dense model", evaluate_dense),
-                                         ("writing the report", write_the_report)])
+        _finish_steps(
+            tmp,
+            out,
+            report,
+            [
+                ("evaluating the compressed model", evaluate_compressed),
+                ("evaluating the dense model", evaluate_dense),
+                ("writing the report", write_the_report),
+            ],
+        )
     echo(f"wrote {out}")
     if push is not None:  # the run folder is complete and in place: a failed push leaves it intact
         from .hub import push_run
@@ -188,6 +215,9 @@ def run_job(recipe_path: str | Path, model_id: str, out: str | Path, overwrite: 
             push_run(out, push.repo_id, private=push.private, revision=push.revision, echo=echo)
         except CompressError as exc:
             flags = ("" if push.private else " --public") + (f" --revision {push.revision}" if push.revision else "")
-            raise RunIncomplete("pushing to the hub", f"{exc} (the run itself succeeded and is intact in {out}; "
-                                f"retry with `compress push {out} {push.repo_id}{flags}`)") from None
+            raise RunIncomplete(
+                "pushing to the hub",
+                f"{exc} (the run itself succeeded and is intact in {out}; "
+                f"retry with `compress push {out} {push.repo_id}{flags}`)",
+            ) from None
     return out

@@ -1,4 +1,5 @@
 """Shared low-rank maths: parameter accounting and truncated-SVD factors."""
+
 from __future__ import annotations
 
 import torch
@@ -47,8 +48,10 @@ def normalised_spectrum(weight: torch.Tensor) -> torch.Tensor:
 # Every function works in float64 and returns factors A (out x k), B (k x in), W ~= A B.
 # --------------------------------------------------------------------------------------------
 
-def damped_cholesky(cov: torch.Tensor, start: float = 1e-6, grow: float = 10.0,
-                    max_tries: int = 30) -> tuple[torch.Tensor, float]:
+
+def damped_cholesky(
+    cov: torch.Tensor, start: float = 1e-6, grow: float = 10.0, max_tries: int = 30
+) -> tuple[torch.Tensor, float]:
     """Lower Cholesky factor L of ``cov + eps I`` (L L^T), with the smallest working damping.
 
     ``eps`` starts at ``start * mean(diag(cov))`` (0 only if the matrix is exactly positive
@@ -100,8 +103,9 @@ def _split_sqrt(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int) -
     return U[:, :rank] * root, root[:, None] * Vh[:rank]
 
 
-def asvd_factors(weight: torch.Tensor, abs_mean: torch.Tensor, rank: int,
-                 alpha: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+def asvd_factors(
+    weight: torch.Tensor, abs_mean: torch.Tensor, rank: int, alpha: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
     """ASVD (arXiv 2312.05821): SVD of ``W diag(s)``, ``s = mean|x|^alpha``, then un-scale B.
 
     Channels that carry large activations are kept more faithfully. ``s`` is clamped away
@@ -117,8 +121,9 @@ def asvd_factors(weight: torch.Tensor, abs_mean: torch.Tensor, rank: int,
     return A, B / s
 
 
-def whitened_factors(weight: torch.Tensor, cov: torch.Tensor, rank: int, cross: torch.Tensor | None = None,
-                     shrinkage: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def whitened_factors(
+    weight: torch.Tensor, cov: torch.Tensor, rank: int, cross: torch.Tensor | None = None, shrinkage: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact rank-k minimiser of ``||W X_d - W' X_c||_F`` given only second moments.
 
     ``cov = C_cc = X_c X_c^T`` (the inputs the compressed layer will see) and
@@ -147,8 +152,14 @@ def whitened_factors(weight: torch.Tensor, cov: torch.Tensor, rank: int, cross: 
     return A, B
 
 
-def output_error(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, cov: torch.Tensor,
-                 cross: torch.Tensor | None = None, dense_cov: torch.Tensor | None = None) -> float:
+def output_error(
+    weight: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    cov: torch.Tensor,
+    cross: torch.Tensor | None = None,
+    dense_cov: torch.Tensor | None = None,
+) -> float:
     """``||W X_d - A B X_c||_F^2`` from second moments (``cross``/``dense_cov`` None: X_d = X_c)."""
     W = weight.detach().to(torch.float64)
     Wp = A.to(torch.float64) @ B.to(torch.float64)
@@ -159,9 +170,15 @@ def output_error(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, cov: to
     return float(value)
 
 
-def refine_factors(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, cov: torch.Tensor,
-                   cross: torch.Tensor | None = None, shrinkage: float = 0.0,
-                   sweeps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def refine_factors(
+    weight: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    cov: torch.Tensor,
+    cross: torch.Tensor | None = None,
+    shrinkage: float = 0.0,
+    sweeps: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form least-squares refits of ``||W X_d - A B X_c||_F`` (alternating, ``sweeps`` rounds).
 
     B-step (A fixed): ``B = (A^T A)^{-1} A^T W C_dc C_cc^{-1}``; A-step (B fixed):
@@ -193,9 +210,15 @@ def factors_for_budget_rank(out_features: int, in_features: int, params: int) ->
     return max(1, params // (out_features + in_features))
 
 
-def truncation_error_profile(weight: torch.Tensor, cov: torch.Tensor, out_weights: torch.Tensor | None = None,
-                             backend: str = "whiten", abs_mean: torch.Tensor | None = None, alpha: float = 0.5,
-                             shrinkage: float = 0.0) -> torch.Tensor:
+def truncation_error_profile(
+    weight: torch.Tensor,
+    cov: torch.Tensor,
+    out_weights: torch.Tensor | None = None,
+    backend: str = "whiten",
+    abs_mean: torch.Tensor | None = None,
+    alpha: float = 0.5,
+    shrinkage: float = 0.0,
+) -> torch.Tensor:
     """Weighted output error ``sum_o f_o E[(W x - W'_k x)_o^2]`` for every rank k = 0 .. min(m, n).
 
     ``W'_k`` is the backend's rank-k truncation (``svd``, ``asvd`` or ``whiten``; dense-target
@@ -208,8 +231,11 @@ def truncation_error_profile(weight: torch.Tensor, cov: torch.Tensor, out_weight
     """
     W = weight.detach().to(torch.float64)
     C = cov.detach().to(torch.float64)
-    f = torch.ones(W.shape[0], dtype=torch.float64, device=W.device) if out_weights is None \
+    f = (
+        torch.ones(W.shape[0], dtype=torch.float64, device=W.device)
+        if out_weights is None
         else out_weights.detach().to(torch.float64)
+    )
     if backend == "svd":
         U, S, R = torch.linalg.svd(W, full_matrices=False)
     elif backend == "asvd":
@@ -232,16 +258,23 @@ def truncation_error_profile(weight: torch.Tensor, cov: torch.Tensor, out_weight
     P = G * M
     r = P.shape[0]
     # tail(k) = sum_{i,j >= k} P_ij  via  tail(k) = tail(k+1) + P_kk + 2 sum_{j>k} P_kj
-    row_after = torch.flip(torch.cumsum(torch.flip(torch.triu(P, diagonal=1), dims=[1]), dim=1), dims=[1])[:, 0] \
-        if r else P.new_zeros(0)
+    row_after = (
+        torch.flip(torch.cumsum(torch.flip(torch.triu(P, diagonal=1), dims=[1]), dim=1), dims=[1])[:, 0]
+        if r
+        else P.new_zeros(0)
+    )
     contrib = P.diagonal() + 2 * row_after
     tail = torch.flip(torch.cumsum(torch.flip(contrib, dims=[0]), dim=0), dims=[0])
     return torch.cat([tail, tail.new_zeros(1)]).clamp_min(0)
 
 
-def allocate_ranks(curves: dict[str, tuple[int, int, torch.Tensor]], reduction: float,
-                   tolerance: float = 0.005, allow_dense: bool = True,
-                   max_ranks: dict[str, int] | None = None) -> dict[str, int | None]:
+def allocate_ranks(
+    curves: dict[str, tuple[int, int, torch.Tensor]],
+    reduction: float,
+    tolerance: float = 0.005,
+    allow_dense: bool = True,
+    max_ranks: dict[str, int] | None = None,
+) -> dict[str, int | None]:
     """Ranks minimising the summed loss curves under a global parameter budget.
 
     ``curves[name] = (out_features, in_features, loss)`` with ``loss[k]`` the estimated loss at
@@ -262,7 +295,7 @@ def allocate_ranks(curves: dict[str, tuple[int, int, torch.Tensor]], reduction: 
         kmax = _max_rank(m, n, max_ranks, name)
         ks = torch.arange(1, kmax + 1)
         params = (ks * (m + n)).to(torch.float64)
-        losses = loss.to(torch.float64)[1:kmax + 1].clone()
+        losses = loss.to(torch.float64)[1 : kmax + 1].clone()
         # enforce monotone non-increasing loss in k (numerical noise)
         losses = torch.cummin(losses, 0).values
         if allow_dense:
@@ -278,8 +311,9 @@ def allocate_ranks(curves: dict[str, tuple[int, int, torch.Tensor]], reduction: 
             while len(pts) >= 2:
                 a, b = pts[-2], pts[-1]
                 # drop b if it lies on or above the segment a -> i
-                cross = ((params[b] - params[a]) * (losses[i] - losses[a])
-                         - (params[i] - params[a]) * (losses[b] - losses[a]))
+                cross = (params[b] - params[a]) * (losses[i] - losses[a]) - (params[i] - params[a]) * (
+                    losses[b] - losses[a]
+                )
                 if cross <= 0:
                     pts.pop()
                 else:

@@ -18,6 +18,7 @@ Render the card of an existing run folder without pushing::
 
     python -m compress.model_card RUN_DIR --repo-id USER/NAME -o README.md
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,6 +48,7 @@ _METRIC_TYPES = {"acc": "accuracy"}
 
 
 # ---------------------------------------------------------------- metadata
+
 
 def hub_base_model(run: RunFolder) -> str | None:
     """The base model's hub id, when the run knows one (local paths are not hub ids)."""
@@ -95,11 +97,19 @@ def eval_results(report: dict) -> list:
             continue
         corpus = ppl.get("corpus", "wikipedia")
         dataset = _WIKI if corpus == "wikipedia" else (corpus, f"{corpus} held-out split (compress's bundled corpus)")
-        results.append(EvalResult(
-            task_type="text-generation", task_name=f"held-out token perplexity (compress, {corpus})",
-            dataset_type=dataset[0], dataset_name=dataset[1], dataset_config="token_perplexity",
-            dataset_split="heldout", metric_type="perplexity", metric_value=float(ppl["perplexity"]),
-            metric_name=f"token perplexity ({ppl.get('windows')} windows x {ppl.get('seq_len')} tokens)"))
+        results.append(
+            EvalResult(
+                task_type="text-generation",
+                task_name=f"held-out token perplexity (compress, {corpus})",
+                dataset_type=dataset[0],
+                dataset_name=dataset[1],
+                dataset_config="token_perplexity",
+                dataset_split="heldout",
+                metric_type="perplexity",
+                metric_value=float(ppl["perplexity"]),
+                metric_name=f"token perplexity ({ppl.get('windows')} windows x {ppl.get('seq_len')} tokens)",
+            )
+        )
     limit = settings.get("limit")
     for task, metrics in (evaluation.get("lm_eval") or {}).items():
         dataset_type, dataset_name = _TASK_DATASETS.get(task, (task, task))
@@ -107,11 +117,19 @@ def eval_results(report: dict) -> list:
         for metric, value in metrics.items():
             if metric.endswith("_stderr") or not _finite(value):
                 continue
-            results.append(EvalResult(
-                task_type="text-generation", task_name=f"lm-eval {task}",
-                dataset_type=dataset_type, dataset_name=dataset_name, dataset_config=task, dataset_split="heldout",
-                metric_type=_METRIC_TYPES.get(metric, metric), metric_value=float(value),
-                metric_name=f"{task} {metric} (lm-eval" + (f", {_documents(n)})" if n else ")")))
+            results.append(
+                EvalResult(
+                    task_type="text-generation",
+                    task_name=f"lm-eval {task}",
+                    dataset_type=dataset_type,
+                    dataset_name=dataset_name,
+                    dataset_config=task,
+                    dataset_split="heldout",
+                    metric_type=_METRIC_TYPES.get(metric, metric),
+                    metric_value=float(value),
+                    metric_name=f"{task} {metric} (lm-eval" + (f", {_documents(n)})" if n else ")"),
+                )
+            )
     return results
 
 
@@ -141,6 +159,7 @@ def card_data(run: RunFolder, repo_id: str):
 
 
 # ---------------------------------------------------------------- body
+
 
 def _setting(value) -> str:
     if isinstance(value, (list, tuple)):
@@ -181,10 +200,13 @@ def render_body(run: RunFolder, repo_id: str, revision: str | None = None) -> st
     source = report.get("source", {})
     versions = report.get("versions", {})
     base = hub_base_model(run)
-    base_md = f"[{base}](https://huggingface.co/{base})" if base else f"`{source.get('base_model') or source.get('id')}`"
+    base_md = (
+        f"[{base}](https://huggingface.co/{base})" if base else f"`{source.get('base_model') or source.get('id')}`"
+    )
     summaries = {name: method.summary for name, method in all_methods().items()}
-    stages = [_stage_sentence(i, cfg, st, summaries) for i, (cfg, st) in
-              enumerate(zip(recipe["stages"], report["stages"]))]
+    stages = [
+        _stage_sentence(i, cfg, st, summaries) for i, (cfg, st) in enumerate(zip(recipe["stages"], report["stages"]))
+    ]
     modules = (run.config.get("quantization_config") or {}).get("modules", {})
     kinds = sorted({spec.get("type", "?") for spec in modules.values()})
     dtype = size.get("dtype") or recipe.get("output", {}).get("dtype", "float32")
@@ -194,90 +216,172 @@ def render_body(run: RunFolder, repo_id: str, revision: str | None = None) -> st
     out = [f"# {name}", ""]
     out += [
         f"This is {base_md} compressed with compress {versions.get('compress', '')} "
-        f"using the recipe `{recipe['name']}`" + (f" ({recipe['description'].rstrip('.')})" if recipe.get("description") else "")
-        + ": " + "; ".join(stages) + ". "
+        f"using the recipe `{recipe['name']}`"
+        + (f" ({recipe['description'].rstrip('.')})" if recipe.get("description") else "")
+        + ": "
+        + "; ".join(stages)
+        + ". "
         f"The targeted modules lost **{size['compression_ratio']:.1%}** of their parameters; the whole model went from "
         f"{size['params_before']:,} to {size['params_after']:,} parameters "
         f"({size['params_after'] / max(size['params_before'], 1):.1%}) and its safetensors from "
         f"{human_bytes(size.get('bytes_before'))} to {human_bytes(size.get('bytes_after'))}. "
-        f"{len(modules)} modules were replaced ({', '.join(f'`{k}`' for k in kinds) or 'none'} modules); the weights are "
+        f"{len(modules)} modules were replaced ({', '.join(f'`{k}`' for k in kinds) or 'none'} modules); the "
+        "weights are "
         f"stored in {dtype}, nothing is quantized. Loading needs the `compress` package "
-        f"(see [How to use](#how-to-use)).", ""]
+        f"(see [How to use](#how-to-use)).",
+        "",
+    ]
     if not base:
-        out += ["The base model is not a Hugging Face Hub model (a local folder or file), so the card names no "
-                "`base_model`.", ""]
-    out += ["The license is carried over from the base model: " + (f"`{license_id}`." if license_id else
-            "unknown (the run did not record one); check the base model's terms before sharing."), ""]
+        out += [
+            "The base model is not a Hugging Face Hub model (a local folder or file), so the card names no "
+            "`base_model`.",
+            "",
+        ]
+    out += [
+        "The license is carried over from the base model: "
+        + (
+            f"`{license_id}`."
+            if license_id
+            else "unknown (the run did not record one); check the base model's terms before sharing."
+        ),
+        "",
+    ]
 
-    out += ["## Compression", "", md_table(["", "dense", "compressed", "compressed / dense"], size_rows(size)), "",
-            f"Compression ratio (fraction of the targeted modules' parameters removed): "
-            f"**{size['compression_ratio']:.1%}**.", ""]
+    out += [
+        "## Compression",
+        "",
+        md_table(["", "dense", "compressed", "compressed / dense"], size_rows(size)),
+        "",
+        f"Compression ratio (fraction of the targeted modules' parameters removed): "
+        f"**{size['compression_ratio']:.1%}**.",
+        "",
+    ]
     rows = []
     for i, (cfg, st) in enumerate(zip(recipe["stages"], report["stages"])):
         settings = "; ".join(f"{k}: {_setting(v)}" for k, v in cfg.items() if k != "method" and v is not None)
-        results = "; ".join(f"{k}: {cell(v)}" for k, v in st.get("summary", {}).items()
-                            if k not in ("wall_time_s", "peak_rss_bytes") and not isinstance(v, (dict, list)))
+        results = "; ".join(
+            f"{k}: {cell(v)}"
+            for k, v in st.get("summary", {}).items()
+            if k not in ("wall_time_s", "peak_rss_bytes") and not isinstance(v, (dict, list))
+        )
         rows.append([i, f"`{cfg['method']}`", settings, results])
-    out += ["Per stage (settings from the recipe, results from the run):", "",
-            md_table(["stage", "method", "settings", "results"], rows), ""]
+    out += [
+        "Per stage (settings from the recipe, results from the run):",
+        "",
+        md_table(["stage", "method", "settings", "results"], rows),
+        "",
+    ]
     calibration = report.get("calibration")
     if calibration:
         parts = [f"{c['source']}: {c['windows']} windows" for c in calibration["sources"]]
-        out += [f"Calibration data ({calibration['samples']} windows of {calibration['seq_len']} tokens): "
-                + "; ".join(parts) + ".", ""]
+        out += [
+            f"Calibration data ({calibration['samples']} windows of {calibration['seq_len']} tokens): "
+            + "; ".join(parts)
+            + ".",
+            "",
+        ]
     elif "calibration" in report:
         out += ["No calibration data was used (every stage is data-free).", ""]
 
     ev = recipe.get("eval", {})
     ppl = (report.get("eval_compressed") or {}).get("perplexity") or {}
-    out += ["## Evaluation", "",
-            md_table(["metric", "dense", "compressed", "compressed / dense"],
-                   eval_rows(report.get("eval_dense"), report["eval_compressed"])), ""]
+    out += [
+        "## Evaluation",
+        "",
+        md_table(
+            ["metric", "dense", "compressed", "compressed / dense"],
+            eval_rows(report.get("eval_dense"), report["eval_compressed"]),
+        ),
+        "",
+    ]
     limits = ev.get("limit")
     limits = list(limits.values()) if isinstance(limits, dict) else ([limits] if limits else [])
-    scope = [f"token perplexity over {ppl.get('windows', '?')} windows of {ppl.get('seq_len', ev.get('seq_len'))} tokens"]
+    scope = [
+        f"token perplexity over {ppl.get('windows', '?')} windows of {ppl.get('seq_len', ev.get('seq_len'))} tokens"
+    ]
     if ev.get("tasks"):
-        scope.append(f"lm-eval tasks {', '.join(ev['tasks'])}"
-                     + (f" limited to {_documents(ev['limit'])}" + ("" if isinstance(ev["limit"], dict) else " of each")
-                        if ev.get("limit") else " on all documents"))
-    out += ["Settings: " + "; ".join(scope) + ". "
-            + ("The dense baseline was measured in the same run with the same settings. " if report.get("eval_dense")
-               else "No dense baseline was measured in this run (`eval.compare_dense: false`). ")
-            + ("Small evaluations like this one are indicative only." if limits and min(limits) < 50
-               else ""), "", PROTOCOL, ""]
+        scope.append(
+            f"lm-eval tasks {', '.join(ev['tasks'])}"
+            + (
+                f" limited to {_documents(ev['limit'])}" + ("" if isinstance(ev["limit"], dict) else " of each")
+                if ev.get("limit")
+                else " on all documents"
+            )
+        )
+    out += [
+        "Settings: "
+        + "; ".join(scope)
+        + ". "
+        + (
+            "The dense baseline was measured in the same run with the same settings. "
+            if report.get("eval_dense")
+            else "No dense baseline was measured in this run (`eval.compare_dense: false`). "
+        )
+        + ("Small evaluations like this one are indicative only." if limits and min(limits) < 50 else ""),
+        "",
+        PROTOCOL,
+        "",
+    ]
     budgets = (report.get("eval_compressed") or {}).get("budgets")
     if budgets:
-        out += ["### Budgets", "", "An elastic checkpoint: `compress.set_budget(model, reduction)` switches it to any "
-                "budget below in place (no copy), `compress.resize` cuts it to a smaller one. Held-out token "
-                "perplexity at each:", "",
-                md_table(["reduction (targeted parameters removed)", "perplexity"],
-                       [[f"{b['reduction']:.1%}", b["perplexity"]] for b in budgets]), ""]
+        out += [
+            "### Budgets",
+            "",
+            "An elastic checkpoint: `compress.set_budget(model, reduction)` switches it to any "
+            "budget below in place (no copy), `compress.resize` cuts it to a smaller one. Held-out token "
+            "perplexity at each:",
+            "",
+            md_table(
+                ["reduction (targeted parameters removed)", "perplexity"],
+                [[f"{b['reduction']:.1%}", b["perplexity"]] for b in budgets],
+            ),
+            "",
+        ]
 
     rev = f', revision="{revision}"' if revision else ""
-    out += ["## How to use", "",
-            "Install `compress` (the toolkit that made this checkpoint) next to transformers. `import compress` "
-            "registers its checkpoint format (`quantization_config.quant_method: compress` in config.json) with "
-            "transformers, which then rebuilds the factorised layers before loading the safetensors weights; "
-            "no `trust_remote_code` is needed.", "",
-            "```python",
-            "import compress  # registers the \"compress\" checkpoint format with transformers",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "",
-            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}"{rev})',
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{rev})',
-            'inputs = tokenizer("The capital of France is", return_tensors="pt")',
-            "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))",
-            "```", ""]
+    out += [
+        "## How to use",
+        "",
+        "Install `compress` (the toolkit that made this checkpoint) next to transformers. `import compress` "
+        "registers its checkpoint format (`quantization_config.quant_method: compress` in config.json) with "
+        "transformers, which then rebuilds the factorised layers before loading the safetensors weights; "
+        "no `trust_remote_code` is needed.",
+        "",
+        "```python",
+        'import compress  # registers the "compress" checkpoint format with transformers',
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}"{rev})',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{rev})',
+        'inputs = tokenizer("The capital of France is", return_tensors="pt")',
+        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))",
+        "```",
+        "",
+    ]
     origin = source.get("id") if source.get("kind") in ("bundled", "hub") else (base or "MODEL")
-    out += ["## Recipe", "", f"The exact recipe of this run (`recipe.yaml` in this repo); "
-            f"`compress run recipe.yaml {origin}` reproduces it.", "", "```yaml", run.recipe_text.rstrip("\n"), "```", ""]
+    out += [
+        "## Recipe",
+        "",
+        f"The exact recipe of this run (`recipe.yaml` in this repo); "
+        f"`compress run recipe.yaml {origin}` reproduces it.",
+        "",
+        "```yaml",
+        run.recipe_text.rstrip("\n"),
+        "```",
+        "",
+    ]
 
     figures = [f for f in report.get("figures", []) if (run.path / f).is_file()]
-    out += ["## Files and provenance", "",
-            "- `report.md` / `report.json`: the full report of the run (per-module ranks, all metrics, timings).",
-            "- `compress_manifest.json`: sha256 of the weight files, and the source of the model.",
-            f"- Created {report.get('created', '?')} on {report.get('device', '?')} with "
-            + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + ".", ""]
+    out += [
+        "## Files and provenance",
+        "",
+        "- `report.md` / `report.json`: the full report of the run (per-module ranks, all metrics, timings).",
+        "- `compress_manifest.json`: sha256 of the weight files, and the source of the model.",
+        f"- Created {report.get('created', '?')} on {report.get('device', '?')} with "
+        + ", ".join(f"{k} {v}" for k, v in versions.items() if v)
+        + ".",
+        "",
+    ]
     out += [f"![{Path(f).stem}]({f})" for f in figures]
     return "\n".join(out).rstrip("\n") + "\n"
 
@@ -295,6 +399,7 @@ def render_card(run_dir: str | Path | RunFolder, repo_id: str, revision: str | N
 
 
 # ---------------------------------------------------------------- offline checks
+
 
 def card_problems(text: str) -> list[str]:
     """Offline checks with huggingface_hub's own parsers (ModelCard.validate needs the network)."""
@@ -341,7 +446,9 @@ def card_problems(text: str) -> list[str]:
         results = card.data.eval_results or []
         for result in results:
             if not _finite(result.metric_value):
-                problems.append(f"model-index value {result.metric_value!r} ({result.metric_type}) is not a finite number")
+                problems.append(
+                    f"model-index value {result.metric_value!r} ({result.metric_type}) is not a finite number"
+                )
         if eval_results_to_model_index(card.data.model_name, results) != meta["model-index"]:
             problems.append("model-index does not survive huggingface_hub's parse -> serialise round trip")
     if card.data.to_dict() != meta:
@@ -374,8 +481,9 @@ def default_repo_id(run: RunFolder) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m compress.model_card",
-                                     description="Render the model card (README.md) of a finished run folder.")
+    parser = argparse.ArgumentParser(
+        prog="python -m compress.model_card", description="Render the model card (README.md) of a finished run folder."
+    )
     parser.add_argument("run_dir")
     parser.add_argument("--repo-id", help="repo id used in the card (default: your-username/<base>-<recipe>)")
     parser.add_argument("--revision")

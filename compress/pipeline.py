@@ -11,6 +11,7 @@ The pipeline owns the order of work, the model and the measurements; methods onl
   install the returned parts;
 * training methods: select the targets -> global training.
 """
+
 from __future__ import annotations
 
 import copy
@@ -66,10 +67,13 @@ class ModelPlanner(Planner):
 
 
 def _engine_options(calibration) -> dict:
-    return {"statistics": {"none": "none", "io": "io"}.get(calibration.statistics, "cov"),
-            "sequential": calibration.sequential, "sublayer": calibration.sublayer,
-            "cross": calibration.statistics == "dense_cross" and calibration.sequential,
-            "batch_size": calibration.batch_size}
+    return {
+        "statistics": {"none": "none", "io": "io"}.get(calibration.statistics, "cov"),
+        "sequential": calibration.sequential,
+        "sublayer": calibration.sublayer,
+        "cross": calibration.statistics == "dense_cross" and calibration.sequential,
+        "batch_size": calibration.batch_size,
+    }
 
 
 def _apply_layers(model: nn.Module, method: Method, config, ctx: StageContext, where: str) -> StageResult:
@@ -105,18 +109,30 @@ def _apply_layers(model: nn.Module, method: Method, config, ctx: StageContext, w
             prefix, _ = decoder_layers(model, chosen)
 
             def train_layer(index, layer, inputs, targets, kwargs):
-                local = [name.removeprefix(f"{prefix}.{index}.") for name in made if
-                         name.startswith(f"{prefix}.{index}.")]
+                local = [
+                    name.removeprefix(f"{prefix}.{index}.") for name in made if name.startswith(f"{prefix}.{index}.")
+                ]
                 if local:
-                    layer_reports.append(train_one_layer(layer, method, config, layer_training, local, inputs,
-                                                         targets, kwargs))
+                    layer_reports.append(
+                        train_one_layer(layer, method, config, layer_training, local, inputs, targets, kwargs)
+                    )
 
         windows = planner.windows(calibration.windows)
-        report = calibrate_sequentially(model, chosen, windows, on_layer, train_layer=train_layer,
-                                        progress=ctx.progress, description=f"{method.name}: layers",
-                                        **_engine_options(calibration))
-        result.summary["calibration"] = {"layers": report.layers_calibrated, "tokens": report.tokens,
-                                         "layer_seconds_total": sum(report.layer_seconds)}
+        report = calibrate_sequentially(
+            model,
+            chosen,
+            windows,
+            on_layer,
+            train_layer=train_layer,
+            progress=ctx.progress,
+            description=f"{method.name}: layers",
+            **_engine_options(calibration),
+        )
+        result.summary["calibration"] = {
+            "layers": report.layers_calibrated,
+            "tokens": report.tokens,
+            "layer_seconds_total": sum(report.layer_seconds),
+        }
         if layer_reports:
             result.summary["training"] = _layer_training_summary(layer_training, layer_reports)
             result.series["layer_train_loss"] = [r["losses"] for r in layer_reports]
@@ -134,12 +150,18 @@ def _apply_layers(model: nn.Module, method: Method, config, ctx: StageContext, w
 
 
 def _layer_training_summary(training, reports: list[dict]) -> dict:
-    return {"scope": "layer", "layers": len(reports), "steps_per_layer": training.steps,
-            "tokens_per_layer": reports[0]["tokens"], "lr": training.lr, "schedule": training.schedule,
-            "wall_time_s": sum(r["wall_time_s"] for r in reports),
-            "trainable_params_per_layer_max": max(r["trainable_params"] for r in reports),
-            "mean_rel_error_before": sum(r["rel_error_before"] for r in reports) / len(reports),
-            "mean_rel_error_after": sum(r["rel_error_after"] for r in reports) / len(reports)}
+    return {
+        "scope": "layer",
+        "layers": len(reports),
+        "steps_per_layer": training.steps,
+        "tokens_per_layer": reports[0]["tokens"],
+        "lr": training.lr,
+        "schedule": training.schedule,
+        "wall_time_s": sum(r["wall_time_s"] for r in reports),
+        "trainable_params_per_layer_max": max(r["trainable_params"] for r in reports),
+        "mean_rel_error_before": sum(r["rel_error_before"] for r in reports) / len(reports),
+        "mean_rel_error_after": sum(r["rel_error_after"] for r in reports) / len(reports),
+    }
 
 
 def _apply_model_level(model: nn.Module, method: Method, config, ctx: StageContext, where: str) -> StageResult:
@@ -166,8 +188,16 @@ def _apply_training(model: nn.Module, method: Method, config, ctx: StageContext,
     from .training import train_globally
 
     names = list(select_modules(model, config.targets, config.ignore, f"{where}.targets"))
-    trained = train_globally(model, method, config, method.training(config), names,
-                             ModelPlanner(model, ctx).windows(), ctx.teacher, ctx.progress)
+    trained = train_globally(
+        model,
+        method,
+        config,
+        method.training(config),
+        names,
+        ModelPlanner(model, ctx).windows(),
+        ctx.teacher,
+        ctx.progress,
+    )
     return StageResult(method.name, summary=trained["summary"], series=trained["series"])
 
 

@@ -4,6 +4,7 @@ Stage configs come from the method registry and are told apart by their ``method
 field (a pydantic discriminated union), so each method owns its own fields and errors
 carry the field path, e.g. ``stages[0].reduction``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,8 +38,11 @@ class CalibrationSource(_Strict):
     split: str = "train"
     file: str | None = Field(None, description="a local .txt, .jsonl, .json or .parquet file")
     text_field: str = Field("text", description="the field holding the text")
-    messages_field: str | None = Field(None, description="a field of {role, content} messages, rendered with "
-                                                         "the tokenizer's chat template (instead of text_field)")
+    messages_field: str | None = Field(
+        None,
+        description="a field of {role, content} messages, rendered with "
+        "the tokenizer's chat template (instead of text_field)",
+    )
     max_documents: int | None = Field(None, ge=1, description="read at most this many records")
     weight: float = Field(1.0, gt=0, description="share of the windows, relative to the other sources")
 
@@ -54,14 +58,21 @@ class CalibrationSource(_Strict):
     def describe(self) -> str:
         if self.corpus is not None:
             return f"{self.corpus} (bundled, calibration split)"
-        where = f"dataset {self.dataset}" + (f" [{self.config}]" if self.config else "") + f" split {self.split}" \
-            if self.dataset is not None else f"file {self.file}"
+        where = (
+            f"dataset {self.dataset}" + (f" [{self.config}]" if self.config else "") + f" split {self.split}"
+            if self.dataset is not None
+            else f"file {self.file}"
+        )
         return f"{where}, field {self.messages_field or self.text_field}" + (
-            " (chat template)" if self.messages_field else "")
+            " (chat template)" if self.messages_field else ""
+        )
 
 
 # Without a corpus or sources: text of two unlike domains, so the compressed model is not fitted to one.
-DEFAULT_SOURCES = (CalibrationSource(corpus="wikipedia", weight=0.5), CalibrationSource(corpus="shakespeare", weight=0.5))
+DEFAULT_SOURCES = (
+    CalibrationSource(corpus="wikipedia", weight=0.5),
+    CalibrationSource(corpus="shakespeare", weight=0.5),
+)
 
 
 class CalibrationConfig(_Strict):
@@ -88,8 +99,10 @@ class CalibrationConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    tasks: list[str] = Field(default_factory=lambda: ["wikipedia_ppl"],
-                             description="compress's tasks or any lm-eval task/group (hellaswag, arc_easy, mmlu ...)")
+    tasks: list[str] = Field(
+        default_factory=lambda: ["wikipedia_ppl"],
+        description="compress's tasks or any lm-eval task/group (hellaswag, arc_easy, mmlu ...)",
+    )
     compare_dense: bool = True
     # token-level held-out perplexity (README, "Measurement protocol"); None = every held-out window
     perplexity_windows: int | None = Field(None, ge=1)
@@ -190,7 +203,11 @@ def format_error(error: ValidationError) -> str:
         where = _where(first["loc"])
         if first["type"] == "extra_forbidden":
             message = "unknown field"
-        if "input" in first and first["type"] not in ("missing", "extra_forbidden") and not isinstance(first["input"], dict):
+        if (
+            "input" in first
+            and first["type"] not in ("missing", "extra_forbidden")
+            and not isinstance(first["input"], dict)
+        ):
             message += f" (got {first['input']!r})"
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{where}: {message}{more}"
@@ -222,8 +239,10 @@ def resolve_recipe(ref: str | Path) -> Path:
     name = path.name.removesuffix(".yaml")
     if path.parent == Path(".") and name in bundled:
         return bundled[name]
-    raise CompressError(f"recipe {str(ref)!r} does not exist: not a file, nor a bundled recipe"
-                        f"{suggest(name, bundled)} (bundled: {', '.join(sorted(bundled))})")
+    raise CompressError(
+        f"recipe {str(ref)!r} does not exist: not a file, nor a bundled recipe"
+        f"{suggest(name, bundled)} (bundled: {', '.join(sorted(bundled))})"
+    )
 
 
 def load_recipe(ref: str | Path):

@@ -7,6 +7,7 @@
 The same validation as a YAML recipe (unknown fields rejected, ranges checked); ``compress.compress``
 takes a ``Recipe``, one stage config or a list of them.
 """
+
 from __future__ import annotations
 
 from .methods.dsformer.config import DSFormerConfig as DSFormer
@@ -27,5 +28,20 @@ from .training import Training
 
 Recipe = recipe_model()
 
-__all__ = ["Calibration", "DSFormer", "Eval", "ExtendVocab", "FactorLLM", "Finetune", "Lost", "LowRank",
-           "LowRankAttention", "OfaEmbedding", "Output", "Push", "Recipe", "Training", "WeLore"]
+__all__ = [
+    "Calibration",
+    "DSFormer",
+    "Eval",
+    "ExtendVocab",
+    "FactorLLM",
+    "Finetune",
+    "Lost",
+    "LowRank",
+    "LowRankAttention",
+    "OfaEmbedding",
+    "Output",
+    "Push",
+    "Recipe",
+    "Training",
+    "WeLore",
+]

@@ -3,6 +3,7 @@
 Built-in methods are listed explicitly below (no module scanning); third parties call
 ``register_method``. Names collide loudly; unknown names get a "did you mean".
 """
+
 from __future__ import annotations
 
 import difflib

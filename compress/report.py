@@ -1,4 +1,5 @@
 """report.json + report.md (tables) + plots for one run."""
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,10 @@ def flatten_eval(evaluation: dict) -> dict[str, float]:
     flat = {}
     for ppl in (evaluation.get("perplexity_by_corpus") or {"": evaluation.get("perplexity")}).values():
         if ppl:
-            flat[f"{ppl.get('corpus', 'wikipedia')} held-out token perplexity ({ppl['windows']} x "
-                 f"{ppl.get('seq_len', 512)} tokens)"] = ppl["perplexity"]
+            flat[
+                f"{ppl.get('corpus', 'wikipedia')} held-out token perplexity ({ppl['windows']} x "
+                f"{ppl.get('seq_len', 512)} tokens)"
+            ] = ppl["perplexity"]
     for task, metrics in evaluation.get("lm_eval", {}).items():
         for metric, value in metrics.items():
             if not metric.endswith("_stderr"):
@@ -68,43 +71,91 @@ def eval_rows(dense: dict | None, compressed: dict) -> list[list]:
 
 def size_rows(size: dict) -> list[list]:
     """Parameters and bytes before and after (an elastic checkpoint also stores more than its budget uses)."""
-    rows = [["parameters (whole model)", size["params_before"], size["params_after"]],
-            ["parameters (targeted modules)", size["targeted_params_before"], size["targeted_params_after"]]]
+    rows = [
+        ["parameters (whole model)", size["params_before"], size["params_after"]],
+        ["parameters (targeted modules)", size["targeted_params_before"], size["targeted_params_after"]],
+    ]
     if size.get("targeted_params_stored") not in (None, size["targeted_params_after"]):
-        rows.append(["parameters (targeted modules, stored for every budget)", size["targeted_params_before"],
-                     size["targeted_params_stored"]])
+        rows.append(
+            [
+                "parameters (targeted modules, stored for every budget)",
+                size["targeted_params_before"],
+                size["targeted_params_stored"],
+            ]
+        )
     rows.append(["bytes on disk (safetensors)", size["bytes_before"], size["bytes_after"]])
     return [[label, before, after, after / max(before, 1)] for label, before, after in rows]
 
 
 def render_markdown(report: dict) -> str:
     size = report["size"]
-    out = [f"# {report['recipe']['name']}: {report['source']['id']}", "",
-           f"Base model: `{report['source'].get('base_model', '')}` ({report['source']['kind']}). "
-           f"Created {report['created']} with compress {report['versions']['compress']}.", "",
-           "## Size", "",
-           md_table(["", "dense", "compressed", "compressed / dense"], size_rows(size)), "",
-           f"Compression ratio (targeted parameters removed): **{size['compression_ratio']:.1%}**.", ""]
+    out = [
+        f"# {report['recipe']['name']}: {report['source']['id']}",
+        "",
+        f"Base model: `{report['source'].get('base_model', '')}` ({report['source']['kind']}). "
+        f"Created {report['created']} with compress {report['versions']['compress']}.",
+        "",
+        "## Size",
+        "",
+        md_table(["", "dense", "compressed", "compressed / dense"], size_rows(size)),
+        "",
+        f"Compression ratio (targeted parameters removed): **{size['compression_ratio']:.1%}**.",
+        "",
+    ]
     calibration = report.get("calibration")
     if calibration:
-        out += ["## Calibration data", "", md_table(["source", "weight", "windows"], [
-            [c["source"], c.get("weight", 1.0), c["windows"]] for c in calibration["sources"]]), "",
-                f"{calibration['samples']} windows of {calibration['seq_len']} tokens.", ""]
-    out += ["## Evaluation", "", md_table(["metric", "dense", "compressed", "compressed / dense"],
-                                          eval_rows(report.get("eval_dense"), report["eval_compressed"])), "",
-            PROTOCOL, ""]
+        out += [
+            "## Calibration data",
+            "",
+            md_table(
+                ["source", "weight", "windows"],
+                [[c["source"], c.get("weight", 1.0), c["windows"]] for c in calibration["sources"]],
+            ),
+            "",
+            f"{calibration['samples']} windows of {calibration['seq_len']} tokens.",
+            "",
+        ]
+    out += [
+        "## Evaluation",
+        "",
+        md_table(
+            ["metric", "dense", "compressed", "compressed / dense"],
+            eval_rows(report.get("eval_dense"), report["eval_compressed"]),
+        ),
+        "",
+        PROTOCOL,
+        "",
+    ]
     budgets = (report.get("eval_compressed") or {}).get("budgets")
     if budgets:
         dense = ((report.get("eval_dense") or {}).get("perplexity") or {}).get("perplexity")
-        out += ["## Budgets this elastic checkpoint serves", "",
-                "`compress.set_budget(model, r)` switches in place; `compress resize RUN --reduction r` writes a "
-                "smaller checkpoint. Held-out token perplexity at each budget (same windows):", "",
-                md_table(["requested reduction", "achieved reduction", "perplexity", "x dense"],
-                         [[b["requested_reduction"], b["reduction"], b["perplexity"],
-                           b["perplexity"] / dense if dense else None] for b in budgets]), ""]
+        out += [
+            "## Budgets this elastic checkpoint serves",
+            "",
+            "`compress.set_budget(model, r)` switches in place; `compress resize RUN --reduction r` writes a "
+            "smaller checkpoint. Held-out token perplexity at each budget (same windows):",
+            "",
+            md_table(
+                ["requested reduction", "achieved reduction", "perplexity", "x dense"],
+                [
+                    [
+                        b["requested_reduction"],
+                        b["reduction"],
+                        b["perplexity"],
+                        b["perplexity"] / dense if dense else None,
+                    ]
+                    for b in budgets
+                ],
+            ),
+            "",
+        ]
     for i, stage in enumerate(report["stages"]):
-        out += [f"## Stage {i}: {stage['method']}", "",
-                md_table(["", "value"], [[k, v] for k, v in stage["summary"].items()]), ""]
+        out += [
+            f"## Stage {i}: {stage['method']}",
+            "",
+            md_table(["", "value"], [[k, v] for k, v in stage["summary"].items()]),
+            "",
+        ]
         if stage["rows"]:
             headers = list(dict.fromkeys(key for row in stage["rows"] for key in row))  # rows differ by kind
             out += [md_table(headers, [[row.get(h) for h in headers] for row in stage["rows"]]), ""]
@@ -141,12 +192,25 @@ def plot_figures(report: dict, series: list[dict], folder: Path) -> list[str]:
         if rows:
             kept = [kept_rank(r) for r in rows]
             fig, ax = plt.subplots(figsize=(12, 4))
-            ax.bar(range(len(rows)), [fraction for fraction, _ in kept], width=1.0,
-                   color=[RANK_COLORS[kind] for _, kind in kept])
-            ax.set(xlabel="targeted matrix (model order)", ylabel="rank kept / full rank", ylim=(0, 1.05),
-                   title=f"stage {i} ({stage['method']}): rank kept per matrix")
-            ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=RANK_COLORS[kind], label=kind)
-                               for kind in dict.fromkeys(kind for _, kind in kept)], fontsize=8)
+            ax.bar(
+                range(len(rows)),
+                [fraction for fraction, _ in kept],
+                width=1.0,
+                color=[RANK_COLORS[kind] for _, kind in kept],
+            )
+            ax.set(
+                xlabel="targeted matrix (model order)",
+                ylabel="rank kept / full rank",
+                ylim=(0, 1.05),
+                title=f"stage {i} ({stage['method']}): rank kept per matrix",
+            )
+            ax.legend(
+                handles=[
+                    plt.Rectangle((0, 0), 1, 1, color=RANK_COLORS[kind], label=kind)
+                    for kind in dict.fromkeys(kind for _, kind in kept)
+                ],
+                fontsize=8,
+            )
             name = f"ranks_stage{i}.png"
             fig.tight_layout(), fig.savefig(folder / name, dpi=110), plt.close(fig)
             written.append(name)
@@ -162,8 +226,13 @@ def plot_figures(report: dict, series: list[dict], folder: Path) -> list[str]:
             tau = stage["summary"].get("tau")
             if tau is not None:
                 ax.axhline(tau, color="black", ls="--", lw=1, label=f"tau = {tau:.3f}")
-            ax.set(xlabel="singular value index / (rank - 1)", ylabel="normalised s'",
-                   title=f"stage {i}: normalised singular spectra", yscale="log", ylim=(1e-4, 1.1))
+            ax.set(
+                xlabel="singular value index / (rank - 1)",
+                ylabel="normalised s'",
+                title=f"stage {i}: normalised singular spectra",
+                yscale="log",
+                ylim=(1e-4, 1.1),
+            )
             ax.legend(fontsize=8)
             name = f"spectra_stage{i}.png"
             fig.tight_layout(), fig.savefig(folder / name, dpi=110), plt.close(fig)

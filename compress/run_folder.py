@@ -1,4 +1,5 @@
 """A finished `compress run` folder, read and sanity-checked: what the model card and the hub push need."""
+
 from __future__ import annotations
 
 import json

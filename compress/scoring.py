@@ -1,4 +1,5 @@
 """Score an in-memory model: token-level held-out perplexity + lm-eval tasks (``compress.evaluate`` wraps it)."""
+
 from __future__ import annotations
 
 import time
@@ -23,10 +24,14 @@ def evaluate(model, tokenizer, eval_config, progress: bool = True) -> dict:
     start = time.perf_counter()
     by_corpus = {}
     for corpus in eval_config.perplexity_corpora:
-        windows = token_windows(tokenizer, load_documents(corpus, "heldout"), eval_config.seq_len,
-                                eval_config.perplexity_windows)
-        by_corpus[corpus] = {**perplexity(model, windows, progress=progress), "seq_len": eval_config.seq_len,
-                             "corpus": corpus}
+        windows = token_windows(
+            tokenizer, load_documents(corpus, "heldout"), eval_config.seq_len, eval_config.perplexity_windows
+        )
+        by_corpus[corpus] = {
+            **perplexity(model, windows, progress=progress),
+            "seq_len": eval_config.seq_len,
+            "corpus": corpus,
+        }
     result = {"perplexity": by_corpus[eval_config.perplexity_corpora[0]]}
     if len(by_corpus) > 1:
         result["perplexity_by_corpus"] = by_corpus
@@ -35,9 +40,16 @@ def evaluate(model, tokenizer, eval_config, progress: bool = True) -> dict:
     if eval_config.tasks and is_main():  # several processes: lm-eval runs in the main one only
         result["lm_eval"] = {}
         for task in eval_config.tasks:  # one call per task: each has its own document limit and shots
-            result["lm_eval"].update(run_lm_eval(model, tokenizer, [task], limit=eval_config.limit_for(task),
-                                                 max_length=eval_config.lm_eval_max_length,
-                                                 num_fewshot=eval_config.num_fewshot_for(task)))
+            result["lm_eval"].update(
+                run_lm_eval(
+                    model,
+                    tokenizer,
+                    [task],
+                    limit=eval_config.limit_for(task),
+                    max_length=eval_config.lm_eval_max_length,
+                    num_fewshot=eval_config.num_fewshot_for(task),
+                )
+            )
     if eval_config.budgets:
         result["budgets"] = budget_perplexities(model, tokenizer, eval_config, progress)
     result["wall_time_s"] = time.perf_counter() - start
@@ -54,14 +66,23 @@ def budget_perplexities(model, tokenizer, eval_config, progress: bool) -> list[d
 
     modules = elastic_modules(model)
     before = {name: m.active_rank for name, m in modules.items()}
-    windows = token_windows(tokenizer, load_documents(eval_config.perplexity_corpora[0], "heldout"),
-                            eval_config.seq_len, eval_config.perplexity_windows)
+    windows = token_windows(
+        tokenizer,
+        load_documents(eval_config.perplexity_corpora[0], "heldout"),
+        eval_config.seq_len,
+        eval_config.perplexity_windows,
+    )
     out = []
     try:
         for budget in eval_config.budgets:
             ranks = set_budget(model, budget)
-            out.append({"requested_reduction": budget, "reduction": reduction_at(modules, ranks),
-                        "perplexity": perplexity(model, windows, progress=progress)["perplexity"]})
+            out.append(
+                {
+                    "requested_reduction": budget,
+                    "reduction": reduction_at(modules, ranks),
+                    "perplexity": perplexity(model, windows, progress=progress)["perplexity"],
+                }
+            )
     finally:
         for name, module in modules.items():
             module.active_rank = before[name]

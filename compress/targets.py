@@ -4,6 +4,7 @@ Grammar (as llm-compressor / torchao): a target is either a module class name
 (``"Linear"``, ``"LowRankLinear"``) or ``"re:<regex>"`` matched with ``re.fullmatch``
 against the module's dotted name. ``ignore`` uses the same grammar and wins.
 """
+
 from __future__ import annotations
 
 import re
@@ -36,8 +37,9 @@ def check_patterns(patterns: Iterable[str]) -> list[str]:
     return errors
 
 
-def select_modules(model: nn.Module, targets: Iterable[str], ignore: Iterable[str] = (),
-                   where: str = "targets") -> dict[str, nn.Module]:
+def select_modules(
+    model: nn.Module, targets: Iterable[str], ignore: Iterable[str] = (), where: str = "targets"
+) -> dict[str, nn.Module]:
     """Return {dotted name: module} for every module matching a target and no ignore pattern.
 
     Order is the model's own (decoder layers ascending). Zero matches is an error,
@@ -55,8 +57,9 @@ def select_modules(model: nn.Module, targets: Iterable[str], ignore: Iterable[st
         if not hit:
             selected[name] = module
     if not selected:
-        raise CompressError(f"{where}: {targets} matched no module of the model"
-                            + (f" (after ignore {ignore})" if ignore else ""))
+        raise CompressError(
+            f"{where}: {targets} matched no module of the model" + (f" (after ignore {ignore})" if ignore else "")
+        )
     unused = [p for p, n in ignored_hits.items() if n == 0]
     if unused:
         raise CompressError(f"{where}: ignore pattern(s) {unused} matched no targeted module")

@@ -14,6 +14,7 @@ Both go through ``train_loop`` (AdamW + a transformers schedule + accelerate); w
 methods (which parameters, wrappers such as DSFormer's straight-through factoriser, FactorLLM's PA
 loss) comes from the method's ``trainable`` hook.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,12 +43,16 @@ class Training(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0)
     eval_windows: int = Field(4, ge=1, description="calibration windows scored before and after training")
     loss: Literal["next_token", "distill"] = Field(
-        "next_token", description="global scope: next_token = causal-LM loss on the text; distill = KL divergence "
-                                  "to the dense model's next-token distribution (the pipeline keeps a frozen copy "
-                                  "of the model from before the first stage as the teacher)")
+        "next_token",
+        description="global scope: next_token = causal-LM loss on the text; distill = KL divergence "
+        "to the dense model's next-token distribution (the pipeline keeps a frozen copy "
+        "of the model from before the first stage as the teacher)",
+    )
     scope: Literal["global", "layer"] = Field(
-        "global", description="global: the whole model on calibration text; layer: each compressed decoder layer "
-                              "trained to reproduce the dense layer's output, right after it is compressed")
+        "global",
+        description="global: the whole model on calibration text; layer: each compressed decoder layer "
+        "trained to reproduce the dense layer's output, right after it is compressed",
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -62,10 +67,22 @@ class Training(BaseModel):
 LossFn = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, dict]]
 
 
-def train_loop(model: nn.Module, param_groups: list[dict], data: torch.Tensor, *, steps: int, batch_size: int,
-               schedule: str, warmup_steps: int, max_grad_norm: float, loss_fn: LossFn, weight_decay: float = 0.0,
-               desc: str = "train", progress: bool = True,
-               on_step: Callable[[int, int], None] | None = None) -> dict:
+def train_loop(
+    model: nn.Module,
+    param_groups: list[dict],
+    data: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    schedule: str,
+    warmup_steps: int,
+    max_grad_norm: float,
+    loss_fn: LossFn,
+    weight_decay: float = 0.0,
+    desc: str = "train",
+    progress: bool = True,
+    on_step: Callable[[int, int], None] | None = None,
+) -> dict:
     """Run ``steps`` optimiser steps over shuffled batches of ``data`` (cycling through it).
 
     ``data`` is a tensor whose first dimension is sampled (token windows, or window indices);
@@ -98,7 +115,7 @@ def train_loop(model: nn.Module, param_groups: list[dict], data: torch.Tensor, *
         for batch in loader:
             full = batch.numel()
             if processes > 1:
-                batch = batch[rank()::processes].to(accelerator.device)
+                batch = batch[rank() :: processes].to(accelerator.device)
             loss, shown = loss_fn(wrapped, batch)
             value = loss.item()
             if not math.isfinite(value):
@@ -129,6 +146,7 @@ def train_loop(model: nn.Module, param_groups: list[dict], data: torch.Tensor, *
 
 
 # ---------------------------------------------------------------- global scope
+
 
 def mean_loss(model: nn.Module, windows: torch.Tensor, batch_size: int) -> float:
     """Token-weighted causal-LM loss over ``windows`` (no gradient)."""
@@ -164,9 +182,17 @@ def text_loss(loss: str, teacher: nn.Module | None) -> LossFn:
     return distill
 
 
-def train_globally(model: nn.Module, method, config, training: Training, names: list[str], windows: torch.Tensor,
-                   teacher: nn.Module | None = None, progress: bool = True,
-                   on_step: Callable[[int, int], None] | None = None) -> dict:
+def train_globally(
+    model: nn.Module,
+    method,
+    config,
+    training: Training,
+    names: list[str],
+    windows: torch.Tensor,
+    teacher: nn.Module | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, int], None] | None = None,
+) -> dict:
     """Train the modules ``names`` of ``model`` (set up by ``method.trainable``) on calibration ``windows``.
 
     Returns ``{"summary": ..., "series": {"train_loss": [...], ...}}``; every parameter is frozen afterwards.
@@ -184,26 +210,49 @@ def train_globally(model: nn.Module, method, config, training: Training, names: 
         loss_fn = setup.loss_fn or default_loss
         step_hook = None
         if on_step is not None:
+
             def step_hook(step, tokens):  # callbacks see the inference modules, not training wrappers
                 with setup.inference_view():
                     on_step(step, tokens)
-        run = train_loop(model, setup.param_groups, windows, steps=training.steps, batch_size=training.batch_size,
-                         schedule=training.schedule, warmup_steps=training.warmup_steps,
-                         max_grad_norm=training.max_grad_norm, weight_decay=training.weight_decay, loss_fn=loss_fn,
-                         desc=f"{method.name} train", progress=progress, on_step=step_hook)
+
+        run = train_loop(
+            model,
+            setup.param_groups,
+            windows,
+            steps=training.steps,
+            batch_size=training.batch_size,
+            schedule=training.schedule,
+            warmup_steps=training.warmup_steps,
+            max_grad_norm=training.max_grad_norm,
+            weight_decay=training.weight_decay,
+            loss_fn=loss_fn,
+            desc=f"{method.name} train",
+            progress=progress,
+            on_step=step_hook,
+        )
         trainable = sum(p.numel() for group in setup.param_groups for p in group["params"])
     model.requires_grad_(False)
     model.eval()
     loss_after = mean_loss(model, held, training.batch_size)
     model.train(was_training)
-    summary = {"scope": "global", "steps": run["steps"], "tokens": run["tokens"], "wall_time_s": run["wall_time_s"],
-               "lr": training.lr, "schedule": training.schedule, "loss": training.loss,
-               "trainable_params": trainable, "calibration_loss_before": loss_before,
-               "calibration_loss_after": loss_after, **setup.summary}
+    summary = {
+        "scope": "global",
+        "steps": run["steps"],
+        "tokens": run["tokens"],
+        "wall_time_s": run["wall_time_s"],
+        "lr": training.lr,
+        "schedule": training.schedule,
+        "loss": training.loss,
+        "trainable_params": trainable,
+        "calibration_loss_before": loss_before,
+        "calibration_loss_after": loss_after,
+        **setup.summary,
+    }
     return {"summary": summary, "series": {"train_loss": run["losses"], **setup.series}}
 
 
 # ---------------------------------------------------------------- layer scope
+
 
 def single_window_kwargs(value, batch: int):
     """A decoder layer's keyword arguments for one window, broadcastable to any batch size.
@@ -226,8 +275,17 @@ def relative_mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (output.float() - target.float()).pow(2).mean() / target.float().pow(2).mean().clamp_min(1e-12)
 
 
-def train_layer(layer: nn.Module, method, config, training: Training, names: list[str], inputs: list[torch.Tensor],
-                targets: list[torch.Tensor], kwargs: dict, progress: bool = False) -> dict:
+def train_layer(
+    layer: nn.Module,
+    method,
+    config,
+    training: Training,
+    names: list[str],
+    inputs: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    kwargs: dict,
+    progress: bool = False,
+) -> dict:
     """Train ``layer``'s modules ``names`` (local names) so that ``layer(inputs)`` matches ``targets``.
 
     ``inputs``/``targets`` are the calibration stream's hidden states per batch (the dense layer's
@@ -251,17 +309,33 @@ def train_layer(layer: nn.Module, method, config, training: Training, names: lis
     layer.requires_grad_(False)
     before = evaluate()
     with method.trainable(layer, names, config, training) as setup:
+
         def loss_fn(wrapped, index):
             return relative_mse(forward(wrapped, index), wanted[index]), {}
 
         trainable = sum(p.numel() for group in setup.param_groups for p in group["params"])
-        run = train_loop(layer, setup.param_groups, torch.arange(hidden.shape[0]), steps=training.steps,
-                         batch_size=training.batch_size, schedule=training.schedule,
-                         warmup_steps=training.warmup_steps, max_grad_norm=training.max_grad_norm,
-                         weight_decay=training.weight_decay, loss_fn=loss_fn, desc=f"{method.name} layer train",
-                         progress=progress)
+        run = train_loop(
+            layer,
+            setup.param_groups,
+            torch.arange(hidden.shape[0]),
+            steps=training.steps,
+            batch_size=training.batch_size,
+            schedule=training.schedule,
+            warmup_steps=training.warmup_steps,
+            max_grad_norm=training.max_grad_norm,
+            weight_decay=training.weight_decay,
+            loss_fn=loss_fn,
+            desc=f"{method.name} layer train",
+            progress=progress,
+        )
     layer.requires_grad_(False)
     layer.eval()
-    return {"steps": run["steps"], "tokens": run["tokens"] * hidden.shape[1], "wall_time_s": run["wall_time_s"],
-            "trainable_params": trainable,
-            "rel_error_before": before, "rel_error_after": evaluate(), "losses": run["losses"]}
+    return {
+        "steps": run["steps"],
+        "tokens": run["tokens"] * hidden.shape[1],
+        "wall_time_s": run["wall_time_s"],
+        "trainable_params": trainable,
+        "rel_error_before": before,
+        "rel_error_after": evaluate(),
+        "losses": run["losses"],
+    }

@@ -1,4 +1,5 @@
 """Small helpers shared across the package (progress, sizes, atomic folders)."""
+
 from __future__ import annotations
 
 import contextlib

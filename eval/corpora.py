@@ -242,9 +242,7 @@ def _parse_shakespeare() -> list[dict]:
             title = first[1:].strip()
         else:  # e.g. measure-for-measure.md starts at "## ACT I": title from the file name
             words = path.stem.replace("-s-", "'s-").split("-")
-            title = " ".join(
-                w if (i and w in _SMALL_WORDS) else w[:1].upper() + w[1:] for i, w in enumerate(words)
-            )
+            title = " ".join(w if (i and w in _SMALL_WORDS) else w[:1].upper() + w[1:] for i, w in enumerate(words))
             markdown = f"# {title}\n\n{markdown}"
         text = shakespeare_markdown_to_text(markdown)
         records.append({"index": len(records), "title": title, "text": text})
@@ -263,9 +261,11 @@ def _parse_bible() -> list[dict]:
     starts, ends = ast.literal_eval(call.args[2]), ast.literal_eval(call.args[3])
     chapters: dict[int, list[str]] = {}
     for verse in sorted(starts):
-        chapters.setdefault(verse // 1000, []).append(text[starts[verse]:ends[verse]].strip())
-    return [{"index": i, "title": f"book {chapter // 1000} chapter {chapter % 1000}", "text": " ".join(verses)}
-            for i, (chapter, verses) in enumerate(sorted(chapters.items()))]
+        chapters.setdefault(verse // 1000, []).append(text[starts[verse] : ends[verse]].strip())
+    return [
+        {"index": i, "title": f"book {chapter // 1000} chapter {chapter % 1000}", "text": " ".join(verses)}
+        for i, (chapter, verses) in enumerate(sorted(chapters.items()))
+    ]
 
 
 # --------------------------------------------------------------------------- python
@@ -276,8 +276,10 @@ def _parse_python() -> list[dict]:
     import sysconfig
 
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted((p for p in root.rglob("*.py") if not _PYTHON_SKIP & set(p.relative_to(root).parts[:-1])),
-                   key=lambda p: p.relative_to(root).as_posix())
+    files = sorted(
+        (p for p in root.rglob("*.py") if not _PYTHON_SKIP & set(p.relative_to(root).parts[:-1])),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
     records = []
     for path in files:
         try:
@@ -289,5 +291,9 @@ def _parse_python() -> list[dict]:
     return records
 
 
-_PARSERS = {"wikipedia": _parse_wikipedia, "shakespeare": _parse_shakespeare, "bible": _parse_bible,
-            "python": _parse_python}
+_PARSERS = {
+    "wikipedia": _parse_wikipedia,
+    "shakespeare": _parse_shakespeare,
+    "bible": _parse_bible,
+    "python": _parse_python,
+}

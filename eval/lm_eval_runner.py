@@ -55,9 +55,40 @@ LASTWORD_MIN_SENTENCES = 6
 LASTWORD_MAX_SENTENCES = 8
 LASTWORD_MAX_EXAMPLES = 300
 
-_ABBREVIATIONS = {"etc", "inc", "ltd", "corp", "bros", "esq", "col", "gen", "gov", "sgt", "rev",
-                  "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov",
-                  "dec", "mrs", "vol", "vols", "approx", "fig", "figs", "nos", "ibid", "cf"}
+_ABBREVIATIONS = {
+    "etc",
+    "inc",
+    "ltd",
+    "corp",
+    "bros",
+    "esq",
+    "col",
+    "gen",
+    "gov",
+    "sgt",
+    "rev",
+    "jan",
+    "feb",
+    "mar",
+    "apr",
+    "jun",
+    "jul",
+    "aug",
+    "sep",
+    "sept",
+    "oct",
+    "nov",
+    "dec",
+    "mrs",
+    "vol",
+    "vols",
+    "approx",
+    "fig",
+    "figs",
+    "nos",
+    "ibid",
+    "cf",
+}
 _SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
 _LAST_WORD_RE = re.compile(r"(?:^|\s)([A-Za-z]{3,})\.$")
 
@@ -95,9 +126,7 @@ def _shakespeare_chunks() -> list[dict]:
                     break
         if len(chunks) < SHAKESPEARE_CHUNKS_PER_PLAY and words and "\n".join(lines).strip():
             chunks.append("\n".join(lines).strip())
-        per_play.append(
-            [{"title": rec["title"], "chunk": i, "text": c} for i, c in enumerate(chunks)]
-        )
+        per_play.append([{"title": rec["title"], "chunk": i, "text": c} for i, c in enumerate(chunks)])
     return _round_robin(per_play)
 
 
@@ -135,16 +164,10 @@ def _lastword_examples() -> list[dict]:
                 if len(window) > LASTWORD_MAX_SENTENCES:
                     window.pop(0)
                 m = _LAST_WORD_RE.search(sentence)
-                if (
-                    len(window) >= LASTWORD_MIN_SENTENCES
-                    and m
-                    and m.group(1).lower() not in _ABBREVIATIONS
-                ):
+                if len(window) >= LASTWORD_MIN_SENTENCES and m and m.group(1).lower() not in _ABBREVIATIONS:
                     text = " ".join(window)[:-1]  # drop the final period
                     context, _, word = text.rpartition(" ")
-                    examples.append(
-                        {"title": rec["title"], "text": text, "context": context, "target": " " + word}
-                    )
+                    examples.append({"title": rec["title"], "text": text, "context": context, "target": " " + word})
                     window = []
         per_article.append(examples)
     return _round_robin(per_article, cap=LASTWORD_MAX_EXAMPLES)
@@ -175,9 +198,7 @@ def prepare_tasks(tasks) -> Path:
     for name in names:
         data_path = (data_dir / f"{name}.jsonl").resolve()
         records = build_task_data(name)
-        _write_if_changed(
-            data_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        )
+        _write_if_changed(data_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         template = (_TEMPLATE_DIR / f"{name}.yaml").read_text(encoding="utf-8")
         if _PLACEHOLDER not in template:
             raise RuntimeError(f"task template {name}.yaml lacks the {_PLACEHOLDER} placeholder")
@@ -199,8 +220,9 @@ def _task_manager(include_defaults: bool):
         from lm_eval.tasks import TaskManager
 
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
-        _MANAGERS[include_defaults] = TaskManager(include_path=str(prepare_tasks(TASKS)),
-                                                  include_defaults=include_defaults)
+        _MANAGERS[include_defaults] = TaskManager(
+            include_path=str(prepare_tasks(TASKS)), include_defaults=include_defaults
+        )
     return _MANAGERS[include_defaults]
 
 
@@ -225,8 +247,10 @@ def check_tasks(tasks) -> None:
         if task not in known:
             close = difflib.get_close_matches(task, sorted(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise CompressError(f"unknown eval task {task!r}{hint}: not one of compress's tasks "
-                                f"({', '.join(TASKS)}) nor a task or group lm-eval knows")
+            raise CompressError(
+                f"unknown eval task {task!r}{hint}: not one of compress's tasks "
+                f"({', '.join(TASKS)}) nor a task or group lm-eval knows"
+            )
     from lm_eval.tasks import get_task_dict
 
     for task in foreign:
@@ -285,8 +309,17 @@ def run_lm_eval(
     if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
     if any(name not in TASKS for name in names):  # lm-eval's own tasks: datasets from the cache or the hub
-        return _evaluate(model, tokenizer, names, _task_manager(include_defaults=True), limit, batch_size,
-                         max_length, bootstrap_iters, num_fewshot)
+        return _evaluate(
+            model,
+            tokenizer,
+            names,
+            _task_manager(include_defaults=True),
+            limit,
+            batch_size,
+            max_length,
+            bootstrap_iters,
+            num_fewshot,
+        )
     from lm_eval.tasks import TaskManager
 
     include_dir = prepare_tasks(names)
@@ -296,8 +329,7 @@ def run_lm_eval(
     os.environ.update({key: "1" for key in saved_env})
     try:
         manager = TaskManager(include_path=str(include_dir), include_defaults=False)
-        return _evaluate(model, tokenizer, names, manager, limit, batch_size, max_length, bootstrap_iters,
-                         num_fewshot)
+        return _evaluate(model, tokenizer, names, manager, limit, batch_size, max_length, bootstrap_iters, num_fewshot)
     finally:
         for key, value in saved_env.items():
             if value is None:

@@ -4,16 +4,17 @@ With poisoning on (``COMPRESS_KERNELS_POISON=1`` or inside ``poison_outputs()``)
 workspaces start as NaN instead of uninitialised memory, so an element a kernel forgot to write
 shows up in the tests instead of passing by luck.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 
 POISON_ENV = "COMPRESS_KERNELS_POISON"
-_poison: Optional[bool] = None
+_poison: bool | None = None
 
 
 def poison_enabled() -> bool:

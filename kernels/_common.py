@@ -1,7 +1,6 @@
 """Small helpers shared by the ops' dispatch code (no triton import)."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
@@ -11,7 +10,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def check_same(op: str, x: torch.Tensor, named: dict[str, Optional[torch.Tensor]]) -> None:
+def check_same(op: str, x: torch.Tensor, named: dict[str, torch.Tensor | None]) -> None:
     """Every float tensor must share x's dtype and device."""
     if not x.is_floating_point():
         raise TypeError(f"{op}: x must be floating point, got {x.dtype}")
@@ -24,7 +23,7 @@ def check_same(op: str, x: torch.Tensor, named: dict[str, Optional[torch.Tensor]
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
 
 
-def check_shape(op: str, name: str, t: Optional[torch.Tensor], shape: tuple) -> None:
+def check_shape(op: str, name: str, t: torch.Tensor | None, shape: tuple) -> None:
     if t is not None and tuple(t.shape) != tuple(shape):
         raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 

@@ -5,6 +5,7 @@ Rule: Triton when every tensor is on CUDA and triton imports; the PyTorch refere
 CPU tensors works only under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported); the launcher raises a clear error otherwise.
 """
+
 from __future__ import annotations
 
 import collections
@@ -12,7 +13,7 @@ import contextlib
 import contextvars
 import os
 import warnings
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 
@@ -20,10 +21,11 @@ ENV_VAR = "COMPRESS_KERNELS"
 BACKENDS = ("auto", "reference", "triton")
 
 # How often each backend ran, per op: lets tests prove the intended path really ran.
-dispatch_counts: "collections.Counter[tuple[str, str]]" = collections.Counter()
+dispatch_counts: collections.Counter[tuple[str, str]] = collections.Counter()
 
-_triton_ok: Optional[bool] = None
-_config_overrides: contextvars.ContextVar[dict] = contextvars.ContextVar("compress_kernels_config", default={})
+_triton_ok: bool | None = None
+# read-only: a change sets a new merged dict (see below), so the shared default is never mutated
+_config_overrides: contextvars.ContextVar[dict] = contextvars.ContextVar("compress_kernels_config", default={})  # noqa: B039
 
 
 def requested_backend() -> str:
@@ -39,17 +41,21 @@ def triton_importable() -> bool:
     if _triton_ok is None:
         try:
             import triton  # noqa: F401
+
             _triton_ok = True
         except ModuleNotFoundError as err:
             if err.name != "triton":
                 raise
-            warnings.warn("triton is not installed: compress.kernels uses the PyTorch reference on CUDA",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                "triton is not installed: compress.kernels uses the PyTorch reference on CUDA",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             _triton_ok = False
     return _triton_ok
 
 
-def choose_backend(*tensors: Optional[torch.Tensor]) -> str:
+def choose_backend(*tensors: torch.Tensor | None) -> str:
     req = requested_backend()
     if req != "auto":
         return req

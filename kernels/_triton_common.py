@@ -2,6 +2,7 @@
 
 Only the ops' ``triton_impl`` modules import it, on first Triton dispatch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,24 +37,55 @@ def mma(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def project_tile(x_ptr, w_ptr, offs_t, t_ok, offs_k, k_ok, N, sxt, sxn, swk, swn,
-                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, UPCAST: tl.constexpr):
+def project_tile(
+    x_ptr,
+    w_ptr,
+    offs_t,
+    t_ok,
+    offs_k,
+    k_ok,
+    N,
+    sxt,
+    sxn,
+    swk,
+    swn,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    K_PAD: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """Stage 1 of the fused low-rank kernels: h = x_tile @ W^T for a dense W [K, N], fp32 [BLOCK_T, K_PAD]."""
     h = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        xt = tl.load(x_ptr + offs_t[:, None] * sxt + offs_n[None, :] * sxn,
-                     mask=t_ok[:, None] & n_ok[None, :], other=0.0)
-        wt = tl.load(w_ptr + offs_n[:, None] * swn + offs_k[None, :] * swk,
-                     mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        xt = tl.load(
+            x_ptr + offs_t[:, None] * sxt + offs_n[None, :] * sxn, mask=t_ok[:, None] & n_ok[None, :], other=0.0
+        )
+        wt = tl.load(
+            w_ptr + offs_n[:, None] * swn + offs_k[None, :] * swk, mask=n_ok[:, None] & k_ok[None, :], other=0.0
+        )
         h = mma(xt, wt, h, UPCAST)
     return h
 
 
 @triton.jit
-def store_tile(y, out_ptr, acc_ptr, bias_ptr, offs_t, offs_m, t_ok, m_ok, sat, sam_acc, sot, som,
-               HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr):
+def store_tile(
+    y,
+    out_ptr,
+    acc_ptr,
+    bias_ptr,
+    offs_t,
+    offs_m,
+    t_ok,
+    m_ok,
+    sat,
+    sam_acc,
+    sot,
+    som,
+    HAS_BIAS: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+):
     """Epilogue of the fused kernels: add the fp32 workspace of earlier k-slices and the bias, store."""
     out_mask = t_ok[:, None] & m_ok[None, :]
     if ACCUMULATE:
@@ -76,7 +108,8 @@ def check_launchable(kernel, tensors, op: str) -> None:
     if device.type != "cuda" and not is_interpreted(kernel):
         raise RuntimeError(
             f"{op}: the Triton backend got {device.type} tensors; set TRITON_INTERPRET=1 before triton is "
-            "imported to run it on the CPU, or use COMPRESS_KERNELS=reference")
+            "imported to run it on the CPU, or use COMPRESS_KERNELS=reference"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +127,7 @@ class LaunchConfig:
         return max(16, triton.next_power_of_2(self.k_chunk))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -127,9 +160,15 @@ def pick_config(T: int, N: int, M: int, K: int, device: torch.device, interprete
     t_tiles, m_tiles = triton.cdiv(T, block_t), triton.cdiv(M, block_m)
     # Few token tiles (decode): split the outputs over more programs; each recomputes its h tile.
     m_split = min(m_tiles, max(1, triton.cdiv(n_programs_target, t_tiles)))
-    cfg = dict(block_t=block_t, block_n=block_n, block_m=block_m, k_chunk=k_chunk,
-               m_split=over.pop("m_split", m_split), num_warps=over.pop("num_warps", num_warps),
-               num_stages=over.pop("num_stages", 2))
+    cfg = dict(
+        block_t=block_t,
+        block_n=block_n,
+        block_m=block_m,
+        k_chunk=k_chunk,
+        m_split=over.pop("m_split", m_split),
+        num_warps=over.pop("num_warps", num_warps),
+        num_stages=over.pop("num_stages", 2),
+    )
     for name in ("block_t", "block_n", "block_m"):
         if cfg[name] < 16 or cfg[name] & (cfg[name] - 1):
             raise ValueError(f"{name}={cfg[name]} must be a power of two >= 16 (tl.dot)")

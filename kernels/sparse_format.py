@@ -10,9 +10,8 @@ Storage is s*n*(value bytes + index bytes) instead of k*n*value bytes. N:M patte
 (e.g. 2:4: 2 kept in every group of 4 consecutive rows of a column) are the special case
 s = k*N/M produced by ``dense_to_nm_colsparse``.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
@@ -23,8 +22,9 @@ def _default_index_dtype(k: int) -> torch.dtype:
     return torch.int16 if k <= torch.iinfo(torch.int16).max + 1 else torch.int32
 
 
-def dense_to_colsparse(S_dense: torch.Tensor, s: int,
-                       index_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_to_colsparse(
+    S_dense: torch.Tensor, s: int, index_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the ``s`` largest-magnitude entries of every column of ``S_dense`` [k, n].
 
     Returns ``(values [s, n], indices [s, n])``, indices sorted ascending in each column;
@@ -45,8 +45,9 @@ def dense_to_colsparse(S_dense: torch.Tensor, s: int,
     return values, idx.to(index_dtype)
 
 
-def dense_to_nm_colsparse(S_dense: torch.Tensor, n_keep: int = 2, group: int = 4,
-                          index_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_to_nm_colsparse(
+    S_dense: torch.Tensor, n_keep: int = 2, group: int = 4, index_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """N:M pattern along k: in every column keep the ``n_keep`` largest-magnitude entries of each
     group of ``group`` consecutive rows (2:4 by default). k must be divisible by ``group``;
     the result has s = k * n_keep / group non-zeros per column."""
@@ -57,9 +58,9 @@ def dense_to_nm_colsparse(S_dense: torch.Tensor, n_keep: int = 2, group: int = 4
         raise ValueError(f"need 0 < n_keep={n_keep} <= group={group} and k={k} divisible by group")
     index_dtype = index_dtype or _default_index_dtype(k)
     grouped = S_dense.detach().abs().reshape(k // group, group, n)
-    local = grouped.topk(n_keep, dim=1).indices.sort(dim=1).values          # [k/group, n_keep, n]
+    local = grouped.topk(n_keep, dim=1).indices.sort(dim=1).values  # [k/group, n_keep, n]
     base = torch.arange(0, k, group, device=S_dense.device).view(-1, 1, 1)
-    idx = (local + base).reshape(-1, n)                                      # ascending per column
+    idx = (local + base).reshape(-1, n)  # ascending per column
     return S_dense.gather(0, idx), idx.to(index_dtype)
 
 

@@ -6,10 +6,11 @@ every float input with the reference evaluated in float64 through autograd. The 
 the relative error ||out - ref|| / ||ref||; every result also carries the max abs error, where it
 is, and how many non-finite elements the output had (a poisoned element nobody wrote stays NaN).
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -50,6 +51,7 @@ OPS: dict[str, tuple[Callable, Callable]] = {
 class Case:
     """x is [*lead, n]; the op maps n -> m through width k (rank k / rows of S / rank r).
     s = non-zeros per column (dense_sparse) or number of sparse channels c (lowrank_sparse)."""
+
     name: str
     lead: tuple
     n: int
@@ -58,9 +60,9 @@ class Case:
     s: int = 0
     bias: bool = True
     index_dtype: torch.dtype = torch.int32
-    pattern: str = "topk"          # dense_sparse: "topk" or "2:4"
-    noncontig: bool = False        # x and the m-side factor as transposed views
-    config: tuple = ()             # triton_config overrides as (key, value) pairs
+    pattern: str = "topk"  # dense_sparse: "topk" or "2:4"
+    noncontig: bool = False  # x and the m-side factor as transposed views
+    config: tuple = ()  # triton_config overrides as (key, value) pairs
 
 
 CASES: dict[str, list[Case]] = {
@@ -68,8 +70,14 @@ CASES: dict[str, list[Case]] = {
         Case("t33_n127_m63_k17", (33,), 127, 63, 17),
         Case("t1_nobias", (1,), 127, 63, 17, bias=False),
         Case("x3d_2x5", (2, 5), 127, 63, 17),
-        Case("kchunk16_msplit2", (33,), 127, 63, 17,
-             config=(("k_chunk", 16), ("m_split", 2), ("block_m", 16), ("block_t", 16), ("block_n", 32))),
+        Case(
+            "kchunk16_msplit2",
+            (33,),
+            127,
+            63,
+            17,
+            config=(("k_chunk", 16), ("m_split", 2), ("block_m", 16), ("block_t", 16), ("block_n", 32)),
+        ),
         Case("noncontig", (33,), 127, 63, 17, noncontig=True),
     ],
     "dense_sparse_linear": [
@@ -77,27 +85,48 @@ CASES: dict[str, list[Case]] = {
         Case("t1_s1_i32_nobias", (1,), 127, 63, 17, s=1, bias=False),
         Case("x3d_2x5", (2, 5), 127, 63, 17, s=4),
         Case("2to4_k20", (33,), 127, 63, 20, s=10, pattern="2:4", index_dtype=torch.int16),
-        Case("k40_kchunk16_msplit2", (33,), 127, 63, 40, s=5,
-             config=(("k_chunk", 16), ("m_split", 2), ("block_m", 16), ("block_n", 32))),
+        Case(
+            "k40_kchunk16_msplit2",
+            (33,),
+            127,
+            63,
+            40,
+            s=5,
+            config=(("k_chunk", 16), ("m_split", 2), ("block_m", 16), ("block_n", 32)),
+        ),
     ],
     "lowrank_sparse_linear": [
         Case("t33_r17_c9_i32", (33,), 127, 63, 17, s=9),
         Case("t1_c9_i64_nobias", (1,), 127, 63, 17, s=9, bias=False, index_dtype=torch.int64),
         Case("x3d_2x5_c0", (2, 5), 127, 63, 17, s=0),
         Case("c70_blocks", (33,), 127, 63, 17, s=70),
-        Case("r40_kchunk16_msplit3", (33,), 127, 63, 40, s=9, noncontig=True,
-             config=(("k_chunk", 16), ("m_split", 3), ("block_m", 16))),
+        Case(
+            "r40_kchunk16_msplit3",
+            (33,),
+            127,
+            63,
+            40,
+            s=9,
+            noncontig=True,
+            config=(("k_chunk", 16), ("m_split", 3), ("block_m", 16)),
+        ),
     ],
 }
 
 # Bigger shapes for a real GPU (bench/kernels.py GPU mode): k above one chunk, many token tiles.
 GPU_CASES: dict[str, list[Case]] = {
-    "lowrank_linear": [Case("t300_n1024_m1000_k700", (300,), 1024, 1000, 700),
-                       Case("t1_n4096_m4096_k1024", (1,), 4096, 4096, 1024)],
-    "dense_sparse_linear": [Case("t300_n1024_m1000_k600_s8", (300,), 1024, 1000, 600, s=8, index_dtype=torch.int16),
-                            Case("t1_n4096_m4096_k1024_s16", (1,), 4096, 4096, 1024, s=16)],
-    "lowrank_sparse_linear": [Case("t300_n1024_m1000_r600_c100", (300,), 1024, 1000, 600, s=100),
-                              Case("t1_n4096_m4096_r900_c256", (1,), 4096, 4096, 900, s=256)],
+    "lowrank_linear": [
+        Case("t300_n1024_m1000_k700", (300,), 1024, 1000, 700),
+        Case("t1_n4096_m4096_k1024", (1,), 4096, 4096, 1024),
+    ],
+    "dense_sparse_linear": [
+        Case("t300_n1024_m1000_k600_s8", (300,), 1024, 1000, 600, s=8, index_dtype=torch.int16),
+        Case("t1_n4096_m4096_k1024_s16", (1,), 4096, 4096, 1024, s=16),
+    ],
+    "lowrank_sparse_linear": [
+        Case("t300_n1024_m1000_r600_c100", (300,), 1024, 1000, 600, s=100),
+        Case("t1_n4096_m4096_r900_c256", (1,), 4096, 4096, 900, s=256),
+    ],
 }
 
 
@@ -122,7 +151,7 @@ def make_inputs(op: str, case: Case, dtype: torch.dtype, device="cpu", seed: int
         x = randn(*case.lead, n)
     bias = randn(m) if case.bias else None
     if op == "lowrank_linear":
-        return dict(x=x, A=m_side(m, k, k ** -0.5), B=randn(k, n, scale=n ** -0.5), bias=bias)
+        return dict(x=x, A=m_side(m, k, k**-0.5), B=randn(k, n, scale=n**-0.5), bias=bias)
     if op == "dense_sparse_linear":
         S = torch.randn(k, n, generator=gen, dtype=torch.float64)
         if case.pattern == "2:4":
@@ -131,12 +160,18 @@ def make_inputs(op: str, case: Case, dtype: torch.dtype, device="cpu", seed: int
                 raise ValueError(f"case {case.name}: 2:4 of k={k} gives s={values.shape[0]}, not {case.s}")
         else:
             values, indices = dense_to_colsparse(S, case.s, index_dtype=case.index_dtype)
-        values = (values * n ** -0.5 * (k / max(case.s, 1)) ** 0.5).to(dtype).to(device)
-        return dict(x=x, D=m_side(m, k, k ** -0.5), values=values, indices=indices.to(device), k=k, bias=bias)
+        values = (values * n**-0.5 * (k / max(case.s, 1)) ** 0.5).to(dtype).to(device)
+        return dict(x=x, D=m_side(m, k, k**-0.5), values=values, indices=indices.to(device), k=k, bias=bias)
     if op == "lowrank_sparse_linear":
         channels = torch.randperm(n, generator=gen)[: case.s].sort().values.to(case.index_dtype).to(device)
-        return dict(x=x, U=m_side(m, k, k ** -0.5), V=randn(k, n, scale=n ** -0.5),
-                    sc_values=randn(m, case.s, scale=max(case.s, 1) ** -0.5), sc_channels=channels, bias=bias)
+        return dict(
+            x=x,
+            U=m_side(m, k, k**-0.5),
+            V=randn(k, n, scale=n**-0.5),
+            sc_values=randn(m, case.s, scale=max(case.s, 1) ** -0.5),
+            sc_channels=channels,
+            bias=bias,
+        )
     raise KeyError(op)
 
 
@@ -146,23 +181,25 @@ class Result:
     case: str
     dtype: str
     backend: str
-    tensor: str          # "y" or "grad_<name>"
+    tensor: str  # "y" or "grad_<name>"
     rel_err: float
     max_abs_err: float
     where: tuple
     got: float
     want: float
     nonfinite: int
-    first_nonfinite: Optional[tuple]
+    first_nonfinite: tuple | None
     tol: float
     ok: bool
     note: str = ""
 
     def describe(self) -> str:
         status = "ok" if self.ok else "MISMATCH"
-        text = (f"{status}: {self.op}[{self.case}] {self.dtype} {self.backend} {self.tensor}: "
-                f"rel_err={self.rel_err:.3e} (tol {self.tol:.1e}), max_abs_err={self.max_abs_err:.3e} "
-                f"at {self.where} (got {self.got:.6g}, want {self.want:.6g})")
+        text = (
+            f"{status}: {self.op}[{self.case}] {self.dtype} {self.backend} {self.tensor}: "
+            f"rel_err={self.rel_err:.3e} (tol {self.tol:.1e}), max_abs_err={self.max_abs_err:.3e} "
+            f"at {self.where} (got {self.got:.6g}, want {self.want:.6g})"
+        )
         if self.nonfinite:
             text += f"; {self.nonfinite} non-finite elements, first at {self.first_nonfinite}"
         if self.note:
@@ -170,11 +207,22 @@ class Result:
         return text
 
 
-def compare(out: Optional[torch.Tensor], ref: torch.Tensor, tol: float, **meta) -> Result:
+def compare(out: torch.Tensor | None, ref: torch.Tensor, tol: float, **meta) -> Result:
     if out is None:
-        return Result(tensor=meta.pop("tensor"), rel_err=float("inf"), max_abs_err=float("inf"), where=(),
-                      got=float("nan"), want=float("nan"), nonfinite=0, first_nonfinite=None, tol=tol, ok=False,
-                      note="no gradient was produced", **meta)
+        return Result(
+            tensor=meta.pop("tensor"),
+            rel_err=float("inf"),
+            max_abs_err=float("inf"),
+            where=(),
+            got=float("nan"),
+            want=float("nan"),
+            nonfinite=0,
+            first_nonfinite=None,
+            tol=tol,
+            ok=False,
+            note="no gradient was produced",
+            **meta,
+        )
     if out.shape != ref.shape:
         raise AssertionError(f"{meta}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
     o = out.detach().to(torch.float64).cpu()
@@ -194,20 +242,33 @@ def compare(out: Optional[torch.Tensor], ref: torch.Tensor, tol: float, **meta) 
     err_norm = float((o - r).norm()) if not nonfinite else float("inf")
     rel = err_norm / ref_norm if ref_norm > 0 else err_norm
     ok = nonfinite == 0 and rel <= tol
-    return Result(rel_err=rel, max_abs_err=max_abs, where=where, got=got, want=want, nonfinite=nonfinite,
-                  first_nonfinite=first_bad, tol=tol, ok=ok, **meta)
+    return Result(
+        rel_err=rel,
+        max_abs_err=max_abs,
+        where=where,
+        got=got,
+        want=want,
+        nonfinite=nonfinite,
+        first_nonfinite=first_bad,
+        tol=tol,
+        ok=ok,
+        **meta,
+    )
 
 
-def check(op: str, case: Case, dtype: torch.dtype, device="cpu", backend: str = "triton",
-          backward: bool = True, seed: int = 0) -> list[Result]:
+def check(
+    op: str, case: Case, dtype: torch.dtype, device="cpu", backend: str = "triton", backward: bool = True, seed: int = 0
+) -> list[Result]:
     """Run ``op`` on ``case`` with ``backend`` forced and compare with the float64 reference."""
     fn, ref_fn = OPS[op]
     tol = TOLERANCES[dtype]
     args = make_inputs(op, case, dtype, device, seed)
     floats = [name for name, v in args.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
     run_args = {name: (v.detach().requires_grad_(backward) if name in floats else v) for name, v in args.items()}
-    ref_args = {name: (v.detach().to(torch.float64).requires_grad_(backward) if name in floats else v)
-                for name, v in args.items()}
+    ref_args = {
+        name: (v.detach().to(torch.float64).requires_grad_(backward) if name in floats else v)
+        for name, v in args.items()
+    }
     meta = dict(op=op, case=case.name, dtype=str(dtype).replace("torch.", ""), backend=backend)
 
     before = dispatch_counts[(op, backend)]
@@ -227,8 +288,9 @@ def check(op: str, case: Case, dtype: torch.dtype, device="cpu", backend: str = 
     return results
 
 
-def run_suite(cases: dict[str, list[Case]], dtypes, device="cpu", backend: str = "triton",
-              backward: bool = True) -> list[Result]:
+def run_suite(
+    cases: dict[str, list[Case]], dtypes, device="cpu", backend: str = "triton", backward: bool = True
+) -> list[Result]:
     """``check`` over every (op, case, dtype)."""
     results: list[Result] = []
     for op, op_cases in cases.items():
@@ -245,14 +307,18 @@ def report(results: list[Result]) -> str:
 
 def table(results: list[Result]) -> str:
     """A Markdown table: one row per (op, case, dtype), the worst tensor's numbers."""
-    rows = ["| op | case | dtype | backend | worst tensor | rel err | tol | max abs err (where) | status |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| op | case | dtype | backend | worst tensor | rel err | tol | max abs err (where) | status |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     groups: dict[tuple, list[Result]] = {}
     for r in results:
         groups.setdefault((r.op, r.case, r.dtype, r.backend), []).append(r)
     for (op, case, dtype, backend), rs in groups.items():
         worst = max(rs, key=lambda r: (not r.ok, r.rel_err / r.tol))
         status = "ok" if all(r.ok for r in rs) else "**MISMATCH**"
-        rows.append(f"| {op} | {case} | {dtype} | {backend} | {worst.tensor} | {worst.rel_err:.2e} | "
-                    f"{worst.tol:.0e} | {worst.max_abs_err:.2e} {worst.where} | {status} |")
+        rows.append(
+            f"| {op} | {case} | {dtype} | {backend} | {worst.tensor} | {worst.rel_err:.2e} | "
+            f"{worst.tol:.0e} | {worst.max_abs_err:.2e} {worst.where} | {status} |"
+        )
     return "\n".join(rows)

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random Llama models and the real bundled SmolLM2 tokenizer."""
+
 from __future__ import annotations
 
 import os
@@ -24,6 +25,29 @@ def smollm2_folder():
     from compress.models import ensure_bundled
 
     return ensure_bundled("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_loaded(smollm2_folder):
+    """The real SmolLM2-135M, loaded once per session (tests take a copy: see ``smollm2``)."""
+    from compress.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture
+def smollm2(smollm2_loaded):
+    """A fresh copy of the real SmolLM2-135M (model, tokenizer, source) that the test may change."""
+    import copy
+
+    from compress.models import LoadedModel
+
+    return LoadedModel(
+        copy.deepcopy(smollm2_loaded.model),
+        smollm2_loaded.tokenizer,
+        dict(smollm2_loaded.source),
+        smollm2_loaded.folder,
+    )
 
 
 @pytest.fixture(scope="session")

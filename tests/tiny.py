@@ -1,16 +1,34 @@
 """Tiny random models for unit tests."""
+
 from __future__ import annotations
 
 import torch
 
 
-def make_tiny_llama(vocab_size: int = 256, hidden: int = 64, intermediate: int = 160, layers: int = 2,
-                    heads: int = 4, kv_heads: int = 2, tie: bool = True, seed: int = 0):
+def make_tiny_llama(
+    vocab_size: int = 256,
+    hidden: int = 64,
+    intermediate: int = 160,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    tie: bool = True,
+    seed: int = 0,
+):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         tie_word_embeddings=tie, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=2)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        tie_word_embeddings=tie,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     return LlamaForCausalLM(config).eval()

@@ -18,6 +18,7 @@ its config): global (the whole model, compress/training.py's loop) or layer-loca
 trained to reproduce the dense layer's output, inside the layer loop). ``trainable`` says which
 parameters train and how (wrappers, parameter groups, a method's own loss).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,7 +32,6 @@ from torch import nn
 
 from ..errors import CompressError
 from ..targets import check_patterns
-
 
 # The default targets of the methods that factorise Linears: every projection of every decoder layer.
 DECODER_PROJECTIONS = r"re:.*\.(q|k|v|o|gate|up|down)_proj$"
@@ -81,11 +81,12 @@ class Calibration:
 class ModelNeeds:
     """What a model-level method needs measured on the calibration windows."""
 
-    token_counts: bool = False             # occurrences of every token id
+    token_counts: bool = False  # occurrences of every token id
     head_input_cov_windows: int | None = None  # covariance of the hidden states entering the LM head
 
 
 # ---------------------------------------------------------------- what a method receives and returns
+
 
 @dataclass
 class StageContext:
@@ -140,13 +141,19 @@ class Planner:
         """``items`` with a progress bar when the run shows progress."""
         raise NotImplementedError
 
-    def output_fisher(self, modules: dict[str, nn.Module], windows: torch.Tensor,
-                      batch_size: int) -> dict[str, torch.Tensor]:
+    def output_fisher(
+        self, modules: dict[str, nn.Module], windows: torch.Tensor, batch_size: int
+    ) -> dict[str, torch.Tensor]:
         """Per module, the mean squared gradient of the token loss w.r.t. each of its output channels."""
         raise NotImplementedError
 
-    def map_input_statistics(self, modules: dict[str, nn.Module], fn: Callable[[str, nn.Module, dict], Any],
-                             windows: torch.Tensor, batch_size: int) -> dict[str, Any]:
+    def map_input_statistics(
+        self,
+        modules: dict[str, nn.Module],
+        fn: Callable[[str, nn.Module, dict], Any],
+        windows: torch.Tensor,
+        batch_size: int,
+    ) -> dict[str, Any]:
         """``{name: fn(name, module, stats)}`` with each module's dense input statistics (``input_cov``),
         measured one decoder layer at a time (only one layer's statistics are held at once)."""
         raise NotImplementedError
@@ -160,9 +167,9 @@ class ModelParts:
     embedding: nn.Module
     head_name: str | None
     head: nn.Module | None
-    tied: bool                  # the head's weight is the embedding's weight
+    tied: bool  # the head's weight is the embedding's weight
     tokenizer: Any
-    config: Any                 # the model config (read-only: token ids, vocabulary size)
+    config: Any  # the model config (read-only: token ids, vocabulary size)
     generation_config: Any
 
 
@@ -180,7 +187,7 @@ class PartsUpdate:
     head: nn.Module | None = None
     tokenizer: Any = None
     untie: bool = False  # the tie now lives in compress modules, or was broken on purpose
-    config: dict = field(default_factory=dict)             # model config fields to set
+    config: dict = field(default_factory=dict)  # model config fields to set
     generation_config: dict = field(default_factory=dict)  # generation config fields to set
 
 
@@ -198,6 +205,7 @@ class TrainingSetup:
 
 # ---------------------------------------------------------------- the protocol
 
+
 class Method:
     name: ClassVar[str]
     config_class: ClassVar[type[StageConfig]]
@@ -213,8 +221,9 @@ class Method:
         """Decide for every targeted module at once (None = leave it alone) and start the report."""
         raise NotImplementedError(f"{self.name} is not a layer method")
 
-    def apply(self, name: str, module: nn.Module, config: StageConfig, decision: Any,
-              stats: dict | None) -> Replacement:
+    def apply(
+        self, name: str, module: nn.Module, config: StageConfig, decision: Any, stats: dict | None
+    ) -> Replacement:
         """The replacement of one targeted module (a pure function of its arguments)."""
         raise NotImplementedError(f"{self.name} is not a layer method")
 
@@ -225,8 +234,7 @@ class Method:
     def model_needs(self, config: StageConfig) -> ModelNeeds:
         return ModelNeeds()
 
-    def apply_model(self, parts: ModelParts, config: StageConfig,
-                    stats: ModelStats) -> tuple[PartsUpdate, StageResult]:
+    def apply_model(self, parts: ModelParts, config: StageConfig, stats: ModelStats) -> tuple[PartsUpdate, StageResult]:
         raise NotImplementedError(f"{self.name} is not a model-level method")
 
     # -- training
@@ -258,6 +266,7 @@ class Method:
 
 # ---------------------------------------------------------------- helpers layer methods share
 
+
 def check_linear(method: str, name: str, module: nn.Module) -> None:
     if not isinstance(module, nn.Linear):
         raise CompressError(f"{method}: {name} is a {type(module).__name__}, not a Linear")
@@ -267,8 +276,12 @@ def budget_summary(rows: list[dict], requested: float | None) -> dict:
     """Requested and achieved fraction of the targeted parameters removed, from the rows' counts."""
     before = sum(r["params_before"] for r in rows)
     after = sum(r["params_after"] for r in rows)
-    return {"requested_reduction": requested, "achieved_reduction": 1 - after / before if before else 0.0,
-            "targeted_params_before": before, "targeted_params_after": after}
+    return {
+        "requested_reduction": requested,
+        "achieved_reduction": 1 - after / before if before else 0.0,
+        "targeted_params_before": before,
+        "targeted_params_after": after,
+    }
 
 
 def summarise_factors(result: StageResult, reduction: float) -> None:
@@ -277,8 +290,14 @@ def summarise_factors(result: StageResult, reduction: float) -> None:
     ``apply`` has recorded them."""
     rows = result.rows
     replaced = [r for r in rows if r["replaced"]]
-    result.summary.update({**budget_summary(rows, reduction), "index_bytes": sum(r["index_bytes"] for r in rows),
-                           "replaced": len(replaced), "kept_dense": len(rows) - len(replaced)})
+    result.summary.update(
+        {
+            **budget_summary(rows, reduction),
+            "index_bytes": sum(r["index_bytes"] for r in rows),
+            "replaced": len(replaced),
+            "kept_dense": len(rows) - len(replaced),
+        }
+    )
     fitted = [r for r in replaced if "rel_error" in r]
     if fitted:
         result.summary["mean_rel_error"] = sum(r["rel_error"] for r in fitted) / len(fitted)

@@ -1,4 +1,5 @@
 """What dsformer's and LOST's one-shot fits minimise: the config part and the weights it gives the factorisers."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -22,8 +23,12 @@ class ScalingFields(BaseModel):
     """
 
     scaling: Literal["none", "activation", "whiten"] = "none"
-    alpha: float = Field(1.0, gt=0, le=2, description="activation scaling exponent: a_j = rms(x_j)^alpha "
-                                                       "(1 = the diagonal of the input covariance)")
+    alpha: float = Field(
+        1.0,
+        gt=0,
+        le=2,
+        description="activation scaling exponent: a_j = rms(x_j)^alpha (1 = the diagonal of the input covariance)",
+    )
     shrinkage: float = Field(0.05, ge=0, le=10, description="whiten: add shrinkage * diag(C) to the covariance")
     scaling_windows: int = Field(32, ge=1, description="calibration windows used for the statistics (at most)")
     calibration_batch_size: int = Field(4, ge=1, le=1024)

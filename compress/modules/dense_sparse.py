@@ -5,6 +5,7 @@ the compact column format of ``compress.kernels.sparse_format``: ``values`` [s, 
 parameter) and ``indices`` [s, in] (a small-integer buffer, int16 when k <= 32768), so a
 checkpoint holds m*k + s*n values plus s*n indices instead of m*n values.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,9 +31,18 @@ class DenseSparseLinear(nn.Module):
     spec_type = "dense_sparse"
     adapter_parameters = ("D",)  # the dense factor (peft cannot wrap a parameter called "values")
 
-    def __init__(self, in_features: int, out_features: int, k: int, s: int, bias: bool = False,
-                 pattern: str = "topk", index_dtype: torch.dtype | None = None,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        k: int,
+        s: int,
+        bias: bool = False,
+        pattern: str = "topk",
+        index_dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
         super().__init__()
         if not 0 < k:
             raise ValueError(f"inner dimension k={k} must be positive")
@@ -56,14 +66,21 @@ class DenseSparseLinear(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_factors(cls, D: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
-                     bias: torch.Tensor | None = None, pattern: str = "topk") -> "DenseSparseLinear":
+    def from_factors(
+        cls,
+        D: torch.Tensor,
+        values: torch.Tensor,
+        indices: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        pattern: str = "topk",
+    ) -> DenseSparseLinear:
         (m, k), (s, n) = D.shape, values.shape
         if indices.shape != values.shape:
             raise ValueError(f"indices {tuple(indices.shape)} must match values {tuple(values.shape)}")
         index_dtype = indices.dtype if indices.dtype in _INDEX_DTYPES.values() else index_dtype_for(k)
-        layer = cls(n, m, k, s, bias=bias is not None, pattern=pattern, index_dtype=index_dtype,
-                    dtype=D.dtype, device=D.device)
+        layer = cls(
+            n, m, k, s, bias=bias is not None, pattern=pattern, index_dtype=index_dtype, dtype=D.dtype, device=D.device
+        )
         with torch.no_grad():
             layer.D.copy_(D)
             layer.values.copy_(values.to(D.dtype))
@@ -73,8 +90,9 @@ class DenseSparseLinear(nn.Module):
         return layer
 
     @classmethod
-    def from_dense_factors(cls, D: torch.Tensor, S: torch.Tensor, s: int, bias: torch.Tensor | None = None,
-                           pattern: str = "topk") -> "DenseSparseLinear":
+    def from_dense_factors(
+        cls, D: torch.Tensor, S: torch.Tensor, s: int, bias: torch.Tensor | None = None, pattern: str = "topk"
+    ) -> DenseSparseLinear:
         """Compact form of D @ S, keeping the s largest entries of each column of S (or 2:4 along k)."""
         index_dtype = index_dtype_for(S.shape[0])
         if pattern == "2:4":
@@ -86,18 +104,33 @@ class DenseSparseLinear(nn.Module):
     # ------------------------------------------------------------------ checkpoint spec
     def spec(self) -> dict:
         index_name = next(name for name, dt in _INDEX_DTYPES.items() if dt == self.indices.dtype)
-        return {"type": self.spec_type, "in_features": self.in_features, "out_features": self.out_features,
-                "k": self.k, "s": self.s, "bias": self.bias is not None, "pattern": self.pattern,
-                "index_dtype": index_name}
+        return {
+            "type": self.spec_type,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "k": self.k,
+            "s": self.s,
+            "bias": self.bias is not None,
+            "pattern": self.pattern,
+            "index_dtype": index_name,
+        }
 
     @classmethod
-    def from_spec(cls, spec: dict, dtype: torch.dtype | None = None, device=None) -> "DenseSparseLinear":
+    def from_spec(cls, spec: dict, dtype: torch.dtype | None = None, device=None) -> DenseSparseLinear:
         index_name = spec.get("index_dtype", "int16")
         if index_name not in _INDEX_DTYPES:
             raise ValueError(f"dense_sparse: unknown index_dtype {index_name!r}")
-        return cls(spec["in_features"], spec["out_features"], spec["k"], spec["s"], spec["bias"],
-                   pattern=spec.get("pattern", "topk"), index_dtype=_INDEX_DTYPES[index_name],
-                   dtype=dtype, device=device)
+        return cls(
+            spec["in_features"],
+            spec["out_features"],
+            spec["k"],
+            spec["s"],
+            spec["bias"],
+            pattern=spec.get("pattern", "topk"),
+            index_dtype=_INDEX_DTYPES[index_name],
+            dtype=dtype,
+            device=device,
+        )
 
     # ------------------------------------------------------------------ views and sizes
     @property
@@ -123,5 +156,7 @@ class DenseSparseLinear(nn.Module):
         return dense_sparse_linear(x, self.D, self.values, self.indices, self.k, self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, s={self.s}, "
-                f"pattern={self.pattern}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, s={self.s}, "
+            f"pattern={self.pattern}, bias={self.bias is not None}"
+        )

@@ -10,6 +10,7 @@ tokens that keep a full D-dimensional row (``full_rows``); only the remaining "t
 are coordinates x primitives. A few thousand frequent tokens carry most of the text, while
 the tail of a 262k vocabulary is where low rank costs little.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,8 +28,17 @@ class FactorizedEmbedding(nn.Module):
     spec_type = "factorized_embedding"
     adapter_parameters = ("coords.weight", "primitives.weight")
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, dim: int, padding_idx: int | None = None,
-                 embed_scale: float = 1.0, full: int = 0, dtype: torch.dtype | None = None, device=None):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        dim: int,
+        padding_idx: int | None = None,
+        embed_scale: float = 1.0,
+        full: int = 0,
+        dtype: torch.dtype | None = None,
+        device=None,
+    ):
         super().__init__()
         if not 0 < dim <= min(num_embeddings, embedding_dim):
             raise ValueError(f"dim {dim} out of range for a {num_embeddings}x{embedding_dim} embedding")
@@ -46,16 +56,30 @@ class FactorizedEmbedding(nn.Module):
             self.register_buffer("position", torch.arange(num_embeddings, device=device))
 
     @classmethod
-    def from_factors(cls, coords: torch.Tensor, primitives: torch.Tensor, padding_idx: int | None = None,
-                     embed_scale: float = 1.0, full_ids: torch.Tensor | None = None,
-                     full_rows: torch.Tensor | None = None) -> "FactorizedEmbedding":
+    def from_factors(
+        cls,
+        coords: torch.Tensor,
+        primitives: torch.Tensor,
+        padding_idx: int | None = None,
+        embed_scale: float = 1.0,
+        full_ids: torch.Tensor | None = None,
+        full_rows: torch.Tensor | None = None,
+    ) -> FactorizedEmbedding:
         """``coords`` is (V x k) and ``primitives`` (k x D): the embedding is coords @ primitives. With
         ``full_ids`` (N distinct token ids) and ``full_rows`` (N x D), those tokens keep their rows and
         ``coords`` holds only the V - N others, in id order."""
         full = 0 if full_ids is None else int(full_ids.numel())
         vocab = coords.shape[0] + full
-        layer = cls(vocab, primitives.shape[1], coords.shape[1], padding_idx, embed_scale, full,
-                    dtype=coords.dtype, device=coords.device)
+        layer = cls(
+            vocab,
+            primitives.shape[1],
+            coords.shape[1],
+            padding_idx,
+            embed_scale,
+            full,
+            dtype=coords.dtype,
+            device=coords.device,
+        )
         with torch.no_grad():
             layer.coords.weight.copy_(coords)
             layer.primitives.weight.copy_(primitives.T)
@@ -73,13 +97,28 @@ class FactorizedEmbedding(nn.Module):
 
     # -- checkpoint spec: enough to rebuild the empty module before weights load --
     def spec(self) -> dict:
-        return {"type": self.spec_type, "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
-                "dim": self.dim, "padding_idx": self.padding_idx, "embed_scale": self.embed_scale, "full": self.full}
+        return {
+            "type": self.spec_type,
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "dim": self.dim,
+            "padding_idx": self.padding_idx,
+            "embed_scale": self.embed_scale,
+            "full": self.full,
+        }
 
     @classmethod
-    def from_spec(cls, spec: dict, dtype: torch.dtype | None = None, device=None) -> "FactorizedEmbedding":
-        return cls(spec["num_embeddings"], spec["embedding_dim"], spec["dim"], spec.get("padding_idx"),
-                   spec.get("embed_scale", 1.0), spec.get("full", 0), dtype=dtype, device=device)
+    def from_spec(cls, spec: dict, dtype: torch.dtype | None = None, device=None) -> FactorizedEmbedding:
+        return cls(
+            spec["num_embeddings"],
+            spec["embedding_dim"],
+            spec["dim"],
+            spec.get("padding_idx"),
+            spec.get("embed_scale", 1.0),
+            spec.get("full", 0),
+            dtype=dtype,
+            device=device,
+        )
 
     @property
     def full_ids(self) -> torch.Tensor:
@@ -109,9 +148,11 @@ class FactorizedEmbedding(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, dim={self.dim}"
-                + (f", full={self.full}" if self.full else "")
-                + (f", embed_scale={self.embed_scale:g}" if self.embed_scale != 1.0 else ""))
+        return (
+            f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, dim={self.dim}"
+            + (f", full={self.full}" if self.full else "")
+            + (f", embed_scale={self.embed_scale:g}" if self.embed_scale != 1.0 else "")
+        )
 
 
 class TiedFactorizedLMHead(nn.Module):
@@ -154,7 +195,7 @@ class TiedFactorizedLMHead(nn.Module):
         return {"type": self.spec_type, "tied_to": self.tied_to}
 
     @classmethod
-    def from_spec(cls, spec: dict, dtype: torch.dtype | None = None, device=None) -> "TiedFactorizedLMHead":
+    def from_spec(cls, spec: dict, dtype: torch.dtype | None = None, device=None) -> TiedFactorizedLMHead:
         return cls(None, spec["tied_to"])
 
     @property

@@ -6,6 +6,7 @@ rank r. The latents (G * r values per token) are what a KV cache can store inste
 keys/values; A_g reconstructs the group's heads from its latent. G = 1 is the plain (joint)
 LowRankLinear; G = number of KV heads is Palu's per-head decomposition.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,16 @@ class GroupedLowRankLinear(nn.Module):
     spec_type = "grouped_lowrank"
     adapter_parameters = ("A", "B")  # A is [groups, rows, rank]: one adapter per group
 
-    def __init__(self, in_features: int, out_features: int, groups: int, rank: int, bias: bool = False,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        groups: int,
+        rank: int,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
         super().__init__()
         if groups < 1 or out_features % groups:
             raise ValueError(f"{groups} groups do not divide {out_features} output features")
@@ -33,12 +42,20 @@ class GroupedLowRankLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
 
     @classmethod
-    def from_factors(cls, factors: list[tuple[torch.Tensor, torch.Tensor]],
-                     bias: torch.Tensor | None = None) -> "GroupedLowRankLinear":
+    def from_factors(
+        cls, factors: list[tuple[torch.Tensor, torch.Tensor]], bias: torch.Tensor | None = None
+    ) -> GroupedLowRankLinear:
         """``factors``: one (A_g [rows, r], B_g [r, in]) per group, in output-row order."""
         A0, B0 = factors[0]
-        layer = cls(B0.shape[1], A0.shape[0] * len(factors), len(factors), A0.shape[1], bias=bias is not None,
-                    dtype=A0.dtype, device=A0.device)
+        layer = cls(
+            B0.shape[1],
+            A0.shape[0] * len(factors),
+            len(factors),
+            A0.shape[1],
+            bias=bias is not None,
+            dtype=A0.dtype,
+            device=A0.device,
+        )
         with torch.no_grad():
             layer.A.copy_(torch.stack([A for A, _ in factors]))
             layer.B.copy_(torch.cat([B for _, B in factors]))
@@ -47,13 +64,26 @@ class GroupedLowRankLinear(nn.Module):
         return layer
 
     def spec(self) -> dict:
-        return {"type": self.spec_type, "in_features": self.in_features, "out_features": self.out_features,
-                "groups": self.groups, "rank": self.rank, "bias": self.bias is not None}
+        return {
+            "type": self.spec_type,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "groups": self.groups,
+            "rank": self.rank,
+            "bias": self.bias is not None,
+        }
 
     @classmethod
-    def from_spec(cls, spec: dict, dtype: torch.dtype | None = None, device=None) -> "GroupedLowRankLinear":
-        return cls(spec["in_features"], spec["out_features"], spec["groups"], spec["rank"], spec["bias"],
-                   dtype=dtype, device=device)
+    def from_spec(cls, spec: dict, dtype: torch.dtype | None = None, device=None) -> GroupedLowRankLinear:
+        return cls(
+            spec["in_features"],
+            spec["out_features"],
+            spec["groups"],
+            spec["rank"],
+            spec["bias"],
+            dtype=dtype,
+            device=device,
+        )
 
     @property
     def weight(self) -> torch.Tensor:
@@ -70,5 +100,7 @@ class GroupedLowRankLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, groups={self.groups}, "
-                f"rank={self.rank}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, groups={self.groups}, "
+            f"rank={self.rank}, bias={self.bias is not None}"
+        )

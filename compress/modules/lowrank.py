@@ -1,4 +1,5 @@
 """LowRankLinear: y = A (B x) + bias, the replacement for a factorised nn.Linear."""
+
 from __future__ import annotations
 
 import torch
@@ -23,9 +24,17 @@ class LowRankLinear(nn.Module):
     spec_type = "lowrank"
     adapter_parameters = ("A", "B")  # LoRA (compress.adapters) on each factor: a merge keeps the rank
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 curve_points: int = 0, active_rank: int | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        curve_points: int = 0,
+        active_rank: int | None = None,
+    ):
         super().__init__()
         if not 0 < rank <= min(in_features, out_features):
             raise ValueError(f"rank {rank} out of range for a {out_features}x{in_features} matrix")
@@ -41,7 +50,7 @@ class LowRankLinear(nn.Module):
         self.active_rank = active_rank
 
     @classmethod
-    def from_factors(cls, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None) -> "LowRankLinear":
+    def from_factors(cls, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None) -> LowRankLinear:
         layer = cls(B.shape[1], A.shape[0], A.shape[1], bias=bias is not None, dtype=A.dtype, device=A.device)
         with torch.no_grad():
             layer.A.copy_(A)
@@ -71,16 +80,29 @@ class LowRankLinear(nn.Module):
 
     # -- checkpoint spec: enough to rebuild the empty module before weights load --
     def spec(self) -> dict:
-        spec = {"type": self.spec_type, "in_features": self.in_features, "out_features": self.out_features,
-                "rank": self.rank, "bias": self.bias is not None}
+        spec = {
+            "type": self.spec_type,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self.rank,
+            "bias": self.bias is not None,
+        }
         if self.curve_points:
             spec.update(curve_points=self.curve_points, active_rank=self.active_rank)
         return spec
 
     @classmethod
-    def from_spec(cls, spec: dict, dtype: torch.dtype | None = None, device=None) -> "LowRankLinear":
-        return cls(spec["in_features"], spec["out_features"], spec["rank"], spec["bias"], dtype=dtype, device=device,
-                   curve_points=spec.get("curve_points", 0), active_rank=spec.get("active_rank"))
+    def from_spec(cls, spec: dict, dtype: torch.dtype | None = None, device=None) -> LowRankLinear:
+        return cls(
+            spec["in_features"],
+            spec["out_features"],
+            spec["rank"],
+            spec["bias"],
+            dtype=dtype,
+            device=device,
+            curve_points=spec.get("curve_points", 0),
+            active_rank=spec.get("active_rank"),
+        )
 
     @property
     def weight(self) -> torch.Tensor:
@@ -98,5 +120,7 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         elastic = f", active_rank={self.effective_rank}, elastic" if self.curve_points else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"bias={self.bias is not None}{elastic}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"bias={self.bias is not None}{elastic}"
+        )

@@ -14,6 +14,7 @@ tokens routed to expert e, run its small FFN, ``index_add_`` the result back), s
 FactorLLM's choice) or ``weights`` (each chosen expert weighted by top_k * softmax over the
 chosen router logits: equal scores give the plain sum, and the router gets a gradient).
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,9 +42,18 @@ class MoEFeedForward(nn.Module):
     spec_type = "moe_ffn"
     adapter_parameters = ("w_gate", "w_up", "w_down")  # [experts, rows, cols]: one adapter per expert
 
-    def __init__(self, hidden_size: int, expert_size: int, experts: int, top_k: int, shared: int = 0,
-                 combine: str = "sum", activation: str = "silu", dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        expert_size: int,
+        experts: int,
+        top_k: int,
+        shared: int = 0,
+        combine: str = "sum",
+        activation: str = "silu",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
         super().__init__()
         if experts < 1 or not 1 <= top_k <= experts:
             raise ValueError(f"need 1 <= top_k <= experts, got top_k={top_k}, experts={experts}")
@@ -74,15 +84,23 @@ class MoEFeedForward(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_dense(cls, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, groups: torch.Tensor,
-                   experts: int, top_k: int, shared: int = 0, combine: str = "sum",
-                   activation: str = "silu") -> "MoEFeedForward":
+    def from_dense(
+        cls,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        down: torch.Tensor,
+        groups: torch.Tensor,
+        experts: int,
+        top_k: int,
+        shared: int = 0,
+        combine: str = "sum",
+        activation: str = "silu",
+    ) -> MoEFeedForward:
         """Split dense weights (gate/up [I, d], down [d, I]) by ``groups`` [shared + experts, m] neuron ids.
 
         The router starts as nn.Linear's default random init; ``router.fit_router`` trains it."""
         m = groups.shape[1]
-        layer = cls(gate.shape[1], m, experts, top_k, shared, combine, activation, dtype=gate.dtype,
-                    device=gate.device)
+        layer = cls(gate.shape[1], m, experts, top_k, shared, combine, activation, dtype=gate.dtype, device=gate.device)
         idx = groups.to(gate.device, torch.long)
         with torch.no_grad():
             layer.w_gate.copy_(gate[idx])
@@ -101,14 +119,30 @@ class MoEFeedForward(nn.Module):
 
     # -- checkpoint spec: enough to rebuild the empty module before weights load --
     def spec(self) -> dict:
-        return {"type": self.spec_type, "hidden_size": self.hidden_size, "expert_size": self.expert_size,
-                "experts": self.experts, "top_k": self.top_k, "shared": self.shared, "combine": self.combine,
-                "activation": self.activation}
+        return {
+            "type": self.spec_type,
+            "hidden_size": self.hidden_size,
+            "expert_size": self.expert_size,
+            "experts": self.experts,
+            "top_k": self.top_k,
+            "shared": self.shared,
+            "combine": self.combine,
+            "activation": self.activation,
+        }
 
     @classmethod
-    def from_spec(cls, spec: dict, dtype: torch.dtype | None = None, device=None) -> "MoEFeedForward":
-        return cls(spec["hidden_size"], spec["expert_size"], spec["experts"], spec["top_k"], spec["shared"],
-                   spec["combine"], spec["activation"], dtype=dtype, device=device)
+    def from_spec(cls, spec: dict, dtype: torch.dtype | None = None, device=None) -> MoEFeedForward:
+        return cls(
+            spec["hidden_size"],
+            spec["expert_size"],
+            spec["experts"],
+            spec["top_k"],
+            spec["shared"],
+            spec["combine"],
+            spec["activation"],
+            dtype=dtype,
+            device=device,
+        )
 
     # ------------------------------------------------------------------ routing
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -152,5 +186,7 @@ class MoEFeedForward(nn.Module):
         return out.reshape(shape)
 
     def extra_repr(self) -> str:
-        return (f"hidden_size={self.hidden_size}, expert_size={self.expert_size}, experts={self.experts}, "
-                f"top_k={self.top_k}, shared={self.shared}, combine={self.combine}, activation={self.activation}")
+        return (
+            f"hidden_size={self.hidden_size}, expert_size={self.expert_size}, experts={self.experts}, "
+            f"top_k={self.top_k}, shared={self.shared}, combine={self.combine}, activation={self.activation}"
+        )

@@ -6,9 +6,8 @@ Shapes: x [..., n], D [m, k], bias [m] -> y [..., m] in x.dtype.
 Indices outside 0..k-1 are an error in the reference (scatter) and silently dropped by the
 Triton kernel: the range is not checked per call (that would cost a device sync).
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
@@ -26,6 +25,7 @@ class _DenseSparseLinearTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, D, values, indices, k, bias):
         from . import triton_impl
+
         ctx.save_for_backward(x, D, values, indices)
         ctx.k = k
         ctx.has_bias = bias is not None
@@ -36,13 +36,13 @@ class _DenseSparseLinearTriton(torch.autograd.Function):
         x, D, values, indices = ctx.saved_tensors
         need_x, need_D, need_values, _, _, need_bias = ctx.needs_input_grad
         gx = gD = gvalues = gbias = None
-        S = colsparse_to_dense(values, indices, ctx.k)      # [k, n]
+        S = colsparse_to_dense(values, indices, ctx.k)  # [k, n]
         if need_D:
-            gD = g.T @ (x @ S.T)                            # [m, k]
+            gD = g.T @ (x @ S.T)  # [m, k]
         if need_x or need_values:
-            gh = g @ D                                      # [T, k]
+            gh = g @ D  # [T, k]
             if need_x:
-                gx = gh @ S                                 # [T, n]
+                gx = gh @ S  # [T, n]
             if need_values:
                 gvalues = (gh.T @ x).gather(0, indices.long())  # dL/dS at the stored positions
         if need_bias and ctx.has_bias:
@@ -50,8 +50,14 @@ class _DenseSparseLinearTriton(torch.autograd.Function):
         return gx, gD, gvalues, None, None, gbias
 
 
-def dense_sparse_linear(x: torch.Tensor, D: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
-                        k: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def dense_sparse_linear(
+    x: torch.Tensor,
+    D: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    k: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """y = D @ (S @ x) + bias for x [..., n], D [m, k], S given as values/indices [s, n]."""
     if D.dim() != 2:
         raise ValueError(f"{OP}: D must be 2-D [m, k], got {tuple(D.shape)}")

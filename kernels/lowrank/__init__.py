@@ -2,9 +2,8 @@
 
 Shapes: x [..., n], B [k, n], A [m, k], bias [m] -> y [..., m] in x.dtype.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
@@ -21,6 +20,7 @@ class _LowRankLinearTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, bias):
         from . import triton_impl
+
         ctx.save_for_backward(x, A, B)
         ctx.has_bias = bias is not None
         return triton_impl.forward(x, A, B, bias)
@@ -31,20 +31,19 @@ class _LowRankLinearTriton(torch.autograd.Function):
         gx = gA = gB = gbias = None
         need_x, need_A, need_B, need_bias = ctx.needs_input_grad
         if need_x or need_B:
-            gh = g @ A                        # [T, k]
+            gh = g @ A  # [T, k]
             if need_x:
-                gx = gh @ B                   # [T, n]
+                gx = gh @ B  # [T, n]
             if need_B:
-                gB = gh.T @ x                 # [k, n]
+                gB = gh.T @ x  # [k, n]
         if need_A:
-            gA = g.T @ (x @ B.T)              # [m, k]
+            gA = g.T @ (x @ B.T)  # [m, k]
         if need_bias and ctx.has_bias:
             gbias = sum_rows(g, g.dtype)
         return gx, gA, gB, gbias
 
 
-def lowrank_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def lowrank_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = (x @ B^T) @ A^T + bias for x [..., n], B [k, n], A [m, k], bias [m] -> [..., m]."""
     if A.dim() != 2 or B.dim() != 2:
         raise ValueError(f"{OP}: A [m, k] and B [k, n] must be 2-D, got {tuple(A.shape)} and {tuple(B.shape)}")

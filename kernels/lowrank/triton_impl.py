@@ -6,6 +6,7 @@ pair of matmuls would), then streams over output tiles m = g, g + M_SPLIT, ... w
 h @ A^T + bias. Rank wider than the k-chunk (512) runs as several launches over k-slices that
 accumulate into an fp32 workspace; the last one writes the output dtype.
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,17 +14,47 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from .._triton_common import (check_launchable, is_interpreted, k_slices, mma, pick_config, project_tile,
-                              store_tile, upcast_for)
+from .._triton_common import (
+    check_launchable,
+    is_interpreted,
+    k_slices,
+    mma,
+    pick_config,
+    project_tile,
+    store_tile,
+    upcast_for,
+)
 
 
 @triton.jit
 def _lowrank_fwd_kernel(
-    x_ptr, b_ptr, a_ptr, bias_ptr, acc_ptr, out_ptr,
-    T, N, M, K,
-    sxt, sxn, sbk, sbn, sam, sak, sat, sam_acc, sot, som,
-    HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, K_PAD: tl.constexpr,
+    x_ptr,
+    b_ptr,
+    a_ptr,
+    bias_ptr,
+    acc_ptr,
+    out_ptr,
+    T,
+    N,
+    M,
+    K,
+    sxt,
+    sxn,
+    sbk,
+    sbn,
+    sam,
+    sak,
+    sat,
+    sam_acc,
+    sot,
+    som,
+    HAS_BIAS: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    K_PAD: tl.constexpr,
     M_SPLIT: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -41,11 +72,13 @@ def _lowrank_fwd_kernel(
     for m0 in range(pid_m * BLOCK_M, M, M_SPLIT * BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
-        at = tl.load(a_ptr + offs_k[:, None] * sak + offs_m[None, :] * sam,
-                     mask=k_ok[:, None] & m_ok[None, :], other=0.0)
+        at = tl.load(
+            a_ptr + offs_k[:, None] * sak + offs_m[None, :] * sam, mask=k_ok[:, None] & m_ok[None, :], other=0.0
+        )
         y = mma(h, at, tl.zeros([BLOCK_T, BLOCK_M], dtype=tl.float32), UPCAST)
-        store_tile(y, out_ptr, acc_ptr, bias_ptr, offs_t, offs_m, t_ok, m_ok, sat, sam_acc, sot, som,
-                   HAS_BIAS, ACCUMULATE)
+        store_tile(
+            y, out_ptr, acc_ptr, bias_ptr, offs_t, offs_m, t_ok, m_ok, sat, sam_acc, sot, som, HAS_BIAS, ACCUMULATE
+        )
 
 
 def forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -64,12 +97,35 @@ def forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tenso
     for i, (k0, k1) in enumerate(slices):
         dst = out if i == len(slices) - 1 else ws
         kernel[grid](
-            x, B[k0:k1], A[:, k0:k1], bias if bias is not None else out, ws, dst,
-            T, N, M, k1 - k0,
-            x.stride(0), x.stride(1), B.stride(0), B.stride(1), A.stride(0), A.stride(1),
-            ws.stride(0), ws.stride(1), dst.stride(0), dst.stride(1),
-            HAS_BIAS=bias is not None and i == 0, ACCUMULATE=i > 0, UPCAST=upcast_for(kernel, x.dtype),
-            BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, K_PAD=cfg.k_pad,
-            M_SPLIT=cfg.m_split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            x,
+            B[k0:k1],
+            A[:, k0:k1],
+            bias if bias is not None else out,
+            ws,
+            dst,
+            T,
+            N,
+            M,
+            k1 - k0,
+            x.stride(0),
+            x.stride(1),
+            B.stride(0),
+            B.stride(1),
+            A.stride(0),
+            A.stride(1),
+            ws.stride(0),
+            ws.stride(1),
+            dst.stride(0),
+            dst.stride(1),
+            HAS_BIAS=bias is not None and i == 0,
+            ACCUMULATE=i > 0,
+            UPCAST=upcast_for(kernel, x.dtype),
+            BLOCK_T=cfg.block_t,
+            BLOCK_N=cfg.block_n,
+            BLOCK_M=cfg.block_m,
+            K_PAD=cfg.k_pad,
+            M_SPLIT=cfg.m_split,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
     return out

@@ -4,9 +4,8 @@ LOST-style channel-wise sparse term: S_c keeps whole input channels ``sc_channel
 [c], sorted, distinct) with dense weights ``sc_values`` [m, c], i.e. S_c x = sc_values @ x[..., sc_channels].
 Shapes: x [..., n], U [m, r], V [r, n], bias [m] -> y [..., m] in x.dtype. c may be 0.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
@@ -23,6 +22,7 @@ class _LowRankSparseLinearTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, U, V, sc_values, sc_channels, bias):
         from . import triton_impl
+
         ctx.save_for_backward(x, U, V, sc_values, sc_channels)
         ctx.has_bias = bias is not None
         return triton_impl.forward(x, U, V, sc_values, sc_channels, bias)
@@ -34,26 +34,34 @@ class _LowRankSparseLinearTriton(torch.autograd.Function):
         gx = gU = gV = gsc = gbias = None
         ch = sc_channels.long()
         if need_U:
-            gU = g.T @ (x @ V.T)                                # [m, r]
+            gU = g.T @ (x @ V.T)  # [m, r]
         if need_x or need_V:
-            gh = g @ U                                          # [T, r]
+            gh = g @ U  # [T, r]
             if need_V:
-                gV = gh.T @ x                                   # [r, n]
+                gV = gh.T @ x  # [r, n]
             if need_x:
                 gx = (gh @ V).index_add_(1, ch, g @ sc_values)  # [T, n]
         if need_sc:
-            gsc = g.T @ x.index_select(1, ch)                   # [m, c]
+            gsc = g.T @ x.index_select(1, ch)  # [m, c]
         if need_bias and ctx.has_bias:
             gbias = sum_rows(g, g.dtype)
         return gx, gU, gV, gsc, None, gbias
 
 
-def lowrank_sparse_linear(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, sc_values: torch.Tensor,
-                          sc_channels: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def lowrank_sparse_linear(
+    x: torch.Tensor,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    sc_values: torch.Tensor,
+    sc_channels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """y = (x @ V^T) @ U^T + x[..., sc_channels] @ sc_values^T + bias; x [..., n] -> y [..., m]."""
     if U.dim() != 2 or V.dim() != 2 or sc_values.dim() != 2 or sc_channels.dim() != 1:
-        raise ValueError(f"{OP}: need U [m, r], V [r, n], sc_values [m, c], sc_channels [c]; got "
-                         f"{tuple(U.shape)}, {tuple(V.shape)}, {tuple(sc_values.shape)}, {tuple(sc_channels.shape)}")
+        raise ValueError(
+            f"{OP}: need U [m, r], V [r, n], sc_values [m, c], sc_channels [c]; got "
+            f"{tuple(U.shape)}, {tuple(V.shape)}, {tuple(sc_values.shape)}, {tuple(sc_channels.shape)}"
+        )
     m, r = U.shape
     n = x.shape[-1]
     c = sc_channels.shape[0]

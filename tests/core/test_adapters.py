@@ -1,5 +1,6 @@
 """LoRA adapters (peft) on every kind of compressed module: they train, merge back into the factors exactly,
 and the merged model keeps its ranks, shapes and checkpoint format; finetune's `adapter: lora` does it all."""
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -8,7 +9,6 @@ from transformers import AutoModelForCausalLM
 import compress
 from compress.errors import CompressError
 from compress.modules import MODULE_TYPES
-
 from tests.tiny import make_tiny_llama
 
 STAGES = [
@@ -16,8 +16,14 @@ STAGES = [
     {"method": "lowrank", "targets": [r"re:.*self_attn\.o_proj$"], "reduction": 0.4},
     {"method": "dsformer", "targets": [r"re:.*layers\.0\.mlp\.gate_proj$"], "reduction": 0.3, "iters": 2},
     {"method": "lost", "targets": [r"re:.*layers\.0\.mlp\.(up|down)_proj$"], "reduction": 0.3},
-    {"method": "factorllm", "targets": [r"re:.*layers\.1\.mlp$"], "experts": 4, "top_k": 2,
-     "partition": "contiguous", "router_fit": "none"},
+    {
+        "method": "factorllm",
+        "targets": [r"re:.*layers\.1\.mlp$"],
+        "experts": 4,
+        "top_k": 2,
+        "partition": "contiguous",
+        "router_fit": "none",
+    },
 ]
 
 
@@ -26,15 +32,23 @@ def _windows(n=8, length=16, seed=0):
 
 
 def _shapes(model):
-    return {name: (type(m).__name__, {n: tuple(p.shape) for n, p in m.named_parameters()})
-            for name, m in model.named_modules() if isinstance(m, tuple(MODULE_TYPES.values()))}
+    return {
+        name: (type(m).__name__, {n: tuple(p.shape) for n, p in m.named_parameters()})
+        for name, m in model.named_modules()
+        if isinstance(m, tuple(MODULE_TYPES.values()))
+    }
 
 
 def test_adapters_train_and_merge_into_every_kind_of_factor(tmp_path):
     model = compress.compress(make_tiny_llama(), STAGES, calibration=_windows(), progress=False)
     shapes = _shapes(model)
-    assert {kind for kind, _ in shapes.values()} == {"LowRankLinear", "GroupedLowRankLinear", "DenseSparseLinear",
-                                                      "LowRankSparseLinear", "MoEFeedForward"}
+    assert {kind for kind, _ in shapes.values()} == {
+        "LowRankLinear",
+        "GroupedLowRankLinear",
+        "DenseSparseLinear",
+        "LowRankSparseLinear",
+        "MoEFeedForward",
+    }
     config = compress.lora_config(model, rank=2, alpha=4)
     peft_model = get_peft_model(model, config)
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
@@ -61,9 +75,10 @@ def test_adapters_train_and_merge_into_every_kind_of_factor(tmp_path):
 
 
 def test_finetune_with_a_lora_adapter_heals_and_leaves_plain_factors(tmp_path):
-    stages = [{"method": "lowrank", "reduction": 0.5},
-              {"method": "finetune", "steps": 20, "lr": 3e-3, "batch_size": 4,
-               "adapter": {"rank": 4, "alpha": 8}}]
+    stages = [
+        {"method": "lowrank", "reduction": 0.5},
+        {"method": "finetune", "steps": 20, "lr": 3e-3, "batch_size": 4, "adapter": {"rank": 4, "alpha": 8}},
+    ]
     model = compress.compress(make_tiny_llama(), stages, calibration=_windows(16, 32), progress=False)
     summary = model.compression.stages[1].summary
     lowrank = [m for m in model.modules() if type(m).__name__ == "LowRankLinear"]

@@ -1,5 +1,6 @@
 """Calibration data: bundled corpora, local files and datasets through `datasets`, chat rendering, weighted
 mixes, and a missing dataset failing in one line before any model loads."""
+
 import json
 
 import pytest
@@ -49,15 +50,25 @@ def test_local_files_of_every_kind_and_chat_messages(tmp_path, smol_tokenizer):
     (tmp_path / "a.txt").write_text(text)
     (tmp_path / "b.jsonl").write_text("".join(json.dumps({"body": text[i:] + " end"}) + "\n" for i in range(5)))
     datasets.Dataset.from_list([{"text": text}] * 3).to_parquet(str(tmp_path / "c.parquet"))
-    chat = [{"messages": [{"role": "user", "content": "Tell me about foxes. " * 20},
-                          {"role": "assistant", "content": text}]}] * 3
+    chat = [
+        {
+            "messages": [
+                {"role": "user", "content": "Tell me about foxes. " * 20},
+                {"role": "assistant", "content": text},
+            ]
+        }
+    ] * 3
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(row) + "\n" for row in chat))
-    config = CalibrationConfig(samples=8, seq_len=64, sources=[
-        {"file": str(tmp_path / "a.txt")},
-        {"file": str(tmp_path / "b.jsonl"), "text_field": "body"},
-        {"file": str(tmp_path / "c.parquet"), "weight": 2},
-        {"file": str(tmp_path / "d.jsonl"), "messages_field": "messages"},
-    ])
+    config = CalibrationConfig(
+        samples=8,
+        seq_len=64,
+        sources=[
+            {"file": str(tmp_path / "a.txt")},
+            {"file": str(tmp_path / "b.jsonl"), "text_field": "body"},
+            {"file": str(tmp_path / "c.parquet"), "weight": 2},
+            {"file": str(tmp_path / "d.jsonl"), "messages_field": "messages"},
+        ],
+    )
     built = build_calibration(smol_tokenizer, config)
     assert built.windows.shape == (8, 64)
     assert [s["windows"] for s in built.sources] == [2, 2, 3, 1]  # weights 1, 1, 2, 1 of 8 windows
@@ -66,15 +77,19 @@ def test_local_files_of_every_kind_and_chat_messages(tmp_path, smol_tokenizer):
     assert "<|im_start|>user" in rendered  # the chat template was applied
 
 
-@pytest.mark.parametrize("source, message", [
-    ({"corpus": "wikipedia", "file": "x.txt"}, "exactly one of corpus, dataset or file"),
-    ({"file": "/no/such/file.jsonl"}, "does not exist"),
-    ({"corpus": "klingon"}, "corpus"),
-])
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ({"corpus": "wikipedia", "file": "x.txt"}, "exactly one of corpus, dataset or file"),
+        ({"file": "/no/such/file.jsonl"}, "does not exist"),
+        ({"corpus": "klingon"}, "corpus"),
+    ],
+)
 def test_bad_sources_are_rejected_with_their_path(source, message):
     with pytest.raises(CompressError, match=message) as err:
-        parse_recipe({"name": "t", "stages": [{"method": "welore", "reduction": 0.3}],
-                      "calibration": {"sources": [source]}})
+        parse_recipe(
+            {"name": "t", "stages": [{"method": "welore", "reduction": 0.3}], "calibration": {"sources": [source]}}
+        )
     assert "calibration.sources[0]" in str(err.value)
 
 
@@ -82,10 +97,16 @@ def test_a_missing_dataset_fails_in_one_line_before_the_model_loads(tmp_path, ca
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "name": "t", "stages": [{"method": "lowrank", "reduction": 0.3, "backend": "whiten"}],
-        "calibration": {"sources": [{"dataset": "nobody/no-such-dataset"}], "samples": 4, "seq_len": 32},
-        "eval": {"tasks": [], "perplexity_windows": 1}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "t",
+                "stages": [{"method": "lowrank", "reduction": 0.3, "backend": "whiten"}],
+                "calibration": {"sources": [{"dataset": "nobody/no-such-dataset"}], "samples": 4, "seq_len": 32},
+                "eval": {"tasks": [], "perplexity_windows": 1},
+            }
+        )
+    )
     out = tmp_path / "run"
     assert main(["run", str(recipe), "smollm2-135m", "--out", str(out), "--quiet"]) == 2
     captured = capsys.readouterr()

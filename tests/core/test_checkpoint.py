@@ -8,12 +8,10 @@ import compress  # noqa: F401  registers the checkpoint format
 from compress.checkpoint import mark_compressed
 from compress.errors import CompressError
 from compress.methods.base import StageContext
-from compress.models import load_folder
-from compress.models import save_folder
+from compress.models import load_folder, save_folder
 from compress.modules import LowRankLinear
 from compress.pipeline import apply_stage
 from compress.recipe import parse_recipe
-
 from tests.tiny import make_tiny_llama
 
 RECIPE = {"name": "t", "stages": [{"method": "welore", "targets": [r"re:.*_proj$"], "reduction": 0.4}]}

@@ -32,8 +32,16 @@ def _write(tmp_path, data, name="recipe.yaml"):
 def test_run_writes_checkpoint_eval_and_report(tmp_path, tiny_folder, capsys):
     recipe, out = _write(tmp_path, RECIPE), tmp_path / "run"
     assert main(["run", str(recipe), str(tiny_folder), "--out", str(out), "--quiet"]) == 0
-    for name in ("model/config.json", "model/model.safetensors", "model/tokenizer.json", "recipe.yaml",
-                 "report.json", "report.md", "ranks_stage0.png", "spectra_stage0.png"):
+    for name in (
+        "model/config.json",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+        "recipe.yaml",
+        "report.json",
+        "report.md",
+        "ranks_stage0.png",
+        "spectra_stage0.png",
+    ):
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
     size = report["size"]
@@ -47,8 +55,23 @@ def test_run_writes_checkpoint_eval_and_report(tmp_path, tiny_folder, capsys):
     assert "| parameters (whole model) |" in (out / "report.md").read_text()
 
     # the compressed checkpoint scores through `compress eval`, and re-running refuses to clobber it
-    assert main(["eval", str(out / "model"), "--tasks", "--windows", "1", "--seq-len", "64", "--quiet",
-                 "--json", str(tmp_path / "e.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(out / "model"),
+                "--tasks",
+                "--windows",
+                "1",
+                "--seq-len",
+                "64",
+                "--quiet",
+                "--json",
+                str(tmp_path / "e.json"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "e.json").read_text())["perplexity"]["windows"] == 1
     assert main(["run", str(recipe), str(tiny_folder), "--out", str(out), "--quiet"]) == 2
     assert "already exists" in capsys.readouterr().err
@@ -63,11 +86,14 @@ def test_failed_run_leaves_nothing_behind(tmp_path, tiny_folder, capsys):
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["run", "RECIPE", "no/such-model-here"], "hub could not provide it"),
-    (["run", "RECIPE", "./missing.gguf"], "does not exist"),
-    (["eval", "./not-a-folder"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "RECIPE", "no/such-model-here"], "hub could not provide it"),
+        (["run", "RECIPE", "./missing.gguf"], "does not exist"),
+        (["eval", "./not-a-folder"], "does not exist"),
+    ],
+)
 def test_bad_models_exit_2_with_one_line(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     args = [str(_write(tmp_path, RECIPE)) if a == "RECIPE" else a for a in args]
@@ -94,7 +120,9 @@ def test_ls_lists_methods_models_and_recipes(capsys):
 
 
 def test_import_is_light():
-    code = ("import sys, compress; bad = [m for m in ('triton', 'lm_eval') if m in sys.modules]; "
-            "import torch; assert not torch.cuda.is_initialized(); print(bad)")
+    code = (
+        "import sys, compress; bad = [m for m in ('triton', 'lm_eval') if m in sys.modules]; "
+        "import torch; assert not torch.cuda.is_initialized(); print(bad)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"

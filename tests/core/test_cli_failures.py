@@ -3,6 +3,7 @@
 Faults are injected by replacing a library function (the plotting, the evaluation, the compression) with
 one that raises, the way a real bug there would.
 """
+
 import json
 import os
 import signal
@@ -15,7 +16,6 @@ import yaml
 
 from compress.cli import main
 from compress.models import load_folder, save_folder
-
 from tests.tiny import make_tiny_llama
 
 RECIPE = {
@@ -43,10 +43,13 @@ def _broken(*args, **kwargs):
     raise TypeError("unsupported operand type(s) for /: 'NoneType' and 'int'")
 
 
-@pytest.mark.parametrize("target, step, measured", [
-    ("compress.report.plot_figures", "writing the report", ("eval_compressed", "eval_dense")),
-    ("compress.scoring.evaluate", "evaluating the compressed model", ()),
-])
+@pytest.mark.parametrize(
+    "target, step, measured",
+    [
+        ("compress.report.plot_figures", "writing the report", ("eval_compressed", "eval_dense")),
+        ("compress.scoring.evaluate", "evaluating the compressed model", ()),
+    ],
+)
 def test_a_late_failure_keeps_the_checkpoint_and_what_was_measured(setup, monkeypatch, capsys, target, step, measured):
     args, out = setup
     monkeypatch.setattr(target, _broken)
@@ -57,8 +60,11 @@ def test_a_late_failure_keeps_the_checkpoint_and_what_was_measured(setup, monkey
     assert str(out / "error.log") in errors[0] and "_broken" in (out / "error.log").read_text()
 
     report = json.loads((out / "report.json").read_text())
-    assert report["error"] == {"step": step, "message": "TypeError: unsupported operand type(s) for /: 'NoneType' "
-                                                        "and 'int'", "log": "error.log"}
+    assert report["error"] == {
+        "step": step,
+        "message": "TypeError: unsupported operand type(s) for /: 'NoneType' and 'int'",
+        "log": "error.log",
+    }
     assert report["size"]["params_after"] < report["size"]["params_before"]
     for key in ("eval_compressed", "eval_dense"):
         assert (report[key] is not None) == (key in measured)

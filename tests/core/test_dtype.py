@@ -1,11 +1,11 @@
 """output.dtype: auto keeps the source checkpoint's dtype; the work runs in float32 either way."""
+
 import json
 
 import torch
 
 import compress
 from compress.models import declared_dtype, save_folder
-
 from tests.tiny import make_tiny_llama
 
 

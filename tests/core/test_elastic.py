@@ -1,4 +1,5 @@
 """Elastic rank: one compression serves every budget of its range, switched in place or cut to size, without data."""
+
 import json
 
 import pytest
@@ -11,11 +12,16 @@ from compress.cli import main
 from compress.elastic import budget_range, elastic_modules, reduction_at
 from compress.errors import CompressError
 from compress.models import save_folder
-
 from tests.tiny import make_tiny_llama
 
-ELASTIC = {"method": "lowrank", "reduction": 0.3, "backend": "whiten", "allocation": "sensitivity",
-           "sensitivity_windows": 4, "elastic": {"min_reduction": 0.1, "max_reduction": 0.6}}
+ELASTIC = {
+    "method": "lowrank",
+    "reduction": 0.3,
+    "backend": "whiten",
+    "allocation": "sensitivity",
+    "sensitivity_windows": 4,
+    "elastic": {"min_reduction": 0.1, "max_reduction": 0.6},
+}
 
 
 def _windows(n=8, length=24, seed=0):
@@ -88,8 +94,13 @@ def test_a_reloaded_checkpoint_keeps_its_budget_and_curves(elastic_model, tmp_pa
 def test_elastic_healing_trains_every_budget(rule):
     model = compress.compress(make_tiny_llama(), [ELASTIC], calibration=_windows(16, 32), progress=False)
     before = _ranks(model)
-    heal = {"method": "finetune", "steps": 12, "lr": 3e-3, "batch_size": 4,
-            "elastic": {"budgets": [0.2, 0.4, 0.55], "rule": rule}}
+    heal = {
+        "method": "finetune",
+        "steps": 12,
+        "lr": 3e-3,
+        "batch_size": 4,
+        "elastic": {"budgets": [0.2, 0.4, 0.55], "rule": rule},
+    }
     model = compress.compress(model, [heal], calibration=_windows(16, 32), progress=False)
     summary = model.compression.stages[0].summary
     assert summary["calibration_loss_after"] < summary["calibration_loss_before"]
@@ -100,9 +111,16 @@ def test_run_reports_budgets_and_resize_writes_a_smaller_checkpoint(tmp_path, sm
     folder = tmp_path / "tiny"
     save_folder(make_tiny_llama(vocab_size=len(smol_tokenizer)), smol_tokenizer, folder)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "name": "tiny-elastic", "stages": [ELASTIC], "calibration": {"samples": 8, "seq_len": 32},
-        "eval": {"tasks": [], "perplexity_windows": 1, "seq_len": 64, "budgets": [0.1, 0.3, 0.5]}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny-elastic",
+                "stages": [ELASTIC],
+                "calibration": {"samples": 8, "seq_len": 32},
+                "eval": {"tasks": [], "perplexity_windows": 1, "seq_len": 64, "budgets": [0.1, 0.3, 0.5]},
+            }
+        )
+    )
     assert main(["run", str(recipe), str(folder), "--out", str(tmp_path / "run"), "--quiet"]) == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     budgets = report["eval_compressed"]["budgets"]
@@ -112,8 +130,23 @@ def test_run_reports_budgets_and_resize_writes_a_smaller_checkpoint(tmp_path, sm
     assert "resized to 5" in capsys.readouterr().out
     size = lambda f: sum(p.stat().st_size for p in f.glob("*.safetensors"))  # noqa: E731
     assert size(tmp_path / "r50") < size(tmp_path / "run" / "model")
-    assert main(["eval", str(tmp_path / "r50"), "--tasks", "--windows", "1", "--seq-len", "64", "--quiet",
-                 "--json", str(tmp_path / "e.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "r50"),
+                "--tasks",
+                "--windows",
+                "1",
+                "--seq-len",
+                "64",
+                "--quiet",
+                "--json",
+                str(tmp_path / "e.json"),
+            ]
+        )
+        == 0
+    )
     ppl = json.loads((tmp_path / "e.json").read_text())["perplexity"]["perplexity"]
     assert ppl == pytest.approx(budgets[2]["perplexity"], rel=1e-4)  # the resized model scores as its budget did
     assert main(["resize", str(tmp_path / "run"), "--reduction", "0.9", "--out", str(tmp_path / "r90")]) == 2

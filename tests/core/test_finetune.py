@@ -14,16 +14,35 @@ def _learnable_windows(n=16, length=32, vocab=256):
 
 
 def test_finetune_trains_only_lrc_factors_and_lowers_loss(tiny_llama):
-    recipe = parse_recipe({"name": "t", "stages": [
-        {"method": "welore", "targets": [r"re:.*\.(q|k|v|o|gate|up|down)_proj$"], "reduction": 0.3,
-         "ignore": [r"re:.*\.0\.mlp\.down_proj"]},
-        {"method": "finetune", "steps": 25, "lr": 3e-3, "batch_size": 4, "eval_windows": 8, "schedule": "linear"},
-    ]})
+    recipe = parse_recipe(
+        {
+            "name": "t",
+            "stages": [
+                {
+                    "method": "welore",
+                    "targets": [r"re:.*\.(q|k|v|o|gate|up|down)_proj$"],
+                    "reduction": 0.3,
+                    "ignore": [r"re:.*\.0\.mlp\.down_proj"],
+                },
+                {
+                    "method": "finetune",
+                    "steps": 25,
+                    "lr": 3e-3,
+                    "batch_size": 4,
+                    "eval_windows": 8,
+                    "schedule": "linear",
+                },
+            ],
+        }
+    )
     windows = _learnable_windows()
     ctx = StageContext(tokenizer=None, calibration_windows=lambda: windows, progress=False)
     apply_stage(tiny_llama, recipe.stages[0], ctx)
-    frozen_before = {n: p.detach().clone() for n, p in tiny_llama.named_parameters()
-                     if not isinstance(tiny_llama.get_submodule(n.rsplit(".", 1)[0]), LowRankLinear)}
+    frozen_before = {
+        n: p.detach().clone()
+        for n, p in tiny_llama.named_parameters()
+        if not isinstance(tiny_llama.get_submodule(n.rsplit(".", 1)[0]), LowRankLinear)
+    }
     lowrank_before = {n: p.detach().clone() for n, p in tiny_llama.named_parameters() if n not in frozen_before}
 
     result = apply_stage(tiny_llama, recipe.stages[1], ctx)
@@ -53,11 +72,18 @@ def test_distill_pulls_the_compressed_model_towards_the_dense_one(tiny_llama):
 
     dense = copy.deepcopy(tiny_llama)
     windows = torch.randint(3, 256, (16, 32), generator=torch.Generator().manual_seed(0))
-    compress = parse_recipe({"name": "t", "stages": [
-        {"method": "lowrank", "targets": [r"re:.*\.(gate|up|down)_proj$"], "reduction": 0.6}]})
-    heal = parse_recipe({"name": "t", "stages": [
-        *compress.model_dump()["stages"],
-        {"method": "finetune", "loss": "distill", "steps": 30, "lr": 3e-3, "batch_size": 4, "eval_windows": 4}]})
+    compress = parse_recipe(
+        {"name": "t", "stages": [{"method": "lowrank", "targets": [r"re:.*\.(gate|up|down)_proj$"], "reduction": 0.6}]}
+    )
+    heal = parse_recipe(
+        {
+            "name": "t",
+            "stages": [
+                *compress.model_dump()["stages"],
+                {"method": "finetune", "loss": "distill", "steps": 30, "lr": 3e-3, "batch_size": 4, "eval_windows": 4},
+            ],
+        }
+    )
     ctx = StageContext(tokenizer=None, calibration_windows=lambda: windows, progress=False)
     unhealed = copy.deepcopy(tiny_llama)
     compress_model(unhealed, compress, ctx)
@@ -84,9 +110,9 @@ def test_distill_without_a_teacher_is_a_clear_error(tiny_llama):
 
     from compress.errors import CompressError
 
-    recipe = parse_recipe({"name": "t", "stages": [{"method": "finetune", "targets": ["re:.*up_proj$"],
-                                                    "loss": "distill", "steps": 2}]})
-    ctx = StageContext(tokenizer=None, calibration_windows=lambda: torch.zeros(2, 8, dtype=torch.long),
-                       progress=False)
+    recipe = parse_recipe(
+        {"name": "t", "stages": [{"method": "finetune", "targets": ["re:.*up_proj$"], "loss": "distill", "steps": 2}]}
+    )
+    ctx = StageContext(tokenizer=None, calibration_windows=lambda: torch.zeros(2, 8, dtype=torch.long), progress=False)
     with pytest.raises(CompressError, match="teacher"):
         apply_stage(tiny_llama, recipe.stages[0], ctx)

@@ -1,13 +1,13 @@
 """`compress run` reports every kind of row a stage can produce: matrices left dense, grouped k/v
 factorisations, dense-sparse and low-rank+sparse modules, MoE FFNs and a factorised embedding, through
 report.json, report.md, the plots and the model card (`compress push --dry-run`)."""
+
 import json
 
 import yaml
 
 from compress.cli import main
 from compress.models import save_folder
-
 from tests.tiny import make_tiny_llama
 
 MIXED = {
@@ -17,14 +17,19 @@ MIXED = {
         {"method": "lowrank_attention", "per_projection": {"q": 0.5, "k": 0.5, "v": 0.5}, "kv_groups": 2},
         {"method": "dsformer", "targets": [r"re:.*layers\.0\.mlp\.gate_proj$"], "reduction": 0.3, "iters": 2},
         {"method": "lost", "targets": [r"re:.*layers\.0\.mlp\.up_proj$"], "reduction": 0.3},
-        {"method": "factorllm", "targets": [r"re:.*layers\.1\.mlp$"], "experts": 4, "top_k": 2,
-         "partition": "contiguous", "router_fit": "none"},
+        {
+            "method": "factorllm",
+            "targets": [r"re:.*layers\.1\.mlp$"],
+            "experts": 4,
+            "top_k": 2,
+            "partition": "contiguous",
+            "router_fit": "none",
+        },
         {"method": "ofa_embedding", "dim": 16},
         {"method": "finetune", "steps": 2, "batch_size": 2},
     ],
     "calibration": {"samples": 4, "seq_len": 32},
-    "eval": {"tasks": ["wikipedia_ppl"], "perplexity_windows": 1, "limit": 1, "seq_len": 64,
-             "lm_eval_max_length": 128},
+    "eval": {"tasks": ["wikipedia_ppl"], "perplexity_windows": 1, "limit": 1, "seq_len": 64, "lm_eval_max_length": 128},
 }
 
 

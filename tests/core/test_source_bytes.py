@@ -1,8 +1,8 @@
 """The dense model's size comes from its source's safetensors headers (or tensor sizes), never from a copy."""
+
 import torch
 
 from compress.models import LoadedModel, checkpoint_bytes, load_model, save_folder
-
 from tests.tiny import make_tiny_llama
 
 

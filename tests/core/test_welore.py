@@ -88,5 +88,10 @@ def test_threshold_mode_and_unreachable_budget(tiny_llama):
 
 def test_welore_rejects_non_linear_targets(tiny_llama):
     with pytest.raises(CompressError, match="not a Linear"):
-        apply_stage(tiny_llama, parse_recipe({"name": "t", "stages": [
-            {"method": "welore", "targets": ["LlamaRMSNorm"], "reduction": 0.2}]}).stages[0], CTX)
+        apply_stage(
+            tiny_llama,
+            parse_recipe(
+                {"name": "t", "stages": [{"method": "welore", "targets": ["LlamaRMSNorm"], "reduction": 0.2}]}
+            ).stages[0],
+            CTX,
+        )

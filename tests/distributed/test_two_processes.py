@@ -1,5 +1,6 @@
 """Two processes (torchrun, gloo on CPU) give the same model as one: statistics are all-reduced, every process
 derives the same factors, and only the main process writes the run folder."""
+
 import json
 import os
 import subprocess
@@ -9,14 +10,21 @@ import pytest
 import yaml
 
 from compress.models import save_folder
-
 from tests.tiny import make_tiny_llama
 
 RECIPE = {
     "name": "tiny-two-processes",
-    "stages": [{"method": "lowrank", "reduction": 0.4, "backend": "whiten", "allocation": "sensitivity",
-                "sensitivity_windows": 8, "calibration_batch_size": 2},
-               {"method": "finetune", "steps": 3, "lr": 1e-3, "batch_size": 2}],
+    "stages": [
+        {
+            "method": "lowrank",
+            "reduction": 0.4,
+            "backend": "whiten",
+            "allocation": "sensitivity",
+            "sensitivity_windows": 8,
+            "calibration_batch_size": 2,
+        },
+        {"method": "finetune", "steps": 3, "lr": 1e-3, "batch_size": 2},
+    ],
     "calibration": {"corpus": "wikipedia", "samples": 8, "seq_len": 64},
     "eval": {"tasks": [], "perplexity_windows": 6, "seq_len": 64},
 }
@@ -37,8 +45,25 @@ def test_two_processes_give_the_model_one_process_gives(tmp_path, smol_tokenizer
     recipe.write_text(yaml.safe_dump(RECIPE))
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, "-m", "compress", "run", str(recipe), str(folder), "--out", str(one), "--quiet"], tmp_path)
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "compress",
-          "run", str(recipe), str(folder), "--out", str(two), "--quiet"], tmp_path)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "compress",
+            "run",
+            str(recipe),
+            str(folder),
+            "--out",
+            str(two),
+            "--quiet",
+        ],
+        tmp_path,
+    )
 
     single, double = (json.loads((out / "report.json").read_text()) for out in (one, two))
     assert (single["processes"], double["processes"]) == (1, 2)

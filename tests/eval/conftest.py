@@ -84,8 +84,10 @@ def eval_bpe_tokenizer():
 
     from compress.eval.corpora import load_documents
 
-    text = [load_documents("wikipedia", "calibration")[0][:60_000],
-            load_documents("shakespeare", "calibration")[0][:40_000]]
+    text = [
+        load_documents("wikipedia", "calibration")[0][:60_000],
+        load_documents("shakespeare", "calibration")[0][:40_000],
+    ]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()

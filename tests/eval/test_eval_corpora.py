@@ -17,8 +17,27 @@ from compress.eval.corpora import (
     strip_wikitext,
 )
 
-WIKI_ARTEFACTS = ["{{", "}}", "[[", "]]", "<ref", "</ref", "{|", "|}", "''", "<!--", "&nbsp;",
-                  "&amp;", "thumb|", "==", "Category:", "File:", "Image:", "<br", "__TOC__"]
+WIKI_ARTEFACTS = [
+    "{{",
+    "}}",
+    "[[",
+    "]]",
+    "<ref",
+    "</ref",
+    "{|",
+    "|}",
+    "''",
+    "<!--",
+    "&nbsp;",
+    "&amp;",
+    "thumb|",
+    "==",
+    "Category:",
+    "File:",
+    "Image:",
+    "<br",
+    "__TOC__",
+]
 
 
 def test_wikipedia_documents_are_plain_text():

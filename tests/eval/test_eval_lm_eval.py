@@ -66,14 +66,16 @@ def _lastword_expected(model, tok, docs, max_len):
 @pytest.fixture(scope="module")
 def bpe_run(eval_bpe_llama, eval_bpe_tokenizer):
     """Every task, first LIMIT documents, on the tiny BPE-vocabulary model."""
-    return run_lm_eval(eval_bpe_llama, eval_bpe_tokenizer, available_tasks(), limit=LIMIT,
-                       max_length=BPE_MAX_LENGTH)
+    return run_lm_eval(eval_bpe_llama, eval_bpe_tokenizer, available_tasks(), limit=LIMIT, max_length=BPE_MAX_LENGTH)
 
 
 def test_task_names_and_errors():
     assert available_tasks() == ["wikipedia_ppl", "shakespeare_ppl", "wikipedia_lastword"]
-    with pytest.raises(ValueError, match=r"unknown task 'lambada'.*wikipedia_ppl, shakespeare_ppl, wikipedia_lastword"):
-        run_lm_eval(None, None, ["lambada"])
+    from compress.errors import CompressError
+    from compress.eval.lm_eval_runner import check_tasks
+
+    with pytest.raises(CompressError, match=r"unknown eval task 'wikipedia_pp' \(did you mean 'wikipedia_ppl'\?\)"):
+        check_tasks(["wikipedia_pp"])  # neither ours nor lm-eval's
     with pytest.raises(ValueError, match="limit"):
         run_lm_eval(None, None, ["wikipedia_ppl"], limit=0)
 
@@ -131,8 +133,7 @@ def test_perplexity_tasks_match_hand_computation(bpe_run, eval_bpe_llama, eval_b
     # lm-eval conditions each document's first token on the BOS token
     tokens = [_encode(eval_bpe_tokenizer, d["text"]) for d in docs]
     assert all(len(t) > 2 * BPE_MAX_LENGTH for t in tokens)  # several rolling windows each
-    ll = sum(_rolling_loglikelihood(eval_bpe_llama, t, eval_bpe_tokenizer.bos_token_id, BPE_MAX_LENGTH)
-             for t in tokens)
+    ll = sum(_rolling_loglikelihood(eval_bpe_llama, t, eval_bpe_tokenizer.bos_token_id, BPE_MAX_LENGTH) for t in tokens)
     assert got["word_perplexity"] == pytest.approx(math.exp(-ll / words), rel=1e-4)
     assert got["byte_perplexity"] == pytest.approx(math.exp(-ll / n_bytes), rel=1e-4)
     assert got["bits_per_byte"] == pytest.approx(-ll / n_bytes / math.log(2), rel=1e-4)
@@ -141,18 +142,19 @@ def test_perplexity_tasks_match_hand_computation(bpe_run, eval_bpe_llama, eval_b
 def test_lastword_matches_hand_computation(bpe_run, eval_bpe_llama, eval_bpe_tokenizer):
     got = bpe_run["wikipedia_lastword"]
     assert set(got) == {"perplexity", "acc"}
-    expected = _lastword_expected(eval_bpe_llama, eval_bpe_tokenizer,
-                                  build_task_data("wikipedia_lastword")[:LIMIT], BPE_MAX_LENGTH)
+    expected = _lastword_expected(
+        eval_bpe_llama, eval_bpe_tokenizer, build_task_data("wikipedia_lastword")[:LIMIT], BPE_MAX_LENGTH
+    )
     assert got["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-4)
     assert got["acc"] == expected["acc"]
 
 
 def test_lastword_with_the_smollm2_tokenizer(eval_tiny_llama, eval_tokenizer):
     """The real tokenizer path (BOS <|im_start|>, GGUF-built tokenizer) on a cheap task."""
-    got = run_lm_eval(eval_tiny_llama, eval_tokenizer, ["wikipedia_lastword"], limit=LIMIT,
-                      max_length=SMOL_MAX_LENGTH)
-    expected = _lastword_expected(eval_tiny_llama, eval_tokenizer,
-                                  build_task_data("wikipedia_lastword")[:LIMIT], SMOL_MAX_LENGTH)
+    got = run_lm_eval(eval_tiny_llama, eval_tokenizer, ["wikipedia_lastword"], limit=LIMIT, max_length=SMOL_MAX_LENGTH)
+    expected = _lastword_expected(
+        eval_tiny_llama, eval_tokenizer, build_task_data("wikipedia_lastword")[:LIMIT], SMOL_MAX_LENGTH
+    )
     assert got["wikipedia_lastword"]["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-4)
     assert got["wikipedia_lastword"]["acc"] == expected["acc"]
     assert math.isfinite(got["wikipedia_lastword"]["perplexity"])
@@ -165,9 +167,16 @@ def test_model_and_tokenizer_are_scored_as_given(bpe_run, eval_bpe_tokenizer):
 
     assert eval_bpe_tokenizer.pad_token is None  # bpe_run did not give it one
     torch.manual_seed(2)
-    config = LlamaConfig(vocab_size=len(eval_bpe_tokenizer), hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                         max_position_embeddings=512, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(eval_bpe_tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(config).eval()
     model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))  # untied
     head = model.lm_head.weight.detach().clone()
@@ -175,6 +184,5 @@ def test_model_and_tokenizer_are_scored_as_given(bpe_run, eval_bpe_tokenizer):
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     assert torch.equal(model.lm_head.weight, head)
     assert "tie_weights" not in vars(model)
-    expected = _lastword_expected(model, eval_bpe_tokenizer, build_task_data("wikipedia_lastword")[:1],
-                                  BPE_MAX_LENGTH)
+    expected = _lastword_expected(model, eval_bpe_tokenizer, build_task_data("wikipedia_lastword")[:1], BPE_MAX_LENGTH)
     assert got["wikipedia_lastword"]["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-4)

@@ -95,8 +95,7 @@ def test_restores_training_mode_and_rejects_bad_input(eval_tiny_llama):
 
 
 def test_heldout_perplexity_is_perplexity_of_heldout_windows(eval_tiny_llama, eval_tokenizer):
-    out = heldout_perplexity(eval_tiny_llama, eval_tokenizer, "wikipedia", seq_len=32, max_windows=3,
-                             progress=False)
+    out = heldout_perplexity(eval_tiny_llama, eval_tokenizer, "wikipedia", seq_len=32, max_windows=3, progress=False)
     windows = token_windows(eval_tokenizer, load_documents("wikipedia", "heldout"), 32, max_windows=3)
     # the first held-out article is Anarchism: the windows start with its title
     assert eval_tokenizer.decode(windows[0, :4]).startswith("Anarchism")

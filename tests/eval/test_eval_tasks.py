@@ -1,5 +1,6 @@
 """Eval tasks beyond compress's own: any lm-eval task name is accepted, checked by name and by dataset
 availability before anything heavy starts; per-task limits and few-shot counts reach lm-eval."""
+
 import pytest
 import yaml
 
@@ -51,13 +52,18 @@ def test_known_lm_eval_tasks_pass_the_name_check(offline):
     check_tasks(["wikipedia_ppl", "wikipedia_lastword"])  # ours: nothing to fetch
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"tasks": ["wikipedia_ppl"], "num_fewshot": {"wikipedia_lastword": 1}},
-     "num_fewshot for 'wikipedia_lastword', which is not in tasks"),
-    ({"tasks": ["wikipedia_ppl"], "num_fewshot": -1}, "num_fewshot must be >= 0"),
-    ({"tasks": ["wikipedia_ppl"], "limit": {"wikipedia_ppl": 0}}, "limit must be >= 1"),
-    ({"tasks": ["bad name"]}, "'bad name' is not a task name"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (
+            {"tasks": ["wikipedia_ppl"], "num_fewshot": {"wikipedia_lastword": 1}},
+            "num_fewshot for 'wikipedia_lastword', which is not in tasks",
+        ),
+        ({"tasks": ["wikipedia_ppl"], "num_fewshot": -1}, "num_fewshot must be >= 0"),
+        ({"tasks": ["wikipedia_ppl"], "limit": {"wikipedia_ppl": 0}}, "limit must be >= 1"),
+        ({"tasks": ["bad name"]}, "'bad name' is not a task name"),
+    ],
+)
 def test_eval_settings_are_validated(settings, message):
     with pytest.raises(ValueError, match=message):
         EvalConfig(**settings)

@@ -68,8 +68,11 @@ def test_bad_arguments():
 
 
 def test_real_tokenizer_matches_per_document_encoding(eval_tokenizer):
-    docs = ["The quick brown fox jumps over the lazy dog.", "Anarchism is a political philosophy.",
-            "To be, or not to be: that is the question."]
+    docs = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Anarchism is a political philosophy.",
+        "To be, or not to be: that is the question.",
+    ]
     eos = eval_tokenizer.eos_token_id
     stream = []
     for i, d in enumerate(docs):

@@ -1,4 +1,5 @@
 """MoEFeedForward and the partitions: exact split, balanced cover, grouped skipping, FLOP count."""
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -8,12 +9,15 @@ from compress.methods.factorllm.config import FactorLLMConfig
 from compress.methods.factorllm.partition import balanced_kmeans, contiguous_partition, random_partition
 from compress.methods.factorllm.split import make_groups, split_ffn
 from compress.modules import MODULE_TYPES, MoEFeedForward
-
 from tests.tiny import make_tiny_llama
 
 LAYOUTS = [(4, 2, 0), (8, 2, 0), (3, 1, 1), (4, 3, 1)]  # (experts, top_k, shared); intermediate 160 = 5 * 32
-PARTITIONS = [("contiguous", "activations"), ("random", "activations"), ("cluster", "weights"),
-              ("cluster", "activations")]
+PARTITIONS = [
+    ("contiguous", "activations"),
+    ("random", "activations"),
+    ("cluster", "weights"),
+    ("cluster", "activations"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,20 +29,23 @@ def mlp_and_tokens():
 
 
 def split(mlp, tokens, experts, top_k, shared, partition="cluster", cluster_on="activations", combine="sum"):
-    config = FactorLLMConfig(experts=experts, top_k=top_k, shared_experts=shared, partition=partition,
-                             cluster_on=cluster_on, combine=combine)
+    config = FactorLLMConfig(
+        experts=experts, top_k=top_k, shared_experts=shared, partition=partition, cluster_on=cluster_on, combine=combine
+    )
     return split_ffn("mlp", mlp, config, tokens)
 
 
 @pytest.mark.parametrize("partition,cluster_on", PARTITIONS)
 @pytest.mark.parametrize("experts,top_k,shared", LAYOUTS)
-def test_partition_is_balanced_and_covers_every_neuron_once(mlp_and_tokens, partition, cluster_on, experts, top_k,
-                                                            shared):
+def test_partition_is_balanced_and_covers_every_neuron_once(
+    mlp_and_tokens, partition, cluster_on, experts, top_k, shared
+):
     if 160 % (experts + shared):
         pytest.skip("layout does not divide 160")
     mlp, tokens = mlp_and_tokens
-    config = FactorLLMConfig(experts=experts, top_k=top_k, shared_experts=shared, partition=partition,
-                             cluster_on=cluster_on)
+    config = FactorLLMConfig(
+        experts=experts, top_k=top_k, shared_experts=shared, partition=partition, cluster_on=cluster_on
+    )
     groups = make_groups(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, mlp.act_fn, config, tokens)
     assert groups.shape == (experts + shared, 160 // (experts + shared))
     assert torch.equal(groups.reshape(-1).sort().values, torch.arange(160))
@@ -120,7 +127,7 @@ def test_balanced_kmeans_recovers_planted_clusters():
     gen = torch.Generator().manual_seed(4)
     centres = torch.linalg.qr(torch.randn(32, 4, generator=gen)).Q.T  # 4 orthonormal directions
     truth = torch.arange(4).repeat_interleave(25)[torch.randperm(100, generator=gen)]
-    features = centres[truth] + 0.2 * torch.randn(100, 32, generator=gen) / 32 ** 0.5
+    features = centres[truth] + 0.2 * torch.randn(100, 32, generator=gen) / 32**0.5
     labels = balanced_kmeans(features, 4, seed=1)
     assert torch.bincount(labels).tolist() == [25] * 4
     for c in range(4):  # each found cluster is exactly one planted cluster

@@ -1,4 +1,5 @@
 """PA loss pieces against brute force, and routers that learn on a tiny model (held-out agreement)."""
+
 import itertools
 
 import pytest
@@ -6,11 +7,16 @@ import torch
 
 from compress.methods.base import StageContext
 from compress.methods.factorllm import measure_agreement
-from compress.methods.factorllm.pa_loss import (agreement, balance_loss, best_subset_errors, pa_errors, pseudo_labels,
-                                                route_loss)
+from compress.methods.factorllm.pa_loss import (
+    agreement,
+    balance_loss,
+    best_subset_errors,
+    pa_errors,
+    pseudo_labels,
+    route_loss,
+)
 from compress.pipeline import apply_stage
 from compress.recipe import parse_recipe
-
 from tests.tiny import make_tiny_llama
 
 
@@ -34,8 +40,10 @@ def test_best_subset_labels_match_brute_force(scale):
     err, mask = best_subset_errors(routed, target, 2, scale)
     labels = pseudo_labels(routed, target, 2, "best_subset", scale)
     for n in range(30):
-        brute = {combo: float(((target[n].double() - scale * routed[n, list(combo)].double().sum(0)) ** 2).sum())
-                 for combo in itertools.combinations(range(5), 2)}
+        brute = {
+            combo: float(((target[n].double() - scale * routed[n, list(combo)].double().sum(0)) ** 2).sum())
+            for combo in itertools.combinations(range(5), 2)
+        }
         assert set(labels[n].nonzero().flatten().tolist()) == set(min(brute, key=brute.get))
         for row, combo in enumerate(itertools.combinations(range(5), 2)):
             assert float(err[n, row]) == pytest.approx(brute[combo], rel=1e-9, abs=1e-9)
@@ -88,8 +96,17 @@ def test_layerwise_router_fit_agrees_with_labels_on_held_out_tokens(windows, lab
 
 def test_end_to_end_router_training_learns_the_pa_labels(windows):
     fit, held = windows
-    model, result = tiny_run({"experts": 4, "top_k": 1, "router_fit": "none", "trainable": "router",
-                              "train": {"steps": 30, "batch_size": 8, "schedule": "constant"}, "router_lr": 3e-2}, fit)
+    model, result = tiny_run(
+        {
+            "experts": 4,
+            "top_k": 1,
+            "router_fit": "none",
+            "trainable": "router",
+            "train": {"steps": 30, "batch_size": 8, "schedule": "constant"},
+            "router_lr": 3e-2,
+        },
+        fit,
+    )
     after = measure_agreement(model, held)
     curve = result.series["agreement"]
     assert len(curve) == len(result.series["train_loss"]) == 30
@@ -102,8 +119,16 @@ def test_end_to_end_router_training_learns_the_pa_labels(windows):
 def test_router_plus_experts_training_reduces_distillation_and_keeps_the_rest_frozen(windows):
     fit, _ = windows
     reference = make_tiny_llama().state_dict()
-    model, result = tiny_run({"experts": 4, "top_k": 1, "router_fit_windows": 16, "trainable": "router+experts",
-                              "train": {"steps": 20, "batch_size": 8, "lr": 1e-3, "schedule": "constant"}}, fit)
+    model, result = tiny_run(
+        {
+            "experts": 4,
+            "top_k": 1,
+            "router_fit_windows": 16,
+            "trainable": "router+experts",
+            "train": {"steps": 20, "batch_size": 8, "lr": 1e-3, "schedule": "constant"},
+        },
+        fit,
+    )
     distill = result.series["distill"]
     assert sum(distill[-4:]) / 4 < 0.9 * sum(distill[:4]) / 4
     state = model.state_dict()

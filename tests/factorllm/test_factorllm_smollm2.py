@@ -1,4 +1,5 @@
 """Integration: FactorLLM 4e2k (cluster partition, fitted routers) on the real SmolLM2-135M, saved and reloaded."""
+
 import math
 
 import pytest
@@ -13,7 +14,7 @@ from compress.eval.perplexity import perplexity
 from compress.eval.windows import token_windows
 from compress.methods.base import StageContext
 from compress.methods.factorllm import measure_agreement
-from compress.models import load_model, save_folder
+from compress.models import save_folder
 from compress.modules import MoEFeedForward
 from compress.pipeline import apply_stage
 from compress.recipe import parse_recipe
@@ -21,16 +22,27 @@ from compress.recipe import parse_recipe
 pytestmark = pytest.mark.integration
 
 
-def test_split_fit_save_reload_and_perplexity(tmp_path, smollm2_folder):
-    loaded = load_model("smollm2-135m")
+def test_split_fit_save_reload_and_perplexity(tmp_path, smollm2):
+    loaded = smollm2
     model, tokenizer = loaded.model, loaded.tokenizer
     held = token_windows(tokenizer, load_documents("wikipedia", "heldout"), 512, 1)
-    recipe = parse_recipe({
-        "name": "it",
-        "stages": [{"method": "factorllm", "targets": [r"re:.*layers\.(0|1)\.mlp$"], "experts": 4, "top_k": 2,
-                    "partition": "cluster", "router_fit_windows": 8, "router_fit_epochs": 3}],
-        "calibration": {"samples": 8, "seq_len": 256},
-    })
+    recipe = parse_recipe(
+        {
+            "name": "it",
+            "stages": [
+                {
+                    "method": "factorllm",
+                    "targets": [r"re:.*layers\.(0|1)\.mlp$"],
+                    "experts": 4,
+                    "top_k": 2,
+                    "partition": "cluster",
+                    "router_fit_windows": 8,
+                    "router_fit_epochs": 3,
+                }
+            ],
+            "calibration": {"samples": 8, "seq_len": 256},
+        }
+    )
     calib = calibration_windows(tokenizer, recipe.calibration)
     result = apply_stage(model, recipe.stages[0], StageContext(tokenizer, lambda: calib, progress=False))
     assert result.summary["ffns"] == 2 and result.summary["ffn_flops_ratio"] == pytest.approx(0.5, abs=0.01)

@@ -1,4 +1,5 @@
 """The factorllm stage through the pipeline: checkpoint round trip, shipped recipes, bad input."""
+
 import json
 import re
 from pathlib import Path
@@ -17,7 +18,6 @@ from compress.models import load_folder, save_folder
 from compress.modules import MoEFeedForward
 from compress.pipeline import apply_stage, compress_model
 from compress.recipe import parse_recipe
-
 from tests.tiny import make_tiny_llama
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -36,14 +36,32 @@ def test_round_trip_after_training_gives_identical_logits(tmp_path, smol_tokeniz
     vocab = len(smol_tokenizer)
     model = make_tiny_llama(vocab_size=vocab)
     calib = windows(vocab=vocab)
-    recipe, result = run(model, {"experts": 3, "top_k": 1, "shared_experts": 1, "combine": "weights",
-                                 "trainable": "router+experts", "train": {"steps": 2, "batch_size": 4}}, calib)
+    recipe, result = run(
+        model,
+        {
+            "experts": 3,
+            "top_k": 1,
+            "shared_experts": 1,
+            "combine": "weights",
+            "trainable": "router+experts",
+            "train": {"steps": 2, "batch_size": 4},
+        },
+        calib,
+    )
     assert result.summary["ffn_flops_ratio"] < 0.6
     mark_compressed(model, recipe.model_dump(mode="json"))
     save_folder(model, smol_tokenizer, tmp_path / "model")
     spec = json.loads((tmp_path / "model" / "config.json").read_text())["quantization_config"]["modules"]
-    assert spec["model.layers.1.mlp"] == {"type": "moe_ffn", "hidden_size": 64, "expert_size": 40, "experts": 3,
-                                          "top_k": 1, "shared": 1, "combine": "weights", "activation": "silu"}
+    assert spec["model.layers.1.mlp"] == {
+        "type": "moe_ffn",
+        "hidden_size": 64,
+        "expert_size": 40,
+        "experts": 3,
+        "top_k": 1,
+        "shared": 1,
+        "combine": "weights",
+        "activation": "silu",
+    }
     ids = windows(2, 17, seed=5, vocab=vocab)
     with torch.no_grad():
         expected = model(ids).logits
@@ -77,24 +95,30 @@ def test_shipped_recipe_runs_on_a_tiny_model(name):
         assert torch.isfinite(model(windows(2, 16)).logits).all()
 
 
-@pytest.mark.parametrize("stage,message", [
-    ({"experts": 4, "top_k": 5}, "top_k (5) must not exceed experts (4)"),
-    ({"partition": "kmeans"}, "stages[0].partition"),
-    ({"combine": "mean"}, "stages[0].combine"),
-    ({"train": "router"}, "say what trains with trainable: router"),
-    ({"train": {"steps": 2, "scope": "layer"}}, "train.scope must be global"),
-])
+@pytest.mark.parametrize(
+    "stage,message",
+    [
+        ({"experts": 4, "top_k": 5}, "top_k (5) must not exceed experts (4)"),
+        ({"partition": "kmeans"}, "stages[0].partition"),
+        ({"combine": "mean"}, "stages[0].combine"),
+        ({"train": "router"}, "say what trains with trainable: router"),
+        ({"train": {"steps": 2, "scope": "layer"}}, "train.scope must be global"),
+    ],
+)
 def test_bad_config_is_rejected_in_one_line(stage, message):
     with pytest.raises(CompressError) as err:
         parse_recipe({"name": "t", "stages": [{"method": "factorllm", **stage}]})
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("stage,message", [
-    ({"experts": 6}, "intermediate size 160 is not divisible into experts + shared_experts = 6"),
-    ({"experts": 4, "shared_experts": 1, "router_fit": "none", "partition": "random"}, None),
-    ({"targets": [r"re:.*\.q_proj$"]}, "not a gated FFN"),
-])
+@pytest.mark.parametrize(
+    "stage,message",
+    [
+        ({"experts": 6}, "intermediate size 160 is not divisible into experts + shared_experts = 6"),
+        ({"experts": 4, "shared_experts": 1, "router_fit": "none", "partition": "random"}, None),
+        ({"targets": [r"re:.*\.q_proj$"]}, "not a gated FFN"),
+    ],
+)
 def test_shapes_and_targets_are_checked_before_any_work(stage, message):
     model = make_tiny_llama()
     if message is None:  # 160 = 5 * 32 splits fine

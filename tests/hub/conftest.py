@@ -1,4 +1,5 @@
 """Hub fixtures: one real run folder (tiny model, ~1 min) shared by every hub test, and a fake hub."""
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,12 @@ def tiny_model_folder(tmp_path_factory, smol_tokenizer) -> Path:
     from compress.models import save_folder
 
     folder = tmp_path_factory.mktemp("hub") / "tiny-model"
-    save_folder(make_tiny_llama(vocab_size=len(smol_tokenizer)), smol_tokenizer, folder,
-                extra={"base_model": BASE_MODEL, "license": "mit"})
+    save_folder(
+        make_tiny_llama(vocab_size=len(smol_tokenizer)),
+        smol_tokenizer,
+        folder,
+        extra={"base_model": BASE_MODEL, "license": "mit"},
+    )
     return folder
 
 
@@ -50,8 +55,11 @@ def run_dir(tmp_path_factory, tiny_model_folder) -> Path:
 
 
 def folder_digest(folder: Path) -> dict[str, tuple[int, str, float]]:
-    return {str(p.relative_to(folder)): (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime)
-            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime)
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ status, for the first ``times`` matches or always); 5xx/429 failures carry
 ``Retry-After: <retry_after>`` so huggingface_hub's backoff waits 1 s per retry instead of
 1, 2, 4, 8, 8 s.
 """
+
 from __future__ import annotations
 
 import base64
@@ -53,7 +54,7 @@ _REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
 @dataclass
 class Failure:
     method: str
-    path: str                 # regex, searched in the request path
+    path: str  # regex, searched in the request path
     status: int = 503
     times: int | None = None  # None = always
     hits: int = 0
@@ -76,19 +77,33 @@ class Request:
 
 
 class FakeHub:
-    def __init__(self, token: str = "hf_fake_write_token", refuse: int | None = None,
-                 failures: list[Failure] | None = None, multipart_threshold: int = 4 * MiB, chunk_size: int = 4 * MiB,
-                 max_requests: int = 400, lifetime_s: float = 120.0, socket_timeout: float = 15.0,
-                 retry_after: int = 0, max_body: int = 64 * MiB):
+    def __init__(
+        self,
+        token: str = "hf_fake_write_token",
+        refuse: int | None = None,
+        failures: list[Failure] | None = None,
+        multipart_threshold: int = 4 * MiB,
+        chunk_size: int = 4 * MiB,
+        max_requests: int = 400,
+        lifetime_s: float = 120.0,
+        socket_timeout: float = 15.0,
+        retry_after: int = 0,
+        max_body: int = 64 * MiB,
+    ):
         self.token, self.refuse, self.failures = token, refuse, list(failures or [])
         self.multipart_threshold, self.chunk_size = multipart_threshold, chunk_size
-        self.max_requests, self.lifetime_s, self.retry_after, self.max_body = max_requests, lifetime_s, retry_after, max_body
+        self.max_requests, self.lifetime_s, self.retry_after, self.max_body = (
+            max_requests,
+            lifetime_s,
+            retry_after,
+            max_body,
+        )
         self.repos: dict[str, Repo] = {}
-        self.lfs: dict[str, bytes] = {}          # oid -> content, verified
+        self.lfs: dict[str, bytes] = {}  # oid -> content, verified
         self.parts: dict[str, dict[int, bytes]] = {}
         self.requests: list[Request] = []
         self.unexpected: list[str] = []
-        self.errors: list[str] = []              # server-side problems (bad hashes, missing objects...)
+        self.errors: list[str] = []  # server-side problems (bad hashes, missing objects...)
         self.overflow = False
         self.lock = threading.Lock()
         hub = self
@@ -193,11 +208,16 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return self._error(400, "fake hub: request budget exhausted")
             for failure in fake.failures:
-                if failure.method == method and re.search(failure.path, path) and (
-                        failure.times is None or failure.hits < failure.times):
+                if (
+                    failure.method == method
+                    and re.search(failure.path, path)
+                    and (failure.times is None or failure.hits < failure.times)
+                ):
                     with fake.lock:
                         failure.hits += 1
-                    headers = {"Retry-After": str(fake.retry_after)} if failure.status in (429, 500, 502, 503, 504) else {}
+                    headers = (
+                        {"Retry-After": str(fake.retry_after)} if failure.status in (429, 500, 502, 503, 504) else {}
+                    )
                     return self._error(failure.status, f"fake hub: injected HTTP {failure.status}", headers)
             self._route(method, path, body, authorized)
         except Exception as exc:  # a bug in the fake must show up in the test, not hang it
@@ -222,8 +242,11 @@ class _Handler(BaseHTTPRequestHandler):
         """Hub-like refusals; True when the request may go on."""
         refuse = self.fake.refuse
         if refuse == 401 or not authorized:
-            self._error(401, "Invalid credentials in Authorization header",
-                        {"X-Error-Message": "Invalid credentials in Authorization header"})
+            self._error(
+                401,
+                "Invalid credentials in Authorization header",
+                {"X-Error-Message": "Invalid credentials in Authorization header"},
+            )
             return False
         if refuse == 403:
             self._error(403, "You don't have the rights to create a model under this namespace")
@@ -276,8 +299,9 @@ class _Handler(BaseHTTPRequestHandler):
         repo_id = f"{data.get('organization')}/{data['name']}"
         with self.fake.lock:
             if repo_id in self.fake.repos:  # the hub's 409 carries the url: create_repo(exist_ok=True) reads it
-                return self._send(409, {"error": "You already created this model repo",
-                                        "url": f"{self.fake.url}/{repo_id}"})
+                return self._send(
+                    409, {"error": "You already created this model repo", "url": f"{self.fake.url}/{repo_id}"}
+                )
             private = data.get("visibility", "private" if data.get("private") else "public") == "private"
             self.fake.repos[repo_id] = Repo(private=private)
         self._send(200, {"url": f"{self.fake.url}/{repo_id}", "name": repo_id})
@@ -304,8 +328,9 @@ class _Handler(BaseHTTPRequestHandler):
         for item in json.loads(body)["files"]:
             sample = base64.b64decode(item["sample"])
             lfs = item["path"].endswith(LFS_SUFFIXES) or item["size"] >= MiB or b"\x00" in sample
-            files.append({"path": item["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
-                          "oid": None})
+            files.append(
+                {"path": item["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": None}
+            )
         self._send(200, {"files": files, "commitOid": "0" * 40})
 
     def _lfs_batch(self, body, repo):
@@ -408,7 +433,15 @@ class _Handler(BaseHTTPRequestHandler):
         oid = hashlib.sha1(body).hexdigest()
         with self.fake.lock:
             info.branches[rev].update(files)
-            info.commits.append({"oid": oid, "branch": rev, "summary": lines[0]["value"].get("summary"),
-                                 "files": sorted(files)})
-        self._send(200, {"commitUrl": f"{self.fake.url}/{repo}/commit/{oid}", "commitOid": oid,
-                         "pullRequestUrl": None, "success": True})
+            info.commits.append(
+                {"oid": oid, "branch": rev, "summary": lines[0]["value"].get("summary"), "files": sorted(files)}
+            )
+        self._send(
+            200,
+            {
+                "commitUrl": f"{self.fake.url}/{repo}/commit/{oid}",
+                "commitOid": oid,
+                "pullRequestUrl": None,
+                "success": True,
+            },
+        )

@@ -1,4 +1,5 @@
 """The model card: metadata built with huggingface_hub, checked offline, round-tripped, readable body."""
+
 from __future__ import annotations
 
 import copy
@@ -51,17 +52,17 @@ def test_card_body_has_tables_protocol_loading_code_and_exact_recipe(intact_run)
     report = json.loads((intact_run / "report.json").read_text())
     size = report["size"]
     assert body.lstrip().startswith("# tiny-welore")
-    assert f"{size['params_before']:,} | {size['params_after']:,}" in body           # compression table
+    assert f"{size['params_before']:,} | {size['params_after']:,}" in body  # compression table
     assert f"{size['bytes_before']:,} | {size['bytes_after']:,}" in body
-    assert "| 0 | `welore` |" in body and "reduction: 0.3" in body                   # per-method settings
-    assert r"(q\|k\|v\|o\|gate\|up\|down)" in body                                 # pipes escaped in tables
-    assert "| wikipedia_ppl word_perplexity (lm-eval) |" in body                      # dense vs compressed
+    assert "| 0 | `welore` |" in body and "reduction: 0.3" in body  # per-method settings
+    assert r"(q\|k\|v\|o\|gate\|up\|down)" in body  # pipes escaped in tables
+    assert "| wikipedia_ppl word_perplexity (lm-eval) |" in body  # dense vs compressed
     assert PROTOCOL in body
     code = re.search(r"```python\n(.*?)```", body, re.S).group(1)
     assert code.startswith("import compress")
     assert f'AutoModelForCausalLM.from_pretrained("{REPO}", revision="exp")' in code
     recipe = re.search(r"```yaml\n(.*?)```", body, re.S).group(1)
-    assert recipe == (intact_run / "recipe.yaml").read_text()                         # the exact recipe
+    assert recipe == (intact_run / "recipe.yaml").read_text()  # the exact recipe
     assert "![ranks_stage0](ranks_stage0.png)" in body
     # each table row has as many cells as its header (escaped pipes do not split cells)
     for block in re.findall(r"((?:^\|.*\|\n)+)", body, re.M):
@@ -79,18 +80,21 @@ def test_card_without_hub_base_model_or_scores(intact_run):
     text = render_card(run, REPO)
     meta = ModelCard(text).data.to_dict()
     assert "base_model" not in meta and "base_model_relation" not in meta  # a local path is not a hub id
-    assert "model-index" not in meta                                          # NaN is not reported as a score
+    assert "model-index" not in meta  # NaN is not reported as a score
     assert "not a Hugging Face Hub model" in text and card_problems(text) == []
 
 
-@pytest.mark.parametrize("edit, problem", [
-    (("base_model_relation: finetune", "base_model_relation: pruned"), "base_model_relation 'pruned'"),
-    ((f"base_model: {BASE_MODEL}", "base_model: /home/me/model"), "not a hub model id"),
-    (("library_name: transformers", "library_name: compress"), "library_name"),
-    (("license: mit", "license: My License"), "license"),
-    (("      value: ", "      value: .nan #"), "not a finite number"),
-    (("  results:", "  resultz:"), "huggingface_hub rejects the metadata"),
-])
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (("base_model_relation: finetune", "base_model_relation: pruned"), "base_model_relation 'pruned'"),
+        ((f"base_model: {BASE_MODEL}", "base_model: /home/me/model"), "not a hub model id"),
+        (("library_name: transformers", "library_name: compress"), "library_name"),
+        (("license: mit", "license: My License"), "license"),
+        (("      value: ", "      value: .nan #"), "not a finite number"),
+        (("  results:", "  resultz:"), "huggingface_hub rejects the metadata"),
+    ],
+)
 def test_offline_checks_catch_bad_metadata(intact_run, edit, problem):
     text = render_card(intact_run, REPO).replace(*edit, 1)
     problems = card_problems(text)

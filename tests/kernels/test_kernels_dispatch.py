@@ -1,4 +1,5 @@
 """Dispatch rules, argument checks and the lean import of compress.kernels."""
+
 import os
 import subprocess
 import sys
@@ -52,8 +53,10 @@ def test_reference_backend_trains_in_bf16():
     y = K.lowrank_sparse_linear(**args)
     assert y.dtype == torch.bfloat16
     y.float().square().sum().backward()
-    assert all(args[name].grad is not None and args[name].grad.dtype == torch.bfloat16
-               for name in ("x", "U", "V", "sc_values", "bias"))
+    assert all(
+        args[name].grad is not None and args[name].grad.dtype == torch.bfloat16
+        for name in ("x", "U", "V", "sc_values", "bias")
+    )
 
 
 def test_argument_errors_name_the_problem():
@@ -96,7 +99,9 @@ def test_import_does_not_import_triton():
 
 
 def test_forced_triton_on_cpu_without_interpreter_explains_itself():
-    code = ("import torch, compress.kernels as K\n"
-            "K.lowrank_linear(torch.randn(2, 8), torch.randn(4, 3), torch.randn(3, 8))\n")
+    code = (
+        "import torch, compress.kernels as K\n"
+        "K.lowrank_linear(torch.randn(2, 8), torch.randn(4, 3), torch.randn(3, 8))\n"
+    )
     proc = _run(code, COMPRESS_KERNELS="triton")
     assert proc.returncode != 0 and "TRITON_INTERPRET=1" in proc.stderr, proc.stderr[-2000:]

@@ -1,5 +1,6 @@
 """The compiled kernels on a real GPU. This process runs Triton in interpreter mode (see conftest.py),
 so the GPU checks run in a fresh subprocess without TRITON_INTERPRET."""
+
 import os
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import torch
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
-    reason="needs a CUDA GPU; the same kernels are checked on CPU under TRITON_INTERPRET=1 by the other tests")
+    reason="needs a CUDA GPU; the same kernels are checked on CPU under TRITON_INTERPRET=1 by the other tests",
+)
 
 GPU_SUITE = """
 import sys, torch

@@ -1,5 +1,6 @@
 """The lowrank_linear Triton kernel (under TRITON_INTERPRET=1) against the float64 reference:
 forward and the gradient of every float input, NaN-poisoned outputs, verbose reports."""
+
 import pytest
 
 from compress.kernels.testing import CASES, DTYPES, check, dtype_id, report

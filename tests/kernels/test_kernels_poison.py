@@ -1,4 +1,5 @@
 """The harness itself: an output tile the kernel never writes must be reported, not pass by luck."""
+
 import pytest
 import torch
 
@@ -20,7 +21,7 @@ def test_unwritten_tile_is_reported(monkeypatch, interpreted):
     monkeypatch.setattr(triton_impl, "_lowrank_fwd_kernel", _DropLastTokenTile(triton_impl._lowrank_fwd_kernel))
     monkeypatch.setattr(triton_impl, "is_interpreted", lambda kernel: True)
     monkeypatch.setattr(triton_impl, "check_launchable", lambda *a: None)
-    case = CASES["lowrank_linear"][0]                    # 33 tokens = 2 tiles of 32
+    case = CASES["lowrank_linear"][0]  # 33 tokens = 2 tiles of 32
     results = check("lowrank_linear", case, torch.float32, backend="triton", backward=False)
     y = results[0]
     assert not y.ok and y.nonfinite == 63 and y.first_nonfinite == (32, 0), y.describe()

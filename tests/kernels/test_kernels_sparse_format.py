@@ -1,9 +1,15 @@
 """kernels/sparse_format.py: the column-wise fixed-count sparse format and its helpers."""
+
 import pytest
 import torch
 
-from compress.kernels.sparse_format import (check_colsparse, colsparse_to_dense, dense_to_colsparse,
-                                            dense_to_nm_colsparse, storage_bytes)
+from compress.kernels.sparse_format import (
+    check_colsparse,
+    colsparse_to_dense,
+    dense_to_colsparse,
+    dense_to_nm_colsparse,
+    storage_bytes,
+)
 
 
 def _sparse_with_s_per_column(k, n, s, seed=0):

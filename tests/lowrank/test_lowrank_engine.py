@@ -15,7 +15,6 @@ from compress.modules import LowRankLinear
 from compress.pipeline import apply_stage
 from compress.recipe import parse_recipe
 from compress.targets import replace_module, select_modules
-
 from tests.tiny import make_tiny_llama
 
 TARGETS = [r"re:.*\.(q|k|v|o|gate|up|down)_proj$"]
@@ -48,8 +47,9 @@ def test_sequential_stats_equal_direct_computation():
             A, B = truncated_svd_factors(module.weight, 4)
             replace_module(model, name, LowRankLinear.from_factors(A, B, module.bias))
 
-    calibrate_sequentially(model, modules, windows, on_layer, sequential=True, cross=True, dense_cov=True,
-                           batch_size=4)  # 6 windows: batches of 4 and 2
+    calibrate_sequentially(
+        model, modules, windows, on_layer, sequential=True, cross=True, dense_cov=True, batch_size=4
+    )  # 6 windows: batches of 4 and 2
     # layer 1's attention inputs depend only on layer 0, which is compressed in the final model
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.k_proj"):
         Xc = _direct_input_cov(model, name, windows)
@@ -74,6 +74,7 @@ def _compress_rank(rank, seen, calls, model):
             seen[name] = stats[name]
             A, B = truncated_svd_factors(module.weight, rank)
             replace_module(model, name, LowRankLinear.from_factors(A, B, module.bias))
+
     return on_layer
 
 
@@ -85,8 +86,17 @@ def test_sublayer_stats_are_the_inputs_of_the_final_model():
     dense = copy.deepcopy(model)
     windows = _windows()
     seen, calls = {}, []
-    calibrate_sequentially(model, select_modules(model, TARGETS), windows, _compress_rank(4, seen, calls, model),
-                           sequential=True, sublayer=True, cross=True, dense_cov=True, batch_size=4)
+    calibrate_sequentially(
+        model,
+        select_modules(model, TARGETS),
+        windows,
+        _compress_rank(4, seen, calls, model),
+        sequential=True,
+        sublayer=True,
+        cross=True,
+        dense_cov=True,
+        batch_size=4,
+    )
     assert calls == [["k_proj", "q_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]] * 2
     for name in seen:
         Xc = _direct_input_cov(model, name, windows)
@@ -104,8 +114,14 @@ def test_layer_granular_stats_miss_the_compressed_qkv():
     model = make_tiny_llama()
     windows = _windows()
     seen, calls = {}, []
-    calibrate_sequentially(model, select_modules(model, TARGETS), windows, _compress_rank(2, seen, calls, model),
-                           sequential=True, batch_size=4)
+    calibrate_sequentially(
+        model,
+        select_modules(model, TARGETS),
+        windows,
+        _compress_rank(2, seen, calls, model),
+        sequential=True,
+        batch_size=4,
+    )
     assert len(calls) == 2
     name = "model.layers.0.self_attn.o_proj"
     X = _direct_input_cov(model, name, windows)
@@ -144,10 +160,18 @@ def _loss(model, windows):
         return float(model(input_ids=windows, labels=windows).loss)
 
 
-@pytest.mark.parametrize("backend,extra", [("asvd", {}), ("whiten", {}), ("whiten_dense_target", {"shrinkage": 0.1}),
-                                           ("whiten", {"refine": True}), ("svd", {"refine": True}),
-                                           ("whiten", {"sequential": False}),
-                                           ("whiten_dense_target", {"sublayer": True, "shrinkage": 0.1})])
+@pytest.mark.parametrize(
+    "backend,extra",
+    [
+        ("asvd", {}),
+        ("whiten", {}),
+        ("whiten_dense_target", {"shrinkage": 0.1}),
+        ("whiten", {"refine": True}),
+        ("svd", {"refine": True}),
+        ("whiten", {"sequential": False}),
+        ("whiten_dense_target", {"sublayer": True, "shrinkage": 0.1}),
+    ],
+)
 def test_backends_through_the_pipeline(backend, extra):
     model = make_tiny_llama()
     windows = _windows()
@@ -174,9 +198,11 @@ def test_activation_aware_beats_plain_svd_on_calibration_loss():
 def test_sensitivity_allocation_meets_the_budget():
     model = make_tiny_llama()
     windows = _windows()
-    result = apply_stage(model, _stage(reduction=0.4, backend="whiten", allocation="sensitivity",
-                                       sensitivity_windows=4),
-                         StageContext(None, lambda: windows, progress=False))
+    result = apply_stage(
+        model,
+        _stage(reduction=0.4, backend="whiten", allocation="sensitivity", sensitivity_windows=4),
+        StageContext(None, lambda: windows, progress=False),
+    )
     assert 0.4 <= result.summary["achieved_reduction"] <= 0.405
     ranks = {r["rank"] for r in result.rows}
     assert len(ranks) > 1  # not uniform
@@ -186,8 +212,20 @@ def test_sensitivity_allocation_meets_the_budget():
 def test_calibrated_model_save_load_round_trip(tmp_path, smol_tokenizer):
     model = make_tiny_llama(vocab_size=len(smol_tokenizer))
     windows = _windows(vocab=len(smol_tokenizer))
-    recipe = parse_recipe({"name": "t", "stages": [{"method": "lowrank", "targets": TARGETS, "reduction": 0.3,
-                                                    "backend": "whiten_dense_target", "shrinkage": 0.1}]})
+    recipe = parse_recipe(
+        {
+            "name": "t",
+            "stages": [
+                {
+                    "method": "lowrank",
+                    "targets": TARGETS,
+                    "reduction": 0.3,
+                    "backend": "whiten_dense_target",
+                    "shrinkage": 0.1,
+                }
+            ],
+        }
+    )
     apply_stage(model, recipe.stages[0], StageContext(smol_tokenizer, lambda: windows, progress=False))
     mark_compressed(model, recipe.model_dump(mode="json"))
     save_folder(model, smol_tokenizer, tmp_path / "m")
@@ -205,10 +243,18 @@ def test_engine_replays_per_layer_kind_kwargs_gemma3(sublayer):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(0)
-    config = Gemma3TextConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
-                              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                              max_position_embeddings=128)
+    config = Gemma3TextConfig(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        max_position_embeddings=128,
+    )
     model = Gemma3ForCausalLM(config).eval()
     windows = _windows(n=3, seq=16)
     seen = {}
@@ -217,8 +263,9 @@ def test_engine_replays_per_layer_kind_kwargs_gemma3(sublayer):
         seen.update(stats)
 
     targets = select_modules(model, [r"re:.*\.(q_proj|down_proj)$"])
-    calibrate_sequentially(model, targets, windows, on_layer, sequential=True, sublayer=sublayer, cross=sublayer,
-                           batch_size=2)
+    calibrate_sequentially(
+        model, targets, windows, on_layer, sequential=True, sublayer=sublayer, cross=sublayer, batch_size=2
+    )
     for name in ("model.layers.2.self_attn.q_proj", "model.layers.2.mlp.down_proj", "model.layers.1.mlp.down_proj"):
         X = _direct_input_cov(model, name, windows)
         assert torch.allclose(seen[name]["cov"], X.T @ X / X.shape[0], rtol=1e-4, atol=1e-6), name

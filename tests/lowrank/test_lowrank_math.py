@@ -3,9 +3,17 @@ import math
 import pytest
 import torch
 
-from compress.lowrank_math import (allocate_ranks, asvd_factors, breakeven_rank, damped_cholesky, output_error,
-                                   refine_factors, truncated_svd_factors, truncation_error_profile,
-                                   whitened_factors)
+from compress.lowrank_math import (
+    allocate_ranks,
+    asvd_factors,
+    breakeven_rank,
+    damped_cholesky,
+    output_error,
+    refine_factors,
+    truncated_svd_factors,
+    truncation_error_profile,
+    whitened_factors,
+)
 
 
 def _data(m=24, n=16, tokens=200, seed=0):
@@ -41,8 +49,7 @@ def test_whitening_is_optimal_on_its_objective():
 @pytest.mark.parametrize("kind", ["rank_deficient", "zeros", "huge"])
 def test_damping_keeps_factors_finite(kind):
     W, X = _data(n=16, tokens=5)  # 5 tokens: covariance of rank 5 < 16
-    C = {"rank_deficient": X @ X.T, "zeros": torch.zeros(16, 16, dtype=torch.float64),
-         "huge": 1e12 * (X @ X.T)}[kind]
+    C = {"rank_deficient": X @ X.T, "zeros": torch.zeros(16, 16, dtype=torch.float64), "huge": 1e12 * (X @ X.T)}[kind]
     L, eps = damped_cholesky(C)
     assert torch.isfinite(L).all() and eps > 0
     A, B = whitened_factors(W, C, 4, shrinkage=0.0)
@@ -86,8 +93,11 @@ def test_error_profile_matches_direct_truncation(backend):
     prof = truncation_error_profile(W, C, f, backend=backend, abs_mean=absm)
     assert prof.shape == (17,) and prof[-1] == 0
     for k in (1, 4, 10):
-        A, B = {"svd": lambda: truncated_svd_factors(W, k), "asvd": lambda: asvd_factors(W, absm, k),
-                "whiten": lambda: whitened_factors(W, C, k)}[backend]()
+        A, B = {
+            "svd": lambda: truncated_svd_factors(W, k),
+            "asvd": lambda: asvd_factors(W, absm, k),
+            "whiten": lambda: whitened_factors(W, C, k),
+        }[backend]()
         D = W - A @ B
         direct = float((f * (D @ C * D).sum(1)).sum())
         assert math.isclose(float(prof[k]), direct, rel_tol=1e-6, abs_tol=1e-10)

@@ -1,4 +1,5 @@
 """The shipped low-rank recipes validate and run end to end on a tiny model (tiny calibration windows)."""
+
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,6 @@ import torch
 from compress.methods.base import StageContext
 from compress.pipeline import compress_model
 from compress.recipe import load_recipe
-
 from tests.tiny import make_tiny_llama
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"

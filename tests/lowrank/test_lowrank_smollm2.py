@@ -1,4 +1,5 @@
 """Integration: activation-aware low-rank on the real SmolLM2-135M (2 layers' MLPs, tiny calibration)."""
+
 import math
 
 import pytest
@@ -7,27 +8,36 @@ from compress.eval.corpora import load_documents
 from compress.eval.perplexity import perplexity
 from compress.eval.windows import token_windows
 from compress.methods.base import StageContext
-from compress.models import load_model
 from compress.pipeline import apply_stage
 from compress.recipe import parse_recipe
 
 pytestmark = pytest.mark.integration
 
 
-def test_whitening_far_better_than_plain_svd_on_smollm2(smollm2_folder):
-    loaded = load_model("smollm2-135m")
+def test_whitening_far_better_than_plain_svd_on_smollm2(smollm2_loaded):
+    import copy
+
+    loaded = smollm2_loaded
     tokenizer = loaded.tokenizer
     calib = token_windows(tokenizer, load_documents("wikipedia", "calibration"), 128, 4)
     held = token_windows(tokenizer, load_documents("wikipedia", "heldout"), 512, 2)
     dense_ppl = perplexity(loaded.model, held, progress=False)["perplexity"]
     ppl = {}
     for backend in ("svd", "whiten"):
-        model = loaded.model
-        if backend != "svd":
-            model = load_model("smollm2-135m").model
-        stage = parse_recipe({"name": "t", "stages": [{
-            "method": "lowrank", "targets": [r"re:.*\.layers\.[01]\.mlp\.(gate|up|down)_proj$"],
-            "reduction": 0.6, "backend": backend}]}).stages[0]
+        model = copy.deepcopy(loaded.model)  # the session's model stays dense for the other tests
+        stage = parse_recipe(
+            {
+                "name": "t",
+                "stages": [
+                    {
+                        "method": "lowrank",
+                        "targets": [r"re:.*\.layers\.[01]\.mlp\.(gate|up|down)_proj$"],
+                        "reduction": 0.6,
+                        "backend": backend,
+                    }
+                ],
+            }
+        ).stages[0]
         result = apply_stage(model, stage, StageContext(tokenizer, lambda: calib, progress=False))
         assert abs(result.summary["achieved_reduction"] - 0.6) < 0.005
         ppl[backend] = perplexity(model, held, progress=False)["perplexity"]

@@ -3,6 +3,7 @@ count moves as promised, save -> from_pretrained gives identical logits, and a b
 
 A method added to the registry must get a case here (the last test enforces it).
 """
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -10,7 +11,6 @@ from transformers import AutoModelForCausalLM
 import compress
 from compress.errors import CompressError
 from compress.registry import all_methods
-
 from tests.tiny import make_tiny_llama
 
 MLP = r"re:.*\.mlp\.(gate|up|down)_proj$"
@@ -18,16 +18,54 @@ MLP = r"re:.*\.mlp\.(gate|up|down)_proj$"
 CASES = [
     ("welore", [{"method": "welore", "reduction": 0.3}], "fewer"),
     ("lowrank-svd", [{"method": "lowrank", "reduction": 0.3}], "fewer"),
-    ("lowrank-dense-target-layer-training", [{"method": "lowrank", "reduction": 0.3, "backend": "whiten_dense_target",
-                                              "sublayer": True, "shrinkage": 0.1,
-                                              "train": {"steps": 3, "scope": "layer", "lr": 1e-3}}], "fewer"),
-    ("lowrank_attention-kv-groups", [{"method": "lowrank_attention", "reduction": 0.4, "backend": "whiten",
-                                      "kv_groups": 2}], "fewer"),
-    ("dsformer-trained", [{"method": "dsformer", "targets": [MLP], "reduction": 0.3, "iters": 3,
-                           "scaling": "activation", "train": {"steps": 2}}], "fewer"),
+    (
+        "lowrank-dense-target-layer-training",
+        [
+            {
+                "method": "lowrank",
+                "reduction": 0.3,
+                "backend": "whiten_dense_target",
+                "sublayer": True,
+                "shrinkage": 0.1,
+                "train": {"steps": 3, "scope": "layer", "lr": 1e-3},
+            }
+        ],
+        "fewer",
+    ),
+    (
+        "lowrank_attention-kv-groups",
+        [{"method": "lowrank_attention", "reduction": 0.4, "backend": "whiten", "kv_groups": 2}],
+        "fewer",
+    ),
+    (
+        "dsformer-trained",
+        [
+            {
+                "method": "dsformer",
+                "targets": [MLP],
+                "reduction": 0.3,
+                "iters": 3,
+                "scaling": "activation",
+                "train": {"steps": 2},
+            }
+        ],
+        "fewer",
+    ),
     ("lost-whiten", [{"method": "lost", "targets": [MLP], "reduction": 0.3, "scaling": "whiten"}], "fewer"),
-    ("factorllm", [{"method": "factorllm", "experts": 4, "top_k": 2, "router_fit_windows": 4,
-                    "cluster_tokens": 64, "train": {"steps": 2}}], "more"),
+    (
+        "factorllm",
+        [
+            {
+                "method": "factorllm",
+                "experts": 4,
+                "top_k": 2,
+                "router_fit_windows": 4,
+                "cluster_tokens": 64,
+                "train": {"steps": 2},
+            }
+        ],
+        "more",
+    ),
     ("ofa_embedding", [{"method": "ofa_embedding", "dim": 16, "weighting": "frequency"}], "fewer"),
     ("welore+finetune", [{"method": "welore", "reduction": 0.3}, {"method": "finetune", "steps": 2}], "fewer"),
 ]
@@ -88,8 +126,13 @@ def test_every_registered_method_has_a_case():
 
 
 def test_layer_local_training_brings_each_layer_closer_to_the_dense_one():
-    stage = {"method": "lowrank", "reduction": 0.5, "backend": "whiten", "sequential": True,
-             "train": {"steps": 30, "scope": "layer", "lr": 3e-3, "batch_size": 4}}
+    stage = {
+        "method": "lowrank",
+        "reduction": 0.5,
+        "backend": "whiten",
+        "sequential": True,
+        "train": {"steps": 30, "scope": "layer", "lr": 3e-3, "batch_size": 4},
+    }
     model = compress.compress(make_tiny_llama(), [stage], calibration=_windows(16, 32), progress=False)
     training = model.compression.stages[0].summary["training"]
     assert training["scope"] == "layer" and training["layers"] == 2 and training["steps_per_layer"] == 30

@@ -1,4 +1,5 @@
 """dsformer: budget, IHT/ALS fit, STF training, config validation."""
+
 import pytest
 import torch
 
@@ -28,8 +29,15 @@ def _windows(n=12, length=48, vocab=256):
 CTX = StageContext(tokenizer=None, calibration_windows=_windows, progress=False)
 
 
-@pytest.mark.parametrize("kw", [dict(reduction=0.3), dict(reduction=0.5, sparsity=0.5),
-                                dict(reduction=0.4, nnz_per_column=6), dict(reduction=0.5, pattern="2:4")])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(reduction=0.3),
+        dict(reduction=0.5, sparsity=0.5),
+        dict(reduction=0.4, nnz_per_column=6),
+        dict(reduction=0.5, pattern="2:4"),
+    ],
+)
 def test_budget_is_met_and_counted(tiny_llama, kw):
     result = apply_stage(tiny_llama, _stage(iters=3, **kw), CTX)
     s = result.summary
@@ -94,8 +102,11 @@ def test_stf_forward_projects_and_backward_goes_straight_through():
 
 
 def test_stf_training_lowers_the_loss(tiny_llama):
-    result = apply_stage(tiny_llama, _stage(reduction=0.4, iters=5, train={"steps": 12, "lr": 3e-3, "batch_size": 4,
-                                                                        "eval_windows": 4}), CTX)
+    result = apply_stage(
+        tiny_llama,
+        _stage(reduction=0.4, iters=5, train={"steps": 12, "lr": 3e-3, "batch_size": 4, "eval_windows": 4}),
+        CTX,
+    )
     training = result.summary["training"]
     assert training["steps"] == 12 and training["tokens"] > 0
     assert training["calibration_loss_after"] < training["calibration_loss_before"] - 0.05
@@ -113,17 +124,20 @@ def test_activation_scaling_runs_layer_by_layer(tiny_llama):
     assert torch.isfinite(tiny_llama(_windows()[:2]).logits).all()
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(reduction=1.5), "stages[0].reduction"),
-    (dict(reduction=0.3, sparsity=0.5, nnz_per_column=4), "at most one of 'sparsity' or 'nnz_per_column'"),
-    (dict(reduction=0.3, pattern="2:4", sparsity=0.7), "stages[0]: pattern '2:4'"),
-    (dict(reduction=0.3, train={"steps": 5, "warmup_steps": 5}), "stages[0].train: warmup_steps"),
-    (dict(reduction=0.3, steps=5), "stages[0].steps: unknown field"),
-    (dict(reduction=0.3, rank=4), "stages[0].rank: unknown field"),
-    (dict(reduction=0.3, scaling="pca"), "stages[0].scaling"),
-    (dict(reduction=0.3, scaling="whiten", shrinkage=-1), "stages[0].shrinkage"),
-    (dict(), "stages[0].reduction"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(reduction=1.5), "stages[0].reduction"),
+        (dict(reduction=0.3, sparsity=0.5, nnz_per_column=4), "at most one of 'sparsity' or 'nnz_per_column'"),
+        (dict(reduction=0.3, pattern="2:4", sparsity=0.7), "stages[0]: pattern '2:4'"),
+        (dict(reduction=0.3, train={"steps": 5, "warmup_steps": 5}), "stages[0].train: warmup_steps"),
+        (dict(reduction=0.3, steps=5), "stages[0].steps: unknown field"),
+        (dict(reduction=0.3, rank=4), "stages[0].rank: unknown field"),
+        (dict(reduction=0.3, scaling="pca"), "stages[0].scaling"),
+        (dict(reduction=0.3, scaling="whiten", shrinkage=-1), "stages[0].shrinkage"),
+        (dict(), "stages[0].reduction"),
+    ],
+)
 def test_bad_configs_are_rejected_with_the_field_path(kw, message):
     with pytest.raises(CompressError) as err:
         _stage(**kw)
@@ -131,8 +145,9 @@ def test_bad_configs_are_rejected_with_the_field_path(kw, message):
 
 
 def test_non_linear_targets_are_rejected(tiny_llama):
-    stage = parse_recipe({"name": "t", "stages": [{"method": "dsformer", "targets": ["LlamaRMSNorm"],
-                                                   "reduction": 0.3}]}).stages[0]
+    stage = parse_recipe(
+        {"name": "t", "stages": [{"method": "dsformer", "targets": ["LlamaRMSNorm"], "reduction": 0.3}]}
+    ).stages[0]
     with pytest.raises(CompressError, match="not a Linear"):
         apply_stage(tiny_llama, stage, CTX)
 
@@ -156,7 +171,7 @@ def test_whitened_fit_minimises_the_output_error():
     L = torch.linalg.cholesky(C).float()
 
     def out_err(D, S):
-        return float((((W - D @ S) @ L).norm() / (W @ L).norm()))
+        return float(((W - D @ S) @ L).norm() / (W @ L).norm())
 
     assert out_err(f.D, f.S) == pytest.approx(f.final_error, rel=1e-3)
     assert f.final_error < 0.8 * f.initial_error

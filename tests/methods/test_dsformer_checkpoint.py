@@ -1,4 +1,5 @@
 """Checkpoint round trip for DenseSparseLinear (dsformer) and LowRankSparseLinear (lost)."""
+
 import json
 
 import pytest
@@ -14,15 +15,22 @@ from compress.models import load_folder, save_folder
 from compress.modules import DenseSparseLinear, LowRankSparseLinear
 from compress.pipeline import compress_model
 from compress.recipe import parse_recipe
-
 from tests.tiny import make_tiny_llama
 
-RECIPE = {"name": "t", "stages": [
-    {"method": "dsformer", "targets": [r"re:.*layers\.0\.mlp\..*_proj$"], "reduction": 0.4, "iters": 3},
-    {"method": "dsformer", "targets": [r"re:.*layers\.1\.self_attn\.[qo]_proj$"], "reduction": 0.5,
-     "pattern": "2:4", "iters": 2},
-    {"method": "lost", "targets": [r"re:.*layers\.1\.mlp\..*_proj$"], "reduction": 0.4, "sparse_fraction": 0.2},
-]}
+RECIPE = {
+    "name": "t",
+    "stages": [
+        {"method": "dsformer", "targets": [r"re:.*layers\.0\.mlp\..*_proj$"], "reduction": 0.4, "iters": 3},
+        {
+            "method": "dsformer",
+            "targets": [r"re:.*layers\.1\.self_attn\.[qo]_proj$"],
+            "reduction": 0.5,
+            "pattern": "2:4",
+            "iters": 2,
+        },
+        {"method": "lost", "targets": [r"re:.*layers\.1\.mlp\..*_proj$"], "reduction": 0.4, "sparse_fraction": 0.2},
+    ],
+}
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
 """Integration: dsformer + lost on a few MLP layers of the real SmolLM2-135M, saved, reloaded, evaluated."""
+
 import math
 
 import pytest
@@ -29,12 +30,25 @@ def test_smollm2_mlp_layers_compress_reload_and_evaluate(smollm2_folder, tmp_pat
     model, tokenizer, _ = load_folder(smollm2_folder)
     windows = token_windows(tokenizer, load_documents("wikipedia", "heldout"), 512, 2)
     dense_ppl = perplexity(model, windows, batch_size=2, progress=False)["perplexity"]
-    recipe = parse_recipe({"name": "smoke", "stages": [
-        {"method": "dsformer", "targets": [r"re:model\.layers\.10\.mlp\.(gate|up|down)_proj"], "reduction": 0.3,
-         "iters": 6},
-        {"method": "lost", "targets": [r"re:model\.layers\.12\.mlp\.(gate|up|down)_proj"], "reduction": 0.3,
-         "refine_iters": 1},
-    ]})
+    recipe = parse_recipe(
+        {
+            "name": "smoke",
+            "stages": [
+                {
+                    "method": "dsformer",
+                    "targets": [r"re:model\.layers\.10\.mlp\.(gate|up|down)_proj"],
+                    "reduction": 0.3,
+                    "iters": 6,
+                },
+                {
+                    "method": "lost",
+                    "targets": [r"re:model\.layers\.12\.mlp\.(gate|up|down)_proj"],
+                    "reduction": 0.3,
+                    "refine_iters": 1,
+                },
+            ],
+        }
+    )
     results = compress_model(model, recipe, StageContext(tokenizer, lambda: None, progress=False))
     for result in results:
         assert 0.3 <= result.summary["achieved_reduction"] < 0.301

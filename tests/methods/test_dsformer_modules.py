@@ -1,4 +1,5 @@
 """DenseSparseLinear and LowRankSparseLinear: exact against their dense reconstruction."""
+
 import pytest
 import torch
 
@@ -50,10 +51,15 @@ def test_two_four_pattern_is_a_special_case():
     assert layer.spec()["pattern"] == "2:4"
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(k=0, s=1), "k=0"), (dict(k=4, s=5), "s=5"), (dict(k=6, s=3, pattern="2:4"), "2:4"),
-    (dict(k=4, s=2, pattern="3:8"), "pattern"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(k=0, s=1), "k=0"),
+        (dict(k=4, s=5), "s=5"),
+        (dict(k=6, s=3, pattern="2:4"), "2:4"),
+        (dict(k=4, s=2, pattern="3:8"), "pattern"),
+    ],
+)
 def test_dense_sparse_rejects_bad_shapes(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DenseSparseLinear(10, 10, **kwargs)

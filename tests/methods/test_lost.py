@@ -1,4 +1,5 @@
 """lost: budget, channel selection, refinement, training, config validation."""
+
 import pytest
 import torch
 
@@ -73,22 +74,26 @@ def test_reconstruction_matches_the_reported_error_and_refinement_helps():
 
 
 def test_activation_scaling_and_training(tiny_llama):
-    result = apply_stage(tiny_llama, _stage(reduction=0.4, scaling="activation",
-                                            train={"steps": 10, "lr": 3e-3, "batch_size": 4}), CTX)
+    result = apply_stage(
+        tiny_llama, _stage(reduction=0.4, scaling="activation", train={"steps": 10, "lr": 3e-3, "batch_size": 4}), CTX
+    )
     assert result.summary["calibration"]["layers"] == 2
     training = result.summary["training"]
     assert training["calibration_loss_after"] < training["calibration_loss_before"] - 0.05
     assert all(isinstance(m, LowRankSparseLinear) for n, m in tiny_llama.named_modules() if n.endswith("up_proj"))
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(reduction=0.3, sparse_fraction=1.0), "stages[0].sparse_fraction"),
-    (dict(reduction=0.3, sparse_fraction="half"), "stages[0].sparse_fraction"),
-    (dict(reduction=0.0), "stages[0].reduction"),
-    (dict(reduction=0.3, refine_iters=-1), "stages[0].refine_iters"),
-    (dict(reduction=0.3, channels=4), "stages[0].channels: unknown field"),
-    (dict(reduction=0.3, train={"steps": 3, "warmup_steps": 4}), "stages[0].train: warmup_steps"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(reduction=0.3, sparse_fraction=1.0), "stages[0].sparse_fraction"),
+        (dict(reduction=0.3, sparse_fraction="half"), "stages[0].sparse_fraction"),
+        (dict(reduction=0.0), "stages[0].reduction"),
+        (dict(reduction=0.3, refine_iters=-1), "stages[0].refine_iters"),
+        (dict(reduction=0.3, channels=4), "stages[0].channels: unknown field"),
+        (dict(reduction=0.3, train={"steps": 3, "warmup_steps": 4}), "stages[0].train: warmup_steps"),
+    ],
+)
 def test_bad_configs_are_rejected_with_the_field_path(kw, message):
     with pytest.raises(CompressError) as err:
         _stage(**kw)

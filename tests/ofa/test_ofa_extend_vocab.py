@@ -1,9 +1,10 @@
 """extend_vocab: the .vec reader, OFA's initialisation rules, and the stage on SmolLM2's real tokenizer."""
+
 import math
 
 import pytest
-import yaml
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import compress  # noqa: F401  registers the checkpoint format
@@ -16,15 +17,35 @@ from compress.models import load_folder, save_folder
 from compress.modules import FactorizedEmbedding, TiedFactorizedLMHead
 from compress.pipeline import apply_stage
 from compress.recipe import parse_recipe
-
 from tests.tiny import make_tiny_llama
 
 NEW_WORDS = ["quokkaburger", "zeptowidget", "flibbertastic"]  # the last has no vector: random
-COMMON = ["the", "cat", "dog", "house", "river", "king", "queen", "apple", "water", "city", "music", "green",
-          "small", "run", "book", "light", "stone", "bird", "tree", "road"]
+COMMON = [
+    "the",
+    "cat",
+    "dog",
+    "house",
+    "river",
+    "king",
+    "queen",
+    "apple",
+    "water",
+    "city",
+    "music",
+    "green",
+    "small",
+    "run",
+    "book",
+    "light",
+    "stone",
+    "bird",
+    "tree",
+    "road",
+]
 
 
 # ------------------------------------------------------------------ .vec reader
+
 
 def test_read_vec_with_and_without_header(tmp_path):
     (tmp_path / "h.vec").write_text("2 3\ncat 1 2 3 \ndog 0.5 -1 2e-1\n")
@@ -36,13 +57,16 @@ def test_read_vec_with_and_without_header(tmp_path):
     assert read_vec(tmp_path / "h.vec", max_words=1)[0] == ["cat"]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("cat 1 2 3\ndog 1 2\n", "line 2: 2 values, expected 3"),
-    ("2 3\ncat 1 2\n", "line 2: 2 values, expected 3"),
-    ("cat 1 x 3\n", "line 1: non-numeric"),
-    ("cat\n", "line 1: expected 'word v1 ... vd'"),
-    ("", "holds no vectors"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("cat 1 2 3\ndog 1 2\n", "line 2: 2 values, expected 3"),
+        ("2 3\ncat 1 2\n", "line 2: 2 values, expected 3"),
+        ("cat 1 x 3\n", "line 1: non-numeric"),
+        ("cat\n", "line 1: expected 'word v1 ... vd'"),
+        ("", "holds no vectors"),
+    ],
+)
 def test_malformed_vec_is_a_one_line_error(tmp_path, text, message):
     path = tmp_path / "bad.vec"
     path.write_text(text)
@@ -52,6 +76,7 @@ def test_malformed_vec_is_a_one_line_error(tmp_path, text, message):
 
 
 # ------------------------------------------------------------------ OFA's rules
+
 
 def _brute_force_row(vector, source_vectors, source_rows, neighbours, temperature):
     scored = []
@@ -66,8 +91,13 @@ def _brute_force_row(vector, source_vectors, source_rows, neighbours, temperatur
 
 def _unambiguous_neighbours(vector, source_vectors, start=10):
     """Smallest n >= start with no tie at the n-th place (tokens spelling the same word share a vector)."""
-    cos = sorted((float(vector.double() @ u.double() / (vector.double().norm() * u.double().norm()))
-                  for u in source_vectors.values()), reverse=True)
+    cos = sorted(
+        (
+            float(vector.double() @ u.double() / (vector.double().norm() * u.double().norm()))
+            for u in source_vectors.values()
+        ),
+        reverse=True,
+    )
     return next(n for n in range(start, len(cos)) if cos[n - 1] - cos[n] > 1e-9)
 
 
@@ -78,8 +108,17 @@ def test_ofa_rows_copy_average_and_randomise():
     target_vocab = {"s3": 0, "new_a": 1, "s7": 2, "new_b": 3, "new_c": 4}
     source_vectors = {i: torch.randn(6, generator=g) for i in range(0, 30, 2)}  # half the source has vectors
     target_vectors = {1: torch.randn(6, generator=g), 3: source_vectors[4] * 2, 0: torch.randn(6, generator=g)}
-    rows, kinds = ofa_rows(source_rows, source_vocab, target_vocab, source_vectors, target_vectors, 5,
-                           neighbours=4, temperature=0.1, generator=torch.Generator().manual_seed(1))
+    rows, kinds = ofa_rows(
+        source_rows,
+        source_vocab,
+        target_vocab,
+        source_vectors,
+        target_vectors,
+        5,
+        neighbours=4,
+        temperature=0.1,
+        generator=torch.Generator().manual_seed(1),
+    )
     assert kinds.tolist() == [COPIED, NEIGHBOURS, COPIED, NEIGHBOURS, RANDOM]  # a shared token ignores its vector
     assert torch.equal(rows[0], source_rows[3].double()) and torch.equal(rows[2], source_rows[7].double())
     for tid in (1, 3):
@@ -106,6 +145,7 @@ def test_subword_vectors_direct_hits_and_means(smol_tokenizer):
 
 # ------------------------------------------------------------------ the stage, on SmolLM2's tokenizer
 
+
 @pytest.fixture(scope="module")
 def new_tokenizer_dir(tmp_path_factory, smol_tokenizer):
     folder = tmp_path_factory.mktemp("tok")
@@ -122,8 +162,10 @@ def vec_file(tmp_path_factory):
     vectors = torch.randn(len(words), 8, generator=g)
     vectors[-2] = vectors[COMMON.index("cat")] + 0.1 * vectors[-2]  # quokkaburger lives near "cat"
     path = tmp_path_factory.mktemp("vec") / "aligned.vec"
-    path.write_text(f"{len(words)} 8\n" + "".join(w + " " + " ".join(f"{x:.6f}" for x in v.tolist()) + "\n"
-                                                  for w, v in zip(words, vectors)))
+    path.write_text(
+        f"{len(words)} 8\n"
+        + "".join(w + " " + " ".join(f"{x:.6f}" for x in v.tolist()) + "\n" for w, v in zip(words, vectors))
+    )
     return path
 
 
@@ -200,8 +242,12 @@ def test_extend_dense_model(smol_tokenizer, new_tokenizer_dir, vec_file, tie):
 
 def test_missing_tokenizer_is_a_parse_error(tmp_path, vec_file):
     with pytest.raises(CompressError, match="tokenizer folder .* does not exist"):
-        parse_recipe({"name": "t", "stages": [{"method": "extend_vocab", "tokenizer": str(tmp_path / "nope"),
-                                               "vectors": str(vec_file)}]})
+        parse_recipe(
+            {
+                "name": "t",
+                "stages": [{"method": "extend_vocab", "tokenizer": str(tmp_path / "nope"), "vectors": str(vec_file)}],
+            }
+        )
 
 
 def test_malformed_vectors_fail_the_stage(tmp_path, smol_tokenizer, new_tokenizer_dir):
@@ -219,12 +265,16 @@ def test_compress_run_saves_the_new_tokenizer(tmp_path, smol_tokenizer, new_toke
     folder = tmp_path / "tiny-model"
     save_folder(make_tiny_llama(vocab_size=V, hidden=32, intermediate=64, layers=1), smol_tokenizer, folder)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "name": "tiny-extend",
-        "stages": [{"method": "extend_vocab", "tokenizer": str(new_tokenizer_dir), "vectors": str(vec_file)}],
-        "calibration": {"samples": 2, "seq_len": 32},
-        "eval": {"tasks": [], "perplexity_windows": 1, "seq_len": 32},
-    }))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny-extend",
+                "stages": [{"method": "extend_vocab", "tokenizer": str(new_tokenizer_dir), "vectors": str(vec_file)}],
+                "calibration": {"samples": 2, "seq_len": 32},
+                "eval": {"tasks": [], "perplexity_windows": 1, "seq_len": 32},
+            }
+        )
+    )
     out = tmp_path / "run"
     assert main(["run", str(recipe), str(folder), "--out", str(out), "--quiet"]) == 0
     model, tokenizer, _ = load_folder(out / "model")

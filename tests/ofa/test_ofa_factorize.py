@@ -1,18 +1,28 @@
 """The factorisation maths: exact at full rank, optimal for its (weighted) error, parameter rules."""
+
 import pytest
 import torch
 
 from compress.activations import token_counts
 from compress.errors import CompressError
-from compress.methods.ofa.factorize import (check_dim, dim_for_reduction, factorize_embedding, factorized_params,
-                                            frequency_weights, relative_error)
+from compress.methods.ofa.factorize import (
+    check_dim,
+    dim_for_reduction,
+    factorize_embedding,
+    factorized_params,
+    frequency_weights,
+    relative_error,
+)
 
 
 def _table(vocab=300, width=48, seed=0):
     g = torch.Generator().manual_seed(seed)
     # a decaying spectrum, like a trained embedding
-    return torch.randn(vocab, width, generator=g) @ torch.diag(torch.linspace(3, 0.1, width)) \
+    return (
+        torch.randn(vocab, width, generator=g)
+        @ torch.diag(torch.linspace(3, 0.1, width))
         @ torch.linalg.qr(torch.randn(width, width, generator=g))[0]
+    )
 
 
 @pytest.mark.parametrize("shape", [(300, 48), (20, 48)])  # tall (Gram D x D) and wide (Gram V x V)

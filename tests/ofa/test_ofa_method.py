@@ -1,4 +1,5 @@
 """ofa_embedding through the pipeline on tiny random Llama/Gemma-3 models: the shared conformance checks."""
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -11,7 +12,6 @@ from compress.models import save_folder
 from compress.modules import FactorizedEmbedding, TiedFactorizedLMHead
 from compress.pipeline import apply_stage
 from compress.recipe import parse_recipe
-
 from tests.tiny import make_tiny_llama
 
 
@@ -19,10 +19,22 @@ def make_tiny_gemma3(vocab_size=320, hidden=64, seed=0):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(seed)
-    config = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=96, num_hidden_layers=2,
-                              num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=16,
-                              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256,
-                              pad_token_id=0, bos_token_id=2, eos_token_id=1, tie_word_embeddings=True)
+    config = Gemma3TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+        tie_word_embeddings=True,
+    )
     return Gemma3ForCausalLM(config).eval()
 
 
@@ -42,8 +54,7 @@ CASES = [  # (model, stage kwargs, expected head module)
     ("llama-tied", {"dim": 8, "keep_frequent": 20, "weighting": "frequency"}, TiedFactorizedLMHead),
     ("gemma3-tied", {"reduction": 0.6, "keep_frequent": 30}, TiedFactorizedLMHead),
     ("llama-untied", {"dim": 8, "keep_frequent": 10}, torch.nn.Linear),
-    ("gemma3-tied", {"dim": 16, "keep_frequent": 30, "weighting": "frequency", "fit": "logits"},
-     TiedFactorizedLMHead),
+    ("gemma3-tied", {"dim": 16, "keep_frequent": 30, "weighting": "frequency", "fit": "logits"}, TiedFactorizedLMHead),
 ]
 
 
@@ -121,7 +132,7 @@ def test_keep_frequent_keeps_the_most_frequent_rows_exactly():
     with torch.no_grad():
         out = embedding(ids)
         torch.testing.assert_close(out[0, :3], dense[0, :3], rtol=0, atol=0)  # full rows: exact
-        assert not torch.allclose(out[0, 3], dense[0, 3])                   # tail: rank 4
+        assert not torch.allclose(out[0, 3], dense[0, 3])  # tail: rank 4
         torch.testing.assert_close(embedding(ids), embedding.weight[ids])
         torch.testing.assert_close(model.lm_head(h), h @ embedding.weight.T, rtol=1e-5, atol=1e-5)
     assert result.summary["full_row_token_share"] > 0.5
@@ -135,8 +146,9 @@ def test_keep_frequent_beats_plain_frequency_weighting_at_equal_parameters():
     windows = (torch.distributions.Geometric(0.08).sample((8, 64)).long() + 3).clamp_max(255)
     vocab, width = 256, 64
     hybrid, weighted = make_tiny_llama(), make_tiny_llama()
-    _, (h,) = _run(hybrid, [{"method": "ofa_embedding", "dim": 4, "keep_frequent": 24,
-                             "weighting": "frequency"}], windows)
+    _, (h,) = _run(
+        hybrid, [{"method": "ofa_embedding", "dim": 4, "keep_frequent": 24, "weighting": "frequency"}], windows
+    )
     budget = 24 * width + 4 * (vocab - 24 + width)
     k = budget // (vocab + width)
     _, (w,) = _run(weighted, [{"method": "ofa_embedding", "dim": k, "weighting": "frequency"}], windows)
@@ -170,8 +182,21 @@ def test_finetune_trains_only_the_factors_and_the_tied_head_follows():
     _run(model, [{"method": "ofa_embedding", "dim": 16}], windows)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "embed_tokens" not in n}
     factors = {n: p.detach().clone() for n, p in model.named_parameters() if "embed_tokens" in n}
-    _, (train,) = _run(model, [{"method": "finetune", "targets": ["FactorizedEmbedding"], "steps": 6, "lr": 1e-2,
-                                "batch_size": 4, "eval_windows": 4, "schedule": "constant"}], windows)
+    _, (train,) = _run(
+        model,
+        [
+            {
+                "method": "finetune",
+                "targets": ["FactorizedEmbedding"],
+                "steps": 6,
+                "lr": 1e-2,
+                "batch_size": 4,
+                "eval_windows": 4,
+                "schedule": "constant",
+            }
+        ],
+        windows,
+    )
     assert train.summary["calibration_loss_after"] < train.summary["calibration_loss_before"]
     assert train.summary["trainable_params"] == 16 * (256 + 64)
     for name, p in model.named_parameters():
@@ -184,24 +209,30 @@ def test_finetune_trains_only_the_factors_and_the_tied_head_follows():
         torch.testing.assert_close(model.lm_head(hidden), hidden @ model.model.embed_tokens.weight.T)
 
 
-@pytest.mark.parametrize("stage, message", [
-    ({"method": "ofa_embedding", "dim": 60}, "out of range"),
-    ({"method": "ofa_embedding", "reduction": 0.9999}, "out of range"),
-    ({"method": "ofa_embedding", "dim": 8, "targets": ["re:.*q_proj"]}, "only the input embedding"),
-])
+@pytest.mark.parametrize(
+    "stage, message",
+    [
+        ({"method": "ofa_embedding", "dim": 60}, "out of range"),
+        ({"method": "ofa_embedding", "reduction": 0.9999}, "out of range"),
+        ({"method": "ofa_embedding", "dim": 8, "targets": ["re:.*q_proj"]}, "only the input embedding"),
+    ],
+)
 def test_bad_settings_are_one_line_errors(stage, message):
     with pytest.raises(CompressError, match=message) as info:
         _run(make_tiny_llama(), [stage])
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("stage, message", [
-    ({"method": "ofa_embedding", "dim": 8, "reduction": 0.5}, "exactly one of dim"),
-    ({"method": "ofa_embedding"}, "exactly one of dim"),
-    ({"method": "ofa_embedding", "dim": 0}, "dim"),
-    ({"method": "ofa_embedding", "dim": 8, "fit": "logits", "untie": True}, "cannot be combined with untie"),
-    ({"method": "ofa_embedding", "dim": 8, "keep_frequent": -1}, "keep_frequent"),
-])
+@pytest.mark.parametrize(
+    "stage, message",
+    [
+        ({"method": "ofa_embedding", "dim": 8, "reduction": 0.5}, "exactly one of dim"),
+        ({"method": "ofa_embedding"}, "exactly one of dim"),
+        ({"method": "ofa_embedding", "dim": 0}, "dim"),
+        ({"method": "ofa_embedding", "dim": 8, "fit": "logits", "untie": True}, "cannot be combined with untie"),
+        ({"method": "ofa_embedding", "dim": 8, "keep_frequent": -1}, "keep_frequent"),
+    ],
+)
 def test_bad_configs_fail_at_parse_time(stage, message):
     with pytest.raises(CompressError, match=message):
         parse_recipe({"name": "t", "stages": [stage]})

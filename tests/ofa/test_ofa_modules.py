@@ -1,4 +1,5 @@
 """FactorizedEmbedding and the tied head: exact at full rank, never V x D in the head, Gemma's scale."""
+
 import torch
 from torch import nn
 
@@ -43,7 +44,7 @@ def test_gradients_from_both_uses_reach_the_shared_factors():
 def test_gemma_scaled_embedding_is_reproduced():
     from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
 
-    dense = Gemma3TextScaledWordEmbedding(50, 16, padding_idx=0, embed_scale=16 ** 0.5)
+    dense = Gemma3TextScaledWordEmbedding(50, 16, padding_idx=0, embed_scale=16**0.5)
     coords, primitives = factorize_embedding(dense.weight, 16)
     emb = FactorizedEmbedding.from_factors(coords.float(), primitives.float(), 0, dense.scalar_embed_scale)
     ids = torch.randint(0, 50, (2, 7))
@@ -55,8 +56,11 @@ def test_spec_rebuilds_the_same_shapes_and_binding():
     _, emb = _factorised(dim=6, scale=2.5)
     spec = emb.spec()
     rebuilt = MODULE_TYPES[spec["type"]].from_spec(spec)
-    assert (rebuilt.coords.weight.shape, rebuilt.primitives.weight.shape, rebuilt.embed_scale) == \
-        (emb.coords.weight.shape, emb.primitives.weight.shape, 2.5)
+    assert (rebuilt.coords.weight.shape, rebuilt.primitives.weight.shape, rebuilt.embed_scale) == (
+        emb.coords.weight.shape,
+        emb.primitives.weight.shape,
+        2.5,
+    )
     head = MODULE_TYPES["tied_factorized_lm_head"].from_spec(TiedFactorizedLMHead(emb, "embed").spec())
     holder = nn.ModuleDict({"embed": emb, "head": head})
     head.bind(holder)
@@ -86,9 +90,10 @@ def test_full_rows_layout_matches_its_dense_table_and_round_trips_its_spec():
 
 def test_full_rows_get_gradients_from_both_uses():
     E = torch.randn(30, 8)
-    emb = FactorizedEmbedding.from_factors(*[t.float() for t in factorize_embedding(E[2:], 4)], None, 1.0,
-                                           torch.tensor([0, 1]), E[:2])
+    emb = FactorizedEmbedding.from_factors(
+        *[t.float() for t in factorize_embedding(E[2:], 4)], None, 1.0, torch.tensor([0, 1]), E[:2]
+    )
     head = TiedFactorizedLMHead(emb, "embed")
     head(emb(torch.tensor([[5, 6]]))).sum().backward()  # only tail tokens are looked up
-    assert emb.full_rows.weight.grad.abs().sum() > 0    # the head still trains the full rows
+    assert emb.full_rows.weight.grad.abs().sum() > 0  # the head still trains the full rows
     assert emb.coords.weight.grad[3].abs().sum() > 0

@@ -1,4 +1,5 @@
 """The shipped OFA recipes validate and run end to end on tiny models; the gemma3-270m alias is well formed."""
+
 import importlib.util
 from pathlib import Path
 
@@ -9,7 +10,6 @@ from compress.methods.base import StageContext
 from compress.modules import FactorizedEmbedding, TiedFactorizedLMHead
 from compress.pipeline import compress_model
 from compress.recipe import load_recipe
-
 from tests.tiny import make_tiny_llama
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -19,16 +19,30 @@ def _tiny_gemma3(vocab_size, hidden):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(0)
-    return Gemma3ForCausalLM(Gemma3TextConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1,
-        num_key_value_heads=1, head_dim=16, sliding_window=8, layer_types=["full_attention"],
-        max_position_embeddings=64, tie_word_embeddings=True)).eval()
+    return Gemma3ForCausalLM(
+        Gemma3TextConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            num_key_value_heads=1,
+            head_dim=16,
+            sliding_window=8,
+            layer_types=["full_attention"],
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+        )
+    ).eval()
 
 
-@pytest.mark.parametrize("name, make, k", [
-    ("ofa-128", lambda: make_tiny_llama(vocab_size=2048, hidden=192, intermediate=64, layers=1), 128),
-    ("ofa-gemma", lambda: _tiny_gemma3(50000, 192), 128),  # a vocabulary above its keep_frequent
-])
+@pytest.mark.parametrize(
+    "name, make, k",
+    [
+        ("ofa-128", lambda: make_tiny_llama(vocab_size=2048, hidden=192, intermediate=64, layers=1), 128),
+        ("ofa-gemma", lambda: _tiny_gemma3(50000, 192), 128),  # a vocabulary above its keep_frequent
+    ],
+)
 def test_recipe_runs_on_a_tiny_model(name, make, k):
     recipe = load_recipe(RECIPES / f"{name}.yaml")
     model = make()

@@ -1,4 +1,5 @@
 """Integration: OFA k=128 on the real SmolLM2-135M, saved, reloaded with from_pretrained, scored."""
+
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from compress.eval.corpora import load_documents
 from compress.eval.perplexity import perplexity
 from compress.eval.windows import token_windows
 from compress.methods.base import StageContext
-from compress.models import load_model, save_folder
+from compress.models import save_folder
 from compress.modules import FactorizedEmbedding, TiedFactorizedLMHead
 from compress.pipeline import compress_model
 from compress.recipe import parse_recipe
@@ -19,8 +20,8 @@ from compress.recipe import parse_recipe
 pytestmark = pytest.mark.integration
 
 
-def test_ofa_128_save_reload_and_perplexity(tmp_path, smollm2_folder):
-    loaded = load_model("smollm2-135m")
+def test_ofa_128_save_reload_and_perplexity(tmp_path, smollm2):
+    loaded = smollm2
     model, tokenizer = loaded.model, loaded.tokenizer
     held = token_windows(tokenizer, load_documents("wikipedia", "heldout"), 512, 2)
     params_before = sum(p.numel() for p in model.parameters())

@@ -6,6 +6,7 @@ checkpoint, both evaluations, report.json / report.md / plots, the model card (`
 --dry-run`), and a reload with ``from_pretrained`` whose perplexity (`compress eval`) equals the one the
 report recorded. The recipes are enumerated from the folder, so a recipe added later is covered too.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,6 @@ import yaml
 
 from compress.cli import main
 from compress.models import save_folder
-
 from tests.tiny import make_tiny_llama
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
@@ -30,8 +30,13 @@ def shrunk(recipe: Path, folder: Path) -> Path:
     data["calibration"] = {**data.get("calibration", {}), "samples": 8, "seq_len": 32}
     ev = data.get("eval", {})
     tasks = ev.get("tasks", ["wikipedia_ppl"])
-    data["eval"] = {**ev, "perplexity_windows": EVAL_WINDOWS, "seq_len": EVAL_SEQ_LEN, "lm_eval_max_length": 128,
-                    "limit": {task: 1 for task in tasks} or None}
+    data["eval"] = {
+        **ev,
+        "perplexity_windows": EVAL_WINDOWS,
+        "seq_len": EVAL_SEQ_LEN,
+        "lm_eval_max_length": 128,
+        "limit": {task: 1 for task in tasks} or None,
+    }
     path = folder / recipe.name
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -41,11 +46,24 @@ def tiny_gemma3(vocab_size: int, hidden: int):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(0)
-    return Gemma3ForCausalLM(Gemma3TextConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-        pad_token_id=2)).eval()
+    return Gemma3ForCausalLM(
+        Gemma3TextConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"],
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+        )
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +73,10 @@ def tiny_models(tmp_path_factory, smol_tokenizer) -> dict[str, Path]:
     factorise; the width (192) is above the OFA recipes' k = 128; the FFN (256) splits into 8 experts."""
     root = tmp_path_factory.mktemp("recipe-models")
     vocab = len(smol_tokenizer) + 512
-    models = {"llama": make_tiny_llama(vocab_size=vocab, hidden=192, intermediate=256, heads=6, kv_heads=3),
-              "gemma3": tiny_gemma3(vocab, 192)}
+    models = {
+        "llama": make_tiny_llama(vocab_size=vocab, hidden=192, intermediate=256, heads=6, kv_heads=3),
+        "gemma3": tiny_gemma3(vocab, 192),
+    }
     folders = {}
     for kind, model in models.items():
         folders[kind] = root / kind
@@ -64,16 +84,20 @@ def tiny_models(tmp_path_factory, smol_tokenizer) -> dict[str, Path]:
     return folders
 
 
+@pytest.mark.integration  # every recipe end to end through the CLI: minutes, not seconds
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_shipped_recipe_runs_end_to_end(recipe, tiny_models, tmp_path, capsys):
     model = tiny_models["gemma3" if "gemma" in recipe.stem else "llama"]
     out = tmp_path / "run"
-    assert main(["run", str(shrunk(recipe, tmp_path)), str(model), "--out", str(out), "--quiet"]) == 0, \
+    assert main(["run", str(shrunk(recipe, tmp_path)), str(model), "--out", str(out), "--quiet"]) == 0, (
         capsys.readouterr().err
+    )
 
     report = json.loads((out / "report.json").read_text())
     assert "error" not in report
-    assert [s["method"] for s in report["stages"]] == [s["method"] for s in yaml.safe_load(recipe.read_text())["stages"]]
+    assert [s["method"] for s in report["stages"]] == [
+        s["method"] for s in yaml.safe_load(recipe.read_text())["stages"]
+    ]
     for name in ["report.md", "recipe.yaml", "model/config.json", *report["figures"]]:
         assert (out / name).is_file(), name
     markdown = (out / "report.md").read_text()
@@ -89,7 +113,22 @@ def test_shipped_recipe_runs_end_to_end(recipe, tiny_models, tmp_path, capsys):
 
     # reload through from_pretrained (`compress eval`) and score it: the report's number comes back
     scores = tmp_path / "eval.json"
-    assert main(["eval", str(out / "model"), "--tasks", "--windows", str(EVAL_WINDOWS), "--seq-len",
-                 str(EVAL_SEQ_LEN), "--quiet", "--json", str(scores)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(out / "model"),
+                "--tasks",
+                "--windows",
+                str(EVAL_WINDOWS),
+                "--seq-len",
+                str(EVAL_SEQ_LEN),
+                "--quiet",
+                "--json",
+                str(scores),
+            ]
+        )
+        == 0
+    )
     reloaded = json.loads(scores.read_text())["perplexity"]["perplexity"]
     assert reloaded == pytest.approx(report["eval_compressed"]["perplexity"]["perplexity"], rel=1e-4)

@@ -1,4 +1,5 @@
 """DSFormer: W ~= D S (dense x column-sparse), one-shot alternating IHT/least squares, optional STF training."""
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,16 @@ class DSShape:
         return m * self.k + self.s * n
 
 
-def dsformer_shape(m: int, n: int, reduction: float, sparsity: float, nnz_per_column: int | None = None,
-                   pattern: str = "topk", budget_unit: str = "params", value_bytes: int = 4) -> DSShape | None:
+def dsformer_shape(
+    m: int,
+    n: int,
+    reduction: float,
+    sparsity: float,
+    nnz_per_column: int | None = None,
+    pattern: str = "topk",
+    budget_unit: str = "params",
+    value_bytes: int = 4,
+) -> DSShape | None:
     """(k, s) for an m x n matrix keeping at most (1 - reduction) m n values (None = stays dense).
 
     With ``budget_unit='bytes'`` each stored index costs index_bytes / value_bytes of a value.
@@ -79,29 +88,69 @@ class DSFormer(Method):
         for name, module in modules.items():
             check_linear(self.name, name, module)
             m, n = module.out_features, module.in_features
-            shape = dsformer_shape(m, n, config.reduction, config.column_sparsity, config.nnz_per_column,
-                                   config.pattern, config.budget_unit, module.weight.element_size())
+            shape = dsformer_shape(
+                m,
+                n,
+                config.reduction,
+                config.column_sparsity,
+                config.nnz_per_column,
+                config.pattern,
+                config.budget_unit,
+                module.weight.element_size(),
+            )
             decisions[name] = shape
             after = shape.params(m, n) if shape else m * n
             index_bytes = shape.s * n * torch.empty(0, dtype=index_dtype_for(shape.k)).element_size() if shape else 0
-            result.rows.append({"module": name, "shape": f"{m}x{n}", "k": shape.k if shape else None,
-                                "s": shape.s if shape else None, "replaced": shape is not None,
-                                "params_before": m * n, "params_after": after, "index_bytes": index_bytes})
+            result.rows.append(
+                {
+                    "module": name,
+                    "shape": f"{m}x{n}",
+                    "k": shape.k if shape else None,
+                    "s": shape.s if shape else None,
+                    "replaced": shape is not None,
+                    "params_before": m * n,
+                    "params_after": after,
+                    "index_bytes": index_bytes,
+                }
+            )
         summarise_factors(result, config.reduction)
-        result.summary.update({"sparsity": config.column_sparsity, "pattern": config.pattern,
-                               "budget_unit": config.budget_unit, "scaling": config.scaling})
+        result.summary.update(
+            {
+                "sparsity": config.column_sparsity,
+                "pattern": config.pattern,
+                "budget_unit": config.budget_unit,
+                "scaling": config.scaling,
+            }
+        )
         return Plan(decisions, result)
 
     def apply(self, name, module: nn.Linear, config: DSFormerConfig, shape: DSShape, stats) -> Replacement:
-        factors = dense_sparse_factorize(module.weight, shape.k, shape.s, config.iters, config.cg_steps,
-                                         config.pattern, seed=config.seed,
-                                         **fit_weights(stats, config))
+        factors = dense_sparse_factorize(
+            module.weight,
+            shape.k,
+            shape.s,
+            config.iters,
+            config.cg_steps,
+            config.pattern,
+            seed=config.seed,
+            **fit_weights(stats, config),
+        )
         dtype = module.weight.dtype
-        layer = DenseSparseLinear.from_dense_factors(factors.D.to(module.weight.device, dtype),
-                                                     factors.S.to(module.weight.device, dtype), shape.s,
-                                                     module.bias, config.pattern)
-        return Replacement(layer, {"rel_error": factors.final_error, "init_rel_error": factors.initial_error,
-                                   "svd_rel_error": factors.svd_error})
+        layer = DenseSparseLinear.from_dense_factors(
+            factors.D.to(module.weight.device, dtype),
+            factors.S.to(module.weight.device, dtype),
+            shape.s,
+            module.bias,
+            config.pattern,
+        )
+        return Replacement(
+            layer,
+            {
+                "rel_error": factors.final_error,
+                "init_rel_error": factors.initial_error,
+                "svd_rel_error": factors.svd_error,
+            },
+        )
 
     def summarise(self, result: StageResult, config: DSFormerConfig) -> None:
         summarise_factors(result, config.reduction)

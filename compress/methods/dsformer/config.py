@@ -26,8 +26,10 @@ class DSFormerConfig(ScalingFields, StageConfig):
     nnz_per_column: int | None = Field(None, ge=1, description="s, the non-zeros per column of S")
     pattern: Literal["topk", "2:4"] = "topk"
     budget_unit: Literal["params", "bytes"] = Field(
-        "params", description="params: values only (indices reported separately); bytes: an index costs "
-                              "index_bytes/value_bytes of a value, so the budget holds on disk too")
+        "params",
+        description="params: values only (indices reported separately); bytes: an index costs "
+        "index_bytes/value_bytes of a value, so the budget holds on disk too",
+    )
     iters: int = Field(50, ge=0, le=10_000, description="alternating IHT / least-squares iterations")
     cg_steps: int = Field(4, ge=0, le=100, description="conjugate-gradient steps on S's support per iteration")
     seed: int = Field(0, description="seeds the extra random atoms when k exceeds the matrix rank")
@@ -37,8 +39,7 @@ class DSFormerConfig(ScalingFields, StageConfig):
     def _one_split(self):
         if self.sparsity is not None and self.nnz_per_column is not None:
             raise ValueError("give at most one of 'sparsity' or 'nnz_per_column'")
-        if self.pattern == "2:4" and (self.nnz_per_column is not None
-                                      or self.sparsity not in (None, 0.5)):
+        if self.pattern == "2:4" and (self.nnz_per_column is not None or self.sparsity not in (None, 0.5)):
             raise ValueError("pattern '2:4' fixes sparsity at 0.5; drop 'sparsity'/'nnz_per_column'")
         return self
 

@@ -18,6 +18,7 @@ CG runs on the support of all columns jointly (C couples them) and the D-step is
 D = W C S^T (S C S^T)^-1.
 The best iterate (lowest error) is returned, so the result is never worse than the projected SVD.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -29,8 +30,8 @@ from ...lowrank_math import positive_cholesky
 
 @dataclass
 class DenseSparseFactors:
-    D: torch.Tensor            # [m, k]
-    S: torch.Tensor            # [k, n] dense, s non-zeros per column
+    D: torch.Tensor  # [m, k]
+    S: torch.Tensor  # [k, n] dense, s non-zeros per column
     errors: list[float] = field(default_factory=list)  # relative (scaled) error per iteration, [0] = init
     svd_error: float = float("nan")  # truncated SVD with the same number of values (m k + s n), for reference
 
@@ -80,8 +81,9 @@ def _cg_on_support(G: torch.Tensor, B: torch.Tensor, X: torch.Tensor, mask: torc
     return X
 
 
-def _cg_on_support_coupled(G: torch.Tensor, C: torch.Tensor, B: torch.Tensor, X: torch.Tensor,
-                           mask: torch.Tensor, steps: int) -> torch.Tensor:
+def _cg_on_support_coupled(
+    G: torch.Tensor, C: torch.Tensor, B: torch.Tensor, X: torch.Tensor, mask: torch.Tensor, steps: int
+) -> torch.Tensor:
     """CG on min 1/2 tr(X^T G X C) - tr(X^T B) over X supported on ``mask`` (all columns jointly)."""
     R = (B - G @ X @ C) * mask
     P = R.clone()
@@ -186,9 +188,17 @@ def _factorize_whitened(W, k, s, cov, iters, cg_steps, pattern, seed) -> DenseSp
     return DenseSparseFactors(D, S / a[None, :], errors, _svd_error(sig, m, n, k, s))
 
 
-def dense_sparse_factorize(W: torch.Tensor, k: int, s: int, iters: int = 40, cg_steps: int = 4,
-                           pattern: str = "topk", scale: torch.Tensor | None = None,
-                           seed: int = 0, cov: torch.Tensor | None = None) -> DenseSparseFactors:
+def dense_sparse_factorize(
+    W: torch.Tensor,
+    k: int,
+    s: int,
+    iters: int = 40,
+    cg_steps: int = 4,
+    pattern: str = "topk",
+    scale: torch.Tensor | None = None,
+    seed: int = 0,
+    cov: torch.Tensor | None = None,
+) -> DenseSparseFactors:
     """Factor ``W`` [m, n] as D [m, k] @ S [k, n] (s non-zeros per column of S); float32 maths.
 
     ``scale`` [n] (optional, > 0) weights the error of input channel j by scale[j]; ``cov`` [n, n]

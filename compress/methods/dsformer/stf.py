@@ -5,6 +5,7 @@ entries of every column (or 2:4), the backward pass sends the gradient straight 
 whole latent, so entries outside the current support can grow into it. ``to_compact`` stores the
 projected S in the compact (values, indices) form again.
 """
+
 from __future__ import annotations
 
 import torch

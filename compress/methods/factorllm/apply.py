@@ -5,6 +5,7 @@ outputs (``io`` statistics), layer by layer, so layer i's router sees the alread
 The optional end-to-end training (``train``) is the pipeline's global training with this method's
 ``trainable`` hook (PA wrappers, router and expert parameter groups, the PA loss).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,11 +46,16 @@ class FactorLLM(Method):
     def apply(self, name, module: nn.Module, config: FactorLLMConfig, decision, stats) -> Replacement:
         inputs, outputs = (stats["inputs"], stats["outputs"]) if stats is not None else (None, None)
         moe = split_ffn(name, module, config, inputs)
-        info = {"experts": config.experts, "top_k": config.top_k, "shared": config.shared_experts,
-                "expert_size": moe.expert_size, "params_before": sum(p.numel() for p in module.parameters()),
-                "params_after": sum(p.numel() for p in moe.parameters()),
-                "flops_dense": dense_ffn_flops(moe.hidden_size, moe.intermediate_size),
-                "flops_moe": ffn_flops_per_token(moe)}
+        info = {
+            "experts": config.experts,
+            "top_k": config.top_k,
+            "shared": config.shared_experts,
+            "expert_size": moe.expert_size,
+            "params_before": sum(p.numel() for p in module.parameters()),
+            "params_after": sum(p.numel() for p in moe.parameters()),
+            "flops_dense": dense_ffn_flops(moe.hidden_size, moe.intermediate_size),
+            "flops_moe": ffn_flops_per_token(moe),
+        }
         if config.router_fit != "none":
             info.update(fit_router(moe, inputs, outputs, config))
         return Replacement(moe, info)
@@ -58,15 +64,23 @@ class FactorLLM(Method):
         rows = result.rows
         dense = sum(r["flops_dense"] for r in rows)
         moe = sum(r["flops_moe"] for r in rows)
-        result.summary.update({
-            "experts": config.experts, "top_k": config.top_k, "shared_experts": config.shared_experts,
-            "partition": config.partition, "combine": config.combine, "labels": config.labels,
-            "ffns": len(rows), "ffn_flops_per_token_dense": dense, "ffn_flops_per_token_moe": moe,
-            "ffn_flops_ratio": moe / dense,
-            # the split keeps every weight and adds routers: nothing is removed (the saving is compute)
-            "targeted_params_before": sum(r["params_before"] for r in rows),
-            "targeted_params_after": sum(r["params_after"] for r in rows),
-        })
+        result.summary.update(
+            {
+                "experts": config.experts,
+                "top_k": config.top_k,
+                "shared_experts": config.shared_experts,
+                "partition": config.partition,
+                "combine": config.combine,
+                "labels": config.labels,
+                "ffns": len(rows),
+                "ffn_flops_per_token_dense": dense,
+                "ffn_flops_per_token_moe": moe,
+                "ffn_flops_ratio": moe / dense,
+                # the split keeps every weight and adds routers: nothing is removed (the saving is compute)
+                "targeted_params_before": sum(r["params_before"] for r in rows),
+                "targeted_params_after": sum(r["params_after"] for r in rows),
+            }
+        )
         fitted = [r for r in rows if "agreement" in r]
         if fitted:
             result.summary["router_fit_agreement"] = sum(r["agreement"] for r in fitted) / len(fitted)

@@ -4,6 +4,7 @@ Dense gated FFN: gate, up and down are each hidden x intermediate. MoE: the shar
 chosen experts run (each a gated FFN of expert_size neurons) plus the router's hidden x experts
 matmul. ``torch.utils.flop_counter`` counts the same quantities (a test checks it).
 """
+
 from __future__ import annotations
 
 from torch import nn

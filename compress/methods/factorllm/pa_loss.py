@@ -6,6 +6,7 @@ router is pulled towards them by KL(softmax(router logits) || softmax(multi-hot 
 the direction and target of the released code, whose route term however is commented out and
 whose hard top-k passes no gradient. Here the route term is always on, so the router learns.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -48,16 +49,17 @@ def best_subset_errors(routed: torch.Tensor, target: torch.Tensor, top_k: int, s
 
     Uses the Gram matrix of the expert outputs, so no subset sum is ever materialised."""
     routed64, target64 = routed.double(), target.double()
-    gram = torch.einsum("ned,nfd->nef", routed64, routed64)       # [N, E, E]
-    cross = torch.einsum("ned,nd->ne", routed64, target64)         # [N, E]
-    mask = subsets(routed.shape[1], top_k).to(routed64)             # [C, E]
+    gram = torch.einsum("ned,nfd->nef", routed64, routed64)  # [N, E, E]
+    cross = torch.einsum("ned,nd->ne", routed64, target64)  # [N, E]
+    mask = subsets(routed.shape[1], top_k).to(routed64)  # [C, E]
     quad = torch.einsum("ce,nef,cf->nc", mask, gram, mask)
-    err = target64.pow(2).sum(-1, keepdim=True) - 2 * scale * cross @ mask.T + scale ** 2 * quad
+    err = target64.pow(2).sum(-1, keepdim=True) - 2 * scale * cross @ mask.T + scale**2 * quad
     return err, mask
 
 
-def pseudo_labels(routed: torch.Tensor, target: torch.Tensor, top_k: int, rule: str = "pa",
-                  scale: float = 1.0) -> torch.Tensor:
+def pseudo_labels(
+    routed: torch.Tensor, target: torch.Tensor, top_k: int, rule: str = "pa", scale: float = 1.0
+) -> torch.Tensor:
     """Multi-hot [N, E] (bool) of the top_k experts a token should use.
 
     ``routed`` [N, E, d]: the routed experts' outputs; ``target`` [N, d]: the dense FFN output minus
@@ -85,8 +87,12 @@ def balance_loss(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     experts = logits.shape[-1]
     probs = torch.softmax(logits.float(), dim=-1)
     chosen = logits.topk(top_k, dim=-1).indices
-    load = torch.zeros(experts, device=logits.device).index_add_(
-        0, chosen.reshape(-1), torch.ones(chosen.numel(), device=logits.device)) / chosen.numel()
+    load = (
+        torch.zeros(experts, device=logits.device).index_add_(
+            0, chosen.reshape(-1), torch.ones(chosen.numel(), device=logits.device)
+        )
+        / chosen.numel()
+    )
     return experts * (load * probs.mean(0)).sum()
 
 

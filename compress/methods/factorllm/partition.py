@@ -5,6 +5,7 @@ rows sorted, shared groups first. ``cluster`` follows MoEfication: balanced k-me
 neurons that fire together (or have similar weight rows) share an expert and a token's active
 neurons concentrate in few experts.
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,8 +16,10 @@ from ...errors import CompressError
 def expert_size(intermediate: int, experts: int, shared: int) -> int:
     groups = experts + shared
     if intermediate % groups or intermediate < groups:
-        raise CompressError(f"factorllm: intermediate size {intermediate} is not divisible into "
-                            f"experts + shared_experts = {groups} equal experts")
+        raise CompressError(
+            f"factorllm: intermediate size {intermediate} is not divisible into "
+            f"experts + shared_experts = {groups} equal experts"
+        )
     return intermediate // groups
 
 
@@ -82,8 +85,14 @@ def neuron_activations(gate: torch.Tensor, up: torch.Tensor, act_fn, x: torch.Te
     return (act_fn(x @ gate.T) * (x @ up.T)).abs()
 
 
-def cluster_partition(features: torch.Tensor, experts: int, shared: int = 0, importance: torch.Tensor | None = None,
-                      iters: int = 25, seed: int = 0) -> torch.Tensor:
+def cluster_partition(
+    features: torch.Tensor,
+    experts: int,
+    shared: int = 0,
+    importance: torch.Tensor | None = None,
+    iters: int = 25,
+    seed: int = 0,
+) -> torch.Tensor:
     """Groups from balanced k-means on per-neuron ``features`` [I, f].
 
     With ``shared`` > 0 the shared groups take the ``shared * m`` neurons of highest ``importance``

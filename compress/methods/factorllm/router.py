@@ -5,6 +5,7 @@ labels, i.e. a linear scorer whose top-k reproduces the labels where a linear ma
 epochs of the PA route loss (KL to the labels) plus load balance with Adam, started from that
 solution. Labels come from the layer's own experts and the dense output T on the same tokens.
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,9 @@ from ...modules.moe_ffn import MoEFeedForward
 from .pa_loss import agreement, all_group_outputs, balance_loss, combine_scale, pseudo_labels, route_loss
 
 
-def layer_labels(module: MoEFeedForward, inputs: torch.Tensor, dense_out: torch.Tensor, rule: str,
-                 chunk: int = 2048) -> torch.Tensor:
+def layer_labels(
+    module: MoEFeedForward, inputs: torch.Tensor, dense_out: torch.Tensor, rule: str, chunk: int = 2048
+) -> torch.Tensor:
     """Pseudo-labels [N, E] for calibration tokens ``inputs`` [N, d] with dense FFN outputs ``dense_out``."""
     out = []
     scale = combine_scale(module)
@@ -22,7 +24,7 @@ def layer_labels(module: MoEFeedForward, inputs: torch.Tensor, dense_out: torch.
         for x, t in zip(inputs.split(chunk), dense_out.split(chunk)):
             groups = all_group_outputs(module, x)
             target = t.to(groups.dtype) - groups[:, : module.shared].sum(1)
-            out.append(pseudo_labels(groups[:, module.shared:], target, module.top_k, rule, scale))
+            out.append(pseudo_labels(groups[:, module.shared :], target, module.top_k, rule, scale))
     return torch.cat(out)
 
 
@@ -53,8 +55,11 @@ def fit_router(module: MoEFeedForward, inputs: torch.Tensor, dense_out: torch.Te
     x = inputs.to(router.weight)
     with torch.no_grad():
         ls_agree, ls_exact = agreement(router(x), labels, module.top_k)
-    info = {"least_squares_agreement": ls_agree, "least_squares_exact": ls_exact,
-            "label_load_max": float(labels.float().mean(0).max() / (module.top_k / module.experts))}
+    info = {
+        "least_squares_agreement": ls_agree,
+        "least_squares_exact": ls_exact,
+        "label_load_max": float(labels.float().mean(0).max() / (module.top_k / module.experts)),
+    }
     if config.router_fit_epochs:
         router.requires_grad_(True)
         optimizer = torch.optim.Adam(router.parameters(), lr=config.router_fit_lr)
@@ -64,8 +69,9 @@ def fit_router(module: MoEFeedForward, inputs: torch.Tensor, dense_out: torch.Te
             for _ in range(config.router_fit_epochs):
                 for idx in torch.randperm(x.shape[0], generator=gen).split(batch):
                     logits = router(x[idx])
-                    loss = (route_loss(logits, labels[idx])
-                            + config.balance_loss_weight * balance_loss(logits, module.top_k))
+                    loss = route_loss(logits, labels[idx]) + config.balance_loss_weight * balance_loss(
+                        logits, module.top_k
+                    )
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()

@@ -1,4 +1,5 @@
 """Turn one dense gated FFN into a MoEFeedForward (weights reused, nothing retrained here)."""
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,10 @@ def dense_ffn(name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor,
     """(gate [I, d], up [I, d], down [d, I], activation name) of a bias-free gated FFN, or a CompressError."""
     parts = [getattr(module, attr, None) for attr in ("gate_proj", "up_proj", "down_proj")]
     if not all(isinstance(p, nn.Linear) for p in parts) or not hasattr(module, "act_fn"):
-        raise CompressError(f"factorllm: {name} ({type(module).__name__}) is not a gated FFN with "
-                            "gate_proj/up_proj/down_proj Linears and act_fn")
+        raise CompressError(
+            f"factorllm: {name} ({type(module).__name__}) is not a gated FFN with "
+            "gate_proj/up_proj/down_proj Linears and act_fn"
+        )
     gate, up, down = parts
     if any(p.bias is not None for p in parts):
         raise CompressError(f"factorllm: {name} has biases; only bias-free gated FFNs are supported")
@@ -27,13 +30,15 @@ def dense_ffn(name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor,
     except ValueError:
         same = False
     if not same:
-        raise CompressError(f"factorllm: {name}'s act_fn is {type(module.act_fn).__name__}, "
-                            f"not config's {activation!r}")
+        raise CompressError(
+            f"factorllm: {name}'s act_fn is {type(module.act_fn).__name__}, not config's {activation!r}"
+        )
     return gate.weight, up.weight, down.weight, activation
 
 
-def make_groups(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act_fn, config,
-                inputs: torch.Tensor | None) -> torch.Tensor:
+def make_groups(
+    gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act_fn, config, inputs: torch.Tensor | None
+) -> torch.Tensor:
     """Neuron groups [shared + experts, m] by ``config.partition`` (``inputs`` [N, d]: calibration tokens)."""
     intermediate = gate.shape[0]
     experts, shared = config.experts, config.shared_experts
@@ -61,6 +66,15 @@ def split_ffn(name: str, module: nn.Module, config, inputs: torch.Tensor | None 
     gate, up, down, activation = dense_ffn(name, module)
     groups = make_groups(gate, up, down, module.act_fn, config, inputs)
     torch.manual_seed(config.seed)  # the (untrained) router's default init is reproducible
-    moe = MoEFeedForward.from_dense(gate.detach(), up.detach(), down.detach(), groups, config.experts,
-                                    config.top_k, config.shared_experts, config.combine, activation)
+    moe = MoEFeedForward.from_dense(
+        gate.detach(),
+        up.detach(),
+        down.detach(),
+        groups,
+        config.experts,
+        config.top_k,
+        config.shared_experts,
+        config.combine,
+        activation,
+    )
     return moe.requires_grad_(False)

@@ -7,6 +7,7 @@ The total loss is lm * next-token CE + mean over layers of (distill * relative M
 route * KL(router || labels) + balance * load balance). Attention, norms and embeddings stay
 frozen. The same wrapper, without training, measures router/label agreement on any windows.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,13 +46,14 @@ class PATrainingFFN(nn.Module):
         moe = self.moe
         shape = x.shape
         h = x.reshape(-1, moe.hidden_size)
-        groups = all_group_outputs(moe, h)                       # [N, G, d]
+        groups = all_group_outputs(moe, h)  # [N, G, d]
         shared = groups[:, : moe.shared].sum(1)
-        routed = groups[:, moe.shared:]
+        routed = groups[:, moe.shared :]
         with torch.no_grad():
             teacher = self.teacher_output(h, groups.detach())
-            labels = pseudo_labels(routed.detach(), teacher - shared.detach(), moe.top_k, self.label_rule,
-                                   combine_scale(moe))
+            labels = pseudo_labels(
+                routed.detach(), teacher - shared.detach(), moe.top_k, self.label_rule, combine_scale(moe)
+            )
         logits, chosen, weights = moe.route(h)
         if self.route_by == "labels":
             chosen = labels.float().topk(moe.top_k, dim=-1).indices
@@ -75,8 +77,9 @@ class PATrainingFFN(nn.Module):
 
 
 @contextlib.contextmanager
-def pa_wrapped(model: nn.Module, names: list[str], label_rule: str = "pa", teacher: bool = False,
-               route_by: str = "router"):
+def pa_wrapped(
+    model: nn.Module, names: list[str], label_rule: str = "pa", teacher: bool = False, route_by: str = "router"
+):
     """Swap the named MoEFeedForwards for PATrainingFFN wrappers; restore them on exit."""
     wrappers = {}
     try:
@@ -102,9 +105,12 @@ def measure_agreement(model: nn.Module, windows: torch.Tensor, label_rule: str =
             model(input_ids=batch.to(device), use_cache=False)
         per_layer = {name: w.agreement() for name, w in wrappers.items()}
     moe = model.get_submodule(names[0])
-    return {"agreement": sum(a for a, _ in per_layer.values()) / len(per_layer),
-            "exact": sum(e for _, e in per_layer.values()) / len(per_layer),
-            "chance": moe.top_k / moe.experts, "per_layer": per_layer}
+    return {
+        "agreement": sum(a for a, _ in per_layer.values()) / len(per_layer),
+        "exact": sum(e for _, e in per_layer.values()) / len(per_layer),
+        "chance": moe.top_k / moe.experts,
+        "per_layer": per_layer,
+    }
 
 
 @contextlib.contextmanager
@@ -133,10 +139,16 @@ def pa_training(model: nn.Module, names: list[str], config, training):
             for wrapper in wrappers.values():
                 wrapper.totals = {"hits": 0.0, "exact": 0.0, "tokens": 0}
             lm = wrapped(input_ids=batch, labels=batch, use_cache=False).loss
-            parts = {key: torch.stack([w.last[key] for w in wrappers.values()]).mean()
-                     for key in ("distill", "route", "balance")}
-            loss = (config.lm_loss_weight * lm + config.distill_loss_weight * parts["distill"]
-                    + config.route_loss_weight * parts["route"] + config.balance_loss_weight * parts["balance"])
+            parts = {
+                key: torch.stack([w.last[key] for w in wrappers.values()]).mean()
+                for key in ("distill", "route", "balance")
+            }
+            loss = (
+                config.lm_loss_weight * lm
+                + config.distill_loss_weight * parts["distill"]
+                + config.route_loss_weight * parts["route"]
+                + config.balance_loss_weight * parts["balance"]
+            )
             agree = sum(w.agreement()[0] for w in wrappers.values()) / len(wrappers)
             for key, value in (("lm_loss", lm), *parts.items()):
                 series[key].append(float(value.detach()))
@@ -154,8 +166,9 @@ def pa_training(model: nn.Module, names: list[str], config, training):
                 for name, wrapper in wrappers.items():
                     replace_module(model, name, wrapper)
 
-        setup = TrainingSetup(groups, pa_loss, series, {"trainable": config.trainable, "router_lr": router_lr},
-                              inference_view)
+        setup = TrainingSetup(
+            groups, pa_loss, series, {"trainable": config.trainable, "router_lr": router_lr}, inference_view
+        )
         try:
             yield setup
         finally:
@@ -170,5 +183,13 @@ def train_moe(model: nn.Module, config, windows: torch.Tensor, progress: bool = 
     from ...registry import get_method
     from ...training import train_globally
 
-    return train_globally(model, get_method("factorllm"), config, config.train, moe_names(model), windows,
-                          progress=progress, on_step=callback)
+    return train_globally(
+        model,
+        get_method("factorllm"),
+        config,
+        config.train,
+        moe_names(model),
+        windows,
+        progress=progress,
+        on_step=callback,
+    )

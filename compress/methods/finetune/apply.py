@@ -6,6 +6,7 @@ pipeline's one global loop (compress/training.py); ``loss: distill`` trains towa
 next-token distribution (on SmolLM2 at 40 % it narrowed the gap between training and held-out loss but
 did not lower held-out perplexity: bench/results/lowrank.md).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -74,12 +75,15 @@ class Finetune(Method):
 
         adapter = config.adapter
         targets = adapter.targets or config.targets
-        peft_model = get_peft_model(root, lora_config(root, rank=adapter.rank, alpha=adapter.alpha, targets=targets,
-                                                      ignore=config.ignore))
+        peft_model = get_peft_model(
+            root, lora_config(root, rank=adapter.rank, alpha=adapter.alpha, targets=targets, ignore=config.ignore)
+        )
         params = [p for p in root.parameters() if p.requires_grad]  # peft froze everything but the adapters
         try:
-            yield TrainingSetup([{"params": params, "lr": training.lr}],
-                                summary={"adapter": f"lora rank {adapter.rank} alpha {adapter.alpha:g}"})
+            yield TrainingSetup(
+                [{"params": params, "lr": training.lr}],
+                summary={"adapter": f"lora rank {adapter.rank} alpha {adapter.alpha:g}"},
+            )
         finally:
             peft_model.merge_and_unload()  # adds each adapter to its factor: ranks and shapes unchanged
             root.requires_grad_(False)

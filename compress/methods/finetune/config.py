@@ -16,8 +16,9 @@ class LoraAdapter(BaseModel):
     type: Literal["lora"] = "lora"
     rank: int = Field(8, ge=1, le=4096)
     alpha: float = Field(16.0, gt=0)
-    targets: list[str] | None = Field(None, description="modules whose factors get adapters (default: the stage's "
-                                                        "targets)")
+    targets: list[str] | None = Field(
+        None, description="modules whose factors get adapters (default: the stage's targets)"
+    )
 
 
 class ElasticTraining(BaseModel):
@@ -45,15 +46,19 @@ class FinetuneConfig(Training, StageConfig):
 
     method: Literal["finetune"] = "finetune"
     targets: list[str] = Field(default_factory=lambda: ["LowRankLinear", "GroupedLowRankLinear"], min_length=1)
-    adapter: LoraAdapter | None = Field(None, description="train LoRA adapters on the factors instead of the "
-                                                          "factors themselves (merged back at the end)")
+    adapter: LoraAdapter | None = Field(
+        None,
+        description="train LoRA adapters on the factors instead of the factors themselves (merged back at the end)",
+    )
     elastic: ElasticTraining | None = Field(None, description="elastic models: train several budgets at once")
 
     @model_validator(mode="after")
     def _global_only(self):
         if self.scope != "global":
-            raise ValueError("finetune trains the whole model; for layer-local training give the compressing "
-                             "stage a `train: {scope: layer}` block")
+            raise ValueError(
+                "finetune trains the whole model; for layer-local training give the compressing "
+                "stage a `train: {scope: layer}` block"
+            )
         if self.elastic is not None and (self.adapter is not None or self.loss != "next_token"):
             raise ValueError("elastic training trains the factors on the next-token loss (no adapter, no distill)")
         return self

@@ -1,4 +1,5 @@
 """LOST: SVD split + channel-wise sparse residual, W ~= U_r V_r + S_c; optional training."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -56,10 +57,18 @@ class Lost(Method):
             m, n = module.out_features, module.in_features
             shape = lost_shape(m, n, config.reduction, config.sparse_fraction)
             decisions[name] = shape
-            result.rows.append({"module": name, "shape": f"{m}x{n}", "rank": shape.rank if shape else None,
-                                "channels": shape.channels if shape else None, "replaced": shape is not None,
-                                "params_before": m * n, "params_after": shape.params(m, n) if shape else m * n,
-                                "index_bytes": INDEX_BYTES * shape.channels if shape else 0})
+            result.rows.append(
+                {
+                    "module": name,
+                    "shape": f"{m}x{n}",
+                    "rank": shape.rank if shape else None,
+                    "channels": shape.channels if shape else None,
+                    "replaced": shape is not None,
+                    "params_before": m * n,
+                    "params_after": shape.params(m, n) if shape else m * n,
+                    "index_bytes": INDEX_BYTES * shape.channels if shape else 0,
+                }
+            )
         self.summarise(result, config)
         result.summary.update({"sparse_fraction": config.sparse_fraction, "scaling": config.scaling})
         return Plan(decisions, result)
@@ -72,13 +81,25 @@ class Lost(Method):
             shape = LostShape(rank, channels, shape.budget, True)
         f = lowrank_sparse_factorize(module.weight, shape.rank, shape.channels, config.refine_iters, **weights)
         weight = module.weight
-        layer = LowRankSparseLinear.from_factors(f.U.to(weight.device, weight.dtype),
-                                                 f.V.to(weight.device, weight.dtype),
-                                                 f.sc_values.to(weight.device, weight.dtype),
-                                                 f.sc_channels.to(weight.device), module.bias)
-        return Replacement(layer, {"rel_error": f.error, "plain_rel_error": f.plain_error, "svd_rel_error": f.svd_error,
-                                   "rank": shape.rank, "channels": shape.channels, "params_after": shape.params(m, n),
-                                   "index_bytes": INDEX_BYTES * shape.channels})
+        layer = LowRankSparseLinear.from_factors(
+            f.U.to(weight.device, weight.dtype),
+            f.V.to(weight.device, weight.dtype),
+            f.sc_values.to(weight.device, weight.dtype),
+            f.sc_channels.to(weight.device),
+            module.bias,
+        )
+        return Replacement(
+            layer,
+            {
+                "rel_error": f.error,
+                "plain_rel_error": f.plain_error,
+                "svd_rel_error": f.svd_error,
+                "rank": shape.rank,
+                "channels": shape.channels,
+                "params_after": shape.params(m, n),
+                "index_bytes": INDEX_BYTES * shape.channels,
+            },
+        )
 
     def summarise(self, result: StageResult, config: LostConfig) -> None:
         summarise_factors(result, config.reduction)  # apply may have refined a row (the automatic split)

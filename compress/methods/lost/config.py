@@ -16,14 +16,16 @@ class LostConfig(ScalingFields, StageConfig):
     W - U_r V_r is kept exactly in the c input channels (columns) where it is largest.
     ``sparse_fraction`` of each matrix's kept parameters goes to S_c (c * out values), the rest to
     rank r; ``"auto"`` picks, per matrix, the split with the lowest (scaled) error of plain LOST,
-    scored exactly from one SVD (c = 0, i.e. plain SVD, is a candidate). ``refine_iters`` alternates: refit the SVD on the channels S_c does not hold, re-pick.
+    scored exactly from one SVD (c = 0, i.e. plain SVD, is a candidate). ``refine_iters`` alternates: refit the
+    SVD on the channels S_c does not hold, re-pick.
     """
 
     method: Literal["lost"] = "lost"
     targets: list[str] = Field(default_factory=lambda: [DECODER_PROJECTIONS], min_length=1)
     reduction: float = Field(gt=0, lt=1, description="fraction of the targeted modules' parameters to remove")
     sparse_fraction: float | str = Field(
-        0.1, description="share of the kept parameters spent on S_c (0 <= f < 1), or 'auto' (best split per matrix)")
+        0.1, description="share of the kept parameters spent on S_c (0 <= f < 1), or 'auto' (best split per matrix)"
+    )
     refine_iters: int = Field(2, ge=0, le=100, description="SVD refits on the unselected channels (0 = plain LOST)")
     train: Training | None = Field(None, description="train U, V and S_c's values afterwards (channels fixed)")
 

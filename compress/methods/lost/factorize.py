@@ -13,6 +13,7 @@ single-channel gain ||(R C)_j||^2 / C_jj, and S_c's columns are the exact least-
 (R C)_J C_JJ^-1 of the residual R on the chosen channels J (they also absorb the residual's
 correlated part in the other channels).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,13 +25,13 @@ from ...lowrank_math import positive_cholesky
 
 @dataclass
 class LowRankSparseFactors:
-    U: torch.Tensor          # [m, r]
-    V: torch.Tensor          # [r, n]
+    U: torch.Tensor  # [m, r]
+    V: torch.Tensor  # [r, n]
     sc_values: torch.Tensor  # [m, c]
     sc_channels: torch.Tensor  # [c] int64
-    error: float             # relative (scaled) error
-    plain_error: float       # the same before refinement
-    svd_error: float         # truncated SVD with the same number of values, for reference
+    error: float  # relative (scaled) error
+    plain_error: float  # the same before refinement
+    svd_error: float  # truncated SVD with the same number of values, for reference
 
 
 def _svd(W: torch.Tensor):
@@ -59,8 +60,13 @@ def _best_split_whitened(W: torch.Tensor, budget: int, cov: torch.Tensor) -> tup
     return best
 
 
-def best_split(W: torch.Tensor, budget: int, scale: torch.Tensor | None = None,
-               max_channels: int | None = None, cov: torch.Tensor | None = None) -> tuple[int, int, float]:
+def best_split(
+    W: torch.Tensor,
+    budget: int,
+    scale: torch.Tensor | None = None,
+    max_channels: int | None = None,
+    cov: torch.Tensor | None = None,
+) -> tuple[int, int, float]:
     """(rank, channels, relative error) of plain LOST minimising the error for ``budget`` values.
 
     Every split r (m + n) + c m <= budget is scored exactly from one SVD: the residual of the
@@ -78,8 +84,7 @@ def best_split(W: torch.Tensor, budget: int, scale: torch.Tensor | None = None,
     _, sig, Vh = _svd(Wd)
     # tail[r, j] = sum_{i >= r} sigma_i^2 Vh[i, j]^2 : column energies of the rank-r residual
     contrib = sig[:, None].pow(2) * Vh.pow(2)
-    tail = torch.cat([contrib.flip(0).cumsum(0).flip(0), torch.zeros(1, n, dtype=contrib.dtype,
-                                                                      device=contrib.device)])
+    tail = torch.cat([contrib.flip(0).cumsum(0).flip(0), torch.zeros(1, n, dtype=contrib.dtype, device=contrib.device)])
     total = sig.pow(2).sum().clamp_min(1e-300)
     limit = min(n, budget // m if max_channels is None else max_channels)
     best = (0, 0, float("inf"))
@@ -160,9 +165,16 @@ def _lost_whitened(W, rank, channels, refine_iters, cov, select, seed) -> LowRan
     return LowRankSparseFactors(A.float(), B.float(), S_J.float(), J, best, plain, svd_error)
 
 
-def lowrank_sparse_factorize(W: torch.Tensor, rank: int, channels: int, refine_iters: int = 2,
-                             scale: torch.Tensor | None = None, select: str = "residual",
-                             seed: int = 0, cov: torch.Tensor | None = None) -> LowRankSparseFactors:
+def lowrank_sparse_factorize(
+    W: torch.Tensor,
+    rank: int,
+    channels: int,
+    refine_iters: int = 2,
+    scale: torch.Tensor | None = None,
+    select: str = "residual",
+    seed: int = 0,
+    cov: torch.Tensor | None = None,
+) -> LowRankSparseFactors:
     """Factor ``W`` [m, n]; float64 maths, float32 results. ``select='random'`` is the ablation.
 
     ``scale`` [n] weights column j's error by scale[j]; ``cov`` [n, n] (positive definite) by the

@@ -6,6 +6,7 @@ input statistics as ``stats``, layer by layer. ``allocation: sensitivity`` choos
 under the global budget from Fisher-weighted output-error curves the plan asks the pipeline to
 measure on calibration data.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,16 +16,33 @@ import torch
 from torch import nn
 
 from ...errors import CompressError
-from ...lowrank_math import (allocate_ranks, asvd_factors, breakeven_rank, lowrank_params, rank_for_reduction,
-                             refine_factors, truncated_svd_factors, truncation_error_profile, whitened_factors)
+from ...lowrank_math import (
+    allocate_ranks,
+    asvd_factors,
+    breakeven_rank,
+    lowrank_params,
+    rank_for_reduction,
+    refine_factors,
+    truncated_svd_factors,
+    truncation_error_profile,
+    whitened_factors,
+)
 from ...modules import LowRankLinear
 from ...registry import register_method
 from ..base import Calibration, Method, Plan, Replacement, StageResult, budget_summary, check_linear
 from .config import LowRankConfig
 
 
-def factorise(weight: torch.Tensor, rank: int, backend: str, stats: dict | None, *, alpha: float = 0.5,
-              shrinkage: float = 0.0, refine: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def factorise(
+    weight: torch.Tensor,
+    rank: int,
+    backend: str,
+    stats: dict | None,
+    *,
+    alpha: float = 0.5,
+    shrinkage: float = 0.0,
+    refine: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors (A, B) of ``weight`` at ``rank`` with one backend (float64)."""
     if backend == "svd":
         A, B = truncated_svd_factors(weight.detach().to(torch.float64), rank)
@@ -46,17 +64,24 @@ def factorise(weight: torch.Tensor, rank: int, backend: str, stats: dict | None,
     return A, B
 
 
-def sensitivity_curves(modules: dict[str, nn.Linear], config: LowRankConfig,
-                       planner) -> dict[str, tuple[int, int, torch.Tensor]]:
+def sensitivity_curves(
+    modules: dict[str, nn.Linear], config: LowRankConfig, planner
+) -> dict[str, tuple[int, int, torch.Tensor]]:
     """Per-matrix estimated loss increase (nats/token) at every rank, on dense calibration statistics."""
     windows = planner.windows(config.sensitivity_windows)
     fisher = planner.output_fisher(modules, windows, batch_size=max(1, config.calibration_batch_size // 2))
     backend = "whiten" if config.backend == "whiten_dense_target" else config.backend
 
     def curve(name, module, stats):
-        loss = 0.5 * truncation_error_profile(module.weight, stats["cov"], fisher[name], backend=backend,
-                                              abs_mean=stats["abs_mean"], alpha=config.alpha,
-                                              shrinkage=config.shrinkage)
+        loss = 0.5 * truncation_error_profile(
+            module.weight,
+            stats["cov"],
+            fisher[name],
+            backend=backend,
+            abs_mean=stats["abs_mean"],
+            alpha=config.alpha,
+            shrinkage=config.shrinkage,
+        )
         return module.out_features, module.in_features, loss.cpu()
 
     return planner.map_input_statistics(modules, curve, windows, batch_size=config.calibration_batch_size)
@@ -72,9 +97,13 @@ class LowRank(Method):
         if config.backend == "svd" and not config.refine:
             return Calibration()
         dense_target = config.backend == "whiten_dense_target" or config.refine
-        return Calibration(statistics="dense_cross" if dense_target else "input_cov", sequential=config.sequential,
-                           sublayer=config.sublayer, windows=config.calibration_windows,
-                           batch_size=config.calibration_batch_size)
+        return Calibration(
+            statistics="dense_cross" if dense_target else "input_cov",
+            sequential=config.sequential,
+            sublayer=config.sublayer,
+            windows=config.calibration_windows,
+            batch_size=config.calibration_batch_size,
+        )
 
     def plan(self, modules, config: LowRankConfig, planner) -> Plan:
         result = StageResult(self.name)
@@ -88,20 +117,30 @@ class LowRank(Method):
             curves = sensitivity_curves(modules, config, planner)
             decisions = allocate_ranks(curves, config.reduction)
         else:
-            decisions = {name: rank_for_reduction(m.out_features, m.in_features, config.reduction)
-                         for name, m in modules.items()}
+            decisions = {
+                name: rank_for_reduction(m.out_features, m.in_features, config.reduction) for name, m in modules.items()
+            }
         for name, module in modules.items():
             m, n = module.out_features, module.in_features
             rank = decisions[name]
-            row = {"module": name, "shape": f"{m}x{n}", "rank": rank, "full_rank": min(m, n),
-                   "kind": "LRC" if rank is not None else "dense", "params_before": m * n,
-                   "params_after": m * n if rank is None else lowrank_params(m, n, rank)}
+            row = {
+                "module": name,
+                "shape": f"{m}x{n}",
+                "rank": rank,
+                "full_rank": min(m, n),
+                "kind": "LRC" if rank is not None else "dense",
+                "params_before": m * n,
+                "params_after": m * n if rank is None else lowrank_params(m, n, rank),
+            }
             if curves is not None:
                 row["est_loss_increase"] = float(curves[name][2][rank]) if rank is not None else 0.0
             result.rows.append(row)
-        result.summary = {**budget_summary(result.rows, config.reduction),
-                          "backend": config.backend, "allocation": config.allocation,
-                          "lrc": sum(r["rank"] is not None for r in result.rows)}
+        result.summary = {
+            **budget_summary(result.rows, config.reduction),
+            "backend": config.backend,
+            "allocation": config.allocation,
+            "lrc": sum(r["rank"] is not None for r in result.rows),
+        }
         if curves is not None:
             result.summary["est_loss_increase"] = sum(r["est_loss_increase"] for r in result.rows)
         return Plan(decisions, result)
@@ -109,8 +148,15 @@ class LowRank(Method):
     def apply(self, name, module: nn.Linear, config: LowRankConfig, rank, stats) -> Replacement:
         elastic = rank if isinstance(rank, ElasticDecision) else None
         rank = elastic.stored_rank if elastic else rank
-        A, B = factorise(module.weight, rank, config.backend, stats, alpha=config.alpha,
-                         shrinkage=config.shrinkage, refine=config.refine)
+        A, B = factorise(
+            module.weight,
+            rank,
+            config.backend,
+            stats,
+            alpha=config.alpha,
+            shrinkage=config.shrinkage,
+            refine=config.refine,
+        )
         dtype = module.weight.dtype
         layer = LowRankLinear.from_factors(A.to(dtype), B.to(dtype), module.bias)
         if elastic is not None:  # the factors come ordered by importance: every prefix is the best of its rank
@@ -121,9 +167,9 @@ class LowRank(Method):
 
 @dataclass(frozen=True)
 class ElasticDecision:
-    stored_rank: int      # the largest rank any budget of the range uses
-    active_rank: int      # the rank at the stage's own reduction
-    curve: torch.Tensor   # estimated loss at every rank
+    stored_rank: int  # the largest rank any budget of the range uses
+    active_rank: int  # the rank at the stage's own reduction
+    curve: torch.Tensor  # estimated loss at every rank
 
 
 CURVE_POINTS = 256
@@ -136,8 +182,14 @@ def curve_points(loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if last <= CURVE_POINTS:
         ranks = torch.arange(last + 1)
     else:
-        ranks = torch.unique(torch.cat([torch.tensor([0, last]), torch.logspace(0, math.log10(last), CURVE_POINTS)
-                                         .round().long().clamp(0, last)]))
+        ranks = torch.unique(
+            torch.cat(
+                [
+                    torch.tensor([0, last]),
+                    torch.logspace(0, math.log10(last), CURVE_POINTS).round().long().clamp(0, last),
+                ]
+            )
+        )
     return ranks, loss[ranks].float()
 
 
@@ -148,8 +200,10 @@ def stored_ranks(modules, curves, min_reduction: float) -> dict[str, int]:
     dense = sum(m.out_features * m.in_features for m in modules.values())
 
     def at(t: float) -> tuple[dict[str, int], float]:
-        ranks = {name: rank or breakeven_rank(modules[name].out_features, modules[name].in_features)
-                 for name, rank in allocate_ranks(curves, t).items()}
+        ranks = {
+            name: rank or breakeven_rank(modules[name].out_features, modules[name].in_features)
+            for name, rank in allocate_ranks(curves, t).items()
+        }
         kept = sum(r * (modules[n].out_features + modules[n].in_features) for n, r in ranks.items())
         return ranks, 1 - kept / dense
 
@@ -158,8 +212,10 @@ def stored_ranks(modules, curves, min_reduction: float) -> dict[str, int]:
         return ranks
     best, removed = at(1e-6)
     if removed > min_reduction:
-        raise CompressError(f"lowrank elastic: min_reduction {min_reduction} is below what factorising every "
-                            f"targeted matrix can serve ({removed:.3f})")
+        raise CompressError(
+            f"lowrank elastic: min_reduction {min_reduction} is below what factorising every "
+            f"targeted matrix can serve ({removed:.3f})"
+        )
     lo, hi = 1e-6, min_reduction
     for _ in range(30):
         mid = (lo + hi) / 2
@@ -179,14 +235,27 @@ def elastic_plan(modules, config: LowRankConfig, curves, result: StageResult) ->
     decisions = {name: ElasticDecision(stored[name], active[name], curves[name][2]) for name in modules}
     for name, module in modules.items():
         m, n = module.out_features, module.in_features
-        result.rows.append({"module": name, "shape": f"{m}x{n}", "rank": active[name], "full_rank": min(m, n),
-                            "stored_rank": stored[name], "kind": "LRC", "params_before": m * n,
-                            "params_after": lowrank_params(m, n, active[name]),
-                            "params_stored": lowrank_params(m, n, stored[name]),
-                            "est_loss_increase": float(curves[name][2][active[name]])})
-    result.summary = {**budget_summary(result.rows, config.reduction), "backend": config.backend,
-                      "allocation": config.allocation, "lrc": len(result.rows),
-                      "elastic_range": [config.elastic.min_reduction, config.elastic.max_reduction],
-                      "targeted_params_stored": sum(r["params_stored"] for r in result.rows),
-                      "est_loss_increase": sum(r["est_loss_increase"] for r in result.rows)}
+        result.rows.append(
+            {
+                "module": name,
+                "shape": f"{m}x{n}",
+                "rank": active[name],
+                "full_rank": min(m, n),
+                "stored_rank": stored[name],
+                "kind": "LRC",
+                "params_before": m * n,
+                "params_after": lowrank_params(m, n, active[name]),
+                "params_stored": lowrank_params(m, n, stored[name]),
+                "est_loss_increase": float(curves[name][2][active[name]]),
+            }
+        )
+    result.summary = {
+        **budget_summary(result.rows, config.reduction),
+        "backend": config.backend,
+        "allocation": config.allocation,
+        "lrc": len(result.rows),
+        "elastic_range": [config.elastic.min_reduction, config.elastic.max_reduction],
+        "targeted_params_stored": sum(r["params_stored"] for r in result.rows),
+        "est_loss_increase": sum(r["est_loss_increase"] for r in result.rows),
+    }
     return Plan(decisions, result)

@@ -36,30 +36,52 @@ class LowRankConfig(StageConfig):
 
     method: Literal["lowrank"] = "lowrank"
     targets: list[str] = Field(default_factory=lambda: [DECODER_PROJECTIONS], min_length=1)
-    train: Training | None = Field(None, description="train the new factors afterwards: the whole model "
-                                   "(scope: global) or each layer against the dense one (scope: layer)")
+    train: Training | None = Field(
+        None,
+        description="train the new factors afterwards: the whole model "
+        "(scope: global) or each layer against the dense one (scope: layer)",
+    )
     reduction: float = Field(gt=0, lt=1, description="fraction of the targeted parameters to remove")
     backend: Backend = "svd"
     allocation: Literal["uniform", "sensitivity"] = Field(
-        "uniform", description="uniform: every matrix loses `reduction`; sensitivity: ranks chosen under the "
-                               "global budget by Fisher-weighted output error on calibration data")
+        "uniform",
+        description="uniform: every matrix loses `reduction`; sensitivity: ranks chosen under the "
+        "global budget by Fisher-weighted output error on calibration data",
+    )
     alpha: float = Field(0.5, gt=0, le=2, description="asvd: columns scaled by mean|x|^alpha")
-    shrinkage: float = Field(0.0, ge=0, le=10, description="add shrinkage*diag(C) to the activation "
-                                                           "covariances (ridge against calibration over-fit)")
+    shrinkage: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description="add shrinkage*diag(C) to the activation covariances (ridge against calibration over-fit)",
+    )
     sequential: bool = Field(True, description="layer i calibrates on the outputs of compressed layers < i")
-    sublayer: bool = Field(False, description="with sequential: also inside each layer, o_proj calibrates after "
-                                              "q/k/v are compressed and down_proj after gate/up (more passes)")
-    refine: bool = Field(False, description="closed-form least-squares refit of both factors against the dense "
-                                            "layer's outputs after truncation (a no-op after "
-                                            "whiten_dense_target; pair it with shrinkage > 0: unregularised it "
-                                            "over-fits small calibration sets badly)")
+    sublayer: bool = Field(
+        False,
+        description="with sequential: also inside each layer, o_proj calibrates after "
+        "q/k/v are compressed and down_proj after gate/up (more passes)",
+    )
+    refine: bool = Field(
+        False,
+        description="closed-form least-squares refit of both factors against the dense "
+        "layer's outputs after truncation (a no-op after "
+        "whiten_dense_target; pair it with shrinkage > 0: unregularised it "
+        "over-fits small calibration sets badly)",
+    )
     calibration_batch_size: int = Field(4, ge=1, le=1024)
-    calibration_windows: int | None = Field(None, ge=1, description="calibration windows the layer statistics "
-                                            "use (the first N; default all): a later training stage may use more")
+    calibration_windows: int | None = Field(
+        None,
+        ge=1,
+        description="calibration windows the layer statistics "
+        "use (the first N; default all): a later training stage may use more",
+    )
     sensitivity_windows: int = Field(16, ge=1, description="calibration windows used to measure sensitivities")
-    elastic: ElasticRange | None = Field(None, description="store factors and loss curves for every budget of "
-                                         "this range (compress.set_budget / compress.resize); reduction is "
-                                         "the budget the checkpoint starts at")
+    elastic: ElasticRange | None = Field(
+        None,
+        description="store factors and loss curves for every budget of "
+        "this range (compress.set_budget / compress.resize); reduction is "
+        "the budget the checkpoint starts at",
+    )
 
     @model_validator(mode="after")
     def _sublayer_needs_sequential(self):
@@ -73,4 +95,3 @@ class LowRankConfig(StageConfig):
             if not self.elastic.min_reduction <= self.reduction <= self.elastic.max_reduction:
                 raise ValueError("reduction must lie in the elastic range")
         return self
-

@@ -4,6 +4,7 @@ With ``kv_groups > 1`` the k/v projections become GroupedLowRankLinear (Palu): e
 heads gets its own latent, factorised with the same backend on its rows (every backend's
 objective separates over output rows, and the input statistics are shared by all groups).
 """
+
 from __future__ import annotations
 
 import re
@@ -36,21 +37,36 @@ class LowRankAttention(LowRank):
                     continue
                 m, n = modules[name].out_features, modules[name].in_features
                 decisions[name] = group_rank(m, n, decisions[name], config.kv_groups)
-                row.update({"rank": decisions[name], "groups": config.kv_groups,
-                            "params_after": grouped_params(m, n, decisions[name], config.kv_groups)})
+                row.update(
+                    {
+                        "rank": decisions[name],
+                        "groups": config.kv_groups,
+                        "params_after": grouped_params(m, n, decisions[name], config.kv_groups),
+                    }
+                )
             after = sum(r["params_after"] for r in result.rows)
-            result.summary.update({"kv_groups": config.kv_groups, "targeted_params_after": after,
-                                   "achieved_reduction": 1 - after / result.summary["targeted_params_before"]})
+            result.summary.update(
+                {
+                    "kv_groups": config.kv_groups,
+                    "targeted_params_after": after,
+                    "achieved_reduction": 1 - after / result.summary["targeted_params_before"],
+                }
+            )
         return plan
 
     def apply(self, name, module, config: LowRankAttentionConfig, rank, stats) -> Replacement:
         if config.kv_groups == 1 or _KIND.search(name).group(1) not in "kv":
             return super().apply(name, module, config, rank, stats)
         dtype = module.weight.dtype
-        factors = [factorise(rows, rank, config.backend, stats, alpha=config.alpha, shrinkage=config.shrinkage,
-                             refine=config.refine) for rows in module.weight.chunk(config.kv_groups)]
-        return Replacement(GroupedLowRankLinear.from_factors([(A.to(dtype), B.to(dtype)) for A, B in factors],
-                                                             module.bias))
+        factors = [
+            factorise(
+                rows, rank, config.backend, stats, alpha=config.alpha, shrinkage=config.shrinkage, refine=config.refine
+            )
+            for rows in module.weight.chunk(config.kv_groups)
+        ]
+        return Replacement(
+            GroupedLowRankLinear.from_factors([(A.to(dtype), B.to(dtype)) for A, B in factors], module.bias)
+        )
 
     def _plan_joint(self, modules, config: LowRankAttentionConfig, planner) -> Plan:
         if config.per_projection is None:
@@ -64,11 +80,23 @@ class LowRankAttention(LowRank):
             reduction = config.per_projection.get(match.group(1))
             rank = None if reduction is None else rank_for_reduction(m, n, reduction)
             decisions[name] = rank
-            result.rows.append({"module": name, "shape": f"{m}x{n}", "rank": rank, "full_rank": min(m, n),
-                                "kind": "LRC" if rank else "dense", "params_before": m * n,
-                                "params_after": m * n if rank is None else lowrank_params(m, n, rank)})
-        result.summary = {**budget_summary(result.rows, None), "per_projection": dict(config.per_projection),
-                          "backend": config.backend, "lrc": sum(r["rank"] is not None for r in result.rows)}
+            result.rows.append(
+                {
+                    "module": name,
+                    "shape": f"{m}x{n}",
+                    "rank": rank,
+                    "full_rank": min(m, n),
+                    "kind": "LRC" if rank else "dense",
+                    "params_before": m * n,
+                    "params_after": m * n if rank is None else lowrank_params(m, n, rank),
+                }
+            )
+        result.summary = {
+            **budget_summary(result.rows, None),
+            "per_projection": dict(config.per_projection),
+            "backend": config.backend,
+            "lrc": sum(r["rank"] is not None for r in result.rows),
+        }
         return Plan(decisions, result)
 
 

@@ -28,9 +28,14 @@ class LowRankAttentionConfig(LowRankConfig):
     targets: list[str] = Field(default_factory=lambda: [r"re:.*\.self_attn\.(q|k|v|o)_proj$"], min_length=1)
     reduction: float | None = Field(None, gt=0, lt=1, description="global fraction of targeted parameters removed")
     per_projection: dict[Projection, float] | None = Field(
-        None, description="fraction removed per projection kind (q/k/v/o); kinds not listed stay dense")
-    kv_groups: int = Field(1, ge=1, description="k/v: factorise each group of KV heads separately (Palu); it must "
-                                                "divide the model's num_key_value_heads")
+        None, description="fraction removed per projection kind (q/k/v/o); kinds not listed stay dense"
+    )
+    kv_groups: int = Field(
+        1,
+        ge=1,
+        description="k/v: factorise each group of KV heads separately (Palu); it must "
+        "divide the model's num_key_value_heads",
+    )
 
     @model_validator(mode="after")
     def _one_budget(self):

@@ -5,6 +5,7 @@ replacements. A tied head becomes a ``TiedFactorizedLMHead`` over the same facto
 head keeps the original dense matrix as its own parameter. Training the factors afterwards is the
 ``finetune`` method with ``targets: [FactorizedEmbedding]``.
 """
+
 from __future__ import annotations
 
 import time
@@ -17,7 +18,14 @@ from ...modules import FactorizedEmbedding, TiedFactorizedLMHead
 from ...registry import register_method
 from ..base import Method, ModelNeeds, PartsUpdate, StageResult
 from .config import OfaEmbeddingConfig
-from .factorize import check_dim, dim_for_reduction, factorize_embedding, factorized_params, frequency_weights, relative_error
+from .factorize import (
+    check_dim,
+    dim_for_reduction,
+    factorize_embedding,
+    factorized_params,
+    frequency_weights,
+    relative_error,
+)
 from .model_embeddings import embed_scale
 
 
@@ -29,8 +37,10 @@ class OfaEmbedding(Method):
     level = "model"
 
     def model_needs(self, config: OfaEmbeddingConfig) -> ModelNeeds:
-        return ModelNeeds(token_counts=config.weighting == "frequency" or config.keep_frequent > 0,
-                          head_input_cov_windows=config.fit_windows if config.fit == "logits" else None)
+        return ModelNeeds(
+            token_counts=config.weighting == "frequency" or config.keep_frequent > 0,
+            head_input_cov_windows=config.fit_windows if config.fit == "logits" else None,
+        )
 
     def apply_model(self, parts, config: OfaEmbeddingConfig, stats) -> tuple[PartsUpdate, StageResult]:
         start = time.perf_counter()
@@ -61,13 +71,19 @@ class OfaEmbedding(Method):
             is_tail = torch.ones(vocab, dtype=torch.bool)
             is_tail[full_ids] = False
             tail = is_tail.nonzero().squeeze(1)
-            coords, primitives = factorize_embedding(weight[tail.to(weight.device)], dim,
-                                                     None if weights is None else weights[tail], stats.head_input_cov)
+            coords, primitives = factorize_embedding(
+                weight[tail.to(weight.device)], dim, None if weights is None else weights[tail], stats.head_input_cov
+            )
         else:
             coords, primitives = factorize_embedding(weight, dim, weights, stats.head_input_cov)
         new = FactorizedEmbedding.from_factors(
-            coords.to(weight.dtype), primitives.to(weight.dtype), embedding.padding_idx, scale, full_ids,
-            None if full_ids is None else weight.detach()[full_ids.to(weight.device)].clone())
+            coords.to(weight.dtype),
+            primitives.to(weight.dtype),
+            embedding.padding_idx,
+            scale,
+            full_ids,
+            None if full_ids is None else weight.detach()[full_ids.to(weight.device)].clone(),
+        )
         update = PartsUpdate(embedding=new, untie=tied)
         if tied:
             if config.untie:  # the head's Linear still holds the original Parameter: now it is its alone
@@ -80,12 +96,26 @@ class OfaEmbedding(Method):
 
         before, after = vocab * width, factorized_params(vocab, width, dim, full)
         result = StageResult(self.name)
-        result.rows = [{"module": name, "shape": f"{vocab}x{width}", "dim": dim, "full_rows": full,
-                        "params_before": before, "params_after": after}]
+        result.rows = [
+            {
+                "module": name,
+                "shape": f"{vocab}x{width}",
+                "dim": dim,
+                "full_rows": full,
+                "params_before": before,
+                "params_after": after,
+            }
+        ]
         result.summary = {
-            "dim": dim, "weighting": config.weighting, "keep_frequent": full, "fit": config.fit, "head": head_kind,
-            "requested_reduction": config.reduction, "achieved_reduction": 1 - after / before,
-            "targeted_params_before": before, "targeted_params_after": after,
+            "dim": dim,
+            "weighting": config.weighting,
+            "keep_frequent": full,
+            "fit": config.fit,
+            "head": head_kind,
+            "requested_reduction": config.reduction,
+            "achieved_reduction": 1 - after / before,
+            "targeted_params_before": before,
+            "targeted_params_after": after,
             "rel_error": relative_error(weight, coords, primitives, rows=tail),
             "wall_time_s": time.perf_counter() - start,
         }
@@ -94,6 +124,7 @@ class OfaEmbedding(Method):
             result.summary["tokens_seen"] = int((counts > 0).sum())
             if full:  # the share of calibration tokens that now look up a full row
                 result.summary["full_row_token_share"] = float(counts[full_ids].sum() / counts.sum().clamp_min(1))
-            result.summary["weighted_rel_error"] = relative_error(weight, coords, primitives,
-                                                                  frequency_weights(counts), rows=tail)
+            result.summary["weighted_rel_error"] = relative_error(
+                weight, coords, primitives, frequency_weights(counts), rows=tail
+            )
         return update, result

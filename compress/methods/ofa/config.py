@@ -1,4 +1,5 @@
 """Stage configs for OFA-style embedding factorisation and vocabulary extension."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,17 +26,28 @@ class OfaEmbeddingConfig(StageConfig):
     """
 
     method: Literal["ofa_embedding"] = "ofa_embedding"
-    targets: list[str] = Field(default_factory=lambda: [INPUT_EMBEDDING], min_length=1,
-                               description="must select exactly the model's input embedding")
+    targets: list[str] = Field(
+        default_factory=lambda: [INPUT_EMBEDDING],
+        min_length=1,
+        description="must select exactly the model's input embedding",
+    )
     dim: int | None = Field(None, ge=1, description="k, the number of primitive embeddings")
     reduction: float | None = Field(None, gt=0, lt=1, description="fraction of the embedding's parameters removed")
     weighting: Literal["none", "frequency"] = "none"
-    keep_frequent: int = Field(0, ge=0, description="the N tokens most frequent in the calibration text keep "
-                               "full rows; only the rest is factorised (adaptive-input layout)")
-    fit: Literal["embedding", "logits"] = Field("embedding", description="minimise the table's own error, or "
-                                                "the logit error of the tied head (whitened by the hidden states)")
-    fit_windows: int = Field(16, ge=1, description="calibration windows whose final hidden states give the "
-                             "covariance for fit: logits")
+    keep_frequent: int = Field(
+        0,
+        ge=0,
+        description="the N tokens most frequent in the calibration text keep "
+        "full rows; only the rest is factorised (adaptive-input layout)",
+    )
+    fit: Literal["embedding", "logits"] = Field(
+        "embedding",
+        description="minimise the table's own error, or "
+        "the logit error of the tied head (whitened by the hidden states)",
+    )
+    fit_windows: int = Field(
+        16, ge=1, description="calibration windows whose final hidden states give the covariance for fit: logits"
+    )
     untie: bool = Field(False, description="tied models only: keep the LM head as its own dense V x D matrix")
 
     @model_validator(mode="after")
@@ -57,8 +69,11 @@ class ExtendVocabConfig(StageConfig):
     """
 
     method: Literal["extend_vocab"] = "extend_vocab"
-    targets: list[str] = Field(default_factory=lambda: [INPUT_EMBEDDING], min_length=1,
-                               description="must select exactly the model's input embedding")
+    targets: list[str] = Field(
+        default_factory=lambda: [INPUT_EMBEDDING],
+        min_length=1,
+        description="must select exactly the model's input embedding",
+    )
     tokenizer: str = Field(description="folder of the new tokenizer (saved with the checkpoint)")
     vectors: str = Field(description="aligned word vectors, .vec text format ('word v1 ... vd' per line)")
     neighbours: int = Field(10, ge=1, le=1000)

@@ -7,6 +7,7 @@ the same treatment for its own rows; a tied dense head shares the new embedding'
 TiedFactorizedLMHead follows the embedding by itself. Later stages and the saved checkpoint use the
 new tokenizer.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,10 +25,18 @@ from .word_vectors import read_vec, subword_vectors
 COPIED, NEIGHBOURS, RANDOM = 0, 1, 2
 
 
-def ofa_rows(source_rows: torch.Tensor, source_vocab: dict[str, int], target_vocab: dict[str, int],
-             source_vectors: dict[int, torch.Tensor], target_vectors: dict[int, torch.Tensor], target_size: int,
-             neighbours: int = 10, temperature: float = 0.1, generator: torch.Generator | None = None,
-             chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+def ofa_rows(
+    source_rows: torch.Tensor,
+    source_vocab: dict[str, int],
+    target_vocab: dict[str, int],
+    source_vectors: dict[int, torch.Tensor],
+    target_vectors: dict[int, torch.Tensor],
+    target_size: int,
+    neighbours: int = 10,
+    temperature: float = 0.1,
+    generator: torch.Generator | None = None,
+    chunk: int = 2048,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows target_size x r in float64, kind per row: COPIED / NEIGHBOURS / RANDOM).
 
     Shared token strings copy their source row; a new token with a vector gets
@@ -40,8 +49,11 @@ def ofa_rows(source_rows: torch.Tensor, source_vocab: dict[str, int], target_voc
     noise = torch.randn(target_size, source.shape[1], generator=generator, dtype=torch.float64)
     rows = mean + std * noise
     kinds = torch.full((target_size,), RANDOM, dtype=torch.long)
-    pairs = [(t, source_vocab[token]) for token, t in target_vocab.items()
-             if token in source_vocab and source_vocab[token] < n_source and t < target_size]
+    pairs = [
+        (t, source_vocab[token])
+        for token, t in target_vocab.items()
+        if token in source_vocab and source_vocab[token] < n_source and t < target_size
+    ]
     if pairs:
         targets, sources = torch.tensor(pairs).T
         rows[targets] = source[sources]
@@ -49,6 +61,7 @@ def ofa_rows(source_rows: torch.Tensor, source_vocab: dict[str, int], target_voc
     new_ids = [t for t in sorted(target_vectors) if t < target_size and kinds[t] != COPIED]
     candidates = [s for s in sorted(source_vectors) if s < n_source]
     if new_ids and candidates:
+
         def unit(vectors):
             stacked = torch.stack([v.to(torch.float64) for v in vectors])
             return stacked / stacked.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -57,7 +70,7 @@ def ofa_rows(source_rows: torch.Tensor, source_vocab: dict[str, int], target_voc
         candidate_rows = source[torch.tensor(candidates)]
         top = min(neighbours, len(candidates))
         for start in range(0, len(new_ids), chunk):
-            ids = new_ids[start:start + chunk]
+            ids = new_ids[start : start + chunk]
             similarity = unit([target_vectors[t] for t in ids]) @ keys.T
             best = similarity.topk(top, dim=1)
             weights = torch.softmax(best.values / temperature, dim=1)
@@ -120,21 +133,32 @@ class ExtendVocab(Method):
         generator = torch.Generator().manual_seed(config.seed)
 
         def extend(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return ofa_rows(rows, source_vocab, target_vocab, source_vectors, target_vectors, size,
-                            config.neighbours, config.temperature, generator)
+            return ofa_rows(
+                rows,
+                source_vocab,
+                target_vocab,
+                source_vectors,
+                target_vectors,
+                size,
+                config.neighbours,
+                config.temperature,
+                generator,
+            )
 
         padding = embedding.padding_idx if isinstance(embedding, (nn.Embedding, FactorizedEmbedding)) else None
         new_padding = _map_token_id(padding, source_tokenizer, target_vocab) if padding is not None else None
         if isinstance(embedding, FactorizedEmbedding) and embedding.full:
-            raise CompressError("extend_vocab: an embedding with keep_frequent full rows cannot be extended "
-                                "(extend first, then factorise)")
+            raise CompressError(
+                "extend_vocab: an embedding with keep_frequent full rows cannot be extended "
+                "(extend first, then factorise)"
+            )
         update = PartsUpdate(tokenizer=target_tokenizer)
         if isinstance(embedding, FactorizedEmbedding):
             rows, kinds = extend(embedding.coords.weight)
             dtype = embedding.coords.weight.dtype
-            update.embedding = FactorizedEmbedding.from_factors(rows.to(dtype),
-                                                                embedding.primitives.weight.detach().T.clone(),
-                                                                new_padding, embedding.embed_scale)
+            update.embedding = FactorizedEmbedding.from_factors(
+                rows.to(dtype), embedding.primitives.weight.detach().T.clone(), new_padding, embedding.embed_scale
+            )
         elif isinstance(embedding, nn.Embedding):
             rows, kinds = extend(embedding.weight)
             update.embedding = _resized(embedding, rows, size)
@@ -160,10 +184,17 @@ class ExtendVocab(Method):
         counts = torch.bincount(kinds, minlength=3).tolist()
         result = StageResult(self.name)
         result.summary = {
-            "source_vocab": len(source_tokenizer), "target_vocab": size, "copied": counts[COPIED],
-            "from_neighbours": counts[NEIGHBOURS], "random": counts[RANDOM], "vector_words": len(words),
-            "vector_dim": int(vectors.shape[1]), "source_tokens_with_vectors": len(source_vectors),
-            "target_tokens_with_vectors": len(target_vectors), "neighbours": config.neighbours,
-            "temperature": config.temperature, "tokenizer": config.tokenizer,
+            "source_vocab": len(source_tokenizer),
+            "target_vocab": size,
+            "copied": counts[COPIED],
+            "from_neighbours": counts[NEIGHBOURS],
+            "random": counts[RANDOM],
+            "vector_words": len(words),
+            "vector_dim": int(vectors.shape[1]),
+            "source_tokens_with_vectors": len(source_vectors),
+            "target_tokens_with_vectors": len(target_vectors),
+            "neighbours": config.neighbours,
+            "temperature": config.temperature,
+            "tokenizer": config.tokenizer,
         }
         return update, result

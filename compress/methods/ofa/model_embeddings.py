@@ -1,4 +1,5 @@
 """The constant a model's embedding multiplies looked-up vectors by (Gemma: sqrt(D))."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -14,6 +15,8 @@ def embed_scale(embedding: nn.Module) -> float:
     if scale is None and getattr(embedding, "embed_scale", None) is not None:
         scale = float(embedding.embed_scale)
     if scale is None:
-        raise CompressError(f"unsupported embedding class {type(embedding).__name__}: its forward is not a "
-                            "plain lookup (optionally scaled)")
+        raise CompressError(
+            f"unsupported embedding class {type(embedding).__name__}: its forward is not a "
+            "plain lookup (optionally scaled)"
+        )
     return float(scale)

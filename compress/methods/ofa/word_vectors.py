@@ -4,6 +4,7 @@ OFA (like WECHSEL) measures how similar two subwords are in an external multilin
 space. A subword's vector is the vector of the word it spells, when the file has that word;
 otherwise the mean vector of the words whose tokenisation contains it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,8 +35,9 @@ def read_vec(path: str | Path, max_words: int | None = None) -> tuple[list[str],
             try:
                 values = [float(v) for v in fields[1:]]
             except ValueError:
-                raise CompressError(f"vectors file {path} line {number}: non-numeric value after "
-                                    f"{fields[0]!r}") from None
+                raise CompressError(
+                    f"vectors file {path} line {number}: non-numeric value after {fields[0]!r}"
+                ) from None
             if width is None:
                 width = len(values)
             if len(values) != width:

@@ -4,6 +4,7 @@ Unlike the reference code we (a) find tau for any model by bisection on a *param
 budget instead of hard-coded taus, (b) count compression as parameters removed, not
 singular values dropped, and (c) run on whatever device holds the weights.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -55,8 +56,10 @@ def find_tau(spectra: dict[str, MatrixSpectrum], reduction: float, min_ratio: fl
     goal = (1.0 - reduction) * dense
     if total_params(spectra, 1.0, min_ratio) > goal:
         best = 1 - total_params(spectra, 1.0, min_ratio) / dense
-        raise CompressError(f"reduction {reduction:.2f} is out of reach for these targets "
-                            f"(the most WeLore can remove here is {best:.3f})")
+        raise CompressError(
+            f"reduction {reduction:.2f} is out of reach for these targets "
+            f"(the most WeLore can remove here is {best:.3f})"
+        )
     lo, hi = 0.0, 1.0
     for _ in range(iters):
         mid = (lo + hi) / 2
@@ -78,22 +81,31 @@ class WeLore(Method):
         for name, module in planner.progress(modules.items(), "welore: spectra"):
             check_linear(self.name, name, module)
             spectra[name] = MatrixSpectrum(module.out_features, module.in_features, normalised_spectrum(module.weight))
-        tau = config.threshold if config.threshold is not None else find_tau(spectra, config.reduction, config.min_ratio)
+        tau = (
+            config.threshold if config.threshold is not None else find_tau(spectra, config.reduction, config.min_ratio)
+        )
         decisions = {name: s.decision(tau, config.min_ratio) for name, s in spectra.items()}
 
         result = StageResult(self.name)
         for name, s in spectra.items():
             rank = decisions[name]
-            result.rows.append({
-                "module": name, "shape": f"{s.out_features}x{s.in_features}",
-                "rank": rank if rank is not None else min(s.out_features, s.in_features),
-                "full_rank": min(s.out_features, s.in_features),
-                "kind": "LRC" if rank is not None else "N-LRC",
-                "params_before": s.dense_params, "params_after": s.params(rank),
-            })
-        result.summary = {"tau": tau, **budget_summary(result.rows, config.reduction),
-                          "lrc": sum(r is not None for r in decisions.values()),
-                          "n_lrc": sum(r is None for r in decisions.values())}
+            result.rows.append(
+                {
+                    "module": name,
+                    "shape": f"{s.out_features}x{s.in_features}",
+                    "rank": rank if rank is not None else min(s.out_features, s.in_features),
+                    "full_rank": min(s.out_features, s.in_features),
+                    "kind": "LRC" if rank is not None else "N-LRC",
+                    "params_before": s.dense_params,
+                    "params_after": s.params(rank),
+                }
+            )
+        result.summary = {
+            "tau": tau,
+            **budget_summary(result.rows, config.reduction),
+            "lrc": sum(r is not None for r in decisions.values()),
+            "n_lrc": sum(r is None for r in decisions.values()),
+        }
         result.series = {"spectra": {name: s.spectrum.float().tolist() for name, s in spectra.items()}}
         return Plan(decisions, result)
 

@@ -13,8 +13,11 @@ class WeLoreConfig(StageConfig):
 
     method: Literal["welore"] = "welore"
     targets: list[str] = Field(default_factory=lambda: [DECODER_PROJECTIONS], min_length=1)
-    train: Training | None = Field(None, description="train the new factors afterwards: the whole model "
-                                   "(scope: global) or each layer against the dense one (scope: layer)")
+    train: Training | None = Field(
+        None,
+        description="train the new factors afterwards: the whole model "
+        "(scope: global) or each layer against the dense one (scope: layer)",
+    )
     reduction: float | None = Field(None, gt=0, lt=1, description="fraction of targeted parameters to remove")
     threshold: float | None = Field(None, gt=0, lt=1, description="WeLore's tau on the normalised spectrum")
     min_ratio: float = Field(0.0, ge=0, lt=1, description="matrices losing a smaller fraction of ranks stay dense")
