@@ -378,7 +378,7 @@ def calibrate_sequentially(
     last = max(by_layer)
     was_training = model.training
     model.eval()
-    report = EngineReport(tokens=int(windows.numel()))
+    report = EngineReport(tokens=int(sum_number(windows.numel())))  # every process's share
     two_streams = sequential and (cross or dense_cov)
     with torch.no_grad():
         current, kwargs_by_kind = capture_layer0_inputs(model, layers, windows, batch_size)
@@ -495,12 +495,14 @@ def _collect(
     if statistics == "io":
         stats = collector.results()
     else:
-        normalised: dict[int, dict] = {}  # shared accumulators are normalised once
-        stats = {
-            name: normalised.setdefault(id(collector.stats[name]), collector.stats[name].as_dict())
-            for name in targeted
-            if name in collector.stats
-        }
+        normalised: dict[int, dict] = {}  # an accumulator shared by q/k/v (gate/up) is summed and normalised once
+        stats = {}
+        for name in targeted:
+            if name in collector.stats:
+                accumulator = collector.stats[name]
+                if id(accumulator) not in normalised:
+                    normalised[id(accumulator)] = accumulator.as_dict()
+                stats[name] = normalised[id(accumulator)]
     missing = [name for name in targeted if name not in stats]
     if missing:
         raise CompressError(f"activation statistics: {missing} were never called in layer {index}")

@@ -90,11 +90,13 @@ def compress(
     from .checkpoint import mark_compressed
     from .methods.base import StageContext
     from .pipeline import compress_model
+    from .training import check_batches_split
 
     recipe = as_recipe(recipe)
     source = dict(source or {})
     if isinstance(model, torch.nn.Module):
         source.setdefault("dtype", str(next(model.parameters()).dtype).removeprefix("torch."))
+    check_batches_split(recipe)
     if calibration is None:
         check_calibration(recipe.calibration)  # a missing dataset fails before the model loads
     if isinstance(model, (str, Path)):

@@ -23,9 +23,13 @@ def init() -> None:
     share of the machine's cores unless OMP_NUM_THREADS says otherwise."""
     if not launched() or torch.distributed.is_initialized():
         return
+    from datetime import timedelta
+
     from accelerate import PartialState
 
-    PartialState(cpu=not torch.cuda.is_available())
+    # the other processes wait in their next all-reduce while the main one runs lm-eval and writes the
+    # checkpoint: far longer than the default 10 (nccl) or 30 (gloo) minutes on a large model
+    PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=12))
     if "OMP_NUM_THREADS" not in os.environ:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))

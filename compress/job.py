@@ -101,11 +101,13 @@ def run_job(
     from .recipe import load_recipe, recipe_to_yaml
     from .report import write_report
     from .scoring import check_eval, evaluate
+    from .training import check_batches_split
 
     recipe = load_recipe(recipe_path)  # validated before anything heavy happens
     require("matplotlib", "eval", "the report's plots")
     check_eval(recipe.eval)  # task names and their datasets, before the model loads
     check_calibration(recipe.calibration)
+    check_batches_split(recipe)
     out = Path(out)
     if out.exists() and not overwrite:
         raise CompressError(f"output {out} already exists; pass --overwrite to replace it")

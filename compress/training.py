@@ -67,6 +67,20 @@ class Training(BaseModel):
 LossFn = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, dict]]
 
 
+def check_batches_split(recipe) -> None:
+    """Several processes split every training batch evenly: say so before any heavy work if one cannot be."""
+    from .distributed import world_size
+
+    processes = world_size()
+    for index, stage in enumerate(recipe.stages if processes > 1 else ()):
+        for training in (stage, getattr(stage, "train", None)):
+            if isinstance(training, Training) and training.batch_size % processes:
+                raise CompressError(
+                    f"stages[{index}]: batch_size {training.batch_size} must be a multiple of the "
+                    f"{processes} processes (each trains on an equal slice of every batch)"
+                )
+
+
 def train_loop(
     model: nn.Module,
     param_groups: list[dict],
@@ -89,7 +103,8 @@ def train_loop(
     ``loss_fn(model, batch)`` returns the loss and a dict of numbers for the progress bar.
     ``on_step(step, tokens)`` runs after every step (e.g. to measure a quality curve); its time is
     excluded from ``wall_time_s`` and the model is put back in train mode afterwards.
-    Returns ``{"steps", "tokens", "wall_time_s", "losses"}``; the model is left unwrapped, in eval mode.
+    Returns ``{"steps", "tokens", "wall_time_s", "losses", "learning_rates"}`` (per step); the model is left
+    unwrapped, in eval mode.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -101,14 +116,23 @@ def train_loop(
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     optimizer = torch.optim.AdamW(param_groups, weight_decay=weight_decay)
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=False)
     processes = world_size()
     if processes == 1:
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=False)
         wrapped, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    else:  # every process draws the same batches (same seed) and trains on its slice of each; DDP averages
-        wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    else:
+        # every process draws the same batches (same seed) and trains on its equal slice of each; DDP averages
+        # the gradients, so a step is the full batch's. The scheduler stays unprepared: accelerate would step
+        # it once per process for every optimiser step.
+        if batch_size % processes or len(data) < batch_size:
+            raise CompressError(
+                f"{desc}: batch_size {batch_size} must be a multiple of the {processes} processes and at most "
+                f"the {len(data)} training windows"
+            )
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True)
+        wrapped, optimizer = accelerator.prepare(model, optimizer)
     wrapped.train()
-    losses, tokens, step, paused = [], 0, 0, 0.0
+    losses, rates, tokens, step, paused = [], [], 0, 0, 0.0
     start = time.perf_counter()
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     while step < steps:
@@ -122,6 +146,7 @@ def train_loop(
                 raise FloatingPointError(f"{desc}: loss became {value} at step {step}; lower lr")
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(params, max_grad_norm)
+            rates.append(optimizer.param_groups[0]["lr"])
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -142,7 +167,7 @@ def train_loop(
     bar.close()
     wall = time.perf_counter() - start - paused
     accelerator.unwrap_model(wrapped).eval()
-    return {"steps": step, "tokens": tokens, "wall_time_s": wall, "losses": losses}
+    return {"steps": step, "tokens": tokens, "wall_time_s": wall, "losses": losses, "learning_rates": rates}
 
 
 # ---------------------------------------------------------------- global scope
@@ -242,6 +267,7 @@ def train_globally(
         "wall_time_s": run["wall_time_s"],
         "lr": training.lr,
         "schedule": training.schedule,
+        "mean_lr": sum(run["learning_rates"]) / max(1, len(run["learning_rates"])),  # what the schedule gave
         "loss": training.loss,
         "trainable_params": trainable,
         "calibration_loss_before": loss_before,

@@ -71,4 +71,7 @@ def test_two_processes_give_the_model_one_process_gives(tmp_path, smol_tokenizer
         a, b = single[key]["perplexity"]["perplexity"], double[key]["perplexity"]["perplexity"]
         assert b == pytest.approx(a, rel=0.002), key
     assert [r["rank"] for r in single["stages"][0]["rows"]] == [r["rank"] for r in double["stages"][0]["rows"]]
+    # one schedule step per optimiser step in every process (accelerate's prepared scheduler would take two)
+    lr_one, lr_two = (run["stages"][1]["summary"]["mean_lr"] for run in (single, double))
+    assert lr_two == pytest.approx(lr_one, rel=1e-9)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".one", ".two"))]  # one writer, no leftovers
