@@ -121,6 +121,6 @@ def _declared_range(model: nn.Module) -> tuple[float, float] | None:
     recipe = (section.get("recipe") if isinstance(section, dict) else getattr(section, "recipe", None)) or {}
     for stage in recipe.get("stages", []):
         elastic = stage.get("elastic") if isinstance(stage, dict) else None
-        if elastic:
+        if elastic and "min_reduction" in elastic:  # a lowrank stage's (a finetune stage's lists budgets)
             return elastic["min_reduction"], elastic["max_reduction"]
     return None

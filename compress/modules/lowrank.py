@@ -65,6 +65,15 @@ class LowRankLinear(nn.Module):
         self.register_buffer("curve_ranks", ranks.to(torch.int64).to(self.A.device))
         self.register_buffer("curve_loss", loss.to(torch.float32).to(self.A.device))
 
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) moves the loss curve but must not round it: a resize compares the losses of
+        # neighbouring ranks, which differ by less than bfloat16 resolves
+        loss = self._buffers.get("curve_loss")
+        super()._apply(fn, recurse)
+        if loss is not None and self.curve_loss.dtype != torch.float32:
+            self._buffers["curve_loss"] = loss.to(device=self.curve_loss.device)
+        return self
+
     def curve(self) -> torch.Tensor:
         """The estimated loss at every rank 0 .. ``self.rank`` (linear between the stored points)."""
         ranks, loss = self.curve_ranks.double().cpu(), self.curve_loss.double().cpu()

@@ -90,6 +90,28 @@ def test_a_reloaded_checkpoint_keeps_its_budget_and_curves(elastic_model, tmp_pa
     compress.set_budget(elastic_model, 0.3)
 
 
+def test_a_bfloat16_model_keeps_float32_curves_and_resizes_alike(elastic_model):
+    import copy
+
+    half = copy.deepcopy(elastic_model).to(torch.bfloat16)
+    for name, module in elastic_modules(half).items():
+        original = elastic_modules(elastic_model)[name]
+        assert module.A.dtype == torch.bfloat16 and module.curve_loss.dtype == torch.float32
+        assert torch.equal(module.curve_loss, original.curve_loss)
+    assert compress.set_budget(half, 0.45) == compress.set_budget(elastic_model, 0.45)
+    compress.set_budget(elastic_model, 0.3)
+
+
+def test_a_finetune_stage_in_the_stored_recipe_does_not_hide_the_range(elastic_model):
+    import copy
+
+    model = copy.deepcopy(elastic_model)
+    stored = model.config.quantization_config
+    recipe = stored["recipe"] if isinstance(stored, dict) else stored.recipe
+    recipe["stages"].insert(0, {"method": "finetune", "elastic": {"budgets": [0.2, 0.4], "rule": "sum"}})
+    assert budget_range(model) == budget_range(elastic_model)
+
+
 @pytest.mark.parametrize("rule", ["sum", "sample"])
 def test_elastic_healing_trains_every_budget(rule):
     model = compress.compress(make_tiny_llama(), [ELASTIC], calibration=_windows(16, 32), progress=False)
