@@ -205,11 +205,6 @@ def refine_factors(
     return A * ratio, B / ratio[:, None]
 
 
-def factors_for_budget_rank(out_features: int, in_features: int, params: int) -> int:
-    """Largest rank whose factors fit in ``params`` parameters (at least 1)."""
-    return max(1, params // (out_features + in_features))
-
-
 def truncation_error_profile(
     weight: torch.Tensor,
     cov: torch.Tensor,

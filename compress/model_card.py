@@ -193,7 +193,7 @@ def _stage_sentence(i: int, stage_config: dict, stage_report: dict, summaries: d
 
 def render_body(run: RunFolder, repo_id: str, revision: str | None = None) -> str:
     from .registry import all_methods
-    from .report import PROTOCOL, cell, eval_rows, md_table, size_rows
+    from .report import cell, eval_rows, md_table, protocol, size_rows
 
     report, size = run.report, run.report["size"]
     recipe = report["recipe"]
@@ -319,7 +319,7 @@ def render_body(run: RunFolder, repo_id: str, revision: str | None = None) -> st
         )
         + ("Small evaluations like this one are indicative only." if limits and min(limits) < 50 else ""),
         "",
-        PROTOCOL,
+        protocol(report),
         "",
     ]
     budgets = (report.get("eval_compressed") or {}).get("budgets")

@@ -168,7 +168,7 @@ def _apply_model_level(model: nn.Module, method: Method, config, ctx: StageConte
     from .activations import head_input_covariance, token_counts
     from .model_parts import install, read_parts
 
-    parts = read_parts(model, config, ctx.tokenizer, method.name)
+    parts = read_parts(model, config, ctx.tokenizer, where)
     needs = method.model_needs(config)
     stats = ModelStats()
     if needs.token_counts or needs.head_input_cov_windows:

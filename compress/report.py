@@ -6,13 +6,18 @@ import json
 import math
 from pathlib import Path
 
-PROTOCOL = (
-    "Protocol (README, 'Measurement protocol'): compression ratio = fraction of the targeted modules' "
-    "parameters removed; "
-    "perplexity = token-level exp(mean NLL) over non-overlapping windows of held-out Wikipedia "
-    "(articles with index % 4 == 0), dense baseline measured in the same run with the same settings; "
-    "lm-eval's *_ppl tasks report word perplexity (labelled as such)."
-)
+
+def protocol(report: dict) -> str:
+    """How the report's numbers were measured (report.md and the model card), naming the held-out corpus."""
+    perplexity = (report.get("eval_compressed") or {}).get("perplexity") or {}
+    corpus = perplexity.get("corpus", "wikipedia")
+    return (
+        "Protocol (README, 'Measurement protocol'): compression ratio = fraction of the targeted modules' "
+        "parameters removed; perplexity = token-level exp(mean NLL) over non-overlapping windows of the "
+        f"held-out split of the bundled {corpus} corpus (documents with index % 4 == 0), dense baseline "
+        "measured in the same run with the same settings; lm-eval's *_ppl tasks report word perplexity "
+        "(labelled as such)."
+    )
 
 
 def _fmt(value) -> str:
@@ -123,7 +128,7 @@ def render_markdown(report: dict) -> str:
             eval_rows(report.get("eval_dense"), report["eval_compressed"]),
         ),
         "",
-        PROTOCOL,
+        protocol(report),
         "",
     ]
     budgets = (report.get("eval_compressed") or {}).get("budgets")

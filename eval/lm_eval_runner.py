@@ -212,18 +212,18 @@ def prepare_tasks(tasks) -> Path:
 _MANAGERS: dict = {}
 
 
-def _task_manager(include_defaults: bool):
-    """lm-eval's TaskManager with our tasks included (indexing lm-eval's ~15k task files takes seconds: once)."""
-    if include_defaults not in _MANAGERS:
+def _task_manager(ours: tuple[str, ...] = ()):
+    """lm-eval's TaskManager, with those of our tasks that are asked for (a run of lm-eval's own tasks does
+    not need our corpora installed). Indexing lm-eval's ~15k task files takes seconds: once per set."""
+    if ours not in _MANAGERS:
         import logging
 
         from lm_eval.tasks import TaskManager
 
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
-        _MANAGERS[include_defaults] = TaskManager(
-            include_path=str(prepare_tasks(TASKS)), include_defaults=include_defaults
-        )
-    return _MANAGERS[include_defaults]
+        include = str(prepare_tasks(ours)) if ours else None
+        _MANAGERS[ours] = TaskManager(include_path=include, include_defaults=True)
+    return _MANAGERS[ours]
 
 
 def check_tasks(tasks) -> None:
@@ -241,8 +241,8 @@ def check_tasks(tasks) -> None:
     if not foreign:
         return
     require("lm_eval", "eval", "evaluating lm-eval tasks")
-    manager = _task_manager(include_defaults=True)
-    known = set(manager.all_tasks)
+    manager = _task_manager()
+    known = set(manager.all_tasks) | set(TASKS)  # ours too, for the "did you mean"
     for task in foreign:
         if task not in known:
             close = difflib.get_close_matches(task, sorted(known), n=1)
@@ -313,7 +313,7 @@ def run_lm_eval(
             model,
             tokenizer,
             names,
-            _task_manager(include_defaults=True),
+            _task_manager(tuple(name for name in names if name in TASKS)),
             limit,
             batch_size,
             max_length,

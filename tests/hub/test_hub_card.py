@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard, ModelCardData, metadata_load
 
 from compress.errors import CompressError
 from compress.model_card import HUB_RELATIONS, card_problems, check_card, main, read_run, render_card
-from compress.report import PROTOCOL
+from compress.report import protocol
 from tests.hub.conftest import BASE_MODEL
 
 REPO = "tester/tiny-welore"
@@ -57,7 +57,7 @@ def test_card_body_has_tables_protocol_loading_code_and_exact_recipe(intact_run)
     assert "| 0 | `welore` |" in body and "reduction: 0.3" in body  # per-method settings
     assert r"(q\|k\|v\|o\|gate\|up\|down)" in body  # pipes escaped in tables
     assert "| wikipedia_ppl word_perplexity (lm-eval) |" in body  # dense vs compressed
-    assert PROTOCOL in body
+    assert protocol(report) in body and "held-out split of the bundled wikipedia corpus" in body
     code = re.search(r"```python\n(.*?)```", body, re.S).group(1)
     assert code.startswith("import compress")
     assert f'AutoModelForCausalLM.from_pretrained("{REPO}", revision="exp")' in code

@@ -23,7 +23,8 @@ class LoraAdapter(BaseModel):
 
 class ElasticTraining(BaseModel):
     """Train every budget of an elastic model at once: ``sample`` one budget per step (Maestro's ordered
-    dropout) or ``sum`` the loss over all of them each step (Starbucks' rule)."""
+    dropout) or ``sum``: all of them each step (Starbucks' summed loss, divided by the number of budgets so
+    that ``lr`` and ``max_grad_norm`` mean what they mean for one budget)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
