@@ -353,8 +353,8 @@ def recipe_runs_section(cells: dict) -> list[str]:
     rows = []
     for run in sorted(runs.values(), key=lambda r: (r["recipe"], r["date"], r["tag"])):
         key = RECIPE_CELLS.get(run["recipe"])
-        if key is None and not run["recipe"].startswith("lowrank"):
-            continue
+        if run.get("overrides") or (key is None and not run["recipe"].startswith("lowrank")):
+            continue  # variants (`--set`) are in recipe_runs.md: only the recipes as shipped are compared here
         bench = cells.get(key, {}).get("perplexity") if key else None
         cli = run["perplexity"]
         if bench is None:
@@ -385,7 +385,8 @@ def recipe_runs_section(cells: dict) -> list[str]:
         "Each recipe run end to end with `compress run recipes/<recipe>.yaml smollm2-135m` (dense and compressed "
         "evaluation, report) by `bench/recipe_runs.py`; held-out perplexity from the run's report.json, beside "
         "the bench cell the recipe reproduces. Tags: `v0.1` = the code before the method-protocol refactor, "
-        "`v0.2` = after it (bench/results/recipe_runs.md has sizes, times and memory).",
+        "`v0.2` = after it. Only the recipes as shipped; bench/results/recipe_runs.md also has their variants "
+        "(calibration data, dtype, LoRA healing), sizes, times and memory.",
         "",
         md_table(
             ["recipe", "tag", "bench cell", "bench ppl", "`compress run` ppl", "dense (same run)", "verdict"], rows

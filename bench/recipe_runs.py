@@ -318,6 +318,9 @@ def merge(roots: list[Path]) -> dict:
     for root in roots:
         for key, cell in load_cells(root / "bench" / "results" / "recipe_runs.json").items():
             folder = root / cell["folder"]
+            if not (folder / "report.json").is_file():
+                print(f"{root}: {key} has no run folder there (a copy of another store's cell): skipped")
+                continue
             report = json.loads((folder / "report.json").read_text())
             manifest = json.loads((folder / "model" / "compress_manifest.json").read_text())
             cells[key] = {**cell, **cell_from_report(report, manifest)}
