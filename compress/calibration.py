@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 import torch
 
@@ -31,23 +32,26 @@ def source_documents(source) -> list:
         from .eval.corpora import CorpusSourceMissing, load_documents
 
         try:
-            return load_documents(source.corpus, "calibration")
+            return load_documents(source.corpus, "calibration")[: source.max_documents]
         except CorpusSourceMissing as exc:
             raise CompressError(str(exc)) from None
-    rows = _dataset_rows(source.dataset, source.config, source.split, source.file)
+    file = None if source.file is None else str(Path(source.file).expanduser())
+    rows = _dataset_rows(source.dataset, source.config, source.split, file, source.max_documents)
     field = source.messages_field or source.text_field
     if rows and field not in rows[0]:
         raise CompressError(
             f"calibration source {source.describe()}: no field {field!r} (fields: {', '.join(sorted(rows[0]))})"
         )
-    documents = [row[field] for row in rows[: source.max_documents] if row[field]]
+    documents = [row[field] for row in rows if row[field]]
     if not documents:
         raise CompressError(f"calibration source {source.describe()}: no documents")
     return documents
 
 
-@cache
-def _dataset_rows(dataset: str | None, config: str | None, split: str, file: str | None) -> list[dict]:
+@cache  # the early check and the window building read the same rows
+def _dataset_rows(
+    dataset: str | None, config: str | None, split: str, file: str | None, max_documents: int | None
+) -> list[dict]:
     from .utils import require
 
     require("datasets", "datasets", "calibration on a dataset or a local file")
@@ -71,6 +75,8 @@ def _dataset_rows(dataset: str | None, config: str | None, split: str, file: str
     except Exception as exc:  # datasets raises many types for a missing or unreadable dataset
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CompressError(f"calibration data {where!r} cannot be loaded: {first}") from None
+    if max_documents is not None and max_documents < len(loaded):
+        loaded = loaded.select(range(max_documents))  # only these rows are materialised
     return loaded.to_list()
 
 

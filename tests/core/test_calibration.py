@@ -77,6 +77,18 @@ def test_local_files_of_every_kind_and_chat_messages(tmp_path, smol_tokenizer):
     assert "<|im_start|>user" in rendered  # the chat template was applied
 
 
+def test_max_documents_reads_only_the_first_documents_of_every_kind_of_source(tmp_path, monkeypatch):
+    from compress.calibration import source_documents
+    from compress.recipe import CalibrationSource
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # a `~/` path is expanded for the datasets library too
+    (tmp_path / "notes.jsonl").write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(9)))
+    from_file = source_documents(CalibrationSource(file="~/notes.jsonl", max_documents=3))
+    assert from_file == ["document 0", "document 1", "document 2"]
+    bundled = source_documents(CalibrationSource(corpus="wikipedia", max_documents=2))
+    assert bundled == load_documents("wikipedia", "calibration")[:2]
+
+
 @pytest.mark.parametrize(
     "source, message",
     [
