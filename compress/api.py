@@ -120,11 +120,13 @@ def compress(
             cache.update(tokenizer=ctx.tokenizer, built=build_calibration(ctx.tokenizer, recipe.calibration))
         return cache["built"].windows
 
-    ctx = StageContext(tokenizer=tokenizer, calibration_windows=windows, progress=progress)
+    dtype = output_dtype(recipe, source)
+    ctx = StageContext(
+        tokenizer=tokenizer, calibration_windows=windows, progress=progress, storage_dtype=getattr(torch, dtype)
+    )
     start = time.perf_counter()
     results = compress_model(model, recipe, ctx)
     wall = time.perf_counter() - start
-    dtype = output_dtype(recipe, source)
     model.to(getattr(torch, dtype))
     mark_compressed(model, recipe.model_dump(mode="json"))
     used = (

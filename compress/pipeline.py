@@ -44,6 +44,10 @@ class ModelPlanner(Planner):
             raise CompressError("this stage needs calibration windows")
         return windows if limit is None else windows[:limit]
 
+    def stored_value_bytes(self, module: nn.Module) -> int:
+        dtype = self._ctx.storage_dtype or module.weight.dtype
+        return torch.empty(0, dtype=dtype).element_size()
+
     def progress(self, items, description: str):
         items = list(items)
         return progress_iter(items, description, self._ctx.progress, total=len(items))

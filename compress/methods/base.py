@@ -96,6 +96,7 @@ class StageContext:
     calibration_windows: Callable[[], torch.Tensor | None]  # lazy: data-free methods never build them
     progress: bool = True
     teacher: nn.Module | None = None  # the model before the first stage, when a stage distils towards it
+    storage_dtype: torch.dtype | None = None  # what the checkpoint is saved in (None: the model's own dtype)
 
 
 @dataclass
@@ -135,6 +136,10 @@ class Planner:
 
     def windows(self, limit: int | None = None) -> torch.Tensor:
         """The calibration windows ([N, seq_len] token ids), at most ``limit`` of them."""
+        raise NotImplementedError
+
+    def stored_value_bytes(self, module: nn.Module) -> int:
+        """Bytes per weight value in the saved checkpoint (the work itself runs in float32)."""
         raise NotImplementedError
 
     def progress(self, items, description: str):

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-import compress  # noqa: F401  registers the checkpoint format
+import compress  # also registers the checkpoint format
 from compress.checkpoint import mark_compressed
 from compress.job import safetensors_bytes
 from compress.methods.base import StageContext
@@ -80,3 +80,33 @@ def test_bytes_on_disk_count_values_and_indices(saved):
     header_slack = 8192  # safetensors JSON header grows with the number of tensors
     assert abs(delta - (value_bytes + index_bytes)) < header_slack
     assert delta < 0
+
+
+def test_a_bytes_budget_holds_in_the_dtype_the_checkpoint_is_saved_in(tmp_path):
+    reduction = 0.3
+    recipe = {
+        "name": "bytes-bf16",
+        "stages": [
+            {
+                "method": "dsformer",
+                "targets": [r"re:.*mlp\..*_proj$"],
+                "reduction": reduction,
+                "budget_unit": "bytes",
+                "iters": 2,
+            }
+        ],
+        "output": {"dtype": "bfloat16"},
+    }
+    model = make_tiny_llama()
+    dense_bytes = sum(
+        m.weight.numel() * 2 for n, m in model.named_modules() if n.endswith(("gate_proj", "up_proj", "down_proj"))
+    )
+    compress.save(compress.compress(model, recipe, progress=False), tmp_path / "m")
+    stored = 0
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        for key in f.keys():
+            if ".mlp." in key:
+                tensor = f.get_tensor(key)
+                stored += tensor.numel() * tensor.element_size()
+    assert stored <= (1 - reduction) * dense_bytes
+    assert stored >= (1 - reduction - 0.1) * dense_bytes  # and the budget is spent, not wasted

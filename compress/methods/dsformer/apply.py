@@ -96,7 +96,7 @@ class DSFormer(Method):
                 config.nnz_per_column,
                 config.pattern,
                 config.budget_unit,
-                module.weight.element_size(),
+                planner.stored_value_bytes(module),
             )
             decisions[name] = shape
             after = shape.params(m, n) if shape else m * n
