@@ -78,6 +78,7 @@ def _cmd_ls(args) -> None:
 
 
 def _cmd_eval(args) -> None:
+    from .distributed import is_main
     from .models import load_model
     from .recipe import EvalConfig
     from .report import flatten_eval
@@ -96,6 +97,8 @@ def _cmd_eval(args) -> None:
     check_eval(config)
     loaded = load_model(args.model_id)
     result = evaluate(loaded.model, loaded.tokenizer, config, progress=not args.quiet)
+    if not is_main():  # several processes: each measured its share; the main one has the sums and lm-eval
+        return
     _print_table(
         f"evaluation of {args.model_id}",
         ["metric", "value"],

@@ -132,6 +132,8 @@ class EvalConfig(_Strict):
             values = per_task.values() if per_task else ([value] if value is not None else [])
             if any(v < minimum for v in values):
                 raise ValueError(f"{field} must be >= {minimum}")
+        if self.budgets is not None and not all(0 < b < 1 for b in self.budgets):
+            raise ValueError("budgets are reductions in (0, 1)")
         return self
 
     def limit_for(self, task: str) -> int | None:

@@ -29,6 +29,7 @@ def test_good_recipe_is_frozen_with_defaults():
         (_stage(targets=["re:("]), r"invalid regex"),
         ({**GOOD, "eval": {"tasks": ["wiki pl"]}}, r"eval: 'wiki pl' is not a task name"),
         ({**GOOD, "calibration": {"samples": 0}}, r"calibration\.samples"),
+        ({**GOOD, "eval": {"budgets": [0.2, 1.5]}}, r"eval: budgets are reductions in \(0, 1\)"),
         ({**GOOD, "colour": "red"}, r"colour: unknown field"),
         ({"name": "w", "stages": []}, r"stages"),
     ],
