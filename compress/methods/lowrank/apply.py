@@ -94,11 +94,11 @@ class LowRank(Method):
     summary = "truncated factorisation (svd / asvd / whitening / dense-target whitening) under a parameter budget"
 
     def calibration(self, config: LowRankConfig) -> Calibration:
-        if config.backend == "svd" and not config.refine:
-            return Calibration()
+        data_free = config.backend == "svd" and not config.refine
         dense_target = config.backend == "whiten_dense_target" or config.refine
+        # data-free still runs the stream when layer-local training (train: {scope: layer}) needs it
         return Calibration(
-            statistics="dense_cross" if dense_target else "input_cov",
+            statistics="none" if data_free else "dense_cross" if dense_target else "input_cov",
             sequential=config.sequential,
             sublayer=config.sublayer,
             windows=config.calibration_windows,
