@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from cells import forwarded_flags, load_cells, run_cells, save_cells
+from recipe_runs import healing_table
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = [r"re:.*\.(q|k|v|o|gate|up|down)_proj$"]
@@ -392,6 +393,7 @@ def recipe_runs_section(cells: dict) -> list[str]:
             ["recipe", "tag", "bench cell", "bench ppl", "`compress run` ppl", "dense (same run)", "verdict"], rows
         ),
         "",
+        *("#" + line if line.startswith("## ") else line for line in healing_table(runs)),
     ]
 
 
