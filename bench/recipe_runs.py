@@ -278,6 +278,7 @@ def findings(cells: dict) -> list[str]:
             a, b = wiki["perplexity_by_corpus"][corpus], mix["perplexity_by_corpus"][corpus]
             lines.append(f"| {corpus} | {_fmt(dense)} | {_fmt(a)} | {a / dense:.2f} | {_fmt(b)} | {b / dense:.2f} |")
         lines.append("")
+    lines += elastic_table(cells)
     fp32, bf16 = cells.get("lowrank-20@smollm2-135m#v0.2"), cells.get("lowrank-20@smollm2-135m#v0.3-bf16")
     if fp32 and bf16:
         lines += [
@@ -290,6 +291,34 @@ def findings(cells: dict) -> list[str]:
             "",
         ]
     return lines
+
+
+def elastic_table(cells: dict) -> list[str]:
+    """The elastic run scored at each budget (compress.set_budget inside the run) beside the fresh compressions
+    at the same budget that exist (lowrank-20 itself at 20 %, bench/elastic.py's fresh-* runs)."""
+    elastic = cells.get("lowrank-elastic@smollm2-135m#elastic")
+    if not elastic or not elastic.get("budgets"):
+        return []
+    rows = []
+    for entry in elastic["budgets"]:
+        budget = entry["requested_reduction"]
+        tag = "v0.2" if abs(budget - 0.2) < 1e-9 else f"fresh-{budget:g}"
+        fresh = cells.get(f"lowrank-20@smollm2-135m#{tag}")
+        ppl, fresh_ppl = entry["perplexity"], fresh["perplexity"] if fresh else None
+        versus = f"{ppl / fresh_ppl - 1:+.1%}" if fresh_ppl else "-"
+        rows.append(f"| {budget:.0%} ({entry['reduction']:.1%}) | {_fmt(ppl)} | {_fmt(fresh_ppl)} | {versus} |")
+    return [
+        "## Elastic rank: one run, every budget (lowrank-elastic)",
+        "",
+        "`recipes/lowrank-elastic.yaml` (lowrank-20's settings, factors and loss curves stored for 10-50 %) scored "
+        "at each budget by `eval.budgets` in the same run (held-out Wikipedia, 32 windows), beside a fresh "
+        "`lowrank-20`-style compression at that budget where one was run (bench/elastic.py runs the others).",
+        "",
+        "| budget (achieved) | elastic ppl | fresh ppl | elastic vs fresh |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def compare_tags(cells: dict) -> list[str]:
