@@ -193,7 +193,7 @@ def _stage_sentence(i: int, stage_config: dict, stage_report: dict, summaries: d
 
 def render_body(run: RunFolder, repo_id: str, revision: str | None = None) -> str:
     from .registry import all_methods
-    from .report import cell, eval_rows, md_table, protocol, size_rows
+    from .report import cell, evaluation_section, md_table, protocol, size_rows
 
     report, size = run.report, run.report["size"]
     recipe = report["recipe"]
@@ -285,15 +285,7 @@ def render_body(run: RunFolder, repo_id: str, revision: str | None = None) -> st
 
     ev = recipe.get("eval", {})
     ppl = (report.get("eval_compressed") or {}).get("perplexity") or {}
-    out += [
-        "## Evaluation",
-        "",
-        md_table(
-            ["metric", "dense", "compressed", "compressed / dense"],
-            eval_rows(report.get("eval_dense"), report["eval_compressed"]),
-        ),
-        "",
-    ]
+    out += evaluation_section(report)
     limits = ev.get("limit")
     limits = list(limits.values()) if isinstance(limits, dict) else ([limits] if limits else [])
     scope = [

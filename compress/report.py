@@ -20,6 +20,19 @@ def protocol(report: dict) -> str:
     )
 
 
+def evaluation_section(report: dict) -> list[str]:
+    """The dense-against-compressed table (report.md and the model card)."""
+    return [
+        "## Evaluation",
+        "",
+        md_table(
+            ["metric", "dense", "compressed", "compressed / dense"],
+            eval_rows(report.get("eval_dense"), report["eval_compressed"]),
+        ),
+        "",
+    ]
+
+
 def _fmt(value) -> str:
     if value is None:
         return "-"
@@ -120,17 +133,7 @@ def render_markdown(report: dict) -> str:
             f"{calibration['samples']} windows of {calibration['seq_len']} tokens.",
             "",
         ]
-    out += [
-        "## Evaluation",
-        "",
-        md_table(
-            ["metric", "dense", "compressed", "compressed / dense"],
-            eval_rows(report.get("eval_dense"), report["eval_compressed"]),
-        ),
-        "",
-        protocol(report),
-        "",
-    ]
+    out += [*evaluation_section(report), protocol(report), ""]
     budgets = (report.get("eval_compressed") or {}).get("budgets")
     if budgets:
         dense = ((report.get("eval_dense") or {}).get("perplexity") or {}).get("perplexity")
