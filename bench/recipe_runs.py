@@ -189,7 +189,7 @@ def render(cells: dict) -> str:
         )
         if c.get("error"):
             lines.append(f"|  | error in {c['error']['step']}: {c['error']['message']} |" + " |" * 12)
-    lines += ["", *compare_tags(cells), *findings(cells)]
+    lines += ["", *compare_tags(cells), *notes(cells), *findings(cells)]
     return "\n".join(lines) + "\n"
 
 
@@ -319,6 +319,26 @@ def elastic_table(cells: dict) -> list[str]:
         *rows,
         "",
     ]
+
+
+# what a run's number says beside the numbers elsewhere in bench/results, per recipe@model
+NOTES = {
+    "factorllm-4e2k@smollm2-135m": "factorllm-4e2k: `compress run` gives 124.3 held-out (the same at v0.1 and "
+    "v0.2, bit-identical weights), where bench/results/factorllm.md gives 140.2 for this setting (4e2k, cluster, "
+    "combine weights, router+experts, 120 steps). bench/factorllm.py runs its cells through its own driver "
+    "(quality checkpoints inside training, its own calibration set-up); the gap between the two has not been "
+    "traced yet. The number above is the one a user of the recipe gets.",
+    "lowrank-40@smollm2-135m": "lowrank-40: v0.1 and v0.2 differ because the recipe changed between them, not the "
+    "code: it now heals on 192 windows in one pass (its bench cell's setting) instead of cycling its 64 "
+    "compression windows (bench/results/lowrank.md). The v0.3 rows are variants run with `--set` (their "
+    "changes are listed in the first table).",
+}
+
+
+def notes(cells: dict) -> list[str]:
+    present = {f"{c['recipe']}@{c['model']}" for c in cells.values()}
+    found = [text for key, text in NOTES.items() if key in present]
+    return ["## Notes", "", *(f"- {text}" for text in found), ""] if found else []
 
 
 def compare_tags(cells: dict) -> list[str]:
