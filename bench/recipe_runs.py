@@ -318,7 +318,22 @@ def elastic_table(cells: dict) -> list[str]:
         "|---|---|---|---|",
         *rows,
         "",
+        f"Why the elastic model is far behind the fresh compression: lowrank-20's allocation factorises "
+        f"{_lrc(cells, 'lowrank-20@smollm2-135m#v0.2')} of the 210 matrices and leaves the rest dense, which an "
+        f"elastic checkpoint cannot serve: it stores every matrix as factors of at most its break-even rank "
+        f"({_lrc(cells, 'lowrank-elastic@smollm2-135m#elastic')} factorised), so every budget, even 10 %, "
+        "truncates every matrix. Serving the matrices the allocation keeps dense would need them stored in full "
+        "beside the factors (a checkpoint larger than the dense model's) or a different allocation rule for "
+        "elastic models. Checkpoint: "
+        f"{elastic['bytes_after'] / 1e6:.1f} MB against lowrank-20's "
+        f"{cells.get('lowrank-20@smollm2-135m#v0.2', {}).get('bytes_after', float('nan')) / 1e6:.1f} MB.",
+        "",
     ]
+
+
+def _lrc(cells: dict, key: str):
+    """How many matrices a run's lowrank stage factorised."""
+    return (cells.get(key) or {"stages": [{}]})["stages"][0].get("lrc", "-")
 
 
 # what a run's number says beside the numbers elsewhere in bench/results, per recipe@model
