@@ -43,7 +43,7 @@ class CalibrationSource(_Strict):
         description="a field of {role, content} messages, rendered with "
         "the tokenizer's chat template (instead of text_field)",
     )
-    max_documents: int | None = Field(None, ge=1, description="use at most the first this many documents (records)")
+    max_documents: int | None = Field(None, ge=1, description="use only the first N documents (records) of the source")
     weight: float = Field(1.0, gt=0, description="share of the windows, relative to the other sources")
 
     @model_validator(mode="after")
