@@ -35,8 +35,10 @@ def safetensors_bytes(folder: Path) -> int:
 def versions() -> dict:
     import importlib.metadata as md
 
-    out = {}
-    for package in ("compress", "torch", "transformers", "lm_eval", "accelerate"):
+    from . import __version__
+
+    out = {"compress": __version__}  # the distribution is compress-llm; the import name is what users know
+    for package in ("torch", "transformers", "lm_eval", "accelerate"):
         try:
             out[package] = md.version(package)
         except md.PackageNotFoundError:
