@@ -32,3 +32,16 @@ def make_tiny_llama(
         pad_token_id=2,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def cli_eval_one_window(model_folder, scores_json) -> dict:
+    """`compress eval` of a checkpoint on one 64-token held-out window (no lm-eval tasks), as a user runs it;
+    returns the scores it wrote to ``scores_json``."""
+    import json
+
+    from compress.cli import main
+
+    args = ["eval", str(model_folder), "--tasks", "--windows", "1", "--seq-len", "64", "--quiet"]
+    assert main([*args, "--json", str(scores_json)]) == 0
+    with open(scores_json) as f:
+        return json.load(f)

@@ -7,7 +7,7 @@ import yaml
 
 from compress.cli import main
 from compress.models import save_folder
-from tests.tiny import make_tiny_llama
+from tests.tiny import cli_eval_one_window, make_tiny_llama
 
 RECIPE = {
     "name": "tiny-welore",
@@ -55,24 +55,8 @@ def test_run_writes_checkpoint_eval_and_report(tmp_path, tiny_folder, capsys):
     assert "| parameters (whole model) |" in (out / "report.md").read_text()
 
     # the compressed checkpoint scores through `compress eval`, and re-running refuses to clobber it
-    assert (
-        main(
-            [
-                "eval",
-                str(out / "model"),
-                "--tasks",
-                "--windows",
-                "1",
-                "--seq-len",
-                "64",
-                "--quiet",
-                "--json",
-                str(tmp_path / "e.json"),
-            ]
-        )
-        == 0
-    )
-    assert json.loads((tmp_path / "e.json").read_text())["perplexity"]["windows"] == 1
+    scores = cli_eval_one_window(out / "model", tmp_path / "e.json")
+    assert scores["perplexity"]["windows"] == 1
     assert main(["run", str(recipe), str(tiny_folder), "--out", str(out), "--quiet"]) == 2
     assert "already exists" in capsys.readouterr().err
 

@@ -12,7 +12,7 @@ from compress.cli import main
 from compress.elastic import budget_range, elastic_modules, reduction_at
 from compress.errors import CompressError
 from compress.models import save_folder
-from tests.tiny import make_tiny_llama
+from tests.tiny import cli_eval_one_window, make_tiny_llama
 
 ELASTIC = {
     "method": "lowrank",
@@ -152,24 +152,8 @@ def test_run_reports_budgets_and_resize_writes_a_smaller_checkpoint(tmp_path, sm
     assert "resized to 5" in capsys.readouterr().out
     size = lambda f: sum(p.stat().st_size for p in f.glob("*.safetensors"))  # noqa: E731
     assert size(tmp_path / "r50") < size(tmp_path / "run" / "model")
-    assert (
-        main(
-            [
-                "eval",
-                str(tmp_path / "r50"),
-                "--tasks",
-                "--windows",
-                "1",
-                "--seq-len",
-                "64",
-                "--quiet",
-                "--json",
-                str(tmp_path / "e.json"),
-            ]
-        )
-        == 0
-    )
-    ppl = json.loads((tmp_path / "e.json").read_text())["perplexity"]["perplexity"]
+    scores = cli_eval_one_window(tmp_path / "r50", tmp_path / "e.json")
+    ppl = scores["perplexity"]["perplexity"]
     assert ppl == pytest.approx(budgets[2]["perplexity"], rel=1e-4)  # the resized model scores as its budget did
     assert main(["resize", str(tmp_path / "run"), "--reduction", "0.9", "--out", str(tmp_path / "r90")]) == 2
     assert "outside the range" in capsys.readouterr().err and not (tmp_path / "r90").exists()
