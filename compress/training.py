@@ -63,6 +63,11 @@ class Training(BaseModel):
             raise ValueError("scope: layer trains towards the dense layer's output; loss does not apply there")
         return self
 
+    def loop_options(self) -> dict:
+        """The settings ``train_loop`` takes as keyword arguments."""
+        names = ("steps", "batch_size", "schedule", "warmup_steps", "max_grad_norm", "weight_decay")
+        return {name: getattr(self, name) for name in names}
+
 
 LossFn = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, dict]]
 
@@ -244,12 +249,7 @@ def train_globally(
             model,
             setup.param_groups,
             windows,
-            steps=training.steps,
-            batch_size=training.batch_size,
-            schedule=training.schedule,
-            warmup_steps=training.warmup_steps,
-            max_grad_norm=training.max_grad_norm,
-            weight_decay=training.weight_decay,
+            **training.loop_options(),
             loss_fn=loss_fn,
             desc=f"{method.name} train",
             progress=progress,
@@ -344,12 +344,7 @@ def train_layer(
             layer,
             setup.param_groups,
             torch.arange(hidden.shape[0]),
-            steps=training.steps,
-            batch_size=training.batch_size,
-            schedule=training.schedule,
-            warmup_steps=training.warmup_steps,
-            max_grad_norm=training.max_grad_norm,
-            weight_decay=training.weight_decay,
+            **training.loop_options(),
             loss_fn=loss_fn,
             desc=f"{method.name} layer train",
             progress=progress,
