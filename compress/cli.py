@@ -114,23 +114,23 @@ def _cmd_resize(args) -> None:
     import torch
 
     from .api import save
-    from .elastic import budget_range, elastic_modules, reduction_at, resize
+    from .elastic import budget_range, elastic_modules, ranks_for, reduction_at, resize
     from .models import declared_dtype, load_folder
 
     folder = args.source / "model" if (args.source / "model").is_dir() else args.source
     model, tokenizer, manifest = load_folder(folder, getattr(torch, declared_dtype(folder)))
     start = time.perf_counter()
     low, high = budget_range(model)
-    resize(model, args.reduction, inplace=True)
-    modules = elastic_modules(model)
-    achieved = reduction_at(modules, {name: m.rank for name, m in modules.items()})
+    achieved = reduction_at(elastic_modules(model), ranks_for(model, args.reduction))
+    resize(model, args.reduction, inplace=True, elastic=not args.fixed)
     seconds = time.perf_counter() - start
     keep = {k: v for k, v in manifest.items() if k != "files"}
     save(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, provenance=keep)
     size = sum(p.stat().st_size for p in Path(args.out).glob("*.safetensors"))
     print(
-        f"resized to {achieved:.1%} of the targeted parameters removed (asked {args.reduction:.1%}; this "
-        f"checkpoint serves {low:.1%} .. {high:.1%}) in {seconds:.1f} s: {args.out} ({size / 1e6:,.1f} MB)"
+        f"resized to {achieved:.1%} of the targeted parameters removed (asked {args.reduction:.1%}; the "
+        f"source serves {low:.1%} .. {high:.1%}) in {seconds:.1f} s: {args.out} ({size / 1e6:,.1f} MB"
+        f"{', this budget only' if args.fixed else ''})"
     )
 
 
@@ -188,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     resize.add_argument("source", type=Path, help="a run folder of an elastic recipe, or its model/ folder")
     resize.add_argument("--reduction", type=float, required=True, help="fraction of the targeted parameters removed")
     resize.add_argument("--out", type=Path, required=True, help="the resized model folder")
+    resize.add_argument(
+        "--fixed",
+        action="store_true",
+        help="write this budget only (as small as a fresh compression at it); by default the result still "
+        "serves every larger reduction",
+    )
     resize.add_argument("--overwrite", action="store_true")
     resize.set_defaults(func=_cmd_resize)
 

@@ -3,11 +3,16 @@
 An elastic checkpoint (``lowrank`` with ``elastic:``) stores every targeted matrix's factors at the largest
 rank any budget of its range uses, ordered by importance (every rank-r prefix is that layer's best rank-r
 approximation under the stage's objective), with the estimated loss-against-rank curve of the sensitivity
-allocation. For a budget, the same allocation runs again on those curves (restricted to the stored ranks):
+allocation. A matrix that the smallest budget keeps dense stores its dense weight too, beside factors at its
+largest rank that still saves parameters (larger budgets may factorise it). For a budget, the same allocation
+runs again on those curves (restricted to the stored ranks, dense only where a dense weight is stored): the
+budget of the compression itself is served exactly as a single-budget run would serve it.
 
-* :func:`set_budget` switches a loaded model in place: each module's ``active_rank`` selects a prefix
-  (views of the stored factors; nothing is copied, and switching back gives bit-identical outputs);
-* :func:`resize` returns a model whose factors are cut to those ranks (a smaller checkpoint).
+* :func:`set_budget` switches a loaded model in place: each module selects a prefix of its factors or its
+  dense weight (views of what is stored; nothing is copied, and switching back gives bit-identical outputs);
+* :func:`resize` returns a model cut to a budget: factors cut to their ranks, dense weights dropped where
+  that budget and every larger one factorise (a smaller checkpoint that still serves the larger budgets),
+  or, with ``elastic=False``, the plain single-budget model (served-dense matrices back to ``nn.Linear``).
 
 The reduction is the fraction of the targeted matrices' dense parameters removed, as everywhere else.
 """
@@ -33,26 +38,32 @@ def _dense_params(modules: dict) -> int:
     return sum(m.out_features * m.in_features for m in modules.values())
 
 
-def reduction_at(modules: dict, ranks: dict[str, int]) -> float:
-    """The fraction of the modules' dense parameters removed at ``ranks``."""
-    kept = sum(ranks[name] * (m.out_features + m.in_features) for name, m in modules.items())
-    return 1 - kept / _dense_params(modules)
+def _kept(module, rank: int | None) -> int:
+    m, n = module.out_features, module.in_features
+    return m * n if rank is None else rank * (m + n)
+
+
+def reduction_at(modules: dict, ranks: dict[str, int | None]) -> float:
+    """The fraction of the modules' dense parameters removed at ``ranks`` (None: served dense)."""
+    return 1 - sum(_kept(m, ranks[name]) for name, m in modules.items()) / _dense_params(modules)
+
+
+def _largest(modules: dict) -> dict[str, int | None]:
+    """The most each module can serve: its dense weight if it stores one, else all its factors."""
+    return {name: None if m.dense_weight is not None else m.rank for name, m in modules.items()}
 
 
 def budget_range(model: nn.Module) -> tuple[float, float]:
     """(smallest, largest) reduction the model serves: the declared range of its elastic stage, within what the
     stored ranks allow (all stored / rank 1 everywhere)."""
     modules = _require_elastic(model)
-    feasible = (
-        reduction_at(modules, {n: m.rank for n, m in modules.items()}),
-        reduction_at(modules, {n: 1 for n in modules}),
-    )
+    feasible = (reduction_at(modules, _largest(modules)), reduction_at(modules, {n: 1 for n in modules}))
     declared = _declared_range(model) or feasible
     return max(declared[0], feasible[0]), min(declared[1], feasible[1])
 
 
-def ranks_for(model: nn.Module, reduction: float) -> dict[str, int]:
-    """The sensitivity allocation of ``reduction`` over the stored curves and ranks."""
+def ranks_for(model: nn.Module, reduction: float) -> dict[str, int | None]:
+    """The sensitivity allocation of ``reduction`` over the stored curves and ranks (None: serve dense)."""
     modules = _require_elastic(model)
     low, high = budget_range(model)
     if not low - 1e-9 <= reduction <= high + 1e-9:
@@ -60,40 +71,77 @@ def ranks_for(model: nn.Module, reduction: float) -> dict[str, int]:
             f"reduction {reduction:.3f} is outside the range this elastic model serves ({low:.3f} .. {high:.3f})"
         )
     curves = {name: (m.out_features, m.in_features, m.curve()) for name, m in modules.items()}
+    dense = {name for name, m in modules.items() if m.dense_weight is not None}
     try:
-        return allocate_ranks(curves, reduction, allow_dense=False, max_ranks={n: m.rank for n, m in modules.items()})
+        return allocate_ranks(curves, reduction, allow_dense=dense, max_ranks={n: m.rank for n, m in modules.items()})
     except ValueError as exc:
         raise CompressError(f"elastic allocation for reduction {reduction:.3f}: {exc}") from None
 
 
-def set_budget(model: nn.Module, reduction: float) -> dict[str, int]:
-    """Switch ``model`` to ``reduction`` in place (active ranks: views, no copy); returns the ranks."""
+def set_budget(model: nn.Module, reduction: float) -> dict[str, int | None]:
+    """Switch ``model`` to ``reduction`` in place (views, no copy); returns the ranks (None: served dense)."""
     ranks = ranks_for(model, reduction)
-    for name, module in elastic_modules(model).items():
-        module.active_rank = ranks[name]
+    select(model, ranks)
     return ranks
 
 
-def resize(model: nn.Module, reduction: float, inplace: bool = False) -> nn.Module:
-    """A model cut to ``reduction``: each elastic module's factors and curve truncated to its rank there.
+def selections(model: nn.Module) -> dict[str, int | None]:
+    """What each elastic module serves now: its rank, or None for its dense weight."""
+    return {name: m.selection for name, m in elastic_modules(model).items()}
 
-    The result stays elastic for every smaller budget (down to the range's end). With ``inplace`` the
-    model itself is changed; otherwise a copy is.
+
+def select(model: nn.Module, ranks: dict[str, int | None]) -> None:
+    """Serve ``ranks`` (as :func:`ranks_for` or :func:`selections` give them)."""
+    for name, module in elastic_modules(model).items():
+        module.select(ranks[name])
+
+
+def resize(model: nn.Module, reduction: float, inplace: bool = False, elastic: bool = True) -> nn.Module:
+    """A model cut to ``reduction``.
+
+    ``elastic=True``: each module's factors and curve are truncated to its rank there, and the dense weights
+    of the modules that budget factorises are dropped; the result still serves every larger reduction (up to
+    the range's end). ``elastic=False``: the single-budget model, as small as a fresh compression at that
+    budget (served-dense modules become ``nn.Linear`` again, no curves). With ``inplace`` the model itself is
+    changed; otherwise a copy is.
     """
     from .checkpoint import mark_compressed
+    from .targets import replace_module
 
     ranks = ranks_for(model, reduction)
     target = model if inplace else copy.deepcopy(model)
     for name, module in elastic_modules(target).items():
-        truncate(module, ranks[name])
+        if not elastic and ranks[name] is None:
+            replace_module(target, name, _as_linear(module))
+        elif not elastic:
+            truncate(module, ranks[name])
+            module.curve_points = 0
+            del module.curve_ranks, module.curve_loss
+        else:
+            truncate(module, ranks[name])
     previous = getattr(target.config, "quantization_config", None)
     mark_compressed(target, getattr(previous, "recipe", None))
     return target
 
 
-def truncate(module, rank: int) -> None:
-    """Keep the first ``rank`` components of an elastic LowRankLinear (and its curve up to that rank)."""
+def _as_linear(module) -> nn.Linear:
+    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    linear.to(module.dense_weight)
+    linear.weight = module.dense_weight
+    if module.bias is not None:
+        linear.bias = module.bias
+    return linear
+
+
+def truncate(module, rank: int | None) -> None:
+    """Serve ``rank`` from now on, storing no more than that needs: the first ``rank`` components of an elastic
+    LowRankLinear and its curve up to that rank, without its dense weight; a module served dense (None) keeps
+    everything (larger reductions factorise it)."""
     import torch
+
+    if rank is None:
+        module.select(None)
+        return
 
     keep = module.curve_ranks <= rank
     ranks, loss = module.curve_ranks[keep], module.curve_loss[keep]
@@ -105,6 +153,7 @@ def truncate(module, rank: int) -> None:
     module.rank = rank
     module.set_curve(ranks, loss)
     module.active_rank = None
+    module.dense_weight, module.dense_active = None, False
 
 
 def _require_elastic(model: nn.Module) -> dict:

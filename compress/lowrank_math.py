@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 
@@ -267,7 +269,7 @@ def allocate_ranks(
     curves: dict[str, tuple[int, int, torch.Tensor]],
     reduction: float,
     tolerance: float = 0.005,
-    allow_dense: bool = True,
+    allow_dense: bool | Collection[str] = True,
     max_ranks: dict[str, int] | None = None,
 ) -> dict[str, int | None]:
     """Ranks minimising the summed loss curves under a global parameter budget.
@@ -275,10 +277,10 @@ def allocate_ranks(
     ``curves[name] = (out_features, in_features, loss)`` with ``loss[k]`` the estimated loss at
     rank k (k = 0 .. min(m, n), or 0 .. ``max_ranks[name]``, the ranks an elastic module stores). A
     matrix either keeps a rank below its break-even rank (and at most ``max_ranks[name]``) or stays
-    dense (``None``, loss 0) when ``allow_dense``. The removed fraction lands in
-    ``[reduction, reduction + tolerance]``: a Lagrangian bisection on the price of a parameter
-    finds the convex-hull allocation, then a greedy pass spends what is left of the budget on
-    the rank increments with the best loss drop per parameter.
+    dense (``None``, loss 0) when ``allow_dense`` (True: every matrix; or the names of those that
+    may). The removed fraction lands in ``[reduction, reduction + tolerance]``: a Lagrangian
+    bisection on the price of a parameter finds the convex-hull allocation, then a greedy pass
+    spends what is left of the budget on the rank increments with the best loss drop per parameter.
     """
     names = list(curves)
     dense = {n: curves[n][0] * curves[n][1] for n in names}
@@ -293,7 +295,7 @@ def allocate_ranks(
         losses = loss.to(torch.float64)[1 : kmax + 1].clone()
         # enforce monotone non-increasing loss in k (numerical noise)
         losses = torch.cummin(losses, 0).values
-        if allow_dense:
+        if allow_dense is True or (allow_dense is not False and name in allow_dense):
             params = torch.cat([params, params.new_tensor([float(m * n)])])
             losses = torch.cat([losses, losses.new_zeros(1)])
         options[name] = (params, losses)

@@ -141,7 +141,8 @@ def render_markdown(report: dict) -> str:
             "## Budgets this elastic checkpoint serves",
             "",
             "`compress.set_budget(model, r)` switches in place; `compress resize RUN --reduction r` writes a "
-            "smaller checkpoint. Held-out token perplexity at each budget (same windows):",
+            "smaller checkpoint that still serves the larger reductions (with `--fixed`: that budget only, as "
+            "small as a single-budget compression). Held-out token perplexity at each budget (same windows):",
             "",
             md_table(
                 ["requested reduction", "achieved reduction", "perplexity", "x dense"],

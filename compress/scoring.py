@@ -59,13 +59,13 @@ def evaluate(model, tokenizer, eval_config, progress: bool = True) -> dict:
 def budget_perplexities(model, tokenizer, eval_config, progress: bool) -> list[dict]:
     """An elastic model's held-out perplexity at each budget (views of the same factors); its own budget is
     restored afterwards."""
-    from .elastic import elastic_modules, reduction_at, set_budget
+    from .elastic import elastic_modules, reduction_at, select, selections, set_budget
     from .eval.corpora import load_documents
     from .eval.perplexity import perplexity
     from .eval.windows import token_windows
 
     modules = elastic_modules(model)
-    before = {name: m.active_rank for name, m in modules.items()}
+    before = selections(model)
     windows = token_windows(
         tokenizer,
         load_documents(eval_config.perplexity_corpora[0], "heldout"),
@@ -84,6 +84,5 @@ def budget_perplexities(model, tokenizer, eval_config, progress: bool) -> list[d
                 }
             )
     finally:
-        for name, module in modules.items():
-            module.active_rank = before[name]
+        select(model, before)
     return out

@@ -18,7 +18,8 @@ class LowRankLinear(nn.Module):
     that layer's best rank-r approximation; ``active_rank`` (saved) selects the prefix the forward uses
     (views of the stored factors, no copy), and ``curve_ranks`` / ``curve_loss`` (buffers, saved with the
     weights) hold the estimated loss against rank that lets ``compress.set_budget`` re-allocate ranks for
-    any budget without calibration data.
+    any budget without calibration data. A matrix that some budget keeps dense also stores its dense
+    ``dense_weight``; ``dense_active`` (saved) makes the forward use it instead of the factors.
     """
 
     spec_type = "lowrank"
@@ -34,6 +35,8 @@ class LowRankLinear(nn.Module):
         device: torch.device | str | None = None,
         curve_points: int = 0,
         active_rank: int | None = None,
+        dense: bool = False,
+        dense_active: bool = False,
     ):
         super().__init__()
         if not 0 < rank <= min(in_features, out_features):
@@ -48,6 +51,8 @@ class LowRankLinear(nn.Module):
             self.register_buffer("curve_ranks", torch.zeros(curve_points, dtype=torch.int64, device=device))
             self.register_buffer("curve_loss", torch.zeros(curve_points, dtype=torch.float32, device=device))
         self.active_rank = active_rank
+        self.dense_weight = nn.Parameter(torch.empty(out_features, in_features, **factory)) if dense else None
+        self.dense_active = dense_active
 
     @classmethod
     def from_factors(cls, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None) -> LowRankLinear:
@@ -87,6 +92,22 @@ class LowRankLinear(nn.Module):
     def effective_rank(self) -> int:
         return self.rank if self.active_rank is None else self.active_rank
 
+    def keep_dense(self, weight: torch.Tensor) -> None:
+        """Store the dense matrix beside the factors, for the budgets that serve it dense."""
+        self.dense_weight = nn.Parameter(weight.detach().clone().to(self.A), requires_grad=self.A.requires_grad)
+
+    @property
+    def selection(self) -> int | None:
+        """What the forward uses: the factors' prefix rank, or None for the stored dense matrix."""
+        return None if self.dense_active else self.effective_rank
+
+    def select(self, rank: int | None) -> None:
+        """Use the first ``rank`` components of the factors, or (None) the stored dense matrix."""
+        if rank is None and self.dense_weight is None:
+            raise ValueError("this low-rank module stores no dense matrix to serve")
+        self.dense_active = rank is None
+        self.active_rank = rank
+
     # -- checkpoint spec: enough to rebuild the empty module before weights load --
     def spec(self) -> dict:
         spec = {
@@ -98,6 +119,8 @@ class LowRankLinear(nn.Module):
         }
         if self.curve_points:
             spec.update(curve_points=self.curve_points, active_rank=self.active_rank)
+        if self.dense_weight is not None:
+            spec.update(dense=True, dense_active=self.dense_active)
         return spec
 
     @classmethod
@@ -111,11 +134,15 @@ class LowRankLinear(nn.Module):
             device=device,
             curve_points=spec.get("curve_points", 0),
             active_rank=spec.get("active_rank"),
+            dense=spec.get("dense", False),
+            dense_active=spec.get("dense_active", False),
         )
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense equivalent A @ B at the active rank (materialised on demand; for analysis, not the forward)."""
+        if self.dense_active:
+            return self.dense_weight
         r = self.effective_rank
         return self.A[:, :r] @ self.B[:r]
 
@@ -123,12 +150,14 @@ class LowRankLinear(nn.Module):
         # Two thin matmuls: k(m+n) multiply-adds per token instead of m*n (fused Triton kernel on
         # CUDA, the PyTorch reference elsewhere). An elastic module uses the first active_rank
         # components: views of the factors, so switching budgets copies nothing.
+        if self.dense_active:
+            return nn.functional.linear(x, self.dense_weight, self.bias)
         if self.active_rank is None or self.active_rank == self.rank:
             return lowrank_linear(x, self.A, self.B, self.bias)
         return lowrank_linear(x, self.A[:, : self.active_rank], self.B[: self.active_rank], self.bias)
 
     def extra_repr(self) -> str:
-        elastic = f", active_rank={self.effective_rank}, elastic" if self.curve_points else ""
+        elastic = f", active_rank={self.selection or 'dense'}, elastic" if self.curve_points else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"bias={self.bias is not None}{elastic}"

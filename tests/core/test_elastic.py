@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import compress
 from compress.cli import main
-from compress.elastic import budget_range, elastic_modules, reduction_at
+from compress.elastic import budget_range, elastic_modules, reduction_at, selections
 from compress.errors import CompressError
 from compress.models import save_folder
 from tests.tiny import cli_eval_one_window, make_tiny_llama
@@ -39,7 +39,7 @@ def elastic_model():
 
 
 def _ranks(model):
-    return {name: m.effective_rank for name, m in elastic_modules(model).items()}
+    return selections(model)
 
 
 def test_the_stage_stores_the_range_and_starts_at_its_reduction(elastic_model):
@@ -50,6 +50,31 @@ def test_the_stage_stores_the_range_and_starts_at_its_reduction(elastic_model):
     assert low == pytest.approx(0.1, abs=0.01) and high == 0.6
     summary = elastic_model.compression.stages[0].summary
     assert summary["targeted_params_stored"] > summary["targeted_params_after"]
+
+
+def test_the_starting_budget_is_served_as_a_single_budget_compression_serves_it(elastic_model):
+    plain = {key: value for key, value in ELASTIC.items() if key != "elastic"}
+    fresh = compress.compress(make_tiny_llama(), [plain], calibration=_windows(), progress=False)
+    fresh_ranks = {
+        name: module.rank if hasattr(module, "rank") else None
+        for name, module in fresh.named_modules()
+        if name in elastic_modules(elastic_model)
+    }
+    assert _ranks(elastic_model) == fresh_ranks and None in fresh_ranks.values()  # dense where fresh keeps dense
+    ids = _windows(2, 17, seed=5)
+    assert torch.allclose(_logits(elastic_model, ids), _logits(fresh, ids), atol=1e-4)
+
+
+def test_matrices_a_small_budget_keeps_dense_store_their_weight_and_factorise_at_larger_ones(elastic_model):
+    modules = elastic_modules(elastic_model)
+    stored_dense = {name for name, m in modules.items() if m.dense_weight is not None}
+    assert stored_dense and stored_dense != set(modules)
+    served_dense = lambda: {name for name, rank in _ranks(elastic_model).items() if rank is None}  # noqa: E731
+    compress.set_budget(elastic_model, 0.1)
+    at_tenth = served_dense()
+    compress.set_budget(elastic_model, 0.6)
+    assert at_tenth <= stored_dense and served_dense() < at_tenth
+    compress.set_budget(elastic_model, 0.3)
 
 
 def test_switching_budgets_uses_views_and_comes_back_bit_identical(elastic_model):
@@ -80,6 +105,21 @@ def test_resize_cuts_the_factors_and_matches_the_switched_model(elastic_model, t
     assert budget_range(reloaded)[0] == pytest.approx(0.45, abs=0.006)  # still elastic below its new size
     with pytest.raises(CompressError, match="outside the range"):
         compress.set_budget(reloaded, 0.2)
+
+
+def test_a_fixed_resize_is_the_plain_model_of_that_budget(elastic_model):
+    ids = _windows(2, 17, seed=5)
+    compress.set_budget(elastic_model, 0.2)
+    expected, ranks = _logits(elastic_model, ids), _ranks(elastic_model)
+    fixed = compress.resize(elastic_model, 0.2, elastic=False)
+    compress.set_budget(elastic_model, 0.3)
+    assert torch.equal(_logits(fixed, ids), expected) and not elastic_modules(fixed)
+    for name, rank in ranks.items():
+        module = fixed.get_submodule(name)
+        assert (type(module) is torch.nn.Linear) if rank is None else (module.rank == rank)
+    targeted = sum(m.out_features * m.in_features for m in elastic_modules(elastic_model).values())
+    kept = sum(p.numel() for n, p in fixed.named_parameters() if any(n.startswith(t) for t in ranks))
+    assert kept / targeted == pytest.approx(1 - reduction_at(elastic_modules(elastic_model), ranks))
 
 
 def test_a_reloaded_checkpoint_keeps_its_budget_and_curves(elastic_model, tmp_path):
@@ -123,7 +163,9 @@ def test_elastic_healing_trains_every_budget(rule):
         "batch_size": 4,
         "elastic": {"budgets": [0.2, 0.4, 0.55], "rule": rule},
     }
+    dense = {n: m.dense_weight.clone() for n, m in elastic_modules(model).items() if m.dense_weight is not None}
     model = compress.compress(model, [heal], calibration=_windows(16, 32), progress=False)
+    assert dense and all(torch.equal(elastic_modules(model)[n].dense_weight, w) for n, w in dense.items())
     summary = model.compression.stages[0].summary
     assert summary["calibration_loss_after"] < summary["calibration_loss_before"]
     assert summary["elastic"] == f"{rule} over [0.2, 0.4, 0.55]" and _ranks(model) == before
@@ -155,5 +197,11 @@ def test_run_reports_budgets_and_resize_writes_a_smaller_checkpoint(tmp_path, sm
     scores = cli_eval_one_window(tmp_path / "r50", tmp_path / "e.json")
     ppl = scores["perplexity"]["perplexity"]
     assert ppl == pytest.approx(budgets[2]["perplexity"], rel=1e-4)  # the resized model scores as its budget did
+    fixed = ["resize", str(tmp_path / "run"), "--reduction", "0.1", "--fixed", "--out", str(tmp_path / "f10")]
+    assert main(fixed) == 0 and "this budget only" in capsys.readouterr().out
+    assert main([*fixed[:4], "--out", str(tmp_path / "r10")]) == 0
+    assert size(tmp_path / "f10") < size(tmp_path / "r10")  # no factors beside the matrices served dense
+    scores = cli_eval_one_window(tmp_path / "f10", tmp_path / "f.json")
+    assert scores["perplexity"]["perplexity"] == pytest.approx(budgets[0]["perplexity"], rel=1e-4)
     assert main(["resize", str(tmp_path / "run"), "--reduction", "0.9", "--out", str(tmp_path / "r90")]) == 2
     assert "outside the range" in capsys.readouterr().err and not (tmp_path / "r90").exists()

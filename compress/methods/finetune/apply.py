@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 
+from ...elastic import elastic_modules
 from ...registry import register_method
 from ..base import Method, TrainingSetup
 from .config import FinetuneConfig
@@ -22,28 +23,23 @@ def elastic_loss(model, elastic):
     own budget (active ranks) is restored afterwards."""
     import torch
 
-    from ...elastic import elastic_modules, ranks_for
+    from ...elastic import ranks_for, select, selections
 
-    modules = elastic_modules(model)
-    before = {name: m.active_rank for name, m in modules.items()}
+    before = selections(model)
     allocations = [ranks_for(model, budget) for budget in elastic.budgets]  # once: the curves do not change
-
-    def use(ranks):
-        for name, module in modules.items():
-            module.active_rank = ranks[name]
 
     def loss(wrapped, batch):
         chosen = allocations if elastic.rule == "sum" else [allocations[int(torch.randint(len(allocations), ()))]]
         total = 0.0
         for ranks in chosen:
-            use(ranks)
+            select(model, ranks)
             total = total + wrapped(input_ids=batch, labels=batch).loss
         return total / len(chosen), {}
 
     try:
         yield loss
     finally:
-        use(before)
+        select(model, before)
 
 
 @register_method
@@ -61,6 +57,16 @@ class Finetune(Method):
         """The factors themselves (the default), or LoRA adapters on them, merged into them at the end."""
         if config.elastic is not None:
             with super().trainable(root, names, config, training) as setup, elastic_loss(root, config.elastic) as loss:
+                # the dense weights some budgets serve stay the dense model's, as the nn.Linear a single-budget
+                # healing leaves alone (and they would double the optimiser's state)
+                dense = [
+                    m.dense_weight.requires_grad_(False)
+                    for m in elastic_modules(root).values()
+                    if m.dense_weight is not None
+                ]
+                frozen = {id(p) for p in dense}
+                for group in setup.param_groups:
+                    group["params"] = [p for p in group["params"] if id(p) not in frozen]
                 setup.loss_fn = loss
                 setup.summary["elastic"] = f"{config.elastic.rule} over {config.elastic.budgets}"
                 yield setup

@@ -161,15 +161,18 @@ class LowRank(Method):
         layer = LowRankLinear.from_factors(A.to(dtype), B.to(dtype), module.bias)
         if elastic is not None:  # the factors come ordered by importance: every prefix is the best of its rank
             layer.set_curve(*curve_points(elastic.curve[: rank + 1]))
-            layer.active_rank = elastic.active_rank
+            if elastic.keep_dense:
+                layer.keep_dense(module.weight)
+            layer.select(elastic.active_rank)
         return Replacement(layer)
 
 
 @dataclass(frozen=True)
 class ElasticDecision:
     stored_rank: int  # the largest rank any budget of the range uses
-    active_rank: int  # the rank at the stage's own reduction
+    active_rank: int | None  # the rank at the stage's own reduction (None: served dense)
     curve: torch.Tensor  # estimated loss at every rank
+    keep_dense: bool  # some budget of the range serves the dense matrix
 
 
 CURVE_POINTS = 256
@@ -193,67 +196,52 @@ def curve_points(loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ranks, loss[ranks].float()
 
 
-def stored_ranks(modules, curves, min_reduction: float) -> dict[str, int]:
-    """Ranks to store so that ``min_reduction`` can be served: the allocation at some reduction t <= min_reduction
-    with every matrix it keeps dense stored at its largest rank that still saves parameters (which removes a
-    little more than t: t is the largest value for which the stored total still fits min_reduction)."""
-    dense = sum(m.out_features * m.in_features for m in modules.values())
-
-    def at(t: float) -> tuple[dict[str, int], float]:
-        ranks = {
-            name: rank or breakeven_rank(modules[name].out_features, modules[name].in_features)
-            for name, rank in allocate_ranks(curves, t).items()
-        }
-        kept = sum(r * (modules[n].out_features + modules[n].in_features) for n, r in ranks.items())
-        return ranks, 1 - kept / dense
-
-    ranks, removed = at(min_reduction)
-    if removed <= min_reduction + 1e-9:
-        return ranks
-    best, removed = at(1e-6)
-    if removed > min_reduction:
-        raise CompressError(
-            f"lowrank elastic: min_reduction {min_reduction} is below what factorising every "
-            f"targeted matrix can serve ({removed:.3f})"
-        )
-    lo, hi = 1e-6, min_reduction
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        ranks, removed = at(mid)
-        if removed <= min_reduction:
-            best, lo = ranks, mid
-        else:
-            hi = mid
-    return best
+def stored_ranks(modules, curves, min_reduction: float) -> tuple[dict[str, int], set[str]]:
+    """What to store so that every budget from ``min_reduction`` up can be served as a single-budget run would
+    serve it: each matrix's rank at ``min_reduction`` (larger reductions use prefixes of it); a matrix that
+    budget keeps dense stores its dense weight (the names returned) and factors at its largest rank that still
+    saves parameters, for the larger budgets that factorise it. (The allocation removes a fraction in
+    [min_reduction - tolerance, min_reduction], so that min_reduction itself can be served.)"""
+    tolerance = min(0.005, min_reduction / 2)
+    allocation = allocate_ranks(curves, min_reduction - tolerance, tolerance=tolerance)
+    dense = {name for name, rank in allocation.items() if rank is None}
+    ranks = {
+        name: rank or breakeven_rank(modules[name].out_features, modules[name].in_features)
+        for name, rank in allocation.items()
+    }
+    return ranks, dense
 
 
 def elastic_plan(modules, config: LowRankConfig, curves, result: StageResult) -> Plan:
-    """Store each matrix at its rank for ``elastic.min_reduction`` (a matrix that budget keeps dense: its largest
-    rank that still saves parameters); start at the allocation of ``reduction`` within those ranks."""
-    stored = stored_ranks(modules, curves, config.elastic.min_reduction)
-    active = allocate_ranks(curves, config.reduction, allow_dense=False, max_ranks=stored)
-    decisions = {name: ElasticDecision(stored[name], active[name], curves[name][2]) for name in modules}
+    """Store each matrix at its rank for ``elastic.min_reduction`` (a matrix that budget keeps dense: its dense
+    weight and its largest rank that still saves parameters); start at the allocation of ``reduction``."""
+    stored, dense = stored_ranks(modules, curves, config.elastic.min_reduction)
+    active = allocate_ranks(curves, config.reduction, allow_dense=dense, max_ranks=stored)
+    decisions = {name: ElasticDecision(stored[name], active[name], curves[name][2], name in dense) for name in modules}
     for name, module in modules.items():
         m, n = module.out_features, module.in_features
+        rank = active[name]
         result.rows.append(
             {
                 "module": name,
                 "shape": f"{m}x{n}",
-                "rank": active[name],
+                "rank": rank,
                 "full_rank": min(m, n),
                 "stored_rank": stored[name],
-                "kind": "LRC",
+                "stored_dense": name in dense,
+                "kind": "LRC" if rank is not None else "dense",
                 "params_before": m * n,
-                "params_after": lowrank_params(m, n, active[name]),
-                "params_stored": lowrank_params(m, n, stored[name]),
-                "est_loss_increase": float(curves[name][2][active[name]]),
+                "params_after": m * n if rank is None else lowrank_params(m, n, rank),
+                "params_stored": lowrank_params(m, n, stored[name]) + (m * n if name in dense else 0),
+                "est_loss_increase": float(curves[name][2][rank]) if rank is not None else 0.0,
             }
         )
     result.summary = {
         **budget_summary(result.rows, config.reduction),
         "backend": config.backend,
         "allocation": config.allocation,
-        "lrc": len(result.rows),
+        "lrc": sum(r["rank"] is not None for r in result.rows),
+        "stored_dense": len(dense),
         "elastic_range": [config.elastic.min_reduction, config.elastic.max_reduction],
         "targeted_params_stored": sum(r["params_stored"] for r in result.rows),
         "est_loss_increase": sum(r["est_loss_increase"] for r in result.rows),
