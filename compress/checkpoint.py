@@ -53,16 +53,7 @@ class CompressQuantizer(HfQuantizer):
             )
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        for name, spec in self.quantization_config.modules.items():
-            if spec.get("type") not in MODULE_TYPES:
-                raise ValueError(f"config.json: module {name} has unknown type {spec.get('type')!r}")
-            old = model.get_submodule(name)
-            dtype = next(old.parameters()).dtype if any(True for _ in old.parameters()) else None
-            replace_module(model, name, MODULE_TYPES[spec["type"]].from_spec(spec, dtype=dtype))
-        for name in self.quantization_config.modules:  # modules that share another's weights (tied heads)
-            module = model.get_submodule(name)
-            if hasattr(module, "bind"):
-                module.bind(model)
+        install_replacements(model, self.quantization_config.modules)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -74,6 +65,21 @@ class CompressQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True
+
+
+def install_replacements(model: nn.Module, specs: dict[str, dict], dtype=None) -> None:
+    """Swap in the empty replacement modules ``specs`` describes (before the weights load); ``dtype``: of the
+    module each replaces, unless given."""
+    for name, spec in specs.items():
+        if spec.get("type") not in MODULE_TYPES:
+            raise ValueError(f"config.json: module {name} has unknown type {spec.get('type')!r}")
+        old = model.get_submodule(name)
+        own = next(old.parameters()).dtype if any(True for _ in old.parameters()) else None
+        replace_module(model, name, MODULE_TYPES[spec["type"]].from_spec(spec, dtype=dtype or own))
+    for name in specs:  # modules that share another's weights (tied heads)
+        module = model.get_submodule(name)
+        if hasattr(module, "bind"):
+            module.bind(model)
 
 
 def compressed_modules(model: nn.Module) -> dict[str, dict]:

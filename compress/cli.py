@@ -95,8 +95,17 @@ def _cmd_eval(args) -> None:
     except ValueError as exc:
         raise CompressError(f"eval: {str(exc).splitlines()[-1].strip()}") from None
     check_eval(config)
-    loaded = load_model(args.model_id)
-    result = evaluate(loaded.model, loaded.tokenizer, config, progress=not args.quiet)
+    if args.streamed:
+        from transformers import AutoTokenizer
+
+        from .models import model_folder, verify_folder
+
+        folder = model_folder(args.model_id)
+        verify_folder(folder)
+        result = evaluate(folder, AutoTokenizer.from_pretrained(folder), config, progress=not args.quiet)
+    else:
+        loaded = load_model(args.model_id)
+        result = evaluate(loaded.model, loaded.tokenizer, config, progress=not args.quiet)
     if not is_main():  # several processes: each measured its share; the main one has the sums and lm-eval
         return
     _print_table(
@@ -178,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seq-len", type=int, default=512)
     ev.add_argument("--limit", type=int, default=None, help="lm-eval documents per task")
     ev.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per task (default: the task's)")
+    ev.add_argument(
+        "--streamed",
+        action="store_true",
+        help="read the checkpoint one decoder layer at a time (a model larger than memory; token perplexity only)",
+    )
     ev.add_argument("--json", help="also write the results to this file")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=_cmd_eval)

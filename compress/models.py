@@ -279,6 +279,19 @@ def declared_dtype(folder: Path) -> str:
     return value if value in ("float32", "bfloat16", "float16") else "float32"
 
 
+def model_folder(model_id: str) -> Path:
+    """The safetensors folder of a MODEL_ID, without loading it (a run folder: its model/)."""
+    kind, location = resolve(model_id)
+    if kind == "bundled":
+        return ensure_bundled(model_id)
+    if kind == "hub":
+        return _hub_snapshot(str(location))
+    if kind == "gguf":
+        raise CompressError(f"{model_id} is a .gguf file: only a safetensors folder can be streamed")
+    folder = Path(location)
+    return folder / "model" if (folder / "model" / "config.json").is_file() else folder
+
+
 def load_model(model_id: str, dtype=None) -> LoadedModel:
     """Load a MODEL_ID (in float32 unless ``dtype``); ``source["dtype"]`` is the dtype its checkpoint declares."""
     kind, location = resolve(model_id)

@@ -1,8 +1,12 @@
-"""Score an in-memory model: token-level held-out perplexity + lm-eval tasks (``compress.evaluate`` wraps it)."""
+"""Score a model: token-level held-out perplexity + lm-eval tasks (``compress.evaluate`` wraps it); a checkpoint
+larger than memory is scored streamed, layer by layer."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
+
+from .errors import CompressError
 
 
 def check_eval(eval_config) -> None:
@@ -16,22 +20,31 @@ def check_eval(eval_config) -> None:
 
 
 def evaluate(model, tokenizer, eval_config, progress: bool = True) -> dict:
+    """Held-out perplexity on every corpus of ``eval_config``, its lm-eval tasks and (elastic) budgets.
+
+    ``model`` is a loaded model, or the path of a checkpoint folder to stream layer by layer (for a model
+    larger than memory: token perplexity only; each perplexity records the ``path`` that computed it)."""
     from .eval.corpora import load_documents
     from .eval.lm_eval_runner import run_lm_eval
     from .eval.perplexity import perplexity
     from .eval.windows import token_windows
 
+    streamed = isinstance(model, (str, Path))
+    if streamed and (eval_config.tasks or eval_config.budgets):
+        raise CompressError("a streamed evaluation scores token perplexity only: no lm-eval tasks or budgets")
     start = time.perf_counter()
     by_corpus = {}
     for corpus in eval_config.perplexity_corpora:
         windows = token_windows(
             tokenizer, load_documents(corpus, "heldout"), eval_config.seq_len, eval_config.perplexity_windows
         )
-        by_corpus[corpus] = {
-            **perplexity(model, windows, progress=progress),
-            "seq_len": eval_config.seq_len,
-            "corpus": corpus,
-        }
+        if streamed:
+            from .eval.streamed import streamed_perplexity
+
+            scores = streamed_perplexity(model, windows, progress=progress)
+        else:
+            scores = {**perplexity(model, windows, progress=progress), "path": "in memory"}
+        by_corpus[corpus] = {**scores, "seq_len": eval_config.seq_len, "corpus": corpus}
     result = {"perplexity": by_corpus[eval_config.perplexity_corpora[0]]}
     if len(by_corpus) > 1:
         result["perplexity_by_corpus"] = by_corpus

@@ -31,14 +31,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
 
     Returns ``{"perplexity", "nll" (mean, nats/token), "tokens", "windows"}``.
     """
-    if not isinstance(windows, torch.Tensor) or windows.dim() != 2:
-        raise ValueError("windows must be a 2-D tensor [num_windows, seq_len] of token ids")
-    n, seq_len = windows.shape
-    if n == 0 or seq_len < 2:
-        raise ValueError(f"need at least one window of >= 2 tokens, got shape {tuple(windows.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-
+    check_windows(windows, batch_size)
     device = _model_device(model)
     was_training = getattr(model, "training", False)
     model.eval()
@@ -53,15 +46,32 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
                 disable=not progress,
             ):
                 ids = mine[start : start + batch_size].to(device=device, dtype=torch.long)
-                logits = model(input_ids=ids, use_cache=False).logits  # [B, L, V]
-                logprobs = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
-                target_lp = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, L-1]
-                total_nll -= target_lp.double().sum().item()
-                del logits, logprobs, target_lp
+                total_nll += nll_sum(model(input_ids=ids, use_cache=False).logits, ids)
     finally:
         if was_training:
             model.train()
 
+    return summarise_nll(total_nll, windows)
+
+
+def check_windows(windows: torch.Tensor, batch_size: int) -> None:
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2:
+        raise ValueError("windows must be a 2-D tensor [num_windows, seq_len] of token ids")
+    if windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise ValueError(f"need at least one window of >= 2 tokens, got shape {tuple(windows.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """The summed NLL (float64) of tokens 1.. of each window from the logits before them (log-softmax in float32)."""
+    logprobs = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
+    return -logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).double().sum().item()
+
+
+def summarise_nll(total_nll: float, windows: torch.Tensor) -> dict:
+    """This process's NLL sum (every process's, added up) as the perplexity dict."""
+    n, seq_len = windows.shape
     tokens = n * (seq_len - 1)
     nll = sum_number(total_nll) / tokens
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": tokens, "windows": int(n)}

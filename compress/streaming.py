@@ -1,0 +1,130 @@
+"""A model read from its safetensors folder one decoder layer at a time, never whole in memory.
+
+:class:`StreamedModel` builds the model's skeleton with its parameters on the meta device (accelerate's
+``init_empty_weights``: no memory; buffers such as rotary tables are computed for real), with a compressed
+checkpoint's replacement modules swapped in from their specs, exactly as ``from_pretrained`` would. Tensors
+are then read from the shards by name when a part is materialised and dropped back to meta when it is
+released, so the peak is one decoder layer plus the parts outside the layer stack (embedding, final norm,
+head). The shards may hold tensors in any order: the index maps every name to its file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CompressError
+
+
+def tensor_files(folder: Path) -> dict[str, Path]:
+    """{tensor name: shard file} of a safetensors folder (sharded with an index, or one file)."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CompressError(f"{folder} has no safetensors weights to stream")
+    out = {}
+    for path in files:
+        with safe_open(path, framework="pt") as handle:
+            out.update(dict.fromkeys(handle.keys(), path))
+    return out
+
+
+class StreamedModel:
+    """The model of ``folder`` with every parameter on the meta device until :meth:`materialise` reads it."""
+
+    def __init__(self, folder: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from .checkpoint import install_replacements
+
+        self.folder, self.device = Path(folder), torch.device(device)
+        config = AutoConfig.from_pretrained(self.folder)
+        section = getattr(config, "quantization_config", None)
+        specs = (section.get("modules") if isinstance(section, dict) else getattr(section, "modules", None)) or {}
+        if section is not None:  # from_config would otherwise look for a quantizer; the specs are applied below
+            del config.quantization_config
+        self.dtype = dtype or getattr(config, "dtype", None) or torch.float32
+        with init_empty_weights():
+            self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype).eval()
+            install_replacements(self.model, specs, dtype=self.dtype)
+        if section is not None:
+            self.model.config.quantization_config = section
+        self.files = tensor_files(self.folder)
+        self.layers_name, self.layers = _layer_stack(self.model)
+        self._handles: dict[Path, object] = {}
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self.files[name]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, framework="pt")
+        return self._handles[path].get_tensor(name)
+
+    def _states(self, prefix: str) -> list[tuple[str, torch.Tensor]]:
+        """(full name, tensor) of every parameter and persistent buffer under ``prefix`` ("" = the whole model)."""
+        module = self.model.get_submodule(prefix) if prefix else self.model
+        dot = f"{prefix}." if prefix else ""
+        return [(dot + name, tensor) for name, tensor in module.state_dict(keep_vars=True).items()]
+
+    def materialise(self, prefix: str = "", skip_layers: bool = False) -> None:
+        """Read every tensor under ``prefix`` from the shards (``skip_layers``: not those of the decoder layers)."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        inside = f"{self.layers_name}."
+        for name, tensor in self._states(prefix):
+            if tensor.device.type != "meta" or (skip_layers and name.startswith(inside)):
+                continue
+            if name not in self.files:
+                if self._tied(name):
+                    continue
+                raise CompressError(f"cannot stream {self.folder}: tensor {name} is not in its shards")
+            value = self._tensor(name)
+            dtype = self.dtype if value.is_floating_point() else None
+            set_module_tensor_to_device(self.model, name, self.device, value=value, dtype=dtype)
+        if not prefix or not prefix.startswith(inside):
+            self._tie()
+
+    def release(self, prefix: str) -> None:
+        """Drop every tensor under ``prefix`` back to the meta device."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name, tensor in self._states(prefix):
+            if tensor.device.type != "meta":
+                set_module_tensor_to_device(self.model, name, "meta")
+
+    def _tied(self, name: str) -> bool:
+        head = self.model.get_output_embeddings()
+        return bool(getattr(self.model.config, "tie_word_embeddings", False)) and (
+            head is not None and name == self._name_of(head) + ".weight"
+        )
+
+    def _name_of(self, module: nn.Module) -> str:
+        return next(name for name, m in self.model.named_modules() if m is module)
+
+    def _tie(self) -> None:
+        head, embedding = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        if head is not None and self._tied(self._name_of(head) + ".weight") and hasattr(embedding, "weight"):
+            head.weight = embedding.weight
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder layers: the ModuleList of ``config.num_hidden_layers`` entries."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    count = getattr(config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.endswith("layers") and len(module) == count:
+            return name, module
+    raise CompressError(f"cannot find the decoder layers of {type(model).__name__} to stream")

@@ -1,0 +1,116 @@
+"""A checkpoint read one decoder layer at a time scores exactly as the loaded model does, and never holds
+more than one layer of it."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import compress
+from compress.errors import CompressError
+from compress.eval.perplexity import perplexity
+from compress.eval.streamed import streamed_perplexity
+from compress.streaming import StreamedModel
+from tests.recipes.test_shipped_recipes import tiny_gemma3
+from tests.tiny import make_tiny_llama
+
+LOWRANK = {"method": "lowrank", "reduction": 0.4, "backend": "whiten"}
+
+
+def _windows(n=6, length=20, vocab=256, seed=0):
+    return torch.randint(3, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _save(model, folder):
+    compress.save(model, folder)
+    return folder
+
+
+def _in_memory(folder, windows, batch_size=4):
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    return perplexity(model, windows, batch_size=batch_size, progress=False)["perplexity"]
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_dense_checkpoint_streams_to_the_same_perplexity(tmp_path, tie):
+    folder = _save(make_tiny_llama(layers=3, tie=tie), tmp_path / "m")
+    windows = _windows()
+    streamed = streamed_perplexity(folder, windows, batch_size=4, progress=False)
+    assert streamed["path"] == "streamed" and streamed["tokens"] == 6 * 19
+    assert streamed["perplexity"] == _in_memory(folder, windows)
+
+
+def test_a_compressed_checkpoint_streams_to_the_same_perplexity(tmp_path):
+    model = compress.compress(make_tiny_llama(layers=3), [LOWRANK], calibration=_windows(8, 24), progress=False)
+    folder = _save(model, tmp_path / "c")
+    windows = _windows(5)
+    assert streamed_perplexity(folder, windows, progress=False)["perplexity"] == _in_memory(folder, windows)
+
+
+def test_gemma3_layer_kinds_and_soft_capping_stream_alike(tmp_path):
+    model = tiny_gemma3(256, 64)
+    model.config.final_logit_softcapping = 30.0
+    folder = _save(model, tmp_path / "g")
+    windows = _windows(3, 40)  # longer than the sliding window
+    assert streamed_perplexity(folder, windows, batch_size=2, progress=False)["perplexity"] == pytest.approx(
+        _in_memory(folder, windows, batch_size=2), rel=1e-6
+    )
+
+
+def test_shards_holding_layers_out_of_order(tmp_path):
+    folder = _save(make_tiny_llama(layers=3, tie=False), tmp_path / "m")
+    windows = _windows()
+    expected = _in_memory(folder, windows)
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors, reverse=True)  # layer 2 first, the embedding last, three shards
+    weight_map = {}
+    for i, chunk in enumerate((names[0::3], names[1::3], names[2::3])):
+        file = f"model-0000{i + 1}-of-00003.safetensors"
+        save_file({n: tensors[n] for n in chunk}, folder / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(chunk, file))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "compress_manifest.json").unlink(missing_ok=True)  # the files changed on purpose
+    assert streamed_perplexity(folder, windows, batch_size=4, progress=False)["perplexity"] == expected
+
+
+def test_only_the_parts_outside_the_layers_and_one_layer_are_ever_in_memory(tmp_path):
+    folder = _save(make_tiny_llama(layers=3, tie=False), tmp_path / "m")
+    stream = StreamedModel(folder)
+    on_meta = lambda: {n for n, p in stream.model.named_parameters() if p.device.type == "meta"}  # noqa: E731
+    every = {n for n, _ in stream.model.named_parameters()}
+    assert on_meta() == every  # nothing read yet
+    stream.materialise(skip_layers=True)
+    assert on_meta() == {n for n in every if n.startswith("model.layers.")}
+    stream.materialise("model.layers.1")
+    assert on_meta() == {n for n in every if n.startswith(("model.layers.0.", "model.layers.2."))}
+    stream.release("model.layers.1")
+    assert on_meta() == {n for n in every if n.startswith("model.layers.")}
+
+
+def test_a_missing_tensor_is_named(tmp_path):
+    folder = _save(make_tiny_llama(layers=2, tie=False), tmp_path / "m")
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CompressError, match="model.layers.1.mlp.down_proj.weight is not in its shards"):
+        streamed_perplexity(folder, _windows(), progress=False)
+
+
+def test_compress_eval_streamed_matches_the_in_memory_run(tmp_path, smol_tokenizer, capsys):
+    from compress.cli import main
+    from compress.models import save_folder
+
+    folder = tmp_path / "m"
+    save_folder(make_tiny_llama(vocab_size=len(smol_tokenizer), layers=3), smol_tokenizer, folder)
+    args = ["eval", str(folder), "--tasks", "--windows", "2", "--seq-len", "64", "--quiet"]
+    assert main([*args, "--json", str(tmp_path / "a.json")]) == 0
+    assert main([*args, "--streamed", "--json", str(tmp_path / "b.json")]) == 0
+    loaded, streamed = (json.loads((tmp_path / f).read_text())["perplexity"] for f in ("a.json", "b.json"))
+    assert (loaded["path"], streamed["path"]) == ("in memory", "streamed")
+    assert streamed["perplexity"] == loaded["perplexity"]
+    capsys.readouterr()
+    assert main(["eval", str(folder), "--streamed", "--tasks", "wikipedia_ppl", "--quiet"]) == 2
+    assert "streamed evaluation scores token perplexity only" in capsys.readouterr().err
