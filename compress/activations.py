@@ -197,34 +197,37 @@ def layer_kinds(model: nn.Module, layers: nn.ModuleList) -> list:
     return list(types[: len(layers)])
 
 
+class LayerStub(nn.Module):
+    """Stands in for a decoder layer: records what the model passes it (into ``record``, when given) and
+    returns ``replay`` (when set) or its input unchanged, computing nothing; ``stop`` ends the forward."""
+
+    def __init__(self, record: list | None = None, stop: bool = False):
+        super().__init__()
+        self.record, self.stop, self.replay = record, stop, None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.record is not None:
+            self.record.append((hidden_states, kwargs))
+        if self.stop:
+            raise _StopForward
+        return hidden_states if self.replay is None else self.replay
+
+
 def capture_layer0_inputs(
     model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int
 ) -> tuple[list[torch.Tensor], dict]:
     """Hidden states entering ``layers[0]`` per batch, and the keyword arguments each layer kind is
-    called with: ``{kind: [kwargs per batch]}`` (see :func:`layer_kinds`). The forward stops at the
-    first layer of the last kind, so usually only layer 0's inputs are computed."""
+    called with: ``{kind: [kwargs per batch]}`` (see :func:`layer_kinds`). The layers are replaced by
+    stubs for the call, so no layer computes anything (their weights need not even be loaded) and the
+    forward stops at the first layer of the last kind."""
     kinds = layer_kinds(model, layers)
     first_of = {}
     for i, kind in enumerate(kinds):
         first_of.setdefault(kind, i)
-    stop_at = max(first_of.values())
-    hidden: list[torch.Tensor] = []
-    kwargs_by_kind: dict = {kind: [] for kind in first_of}
-
-    def grab(index, kind):
-        def hook(module, args, kwargs):
-            kwargs = dict(kwargs)
-            x = args[0] if args else kwargs.pop("hidden_states")
-            kwargs.pop("hidden_states", None)
-            if index == 0:
-                hidden.append(x.detach())
-            kwargs_by_kind[kind].append(kwargs)
-            if index == stop_at:
-                raise _StopForward
-
-        return hook
-
-    handles = [layers[i].register_forward_pre_hook(grab(i, kind), with_kwargs=True) for kind, i in first_of.items()]
+    records: dict = {kind: [] for kind in first_of}
+    real = list(layers)
+    for i, kind in enumerate(kinds):
+        layers[i] = LayerStub(records[kind] if first_of[kind] == i else None, stop=i == max(first_of.values()))
     device = _device(model)
     try:
         with torch.no_grad():
@@ -234,22 +237,25 @@ def capture_layer0_inputs(
                 except _StopForward:
                     pass
     finally:
-        for handle in handles:
-            handle.remove()
-    if len(hidden) != len(windows.split(batch_size)):
+        for i, layer in enumerate(real):
+            layers[i] = layer
+    batches = len(windows.split(batch_size))
+    if any(len(calls) != batches for calls in records.values()):
         raise CompressError("could not capture the inputs of decoder layer 0 (was it called?)")
-    return hidden, kwargs_by_kind
+    hidden = [x.detach() for x, _ in records[kinds[0]]]
+    return hidden, {kind: [dict(kwargs) for _, kwargs in calls] for kind, calls in records.items()}
 
 
-def _run(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+def run_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """A decoder layer's output hidden states on ``x`` (whatever the layer returns them in)."""
     out = layer(x, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
 def _run_until_stop(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
-    """``_run`` that tolerates a collector's early stop (then there is no output: ``None``)."""
+    """``run_layer`` that tolerates a collector's early stop (then there is no output: ``None``)."""
     try:
-        return _run(layer, x, kwargs)
+        return run_layer(layer, x, kwargs)
     except _StopForward:
         return None
 
@@ -263,7 +269,7 @@ def call_groups(layer: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor
         for name, module in modules.items()
     ]
     try:
-        _run(layer, x, kwargs)
+        run_layer(layer, x, kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -343,6 +349,7 @@ def calibrate_sequentially(
     train_layer: LayerTrainer | None = None,
     progress: bool = False,
     description: str = "layers",
+    store=None,
 ) -> EngineReport:
     """Walk decoder layers in order; call ``on_layer(index, {name: module}, {name: stats})`` per layer
     (per group of modules sharing an input, in call order, with ``sublayer``).
@@ -358,6 +365,8 @@ def calibrate_sequentially(
     objective); without ``sequential`` the two streams coincide.
     ``train_layer(index, layer, inputs, targets, kwargs)`` (optional) runs once a layer's modules are
     replaced, with the layer's inputs per batch and the dense layer's outputs on them as targets.
+    ``store`` (a streamed model, :class:`compress.streaming.LayerStore`): every layer is walked, read by
+    ``store.enter(i)`` before it is used and handed to ``store.leave(i)`` once final.
     """
     import copy
     import time
@@ -375,7 +384,8 @@ def calibrate_sequentially(
     by_layer: dict[int, dict[str, nn.Module]] = {}
     for name, module in modules.items():
         by_layer.setdefault(layer_index(name), {})[name] = module
-    last = max(by_layer)
+    last_targeted = max(by_layer)
+    last = last_targeted if store is None else len(layers) - 1  # a streamed model is written whole
     was_training = model.training
     model.eval()
     report = EngineReport(tokens=int(sum_number(windows.numel())))  # every process's share
@@ -386,18 +396,23 @@ def calibrate_sequentially(
         dense = list(current) if two_streams else None
         for i in progress_iter(range(last + 1), description, progress, total=last + 1):
             start = time.perf_counter()
+            if store is not None:
+                store.enter(i)
             layer = layers[i]
             kwargs_list = kwargs_by_kind[kinds[i]]
             targeted = by_layer.get(i)
             if targeted is None:  # nothing to compress here: just carry the stream(s) forward
-                current = [_run(layer, h, kw) for h, kw in zip(current, kwargs_list)]
-                if dense is not None:
-                    dense = [_run(layer, h, kw) for h, kw in zip(dense, kwargs_list)]
+                if i < last_targeted:
+                    current = [run_layer(layer, h, kw) for h, kw in zip(current, kwargs_list)]
+                    if dense is not None:
+                        dense = [run_layer(layer, h, kw) for h, kw in zip(dense, kwargs_list)]
+                if store is not None:
+                    store.leave(i)
                 continue
             targets = None
             if sublayer:
                 if train_layer is not None:  # the dense layer's outputs, before any group is replaced
-                    targets = [_run(layer, h, kw) for h, kw in zip(current, kwargs_list)]
+                    targets = [run_layer(layer, h, kw) for h, kw in zip(current, kwargs_list)]
                 groups = call_groups(layer, targeted, current[0], kwargs_list[0])
                 # the dense stream needs the layer as it was, while its groups are being replaced
                 dense_layer = copy.deepcopy(layer) if dense is not None else None
@@ -427,9 +442,9 @@ def calibrate_sequentially(
                 if train_layer is not None:
                     with torch.enable_grad():
                         train_layer(i, layer, current, targets, kwargs_list[0])
-                current = [_run(layer, h, kw) for h, kw in zip(current, kwargs_list)]
+                current = [run_layer(layer, h, kw) for h, kw in zip(current, kwargs_list)]
                 if dense is not None:
-                    dense = [_run(dense_layer, h, kw) for h, kw in zip(dense, kwargs_list)]
+                    dense = [run_layer(dense_layer, h, kw) for h, kw in zip(dense, kwargs_list)]
                     del dense_layer
             else:
                 stats, outputs, next_dense = _collect(
@@ -441,11 +456,13 @@ def calibrate_sequentially(
                     with torch.enable_grad():
                         train_layer(i, layer, current, outputs, kwargs_list[0])
                 if sequential:
-                    current = [_run(layer, h, kw) for h, kw in zip(current, kwargs_list)]
+                    current = [run_layer(layer, h, kw) for h, kw in zip(current, kwargs_list)]
                     if dense is not None:
                         dense = next_dense
                 else:
                     current = outputs  # the dense outputs (computed before compression)
+            if store is not None:
+                store.leave(i)
             report.layers_calibrated += 1
             report.layer_seconds.append(time.perf_counter() - start)
     model.train(was_training)

@@ -73,6 +73,7 @@ def compress(
     device: str | None = None,
     progress: bool = True,
     source: dict | None = None,
+    layer_store=None,
 ) -> nn.Module:
     """Apply ``recipe``'s stages to ``model`` and return the compressed model.
 
@@ -82,7 +83,9 @@ def compress(
     recipe's ``calibration`` data. The work runs in float32; the result is marked as a compress checkpoint,
     stored in the recipe's ``output.dtype`` (``auto``: the source's own dtype), and carries
     :class:`Compression` as ``model.compression``. ``source`` describes where an ``nn.Module`` came from
-    (as ``compress.models.load_model`` does; its ``dtype`` is what ``auto`` keeps).
+    (as ``compress.models.load_model`` does; its ``dtype`` is what ``auto`` keeps). ``layer_store``: the model
+    is streamed (:class:`compress.streaming.StreamedLayers`): its layers are read, compressed and written one
+    at a time, and the model returned holds no layer weights (see :func:`save_streamed`).
     """
     import torch
 
@@ -105,7 +108,7 @@ def compress(
         loaded = load_model(str(model))
         model, source = loaded.model, loaded.source
         tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
-    if device is not None:
+    if device is not None and layer_store is None:
         model.to(device)
     model.float()  # statistics, factorisations and training in float32 (float64 inside the maths)
 
@@ -122,7 +125,11 @@ def compress(
 
     dtype = output_dtype(recipe, source)
     ctx = StageContext(
-        tokenizer=tokenizer, calibration_windows=windows, progress=progress, storage_dtype=getattr(torch, dtype)
+        tokenizer=tokenizer,
+        calibration_windows=windows,
+        progress=progress,
+        storage_dtype=getattr(torch, dtype),
+        layer_store=layer_store,
     )
     start = time.perf_counter()
     results = compress_model(model, recipe, ctx)
@@ -167,6 +174,24 @@ def save(
         extra = {**(extra or {}), **provenance}
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         save_folder(model, tokenizer, tmp, extra=extra)
+    return folder
+
+
+def save_streamed(model: nn.Module, layer_store, folder: str | Path, provenance: dict | None = None) -> Path:
+    """Finish the checkpoint a streamed :func:`compress` wrote layer by layer into ``folder``: the parts
+    outside the layers, the index, config.json with the compression section, tokenizer and manifest."""
+    from .checkpoint import mark_compressed
+    from .models import write_manifest
+
+    folder, info = Path(folder), model.compression
+    layer_store.finish()
+    mark_compressed(model, info.recipe.model_dump(mode="json"))
+    model.config.dtype = info.dtype
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    info.tokenizer.save_pretrained(folder)
+    write_manifest(folder, {**info.source, "recipe": info.recipe.name, **(provenance or {})})
     return folder
 
 

@@ -87,6 +87,40 @@ def _follow(recipe, model_id: str, device: str) -> None:
         evaluate(dense.model.to(device), dense.tokenizer, recipe.eval.model_copy(update={"budgets": None}), False)
 
 
+def streamable(recipe, model_id: str) -> bool:
+    """Whether `compress run` streams the model layer by layer (never whole in memory): a safetensors source
+    (not a .gguf), one process, and one stage whose method streams (``Method.streams``); otherwise the model
+    is loaded whole."""
+    from .models import resolve
+    from .registry import get_method
+
+    if resolve(model_id)[0] == "gguf" or distributed.world_size() > 1 or len(recipe.stages) != 1:
+        return False
+    stage = recipe.stages[0]
+    method = get_method(stage.method)
+    return method.level == "layers" and method.streams(stage) and not method.needs_teacher(stage)
+
+
+def streamed_eval(eval_config) -> bool:
+    """Whether an evaluation can run streamed: token perplexity only (no lm-eval tasks, no elastic budgets)."""
+    return not eval_config.tasks and not eval_config.budgets
+
+
+def open_streamed(model_id: str, device: str):
+    """The source as a :class:`compress.streaming.StreamedModel` (nothing read yet) in a LoadedModel."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from .models import LoadedModel, describe_source, model_folder
+    from .streaming import StreamedModel
+
+    folder = model_folder(model_id)
+    source = describe_source(model_id, folder)
+    stream = StreamedModel(folder, dtype=torch.float32, device=device)
+    stream.materialise(skip_layers=True)
+    return LoadedModel(stream.model, AutoTokenizer.from_pretrained(folder), source, folder, stream)
+
+
 def run_job(
     recipe_path: str | Path,
     model_id: str,
@@ -97,9 +131,11 @@ def run_job(
     echo=print,
 ) -> Path:
 
-    from .api import compress, output_dtype, save
+    import torch
+
+    from .api import compress, output_dtype, save, save_streamed
     from .calibration import check_calibration
-    from .models import checkpoint_bytes, load_model
+    from .models import checkpoint_bytes, load_folder, load_model
     from .recipe import load_recipe, recipe_to_yaml
     from .report import write_report
     from .scoring import check_eval, evaluate
@@ -126,18 +162,28 @@ def run_job(
     if not distributed.is_main():  # the other processes of a launch: compute their share, write nothing
         return _follow(recipe, model_id, device)
 
-    echo(f"loading {model_id} ...")
-    loaded = load_model(model_id)
-    model, tokenizer = loaded.model.to(device), loaded.tokenizer
+    streamed = streamable(recipe, model_id)
+    echo(f"{'opening' if streamed else 'loading'} {model_id} ...")
+    loaded = open_streamed(model_id, device) if streamed else load_model(model_id)
+    model, tokenizer = (loaded.model if streamed else loaded.model.to(device)), loaded.tokenizer
     with StagedFolder(out, overwrite=overwrite) as staged:
         tmp = staged.path
         params_before = count_params(model)
         bytes_before = checkpoint_bytes(loaded, output_dtype(recipe, loaded.source))  # no copy written
 
-        echo(f"compressing with {len(recipe.stages)} stage(s) ...")
-        model = compress(model, recipe, tokenizer=tokenizer, progress=progress, source=loaded.source)
+        echo(f"compressing with {len(recipe.stages)} stage(s){', streamed layer by layer' if streamed else ''} ...")
+        store = None
+        if streamed:
+            from .streaming import CheckpointWriter, StreamedLayers
+
+            dtype = getattr(torch, output_dtype(recipe, loaded.source))
+            store = StreamedLayers(loaded.stream, CheckpointWriter(tmp / "model", dtype))
+        model = compress(model, recipe, tokenizer=tokenizer, progress=progress, source=loaded.source, layer_store=store)
         info = model.compression
-        save(model, tmp / "model")
+        if streamed:
+            save_streamed(model, store, tmp / "model")
+        else:
+            save(model, tmp / "model")
         (tmp / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         staged.keep()  # the checkpoint is saved: from here on a failure keeps the folder
 
@@ -154,6 +200,7 @@ def run_job(
             "versions": versions(),
             "device": device,
             "processes": distributed.world_size(),
+            "path": "streamed" if streamed else "in memory",
             "size": {
                 "params_before": params_before,
                 "params_after": count_params(model),
@@ -179,11 +226,16 @@ def run_job(
             "stages": [{"method": r.method, "summary": r.summary, "rows": r.rows} for r in results],
         }
         _write_report_json(tmp, report)
-        del loaded
+        source_folder = loaded.folder
+        del loaded  # the compressed model is `model` now (compressed in place)
 
         def evaluate_compressed():
+            nonlocal model
             echo("evaluating the compressed model ...")
-            report["eval_compressed"] = evaluate(model, info.tokenizer, recipe.eval, progress)
+            if streamed:  # token perplexity read layer by layer; lm-eval tasks load the (smaller) checkpoint
+                model = None if streamed_eval(recipe.eval) else load_folder(tmp / "model")[0].to(device)
+            target = tmp / "model" if model is None else model
+            report["eval_compressed"] = evaluate(target, info.tokenizer, recipe.eval, progress)
             _write_report_json(tmp, report)
 
         def evaluate_dense():
@@ -192,9 +244,12 @@ def run_job(
                 return
             model = None  # the compressed model is saved and scored: free it before the dense one loads
             echo("evaluating the dense model (reloaded from the source) ...")
-            dense = load_model(model_id)
             dense_eval = recipe.eval.model_copy(update={"budgets": None})  # budgets are the compressed model's
-            report["eval_dense"] = evaluate(dense.model.to(device), dense.tokenizer, dense_eval, progress)
+            if streamed and streamed_eval(dense_eval):
+                report["eval_dense"] = evaluate(source_folder, tokenizer, dense_eval, progress)
+            else:
+                dense = load_model(model_id)
+                report["eval_dense"] = evaluate(dense.model.to(device), dense.tokenizer, dense_eval, progress)
             _write_report_json(tmp, report)
 
         def write_the_report():

@@ -65,6 +65,7 @@ class LoadedModel:
     tokenizer: object
     source: dict = field(default_factory=dict)
     folder: Path | None = None  # the safetensors folder it was read from (None: a de-quantised .gguf)
+    stream: object = None  # a compress.streaming.StreamedModel when the weights are read layer by layer
 
 
 def checkpoint_bytes(loaded: LoadedModel, dtype: str) -> int:
@@ -186,6 +187,11 @@ def save_folder(model, tokenizer, folder: Path, extra: dict | None = None) -> No
     model.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    write_manifest(folder, extra)
+
+
+def write_manifest(folder: Path, extra: dict | None = None) -> None:
+    """The manifest of a model folder: every safetensors file's size and sha256, plus ``extra`` (provenance)."""
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.glob("*.safetensors"))}
     (folder / MANIFEST).write_text(json.dumps({"files": files, **(extra or {})}, indent=2))
 
@@ -290,6 +296,21 @@ def model_folder(model_id: str) -> Path:
         raise CompressError(f"{model_id} is a .gguf file: only a safetensors folder can be streamed")
     folder = Path(location)
     return folder / "model" if (folder / "model" / "config.json").is_file() else folder
+
+
+def describe_source(model_id: str, folder: Path) -> dict:
+    """What a report records of a safetensors source, read from its folder (nothing loaded)."""
+    kind, _ = resolve(model_id)
+    source = {"id": model_id, "kind": kind, "dtype": declared_dtype(folder)}
+    if kind == "bundled":
+        source.update(base_model=BUNDLED[model_id].base_model, license=BUNDLED[model_id].license)
+    elif kind == "hub":
+        source["base_model"] = model_id
+    else:
+        manifest = verify_folder(folder)
+        source.update({k: manifest[k] for k in ("base_model", "license") if k in manifest})
+    source.setdefault("base_model", str(folder))  # what from_pretrained(folder) calls name_or_path
+    return source
 
 
 def load_model(model_id: str, dtype=None) -> LoadedModel:

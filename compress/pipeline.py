@@ -22,7 +22,7 @@ from torch import nn
 
 from .methods.base import Method, ModelStats, Planner, StageContext, StageResult
 from .registry import get_method
-from .targets import replace_module, select_modules
+from .targets import layer_index, replace_module, select_modules
 from .utils import peak_rss_bytes, progress_iter
 
 
@@ -52,14 +52,22 @@ class ModelPlanner(Planner):
         items = list(items)
         return progress_iter(items, description, self._ctx.progress, total=len(items))
 
+    def _whole_model(self, what: str) -> None:
+        if self._ctx.layer_store is not None:
+            from .errors import CompressError
+
+            raise CompressError(f"{what} needs the whole model in memory; this model is streamed layer by layer")
+
     def output_fisher(self, modules, windows, batch_size):
         from .activations import output_fisher
 
+        self._whole_model("output sensitivities")
         return output_fisher(self._model, modules, windows, batch_size=batch_size)
 
     def map_input_statistics(self, modules, fn, windows, batch_size):
         from .activations import calibrate_sequentially
 
+        self._whole_model("a pre-pass over every layer's inputs")
         values = {}
 
         def on_layer(index, layer_modules, stats):
@@ -130,6 +138,7 @@ def _apply_layers(model: nn.Module, method: Method, config, ctx: StageContext, w
             train_layer=train_layer,
             progress=ctx.progress,
             description=f"{method.name}: layers",
+            store=ctx.layer_store,
             **_engine_options(calibration),
         )
         result.summary["calibration"] = {
@@ -140,6 +149,16 @@ def _apply_layers(model: nn.Module, method: Method, config, ctx: StageContext, w
         if layer_reports:
             result.summary["training"] = _layer_training_summary(layer_training, layer_reports)
             result.series["layer_train_loss"] = [r["losses"] for r in layer_reports]
+    elif ctx.layer_store is not None:  # data-free, streamed: each layer read, its modules replaced, written
+        from .activations import decoder_layers
+
+        _, layers = decoder_layers(model, chosen)
+        for i in progress_iter(range(len(layers)), f"{method.name}: layers", ctx.progress, total=len(layers)):
+            ctx.layer_store.enter(i)
+            for name, module in chosen.items():
+                if layer_index(name) == i:
+                    replace(name, module, None)
+            ctx.layer_store.leave(i)
     else:
         for name, module in progress_iter(list(chosen.items()), f"{method.name}: apply", ctx.progress):
             replace(name, module, None)

@@ -70,7 +70,7 @@ class StreamedModel:
             self._handles[path] = safe_open(path, framework="pt")
         return self._handles[path].get_tensor(name)
 
-    def _states(self, prefix: str) -> list[tuple[str, torch.Tensor]]:
+    def tensors(self, prefix: str) -> list[tuple[str, torch.Tensor]]:
         """(full name, tensor) of every parameter and persistent buffer under ``prefix`` ("" = the whole model)."""
         module = self.model.get_submodule(prefix) if prefix else self.model
         dot = f"{prefix}." if prefix else ""
@@ -81,7 +81,7 @@ class StreamedModel:
         from accelerate.utils import set_module_tensor_to_device
 
         inside = f"{self.layers_name}."
-        for name, tensor in self._states(prefix):
+        for name, tensor in self.tensors(prefix):
             if tensor.device.type != "meta" or (skip_layers and name.startswith(inside)):
                 continue
             if name not in self.files:
@@ -98,7 +98,7 @@ class StreamedModel:
         """Drop every tensor under ``prefix`` back to the meta device."""
         from accelerate.utils import set_module_tensor_to_device
 
-        for name, tensor in self._states(prefix):
+        for name, tensor in self.tensors(prefix):
             if tensor.device.type != "meta":
                 set_module_tensor_to_device(self.model, name, "meta")
 
@@ -128,3 +128,58 @@ def _layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if isinstance(module, nn.ModuleList) and name.endswith("layers") and len(module) == count:
             return name, module
     raise CompressError(f"cannot find the decoder layers of {type(model).__name__} to stream")
+
+
+class CheckpointWriter:
+    """Writes a checkpoint's tensors as they become final (one shard per call, in the output dtype); the index
+    at the end. Tensors shared by several names (tied embeddings) are written once, as save_pretrained does."""
+
+    def __init__(self, folder: str | Path, dtype: torch.dtype):
+        self.folder, self.dtype = Path(folder), dtype
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        out, seen = {}, set()
+        for name, tensor in tensors.items():
+            key = (tensor.data_ptr(), tuple(tensor.shape))  # within one call: freed memory is reused later
+            if name in self.weight_map or key in seen:
+                continue
+            seen.add(key)
+            value = tensor.detach().to(self.dtype) if tensor.is_floating_point() else tensor.detach()
+            out[name] = value.contiguous()
+        if not out:
+            return
+        file = f"model-{len(set(self.weight_map.values())) + 1:05d}.safetensors"
+        save_file(out, self.folder / file, metadata={"format": "pt"})
+        self.weight_map.update(dict.fromkeys(out, file))
+        self.total_size += sum(t.numel() * t.element_size() for t in out.values())
+
+    def finish(self) -> None:
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+class StreamedLayers:
+    """The layer store a streamed compression walks: layer i is read from the source before it is used and,
+    once final, written to the output and dropped (the calibration engine calls :meth:`enter` / :meth:`leave`)."""
+
+    def __init__(self, stream: StreamedModel, writer: CheckpointWriter):
+        self.stream, self.writer = stream, writer
+
+    def enter(self, index: int) -> None:
+        self.stream.materialise(f"{self.stream.layers_name}.{index}")
+
+    def leave(self, index: int) -> None:
+        prefix = f"{self.stream.layers_name}.{index}"
+        self.writer.write(dict(self.stream.tensors(prefix)))
+        self.stream.release(prefix)
+
+    def finish(self) -> None:
+        """Write what is outside the layers (embedding, final norm, head) and the index."""
+        inside = f"{self.stream.layers_name}."
+        self.writer.write({name: t for name, t in self.stream.tensors("") if not name.startswith(inside)})
+        self.writer.finish()

@@ -97,6 +97,7 @@ class StageContext:
     progress: bool = True
     teacher: nn.Module | None = None  # the model before the first stage, when a stage distils towards it
     storage_dtype: torch.dtype | None = None  # what the checkpoint is saved in (None: the model's own dtype)
+    layer_store: Any = None  # a streamed model's layers (compress.streaming.StreamedLayers); None: in memory
 
 
 @dataclass
@@ -234,6 +235,11 @@ class Method:
 
     def summarise(self, result: StageResult, config: StageConfig) -> None:
         """Complete the report once every layer is done (rows carry what ``apply`` measured)."""
+
+    def streams(self, config: StageConfig) -> bool:
+        """Whether the stage runs on a model streamed one decoder layer at a time: ``plan`` reads only the
+        modules' shapes (no weights, no whole-model measurement) and nothing trains the whole model."""
+        return False
 
     # -- model-level methods
     def model_needs(self, config: StageConfig) -> ModelNeeds:

@@ -114,3 +114,55 @@ def test_compress_eval_streamed_matches_the_in_memory_run(tmp_path, smol_tokeniz
     capsys.readouterr()
     assert main(["eval", str(folder), "--streamed", "--tasks", "wikipedia_ppl", "--quiet"]) == 2
     assert "streamed evaluation scores token perplexity only" in capsys.readouterr().err
+
+
+STREAMED_STAGES = {
+    "whitening, sub-layer": {
+        "method": "lowrank",
+        "reduction": 0.3,
+        "backend": "whiten_dense_target",
+        "sequential": True,
+        "sublayer": True,
+    },
+    "layer 0 only": {
+        "method": "lowrank",
+        "targets": [r"re:.*layers\.0\..*_proj$"],
+        "reduction": 0.3,
+        "backend": "whiten",
+    },
+    "data-free": {"method": "lowrank", "reduction": 0.3, "backend": "svd"},
+}
+
+
+@pytest.mark.parametrize("stage", list(STREAMED_STAGES))
+def test_compress_run_streams_a_streamable_recipe_to_the_in_memory_checkpoint(tmp_path, smol_tokenizer, stage):
+    import yaml
+
+    from compress.cli import main
+    from compress.models import save_folder
+
+    source = tmp_path / "src"
+    save_folder(make_tiny_llama(vocab_size=len(smol_tokenizer), layers=3, tie=True), smol_tokenizer, source)
+    recipe = {
+        "name": "streamed",
+        "stages": [STREAMED_STAGES[stage]],
+        "calibration": {"samples": 6, "seq_len": 32},
+        "eval": {"tasks": [], "perplexity_windows": 2, "seq_len": 64},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(tmp_path / "r.yaml"), str(source), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["path"] == "streamed"
+    assert report["eval_compressed"]["perplexity"]["path"] == report["eval_dense"]["perplexity"]["path"] == "streamed"
+
+    in_memory = compress.compress(str(source), recipe, progress=False)
+    compress.save(in_memory, tmp_path / "mem")
+    streamed = {}
+    for shard in (tmp_path / "run" / "model").glob("*.safetensors"):
+        streamed.update(load_file(shard))
+    expected = load_file(tmp_path / "mem" / "model.safetensors")
+    assert streamed.keys() == expected.keys()
+    assert all(torch.equal(streamed[k], expected[k]) for k in expected)  # bit-identical checkpoints
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
+    ids = _windows(2, 16, vocab=len(smol_tokenizer))
+    assert torch.equal(reloaded(ids).logits, in_memory(ids).logits)

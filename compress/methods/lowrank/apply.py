@@ -105,6 +105,10 @@ class LowRank(Method):
             batch_size=config.calibration_batch_size,
         )
 
+    def streams(self, config: LowRankConfig) -> bool:
+        # uniform ranks come from the shapes; sensitivity curves need the whole model's gradients
+        return config.allocation == "uniform" and (config.train is None or config.train.scope == "layer")
+
     def plan(self, modules, config: LowRankConfig, planner) -> Plan:
         result = StageResult(self.name)
         for name, module in modules.items():
