@@ -91,20 +91,18 @@ def fresh_cell(cells: dict, budget: float) -> dict | None:
 
 
 def measure_resizes(elastic_folder: Path, threads: int) -> list[dict]:
-    """`compress resize` to each budget (wall time of the command and of the resize itself), then `compress eval`."""
+    """`compress resize` to each budget (wall time of the command and of the resize itself), then `compress eval`;
+    also `--fixed` (that budget only): its bytes."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cli = str(Path(sys.executable).parent / "compress")
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for budget in BUDGETS:
-            target = Path(tmp) / f"r{budget:g}"
+            target, fixed = Path(tmp) / f"r{budget:g}", Path(tmp) / f"f{budget:g}"
+            resize = [cli, "resize", str(elastic_folder), "--reduction", str(budget)]
+            subprocess.run([*resize, "--fixed", "--out", str(fixed)], check=True, capture_output=True, env=env)
             start = time.perf_counter()
-            proc = subprocess.run(
-                [cli, "resize", str(elastic_folder), "--reduction", str(budget), "--out", str(target)],
-                capture_output=True,
-                text=True,
-                env=env,
-            )
+            proc = subprocess.run([*resize, "--out", str(target)], capture_output=True, text=True, env=env)
             command_s = time.perf_counter() - start
             if proc.returncode:
                 raise SystemExit(f"resize {budget} failed: {proc.stderr}")
@@ -122,6 +120,7 @@ def measure_resizes(elastic_folder: Path, threads: int) -> list[dict]:
                     "command_s": command_s,
                     "resize_s": resize_s,
                     "bytes": sum(p.stat().st_size for p in target.glob("*.safetensors")),
+                    "fixed_bytes": sum(p.stat().st_size for p in fixed.glob("*.safetensors")),
                     "perplexity": json.loads(scores.read_text())["perplexity"]["perplexity"],
                 }
             )

@@ -2,7 +2,7 @@
 # One prepared device check for a lent CUDA GPU (written for an H200), run from anywhere:
 #   bash bench/gpu_check.sh
 # 1. the kernel tests: the interpreter suite plus the compiled-kernel GPU test (tests/kernels/test_kernels_gpu.py);
-# 2. bench/kernels.py --gpu: the same checks on the compiled kernels, then timings -> bench/results/kernels.md.
+# 2. bench/kernel_checks.py --gpu: the same checks on the compiled kernels, then timings -> bench/results/kernels.md.
 # Installs nothing heavy: torch (CUDA) + triton are expected; if torch is missing it tries the
 # torch==2.13.0 wheel (the PyPI Linux wheel is the CUDA build and brings triton). Logs and the
 # results file are copied to $OUT when it is set.
@@ -43,9 +43,9 @@ status=0
 if "$PY" -c "import pytest" 2>/dev/null; then
     "$PY" -m pytest tests/kernels -q -p no:cacheprovider 2>&1 | tee "$LOGS/pytest_kernels.log" || status=1
 else
-    echo "pytest missing: skipping tests/kernels (bench/kernels.py --gpu runs the same GPU checks)" | tee "$LOGS/pytest_kernels.log"
+    echo "pytest missing: skipping tests/kernels (bench/kernel_checks.py --gpu runs the same GPU checks)" | tee "$LOGS/pytest_kernels.log"
 fi
-env -u TRITON_INTERPRET "$PY" bench/kernels.py --gpu 2>&1 | tee "$LOGS/bench_kernels.log" || status=1
+env -u TRITON_INTERPRET "$PY" bench/kernel_checks.py --gpu 2>&1 | tee "$LOGS/bench_kernels.log" || status=1
 
 if [ -n "${OUT:-}" ]; then
     cp bench/results/kernels.md "$OUT/kernels.md"

@@ -25,7 +25,15 @@ def _cmd_run(args) -> None:
     from .job import run_job
 
     out = args.out or Path("runs") / f"{Path(args.recipe).stem}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', args.model_id)}"
-    run_job(args.recipe, args.model_id, out, overwrite=args.overwrite, progress=not args.quiet, device=args.device)
+    run_job(
+        args.recipe,
+        args.model_id,
+        out,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        device=args.device,
+        stream=not args.in_memory,
+    )
 
 
 def _cmd_validate(args) -> None:
@@ -171,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     run.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="load the whole model even when the recipe could stream it one decoder layer at a time",
+    )
     run.set_defaults(func=_cmd_run)
 
     validate = sub.add_parser("validate", parents=[common], help="check recipes without loading a model")

@@ -129,6 +129,7 @@ def run_job(
     progress: bool = True,
     device: str = "auto",
     echo=print,
+    stream: bool = True,
 ) -> Path:
 
     import torch
@@ -162,7 +163,7 @@ def run_job(
     if not distributed.is_main():  # the other processes of a launch: compute their share, write nothing
         return _follow(recipe, model_id, device)
 
-    streamed = streamable(recipe, model_id)
+    streamed = stream and streamable(recipe, model_id)
     echo(f"{'opening' if streamed else 'loading'} {model_id} ...")
     loaded = open_streamed(model_id, device) if streamed else load_model(model_id)
     model, tokenizer = (loaded.model if streamed else loaded.model.to(device)), loaded.tokenizer

@@ -1,4 +1,4 @@
-"""Correctness checks shared by tests/kernels and bench/kernels.py (no triton import here).
+"""Correctness checks shared by tests/kernels and bench/kernel_checks.py (no triton import here).
 
 ``check(op, case, dtype)`` runs the public op with a forced backend and NaN-poisoned outputs,
 backpropagates a fixed random upstream gradient, and compares the output and the gradient of
@@ -113,7 +113,7 @@ CASES: dict[str, list[Case]] = {
     ],
 }
 
-# Bigger shapes for a real GPU (bench/kernels.py GPU mode): k above one chunk, many token tiles.
+# Bigger shapes for a real GPU (bench/kernel_checks.py GPU mode): k above one chunk, many token tiles.
 GPU_CASES: dict[str, list[Case]] = {
     "lowrank_linear": [
         Case("t300_n1024_m1000_k700", (300,), 1024, 1000, 700),

@@ -163,6 +163,12 @@ def test_compress_run_streams_a_streamable_recipe_to_the_in_memory_checkpoint(tm
     expected = load_file(tmp_path / "mem" / "model.safetensors")
     assert streamed.keys() == expected.keys()
     assert all(torch.equal(streamed[k], expected[k]) for k in expected)  # bit-identical checkpoints
+    if stage == "layer 0 only":  # the CLI's opt-out loads the model whole, to the same checkpoint
+        run = ["run", str(tmp_path / "r.yaml"), str(source), "--out", str(tmp_path / "whole"), "--in-memory"]
+        assert main([*run, "--quiet"]) == 0
+        assert json.loads((tmp_path / "whole" / "report.json").read_text())["path"] == "in memory"
+        whole = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+        assert all(torch.equal(streamed[k], whole[k]) for k in whole) and whole.keys() == streamed.keys()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
     ids = _windows(2, 16, vocab=len(smol_tokenizer))
     assert torch.equal(reloaded(ids).logits, in_memory(ids).logits)

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Correctness and speed of the compress.kernels Triton ops; writes bench/results/kernels.md.
 
-  python bench/kernels.py --cpu-smoke   # Triton kernels under TRITON_INTERPRET=1 on the CPU vs the
+  python bench/kernel_checks.py --cpu-smoke   # Triton kernels under TRITON_INTERPRET=1 on the CPU vs the
                                         # float64 reference (small shapes); exit 1 on any mismatch
-  python bench/kernels.py --gpu         # on a CUDA GPU: the same checks on the compiled kernels, then
+  python bench/kernel_checks.py --gpu         # on a CUDA GPU: the same checks on the compiled kernels, then
                                         # median times at LLM shapes vs cuBLAS dense and torch 2:4
 
 Each mode rewrites its own section of the results file and keeps the other one.
@@ -53,7 +53,7 @@ def _write_section(name: str, body: str) -> None:
         )
     header = (
         "# compress.kernels: correctness and speed\n\n"
-        "Written by `bench/kernels.py` (`--cpu-smoke` and `--gpu` each rewrite their own section).\n\n"
+        "Written by `bench/kernel_checks.py` (`--cpu-smoke` and `--gpu` each rewrite their own section).\n\n"
         "Correctness: each op runs with its backend forced and NaN-poisoned outputs; the output and the\n"
         "gradient of every float input are compared with the reference evaluated in float64 through\n"
         "autograd. Error = relative error ||out - ref|| / ||ref||; a table row shows the worst tensor of\n"
@@ -103,7 +103,7 @@ def cpu_smoke(write: bool) -> int:
     table, ok, seconds = _correctness(testing.CASES, (torch.float32, torch.bfloat16), "cpu")
     verdict = "all checks passed" if ok else "**MISMATCH: see the rows marked above**"
     body = (
-        "## CPU smoke (Triton interpreter)\n\n`python bench/kernels.py --cpu-smoke`: "
+        "## CPU smoke (Triton interpreter)\n\n`python bench/kernel_checks.py --cpu-smoke`: "
         f"{_env_line('CPU, TRITON_INTERPRET=1')}; "
         f"{seconds:.1f} s; {verdict}.\nForward + backward (gradients of x, the factors and the bias).\n\n{table}\n"
     )

@@ -1,0 +1,251 @@
+"""Memory and time at scale -> bench/results/scale.md (+ scale.json).
+
+Each row is one `compress run` (a subprocess with its thread count fixed, as a user runs it) of a whitening
+low-rank stage at 20 % (uniform ranks, sequential, 16 calibration windows of 512 tokens; token perplexity on 4
+held-out windows), streamed layer by layer (the default for this recipe) or with `--in-memory`. Peak RSS is
+the whole process's (report.json), against the checkpoint's fp32 bytes; seconds per layer come from the
+stage's calibration summary. Models: SmolLM2-135M, and synthetic Llama-shaped checkpoints with random weights
+(normal(0, 0.02), shards of at most 1 GB written one tensor at a time, SmolLM2's tokenizer) of about 0.5B,
+1.3B, 3B and 7B parameters (the last with Llama-2-7B's shapes: about 27 GB in fp32, more than this machine's
+RAM), kept in a cache folder outside the repository.
+
+    python bench/scale.py smollm2-135m synthetic-0.5b          # the rows to (re)measure
+    python bench/scale.py --render                             # only rewrite the markdown from the json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+STORE, MARKDOWN = RESULTS / "scale.json", RESULTS / "scale.md"
+CACHE = Path(os.environ.get("COMPRESS_SCALE_CACHE", Path.home() / ".cache" / "compress" / "synthetic"))
+
+# name: (hidden, layers, intermediate, heads, kv_heads)
+SYNTHETIC = {
+    "synthetic-0.5b": (1536, 16, 4096, 12, 4),
+    "synthetic-1.3b": (2048, 24, 5504, 16, 8),
+    "synthetic-3b": (3072, 26, 8192, 24, 8),
+    "synthetic-7b": (4096, 32, 11008, 32, 32),  # Llama-2-7B's shapes, SmolLM2's vocabulary
+}
+VOCAB = 49152
+SHARD_BYTES = 1 << 30
+
+RECIPE = {
+    "name": "scale-whiten-20",
+    "description": "whitening low rank at 20 % (uniform ranks), 16 calibration windows: the scale benchmark",
+    "stages": [
+        {
+            "method": "lowrank",
+            "targets": ["re:.*\\.(q|k|v|o|gate|up|down)_proj$"],
+            "reduction": 0.2,
+            "backend": "whiten",
+            "sequential": True,
+            "calibration_batch_size": 4,
+        }
+    ],
+    "calibration": {"corpus": "wikipedia", "samples": 16, "seq_len": 512},
+    "eval": {"tasks": [], "compare_dense": False, "perplexity_windows": 4},
+    "output": {"dtype": "float32", "push_to_hub": None},
+}
+
+
+def synthetic_checkpoint(name: str) -> Path:
+    """The synthetic checkpoint ``name``, written once into the cache (tensor by tensor, 1 GB shards)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from compress.models import ensure_bundled
+
+    folder = CACHE / name
+    if (folder / "model.safetensors.index.json").is_file():
+        return folder
+    hidden, layers, inter, heads, kv = SYNTHETIC[name]
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        dtype="float32",
+    )
+    config.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(ensure_bundled("smollm2-135m")).save_pretrained(tmp)
+    head_dim = hidden // heads
+    shapes = [("model.embed_tokens.weight", (VOCAB, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        shapes += [
+            (f"{p}.input_layernorm.weight", (hidden,)),
+            (f"{p}.self_attn.q_proj.weight", (heads * head_dim, hidden)),
+            (f"{p}.self_attn.k_proj.weight", (kv * head_dim, hidden)),
+            (f"{p}.self_attn.v_proj.weight", (kv * head_dim, hidden)),
+            (f"{p}.self_attn.o_proj.weight", (hidden, heads * head_dim)),
+            (f"{p}.post_attention_layernorm.weight", (hidden,)),
+            (f"{p}.mlp.gate_proj.weight", (inter, hidden)),
+            (f"{p}.mlp.up_proj.weight", (inter, hidden)),
+            (f"{p}.mlp.down_proj.weight", (hidden, inter)),
+        ]
+    shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (VOCAB, hidden))]
+    generator = torch.Generator().manual_seed(0)
+    weight_map, shard, size, count = {}, {}, 0, 0
+
+    def flush():
+        nonlocal shard, size, count
+        if shard:
+            count += 1
+            file = f"model-{count:05d}.safetensors"
+            save_file(shard, tmp / file, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+            shard, size = {}, 0
+
+    total = 0
+    for tensor_name, shape in shapes:
+        if len(shape) == 1:
+            value = torch.ones(shape)
+        else:
+            value = torch.empty(shape).normal_(0.0, 0.02, generator=generator)
+        if size + value.numel() * 4 > SHARD_BYTES:
+            flush()
+        shard[tensor_name] = value
+        size += value.numel() * 4
+        total += value.numel() * 4
+    flush()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    tmp.rename(folder)
+    return folder
+
+
+def fp32_bytes(folder: Path) -> int:
+    """The checkpoint's parameters at 4 bytes each, from its safetensors headers."""
+    import struct
+
+    total = 0
+    for path in folder.glob("*.safetensors"):
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in entry["shape"]:
+                    count *= dim
+                total += 4 * count
+    return total
+
+
+def run_row(model: str, in_memory: bool, threads: int) -> dict:
+    from compress.models import model_folder
+
+    source = synthetic_checkpoint(model) if model in SYNTHETIC else model_folder(model)
+    out = ROOT / "runs" / "bench" / f"scale-{model}-{'in-memory' if in_memory else 'streamed'}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recipe = out.parent / f"{out.name}.recipe.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE, sort_keys=False))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    command = [sys.executable, "-m", "compress", "run", str(recipe), str(source), "--out", str(out)]
+    command += ["--overwrite", "--quiet"] + (["--in-memory"] if in_memory else [])
+    start = time.perf_counter()
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{model} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    report = json.loads((out / "report.json").read_text())
+    stage = report["stages"][0]["summary"]
+    calibration = stage["calibration"]
+    layer_params = sum(r["params_before"] for r in report["stages"][0]["rows"]) / calibration["layers"]
+    row = {
+        "model": model,
+        "path": report["path"],
+        "threads": threads,
+        "params": report["size"]["params_before"],
+        "fp32_bytes": fp32_bytes(source),
+        "peak_rss_bytes": report["timing"]["peak_rss_bytes"],
+        "compression_s": report["timing"]["compression_wall_time_s"],
+        "run_s": time.perf_counter() - start,
+        "layers": calibration["layers"],
+        "seconds_per_layer": calibration["layer_seconds_total"] / calibration["layers"],
+        "targeted_params_per_layer": layer_params,
+        "perplexity": report["eval_compressed"]["perplexity"]["perplexity"],
+        "eval_path": report["eval_compressed"]["perplexity"]["path"],
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    shutil.rmtree(out / "model", ignore_errors=True)  # the numbers are kept; the weights are not needed
+    return row
+
+
+def render(rows: list[dict]) -> str:
+    lines = [
+        "# Memory and time at scale",
+        "",
+        "Written by `python bench/scale.py`: each row is one `compress run` of a whitening low-rank stage at 20 % "
+        "(uniform ranks, sequential, 16 calibration windows of 512 tokens, token perplexity on 4 held-out windows), "
+        "streamed layer by layer (the default) or with `--in-memory`, on CPU. Peak RSS: the whole process, from "
+        "report.json; x fp32 = peak RSS / the checkpoint's fp32 bytes. Synthetic models have random weights "
+        "(their perplexity only shows that both paths agree).",
+        "",
+        "| model | path | parameters | fp32 GB | peak RSS GiB | x fp32 | compression s | s / layer | "
+        "targeted params / layer | held-out ppl | threads |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['path']} | {r['params'] / 1e6:,.0f} M | {r['fp32_bytes'] / 1e9:.2f} | "
+            f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['peak_rss_bytes'] / r['fp32_bytes']:.2f} | "
+            f"{r['compression_s']:.0f} | {r['seconds_per_layer']:.1f} | {r['targeted_params_per_layer'] / 1e6:.1f} M | "
+            f"{r['perplexity']:.6g} | {r['threads']} |"
+        )
+    streamed = [r for r in rows if r["path"] == "streamed"]
+    if len({r["model"] for r in streamed}) >= 2:
+        import numpy as np
+
+        x = np.array([r["targeted_params_per_layer"] for r in streamed])
+        y = np.array([r["seconds_per_layer"] for r in streamed])
+        slope, intercept = np.polyfit(x, y, 1)
+        lines += [
+            "",
+            f"Seconds per layer against the layer's targeted parameters (streamed rows, least squares): "
+            f"{slope * 1e6:.3f} s per million parameters + {intercept:.2f} s.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", help="smollm2-135m, gemma3-270m or " + ", ".join(SYNTHETIC))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--paths", nargs="+", default=["streamed", "in-memory"], choices=["streamed", "in-memory"])
+    parser.add_argument("--render", action="store_true")
+    args = parser.parse_args()
+    rows = json.loads(STORE.read_text()) if STORE.is_file() else []
+    if not args.render:
+        for model in args.models:
+            for path in args.paths:
+                row = run_row(model, path == "in-memory", args.threads)
+                rows = [r for r in rows if (r["model"], r["path"]) != (row["model"], row["path"])] + [row]
+                STORE.write_text(json.dumps(rows, indent=2))
+                print(json.dumps(row), flush=True)
+    MARKDOWN.write_text(render(rows))
+
+
+if __name__ == "__main__":
+    main()
