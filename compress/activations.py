@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -535,23 +536,7 @@ def output_fisher(
     """Mean squared gradient of the summed token loss w.r.t. each module's output, per channel."""
     sums = {name: None for name in modules}
     counts = {name: 0 for name in modules}
-    handles = []
-
-    def hook(name):
-        def forward_hook(module, args, output):
-            if output.requires_grad:
-
-                def grad_hook(g):
-                    g2 = g.detach().to(torch.float64).pow(2).reshape(-1, g.shape[-1])
-                    sums[name] = g2.sum(0) if sums[name] is None else sums[name] + g2.sum(0)
-                    counts[name] += g2.shape[0]
-
-                output.register_hook(grad_hook)
-
-        return forward_hook
-
-    for name, module in modules.items():
-        handles.append(module.register_forward_hook(hook(name)))
+    handles = [module.register_forward_hook(_fisher_hook(name, sums, counts)) for name, module in modules.items()]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -611,3 +596,83 @@ def token_counts(windows: torch.Tensor, vocab: int) -> torch.Tensor:
     if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
         raise CompressError(f"calibration tokens fall outside the embedding's {vocab} rows")
     return sum_(torch.bincount(ids, minlength=vocab).to(torch.float64))
+
+
+def streamed_output_fisher(
+    model: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor, store, batch_size: int = 2
+) -> dict[str, torch.Tensor]:
+    """:func:`output_fisher` of a model streamed one decoder layer at a time (``store``: enter / leave read
+    and free a layer). A forward pass keeps each layer's inputs (on disk, so memory stays one layer's),
+    the model's tail gives the loss gradient at the last layer's output, and a backward pass walks the
+    layers from the top, recomputing each from its inputs with hooks on the targeted modules' outputs."""
+    import tempfile
+
+    prefix, layers = decoder_layers(model, modules)
+    kinds = layer_kinds(model, layers)
+    windows = shard(windows)
+    sums = {name: None for name in modules}
+    counts = {name: 0 for name in modules}
+    was_training = model.training
+    model.eval()
+    real = list(layers)
+    with tempfile.TemporaryDirectory(prefix="compress-fisher-") as spill:
+        spill = Path(spill)
+        with torch.no_grad():
+            hidden, kwargs = capture_layer0_inputs(model, layers, windows, batch_size)
+            for i in range(len(layers)):
+                store.enter(i)
+                torch.save(hidden, spill / f"{i}.pt")
+                hidden = [run_layer(layers[i], h, kw) for h, kw in zip(hidden, kwargs[kinds[i]])]
+                store.leave(i)
+        grads = []
+        try:
+            for i in range(len(layers)):
+                layers[i] = LayerStub()
+            for b, batch in enumerate(windows.split(batch_size)):  # the tail: d loss / d last layer's output
+                batch = batch.to(hidden[b].device)
+                with torch.enable_grad():
+                    h = hidden[b].detach().requires_grad_(True)
+                    layers[0].replay = h
+                    logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+                    loss = torch.nn.functional.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+                    )
+                    grads.append(torch.autograd.grad(loss, h)[0])
+        finally:
+            for i, layer in enumerate(real):
+                layers[i] = layer
+        del hidden
+        for i in reversed(range(len(layers))):
+            store.enter(i)
+            inputs = torch.load(spill / f"{i}.pt")
+            local = {n: m for n, m in modules.items() if n.startswith(f"{prefix}.{i}.")}
+            handles = [m.register_forward_hook(_fisher_hook(n, sums, counts)) for n, m in local.items()]
+            try:
+                with torch.enable_grad():
+                    for b, x in enumerate(inputs):
+                        x = x.detach().requires_grad_(True)
+                        out = run_layer(layers[i], x, kwargs[kinds[i]][b])
+                        grads[b] = torch.autograd.grad(out, x, grad_outputs=grads[b])[0]
+            finally:
+                for handle in handles:
+                    handle.remove()
+            store.leave(i)
+    model.train(was_training)
+    missing = [n for n, s in sums.items() if s is None]
+    if missing:
+        raise CompressError(f"sensitivity: no gradient reached {missing[:3]}")
+    return {name: sum_(sums[name]) / sum_number(counts[name]) for name in modules}
+
+
+def _fisher_hook(name: str, sums: dict, counts: dict):
+    def forward_hook(module, args, output):
+        if output.requires_grad:
+
+            def grad_hook(g):
+                g2 = g.detach().to(torch.float64).pow(2).reshape(-1, g.shape[-1])
+                sums[name] = g2.sum(0) if sums[name] is None else sums[name] + g2.sum(0)
+                counts[name] += g2.shape[0]
+
+            output.register_hook(grad_hook)
+
+    return forward_hook

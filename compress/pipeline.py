@@ -52,29 +52,27 @@ class ModelPlanner(Planner):
         items = list(items)
         return progress_iter(items, description, self._ctx.progress, total=len(items))
 
-    def _whole_model(self, what: str) -> None:
-        if self._ctx.layer_store is not None:
-            from .errors import CompressError
-
-            raise CompressError(f"{what} needs the whole model in memory; this model is streamed layer by layer")
-
     def output_fisher(self, modules, windows, batch_size):
-        from .activations import output_fisher
+        from .activations import output_fisher, streamed_output_fisher
 
-        self._whole_model("output sensitivities")
+        store = self._ctx.layer_store
+        if store is not None:
+            return streamed_output_fisher(self._model, modules, windows, store.reading(), batch_size=batch_size)
         return output_fisher(self._model, modules, windows, batch_size=batch_size)
 
     def map_input_statistics(self, modules, fn, windows, batch_size):
         from .activations import calibrate_sequentially
 
-        self._whole_model("a pre-pass over every layer's inputs")
+        store = None if self._ctx.layer_store is None else self._ctx.layer_store.reading()
         values = {}
 
         def on_layer(index, layer_modules, stats):
             for name, module in layer_modules.items():
                 values[name] = fn(name, module, stats[name])
 
-        calibrate_sequentially(self._model, modules, windows, on_layer, sequential=False, batch_size=batch_size)
+        calibrate_sequentially(
+            self._model, modules, windows, on_layer, sequential=False, batch_size=batch_size, store=store
+        )
         return values
 
 

@@ -178,8 +178,25 @@ class StreamedLayers:
         self.writer.write(dict(self.stream.tensors(prefix)))
         self.stream.release(prefix)
 
+    def reading(self) -> ReadLayers:
+        """The same layers for a pass that reads them and changes nothing (a plan's pre-pass)."""
+        return ReadLayers(self.stream)
+
     def finish(self) -> None:
         """Write what is outside the layers (embedding, final norm, head) and the index."""
         inside = f"{self.stream.layers_name}."
         self.writer.write({name: t for name, t in self.stream.tensors("") if not name.startswith(inside)})
         self.writer.finish()
+
+
+class ReadLayers:
+    """A layer store for a read-only pass: layer i is read before use and freed after."""
+
+    def __init__(self, stream: StreamedModel):
+        self.stream = stream
+
+    def enter(self, index: int) -> None:
+        self.stream.materialise(f"{self.stream.layers_name}.{index}")
+
+    def leave(self, index: int) -> None:
+        self.stream.release(f"{self.stream.layers_name}.{index}")

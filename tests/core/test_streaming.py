@@ -131,6 +131,16 @@ STREAMED_STAGES = {
         "backend": "whiten",
     },
     "data-free": {"method": "lowrank", "reduction": 0.3, "backend": "svd"},
+    "sensitivity, elastic": {
+        "method": "lowrank",
+        "reduction": 0.3,
+        "backend": "whiten_dense_target",
+        "sublayer": True,
+        "allocation": "sensitivity",
+        "sensitivity_windows": 4,
+        "calibration_batch_size": 2,
+        "elastic": {"min_reduction": 0.1, "max_reduction": 0.5},
+    },
 }
 
 
@@ -172,3 +182,20 @@ def test_compress_run_streams_a_streamable_recipe_to_the_in_memory_checkpoint(tm
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
     ids = _windows(2, 16, vocab=len(smol_tokenizer))
     assert torch.equal(reloaded(ids).logits, in_memory(ids).logits)
+
+
+def test_streamed_output_sensitivities_equal_the_whole_model_ones(tmp_path):
+    from compress.activations import output_fisher, streamed_output_fisher
+    from compress.streaming import ReadLayers
+
+    folder = _save(make_tiny_llama(layers=3, tie=True), tmp_path / "m")
+    stream = StreamedModel(folder)
+    stream.materialise(skip_layers=True)
+    whole = AutoModelForCausalLM.from_pretrained(folder).eval()
+    names = [n for n, m in whole.named_modules() if n.endswith(("q_proj", "o_proj", "down_proj"))]
+    windows = _windows(5, 24)
+    expected = output_fisher(whole, {n: whole.get_submodule(n) for n in names}, windows, batch_size=2)
+    modules = {n: stream.model.get_submodule(n) for n in names}
+    streamed = streamed_output_fisher(stream.model, modules, windows, ReadLayers(stream), batch_size=2)
+    assert all(torch.equal(streamed[n], expected[n]) for n in names)
+    assert all(p.device.type == "meta" for n, p in stream.model.named_parameters() if ".layers." in n)

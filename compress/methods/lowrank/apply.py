@@ -106,8 +106,8 @@ class LowRank(Method):
         )
 
     def streams(self, config: LowRankConfig) -> bool:
-        # uniform ranks come from the shapes; sensitivity curves need the whole model's gradients
-        return config.allocation == "uniform" and (config.train is None or config.train.scope == "layer")
+        # sensitivity curves stream too (compress.activations.streamed_output_fisher); global training does not
+        return config.train is None or config.train.scope == "layer"
 
     def plan(self, modules, config: LowRankConfig, planner) -> Plan:
         result = StageResult(self.name)
