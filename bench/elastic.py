@@ -184,22 +184,25 @@ def render(data: dict) -> str:
         "`fresh` = `recipes/lowrank-20.yaml` run at that budget.",
         "",
     ]
+    before = cells.get(key_of("lowrank-elastic", MODEL, "elastic-factors-only"))
     if elastic:
         budgets = {round(b["requested_reduction"], 3): b for b in elastic.get("budgets", [])}
+        old = {round(b["requested_reduction"], 3): b for b in (before or {}).get("budgets", [])}
         resized = {r["budget"]: r for r in data.get("resize", [])}
         lines += [
-            "| budget | elastic ppl | resized ppl | fresh ppl | elastic / fresh | resize s (command s) | "
-            "resized MB | fresh MB |",
-            "|---|---|---|---|---|---|---|---|",
+            "| budget | elastic ppl | resized ppl | fresh ppl | elastic / fresh | before: factors only | "
+            "resize s (command s) | resized MB | `--fixed` MB | fresh MB |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for b in BUDGETS:
             e, r, f = budgets.get(b, {}), resized.get(b, {}), fresh_cell(cells, b) or {}
             ratio = e["perplexity"] / f["perplexity"] if e and f.get("perplexity") else None
             lines.append(
                 f"| {b:.0%} | {_fmt(e.get('perplexity'))} | {_fmt(r.get('perplexity'))} | "
-                f"{_fmt(f.get('perplexity'))} | {_fmt(ratio, 3)} | "
+                f"{_fmt(f.get('perplexity'))} | {_fmt(ratio, 3)} | {_fmt(old.get(b, {}).get('perplexity'))} | "
                 f"{r.get('resize_s', 0):.1f} ({r.get('command_s', 0):.1f}) | "
-                f"{r.get('bytes', 0) / 1e6:.1f} | {f.get('bytes_after', 0) / 1e6:.1f} |"
+                f"{r.get('bytes', 0) / 1e6:.1f} | {r.get('fixed_bytes', 0) / 1e6:.1f} | "
+                f"{f.get('bytes_after', 0) / 1e6:.1f} |"
             )
         single = fresh_cell(cells, 0.2)
         if single:
@@ -207,9 +210,13 @@ def render(data: dict) -> str:
                 "",
                 f"The elastic checkpoint stores {elastic['bytes_after'] / 1e6:.1f} MB against "
                 f"{single['bytes_after'] / 1e6:.1f} MB for the single-budget 20 % checkpoint "
-                f"({elastic['bytes_after'] / single['bytes_after'] - 1:+.1%}): its factors are kept at the "
-                "ranks the 10 % budget needs, and matrices that budget keeps dense at their largest rank "
-                "that still saves parameters.",
+                f"({elastic['bytes_after'] / single['bytes_after'] - 1:+.1%}; the dense model: "
+                f"{single['bytes_before'] / 1e6:.1f} MB): each matrix keeps its factors at the rank the 10 % budget "
+                "gives it, and a matrix that budget keeps dense stores its dense weight beside factors at its "
+                "largest rank that still saves parameters (a larger budget may factorise it). `resized` "
+                "(`compress resize`) drops what no larger budget needs and still serves every larger reduction; "
+                "`--fixed` writes that budget alone, as small as a fresh compression. `before`: the first elastic "
+                "design (every matrix stored as factors only, so every budget truncated every matrix), same recipe.",
             ]
     heal = [
         (label, cells.get(key_of("lowrank-elastic-healed", MODEL, tag)))
