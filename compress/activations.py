@@ -366,8 +366,10 @@ def calibrate_sequentially(
     objective); without ``sequential`` the two streams coincide.
     ``train_layer(index, layer, inputs, targets, kwargs)`` (optional) runs once a layer's modules are
     replaced, with the layer's inputs per batch and the dense layer's outputs on them as targets.
-    ``store`` (a streamed model, :class:`compress.streaming.LayerStore`): every layer is walked, read by
-    ``store.enter(i)`` before it is used and handed to ``store.leave(i)`` once final.
+    ``store`` (a streamed model, :class:`compress.streaming.StreamedLayers`): every layer is walked, read by
+    ``store.enter(i)`` before it is used and handed to ``store.leave(i, streams)`` once final, with the streams
+    entering the next layer; a resumed store (``store.layers_done``, ``store.streams``) starts after its
+    finished layers, from the streams it saved.
     """
     import copy
     import time
@@ -395,7 +397,10 @@ def calibrate_sequentially(
         current, kwargs_by_kind = capture_layer0_inputs(model, layers, windows, batch_size)
         kinds = layer_kinds(model, layers)
         dense = list(current) if two_streams else None
-        for i in progress_iter(range(last + 1), description, progress, total=last + 1):
+        first = getattr(store, "layers_done", 0)
+        if first:  # a resumed run: the streams as they entered its first unfinished layer
+            current, dense = store.streams
+        for i in progress_iter(range(first, last + 1), description, progress, total=last + 1 - first):
             start = time.perf_counter()
             if store is not None:
                 store.enter(i)
@@ -408,7 +413,7 @@ def calibrate_sequentially(
                     if dense is not None:
                         dense = [run_layer(layer, h, kw) for h, kw in zip(dense, kwargs_list)]
                 if store is not None:
-                    store.leave(i)
+                    store.leave(i, (current, dense))
                 continue
             targets = None
             if sublayer:
@@ -463,7 +468,7 @@ def calibrate_sequentially(
                 else:
                     current = outputs  # the dense outputs (computed before compression)
             if store is not None:
-                store.leave(i)
+                store.leave(i, (current, dense))
             report.layers_calibrated += 1
             report.layer_seconds.append(time.perf_counter() - start)
     model.train(was_training)

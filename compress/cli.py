@@ -33,6 +33,7 @@ def _cmd_run(args) -> None:
         progress=not args.quiet,
         device=args.device,
         stream=not args.in_memory,
+        resume=args.resume,
     )
 
 
@@ -179,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     run.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a streamed run that was killed, from its first unfinished layer (same recipe and source)",
+    )
     run.add_argument(
         "--in-memory",
         action="store_true",

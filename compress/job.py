@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -101,6 +102,20 @@ def streamable(recipe, model_id: str) -> bool:
     return method.level == "layers" and method.streams(stage) and not method.needs_teacher(stage)
 
 
+def resume_key(recipe, folder: Path) -> str:
+    """What a saved state must match to be resumed: the recipe, and the source's shards (names, sizes and
+    headers: the tensors' names, shapes, dtypes and offsets)."""
+    import hashlib
+    import struct
+
+    digest = hashlib.sha256(recipe.model_dump_json().encode())
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            digest.update(f"{path.name}:{path.stat().st_size}:".encode() + f.read(length))
+    return digest.hexdigest()
+
+
 def streamed_eval(eval_config) -> bool:
     """Whether an evaluation can run streamed: token perplexity only (no lm-eval tasks, no elastic budgets)."""
     return not eval_config.tasks and not eval_config.budgets
@@ -130,6 +145,7 @@ def run_job(
     device: str = "auto",
     echo=print,
     stream: bool = True,
+    resume: bool = False,
 ) -> Path:
 
     import torch
@@ -167,7 +183,22 @@ def run_job(
     echo(f"{'opening' if streamed else 'loading'} {model_id} ...")
     loaded = open_streamed(model_id, device) if streamed else load_model(model_id)
     model, tokenizer = (loaded.model if streamed else loaded.model.to(device)), loaded.tokenizer
-    with StagedFolder(out, overwrite=overwrite) as staged:
+    partial = StagedFolder.partial_path(out)
+    state = partial / ".resume" / "state.pt"
+    if streamed and resume and state.is_file():  # refused before anything is written: the state stays
+        from .streaming import saved_key
+
+        if saved_key(state) != resume_key(recipe, loaded.folder):
+            raise CompressError(
+                f"the unfinished run in {partial} was started with another recipe or source; "
+                "run without --resume to start over"
+            )
+    if streamed and partial.exists() and not resume:
+        echo(f"starting over: removing the unfinished run in {partial} (--resume continues it)")
+        shutil.rmtree(partial)
+    elif resume and not (streamed and partial.exists()):
+        echo("nothing to resume: " + ("no unfinished run of it" if streamed else "this run is not streamed"))
+    with StagedFolder(out, overwrite=overwrite, partial=streamed) as staged:
         tmp = staged.path
         params_before = count_params(model)
         bytes_before = checkpoint_bytes(loaded, output_dtype(recipe, loaded.source))  # no copy written
@@ -178,7 +209,11 @@ def run_job(
             from .streaming import CheckpointWriter, StreamedLayers
 
             dtype = getattr(torch, output_dtype(recipe, loaded.source))
-            store = StreamedLayers(loaded.stream, CheckpointWriter(tmp / "model", dtype))
+            key = resume_key(recipe, loaded.folder)
+            writer = CheckpointWriter(tmp / "model", dtype)
+            store = StreamedLayers(loaded.stream, writer, state=state, key=key)
+            if store.layers_done:
+                echo(f"resuming after {store.layers_done} finished layer(s)")
         model = compress(model, recipe, tokenizer=tokenizer, progress=progress, source=loaded.source, layer_store=store)
         info = model.compression
         if streamed:

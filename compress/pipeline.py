@@ -100,6 +100,21 @@ def _apply_layers(model: nn.Module, method: Method, config, ctx: StageContext, w
         rows[name].update(replacement.info)
         replace_module(model, name, replacement.module)
         made.append(name)
+        if store is not None:
+            store.record(name, replacement.module, replacement.info)
+
+    store = ctx.layer_store
+    if store is not None and store.done:  # a resumed run: the finished layers' modules, as they were written
+        from accelerate import init_empty_weights
+
+        from .checkpoint import install_replacements
+
+        finished = {name: entry for name, entry in store.done.items() if name in chosen}
+        with init_empty_weights():
+            install_replacements(model, {name: entry["spec"] for name, entry in finished.items()})
+        for name, entry in finished.items():
+            rows[name].update(entry["info"])
+            made.append(name)
 
     training = method.training(config)
     layer_training = training if training is not None and training.scope == "layer" else None
@@ -151,12 +166,13 @@ def _apply_layers(model: nn.Module, method: Method, config, ctx: StageContext, w
         from .activations import decoder_layers
 
         _, layers = decoder_layers(model, chosen)
-        for i in progress_iter(range(len(layers)), f"{method.name}: layers", ctx.progress, total=len(layers)):
-            ctx.layer_store.enter(i)
+        first = store.layers_done
+        for i in progress_iter(range(first, len(layers)), f"{method.name}: layers", ctx.progress, len(layers) - first):
+            store.enter(i)
             for name, module in chosen.items():
                 if layer_index(name) == i:
                     replace(name, module, None)
-            ctx.layer_store.leave(i)
+            store.leave(i)
     else:
         for name, module in progress_iter(list(chosen.items()), f"{method.name}: apply", ctx.progress):
             replace(name, module, None)

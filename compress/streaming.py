@@ -163,30 +163,74 @@ class CheckpointWriter:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def saved_key(state: Path) -> str:
+    """The key a saved resume state was written for."""
+    return torch.load(state, weights_only=True)["key"]
+
+
 class StreamedLayers:
     """The layer store a streamed compression walks: layer i is read from the source before it is used and,
-    once final, written to the output and dropped (the calibration engine calls :meth:`enter` / :meth:`leave`)."""
+    once final, written to the output and dropped (the calibration engine calls :meth:`enter` / :meth:`leave`).
 
-    def __init__(self, stream: StreamedModel, writer: CheckpointWriter):
-        self.stream, self.writer = stream, writer
+    With a ``state`` file, what a resumed run needs is saved after every layer (atomically): the layers done,
+    the shards written, each replaced module's spec and report row, and the calibration streams entering the
+    next layer. A store opened on an existing state continues from it (``layers_done`` > 0); a state written
+    for another recipe or source (``key``) is refused.
+    """
+
+    def __init__(self, stream: StreamedModel, writer: CheckpointWriter, state: Path | None = None, key: str = ""):
+        self.stream, self.writer, self.state, self.key = stream, writer, state, key
+        self.layers_done, self.streams = 0, None
+        self.done: dict[str, dict] = {}  # module name -> {"spec", "info"} of the finished layers
+        if state is not None and state.is_file():
+            saved = torch.load(state, weights_only=True)
+            if saved["key"] != key:
+                raise CompressError(
+                    f"the unfinished run in {state.parent.parent} was started with another recipe or source; "
+                    "run without --resume to start over"
+                )
+            self.layers_done, self.streams, self.done = saved["layers_done"], saved["streams"], saved["done"]
+            self.writer.weight_map, self.writer.total_size = saved["weight_map"], saved["total_size"]
 
     def enter(self, index: int) -> None:
         self.stream.materialise(f"{self.stream.layers_name}.{index}")
 
-    def leave(self, index: int) -> None:
+    def record(self, name: str, module: nn.Module, info: dict) -> None:
+        """A module of the current layer was replaced (its spec and report row go into the saved state)."""
+        self.done[name] = {"spec": module.spec(), "info": dict(info)}
+
+    def leave(self, index: int, streams=None) -> None:
         prefix = f"{self.stream.layers_name}.{index}"
         self.writer.write(dict(self.stream.tensors(prefix)))
         self.stream.release(prefix)
+        self.layers_done, self.streams = index + 1, streams
+        if self.state is not None:
+            self.state.parent.mkdir(parents=True, exist_ok=True)
+            saved = {
+                "key": self.key,
+                "layers_done": self.layers_done,
+                "streams": streams,
+                "done": self.done,
+                "weight_map": self.writer.weight_map,
+                "total_size": self.writer.total_size,
+            }
+            tmp = self.state.with_suffix(".tmp")
+            torch.save(saved, tmp)
+            tmp.replace(self.state)
 
     def reading(self) -> ReadLayers:
         """The same layers for a pass that reads them and changes nothing (a plan's pre-pass)."""
         return ReadLayers(self.stream)
 
     def finish(self) -> None:
-        """Write what is outside the layers (embedding, final norm, head) and the index."""
+        """Write what is outside the layers (embedding, final norm, head) and the index; drop the saved state."""
         inside = f"{self.stream.layers_name}."
         self.writer.write({name: t for name, t in self.stream.tensors("") if not name.startswith(inside)})
         self.writer.finish()
+        if self.state is not None:
+            import shutil
+
+            shutil.rmtree(self.state.parent, ignore_errors=True)
 
 
 class ReadLayers:
@@ -198,5 +242,5 @@ class ReadLayers:
     def enter(self, index: int) -> None:
         self.stream.materialise(f"{self.stream.layers_name}.{index}")
 
-    def leave(self, index: int) -> None:
+    def leave(self, index: int, streams=None) -> None:
         self.stream.release(f"{self.stream.layers_name}.{index}")

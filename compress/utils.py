@@ -45,17 +45,26 @@ class StagedFolder:
     it is renamed into place on failure too. An existing ``final`` is replaced only with ``overwrite``.
     """
 
-    def __init__(self, final: Path, overwrite: bool = False):
-        self.final, self.overwrite = Path(final), overwrite
+    def __init__(self, final: Path, overwrite: bool = False, partial: bool = False):
+        self.final, self.overwrite, self.partial = Path(final), overwrite, partial
         self.keeping = False
         self.path: Path | None = None
 
     def keep(self) -> None:
         self.keeping = True
 
+    @staticmethod
+    def partial_path(final: Path) -> Path:
+        """Where a resumable run stages its folder: a killed run leaves it there for ``--resume``."""
+        return Path(final).parent / f".{Path(final).name}.partial"
+
     def __enter__(self) -> StagedFolder:
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
+        if self.partial:  # a fixed name, so that a run killed without cleaning up can be found again
+            self.path = self.partial_path(self.final)
+            self.path.mkdir(exist_ok=True)
+        else:
+            self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:

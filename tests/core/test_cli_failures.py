@@ -94,7 +94,8 @@ def test_sigterm_cleans_up_like_ctrl_c(setup, tmp_path):
     env = {k: v for k, v in env.items() if v != ""}
     proc = subprocess.Popen([sys.executable, "-m", "compress.cli", *args], stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 120
-    while not [p for p in tmp_path.iterdir() if p.name.startswith(".run.tmp-")]:  # the run has started writing
+    # the run has started writing (a streamed run stages in .run.partial, others in .run.tmp-*)
+    while not [p for p in tmp_path.iterdir() if p.name.startswith((".run.tmp-", ".run.partial"))]:
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)

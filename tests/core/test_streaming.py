@@ -199,3 +199,62 @@ def test_streamed_output_sensitivities_equal_the_whole_model_ones(tmp_path):
     streamed = streamed_output_fisher(stream.model, modules, windows, ReadLayers(stream), batch_size=2)
     assert all(torch.equal(streamed[n], expected[n]) for n in names)
     assert all(p.device.type == "meta" for n, p in stream.model.named_parameters() if ".layers." in n)
+
+
+def test_a_killed_streamed_run_resumes_to_the_same_checkpoint(tmp_path, smol_tokenizer):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from compress.cli import main
+    from compress.models import save_folder
+
+    source = tmp_path / "src"
+    model = make_tiny_llama(vocab_size=len(smol_tokenizer), hidden=256, intermediate=768, layers=8, tie=True)
+    save_folder(model, smol_tokenizer, source)
+    recipe = {
+        "name": "resumable",
+        "stages": [STREAMED_STAGES["whitening, sub-layer"]],
+        "calibration": {"samples": 16, "seq_len": 64},
+        "eval": {"tasks": [], "perplexity_windows": 1, "seq_len": 64},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    run = ["run", str(tmp_path / "r.yaml"), str(source), "--quiet"]
+    assert main([*run, "--out", str(tmp_path / "whole")]) == 0
+
+    out = tmp_path / "killed"
+    state = tmp_path / ".killed.partial" / ".resume" / "state.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "compress", *run, "--out", str(out)], env=env)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_file() and torch.load(state, weights_only=True)["layers_done"] >= 2:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed between layers"
+    proc.send_signal(signal.SIGKILL)  # no clean-up: the unfinished run stays for --resume
+    proc.wait()
+    done = torch.load(state, weights_only=True)["layers_done"]
+    assert 2 <= done < 8 and not out.exists()
+
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**recipe, "calibration": {"samples": 12, "seq_len": 64}}))
+    assert main(["run", str(other), str(source), "--quiet", "--out", str(out), "--resume"]) == 2  # another recipe
+
+    assert main([*run, "--out", str(out), "--resume"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"][0]["summary"]["calibration"]["layers"] == 8 - done  # only the unfinished layers ran
+    whole = json.loads((tmp_path / "whole" / "report.json").read_text())
+    assert [r["rank"] for r in report["stages"][0]["rows"]] == [r["rank"] for r in whole["stages"][0]["rows"]]
+    tensors = {}
+    for name in ("whole", "killed"):
+        tensors[name] = {}
+        for shard in (tmp_path / name / "model").glob("*.safetensors"):
+            tensors[name].update(load_file(shard))
+    assert tensors["killed"].keys() == tensors["whole"].keys()
+    assert all(torch.equal(tensors["killed"][k], tensors["whole"][k]) for k in tensors["whole"])
+    assert not (tmp_path / ".killed.partial").exists()
