@@ -116,6 +116,28 @@ def resume_key(recipe, folder: Path) -> str:
     return digest.hexdigest()
 
 
+def _prepare_resume(out: Path, recipe, source_folder: Path | None, resume: bool, echo) -> Path:
+    """The resume state file of a streamed run into ``out`` (``source_folder``; None: not streamed). With
+    ``resume``, a state saved for another recipe or source is refused before anything is touched; without it,
+    an unfinished run is removed so that the run starts over."""
+    partial = StagedFolder.partial_path(out)
+    state = partial / ".resume" / "state.pt"
+    if source_folder is not None and resume and state.is_file():
+        from .streaming import saved_key
+
+        if saved_key(state) != resume_key(recipe, source_folder):
+            raise CompressError(
+                f"the unfinished run in {partial} was started with another recipe or source; "
+                "run without --resume to start over"
+            )
+    elif resume:
+        echo("nothing to resume: " + ("no unfinished run of it" if source_folder else "this run is not streamed"))
+    if source_folder is not None and partial.exists() and not resume:
+        echo(f"starting over: removing the unfinished run in {partial} (--resume continues it)")
+        shutil.rmtree(partial)
+    return state
+
+
 def streamed_eval(eval_config) -> bool:
     """Whether an evaluation can run streamed: token perplexity only (no lm-eval tasks, no elastic budgets)."""
     return not eval_config.tasks and not eval_config.budgets
@@ -183,21 +205,7 @@ def run_job(
     echo(f"{'opening' if streamed else 'loading'} {model_id} ...")
     loaded = open_streamed(model_id, device) if streamed else load_model(model_id)
     model, tokenizer = (loaded.model if streamed else loaded.model.to(device)), loaded.tokenizer
-    partial = StagedFolder.partial_path(out)
-    state = partial / ".resume" / "state.pt"
-    if streamed and resume and state.is_file():  # refused before anything is written: the state stays
-        from .streaming import saved_key
-
-        if saved_key(state) != resume_key(recipe, loaded.folder):
-            raise CompressError(
-                f"the unfinished run in {partial} was started with another recipe or source; "
-                "run without --resume to start over"
-            )
-    if streamed and partial.exists() and not resume:
-        echo(f"starting over: removing the unfinished run in {partial} (--resume continues it)")
-        shutil.rmtree(partial)
-    elif resume and not (streamed and partial.exists()):
-        echo("nothing to resume: " + ("no unfinished run of it" if streamed else "this run is not streamed"))
+    state = _prepare_resume(out, recipe, loaded.folder if streamed else None, resume, echo)
     with StagedFolder(out, overwrite=overwrite, partial=streamed) as staged:
         tmp = staged.path
         params_before = count_params(model)
