@@ -24,6 +24,7 @@ accumulator, so each distinct covariance is computed once.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,6 +213,21 @@ class LayerStub(nn.Module):
         if self.stop:
             raise _StopForward
         return hidden_states if self.replay is None else self.replay
+
+
+@contextlib.contextmanager
+def stubbed_layers(layers: nn.ModuleList):
+    """Every layer replaced by a :class:`LayerStub` for the block (yielded); set ``stubs[0].replay`` to run
+    the model's own tail (final norm, head) on hidden states computed elsewhere."""
+    real = list(layers)
+    stubs = [LayerStub() for _ in real]
+    for i, stub in enumerate(stubs):
+        layers[i] = stub
+    try:
+        yield stubs
+    finally:
+        for i, layer in enumerate(real):
+            layers[i] = layer
 
 
 def capture_layer0_inputs(
@@ -619,7 +635,6 @@ def streamed_output_fisher(
     counts = {name: 0 for name in modules}
     was_training = model.training
     model.eval()
-    real = list(layers)
     with tempfile.TemporaryDirectory(prefix="compress-fisher-") as spill:
         spill = Path(spill)
         with torch.no_grad():
@@ -630,22 +645,17 @@ def streamed_output_fisher(
                 hidden = [run_layer(layers[i], h, kw) for h, kw in zip(hidden, kwargs[kinds[i]])]
                 store.leave(i)
         grads = []
-        try:
-            for i in range(len(layers)):
-                layers[i] = LayerStub()
+        with stubbed_layers(layers) as stubs:
             for b, batch in enumerate(windows.split(batch_size)):  # the tail: d loss / d last layer's output
                 batch = batch.to(hidden[b].device)
                 with torch.enable_grad():
                     h = hidden[b].detach().requires_grad_(True)
-                    layers[0].replay = h
+                    stubs[0].replay = h
                     logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
                     loss = torch.nn.functional.cross_entropy(
                         logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
                     )
                     grads.append(torch.autograd.grad(loss, h)[0])
-        finally:
-            for i, layer in enumerate(real):
-                layers[i] = layer
         del hidden
         for i in reversed(range(len(layers))):
             store.enter(i)

@@ -23,7 +23,7 @@ def streamed_perplexity(
     folder: str | Path, windows: torch.Tensor, batch_size: int = 4, progress: bool = True, dtype=torch.float32
 ) -> dict:
     """:func:`compress.eval.perplexity.perplexity` of the checkpoint in ``folder``, streamed layer by layer."""
-    from ..activations import LayerStub, capture_layer0_inputs, layer_kinds, run_layer
+    from ..activations import capture_layer0_inputs, layer_kinds, run_layer, stubbed_layers
     from ..streaming import StreamedModel
 
     check_windows(windows, batch_size)
@@ -32,26 +32,21 @@ def streamed_perplexity(
     stream.materialise(skip_layers=True)
     kinds = layer_kinds(model, layers)
     mine = shard(windows).to(dtype=torch.long)
-    real = list(layers)
     try:
         with torch.inference_mode():
             hidden, kwargs = capture_layer0_inputs(model, layers, mine, batch_size)
             for i in progress_iter(range(len(layers)), "perplexity: layers", progress, total=len(layers)):
                 prefix = f"{stream.layers_name}.{i}"
                 stream.materialise(prefix)
-                hidden = [run_layer(real[i], x, kw) for x, kw in zip(hidden, kwargs[kinds[i]])]
+                hidden = [run_layer(layers[i], x, kw) for x, kw in zip(hidden, kwargs[kinds[i]])]
                 stream.release(prefix)
-            # the model's own tail (final norm, head, soft-capping) on the last layer's outputs
-            for i in range(len(layers)):
-                layers[i] = LayerStub()
             total = 0.0
-            for b, ids in enumerate(mine.split(batch_size)):
-                layers[0].replay = hidden[b]
-                ids = ids.to(stream.device)
-                total += nll_sum(model(input_ids=ids, use_cache=False).logits, ids)
-                hidden[b] = None
+            with stubbed_layers(layers) as stubs:  # the model's own tail (final norm, head, soft-capping)
+                for b, ids in enumerate(mine.split(batch_size)):
+                    stubs[0].replay = hidden[b]
+                    ids = ids.to(stream.device)
+                    total += nll_sum(model(input_ids=ids, use_cache=False).logits, ids)
+                    hidden[b] = None
     finally:
-        for i, layer in enumerate(real):
-            layers[i] = layer
         stream.close()
     return {**summarise_nll(total, windows), "path": "streamed"}
