@@ -149,7 +149,7 @@ class CheckpointWriter:
             if name in self.weight_map or key in seen:
                 continue
             seen.add(key)
-            value = tensor.detach().to(self.dtype) if tensor.is_floating_point() else tensor.detach()
+            value = tensor.detach().to("cpu", self.dtype if tensor.is_floating_point() else tensor.dtype)
             out[name] = value.contiguous()
         if not out:
             return
