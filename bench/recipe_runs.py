@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from cells import load_cells, save_cells
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,6 +138,7 @@ def run_recipe(recipe: str, model: str, tag: str, threads: int, overrides: list[
         "run_wall_s": wall,
         "exit_code": proc.returncode,
         "folder": str(out.relative_to(ROOT)),
+        "tensors_sha256": tensors_sha256(out / "model"),
         **cell_from_report(report, manifest),
     }
 
@@ -295,12 +297,12 @@ def findings(cells: dict) -> list[str]:
 
 def elastic_table(cells: dict) -> list[str]:
     """The elastic run scored at each budget (compress.set_budget inside the run) beside the fresh compressions
-    at the same budget that exist (lowrank-20 itself at 20 %, bench/elastic.py's fresh-* runs)."""
+    at the same budget (lowrank-20 itself at 20 %, bench/elastic.py's fresh-* runs) and the first design's run."""
     elastic = cells.get("lowrank-elastic@smollm2-135m#elastic")
     if not elastic or not elastic.get("budgets"):
         return []
-    healed = cells.get("lowrank-elastic-healed@smollm2-135m#elastic-sum") or {}
-    healed_at = {e["requested_reduction"]: e["perplexity"] for e in healed.get("budgets") or []}
+    before = cells.get("lowrank-elastic@smollm2-135m#elastic-factors-only") or {}
+    before_at = {e["requested_reduction"]: e["perplexity"] for e in before.get("budgets") or []}
     rows = []
     for entry in elastic["budgets"]:
         budget = entry["requested_reduction"]
@@ -310,33 +312,24 @@ def elastic_table(cells: dict) -> list[str]:
         versus = f"{ppl / fresh_ppl - 1:+.1%}" if fresh_ppl else "-"
         rows.append(
             f"| {budget:.0%} ({entry['reduction']:.1%}) | {_fmt(ppl)} | {_fmt(fresh_ppl)} | {versus} | "
-            f"{_fmt(healed_at.get(budget))} |"
+            f"{_fmt(before_at.get(budget))} |"
         )
     return [
         "## Elastic rank: one run, every budget (lowrank-elastic)",
         "",
-        "`recipes/lowrank-elastic.yaml` (lowrank-20's settings, factors and loss curves stored for 10-50 %) scored "
-        "at each budget by `eval.budgets` in the same run (held-out Wikipedia, 32 windows), beside a fresh "
-        "`lowrank-20`-style compression at that budget where one was run (bench/elastic.py runs the others).",
+        "`recipes/lowrank-elastic.yaml` (lowrank-20's settings, factors, dense weights and loss curves stored for "
+        "10-50 %) scored at each budget by `eval.budgets` in the same run (held-out Wikipedia, 32 windows), beside "
+        "a fresh `lowrank-20`-style compression at that budget. `before`: the first elastic design, which stored "
+        "every matrix as factors only (every budget truncated every matrix). bench/results/elastic.md has the "
+        "resizes, sizes, switching latency and healing.",
         "",
-        "The last column: `recipes/lowrank-elastic-healed.yaml` (the same compression, then 96 steps of healing "
-        "with the loss of 20, 30 and 40 % averaged each step, Starbucks' rule; peak RSS "
-        f"{healed.get('peak_rss_bytes', 0) / 2**30:.1f} GiB). For comparison, lowrank-40's recipe (a "
-        "plain-whitening compression healed at 40 % alone, the same steps and tokens) gives 55.89 at 40 %.",
-        "",
-        "| budget (achieved) | elastic ppl | fresh ppl | elastic vs fresh | elastic, healed (sum) |",
+        "| budget (achieved) | elastic ppl | fresh ppl | elastic vs fresh | before: factors only |",
         "|---|---|---|---|---|",
         *rows,
         "",
-        f"Why the elastic model is far behind the fresh compression: lowrank-20's allocation factorises "
-        f"{_lrc(cells, 'lowrank-20@smollm2-135m#v0.2')} of the 210 matrices and leaves the rest dense, which an "
-        f"elastic checkpoint cannot serve: it stores every matrix as factors of at most its break-even rank "
-        f"({_lrc(cells, 'lowrank-elastic@smollm2-135m#elastic')} factorised), so every budget, even 10 %, "
-        "truncates every matrix. Serving the matrices the allocation keeps dense would need them stored in full "
-        "beside the factors (a checkpoint larger than the dense model's) or a different allocation rule for "
-        "elastic models. Checkpoint: "
-        f"{elastic['bytes_after'] / 1e6:.1f} MB against lowrank-20's "
-        f"{cells.get('lowrank-20@smollm2-135m#v0.2', {}).get('bytes_after', float('nan')) / 1e6:.1f} MB.",
+        f"Checkpoint: {elastic['bytes_after'] / 1e6:.1f} MB (before: {before.get('bytes_after', 0) / 1e6:.1f} MB; "
+        f"lowrank-20: {cells.get('lowrank-20@smollm2-135m#v0.2', {}).get('bytes_after', float('nan')) / 1e6:.1f} "
+        "MB): the matrices the 10 % budget keeps dense store their dense weight beside their factors.",
         "",
     ]
 
@@ -360,17 +353,33 @@ NOTES = {
 }
 
 
+def streaming_note(cells: dict) -> list[str]:
+    """lowrank-20 streamed layer by layer against the same recipe loaded whole: memory and time."""
+    whole, streamed = cells.get("lowrank-20@smollm2-135m#v0.2"), cells.get("lowrank-20@smollm2-135m#v0.4-streamed")
+    if not whole or not streamed:
+        return []
+    gib = lambda cell: cell["stages"][0]["peak_rss_bytes"] / 2**30  # noqa: E731
+    return [
+        f"lowrank-20 v0.4-streamed: `compress run` read the model one decoder layer at a time (report.json "
+        f"`path: streamed`). Peak RSS by the end of compression: {gib(streamed):.2f} GiB against {gib(whole):.2f} "
+        f"GiB loaded whole (v0.2); compression {streamed['compression_wall_s']:.0f} s against "
+        f"{whole['compression_wall_s']:.0f} s. The whole process peaks at {streamed['peak_rss_bytes'] / 2**30:.2f} "
+        "GiB during the evaluation (lm-eval tasks load the compressed checkpoint, the dense baseline the dense "
+        "model). The weights are bit-identical to v0.1's (tensor digest)."
+    ]
+
+
 def notes(cells: dict) -> list[str]:
     present = {f"{c['recipe']}@{c['model']}" for c in cells.values()}
-    found = [text for key, text in NOTES.items() if key in present]
+    found = [text for key, text in NOTES.items() if key in present] + streaming_note(cells)
     return ["## Notes", "", *(f"- {text}" for text in found), ""] if found else []
 
 
 def compare_tags(cells: dict) -> list[str]:
     """Runs of the same recipe and model under different tags: same perplexity? bit-identical weights?"""
     groups: dict[tuple, list[dict]] = {}
-    for c in cells.values():
-        groups.setdefault((c["recipe"], c["model"]), []).append(c)
+    for c in cells.values():  # runs with recipe changes (--set) are other recipes
+        groups.setdefault((c["recipe"], c["model"], tuple(c.get("overrides") or ())), []).append(c)
     pairs = [sorted(g, key=lambda c: c["date"] + c["tag"]) for g in groups.values() if len(g) > 1]
     if not pairs:
         return []
@@ -383,13 +392,40 @@ def compare_tags(cells: dict) -> list[str]:
     for group in sorted(pairs, key=lambda g: g[0]["recipe"]):
         first = group[0]
         for other in group[1:]:
-            same = other["weights_sha256"] == first["weights_sha256"]
+            same = _same_weights(first, other)
             lines.append(
                 f"| {first['recipe']} | {first['model']} | {first['tag']} -> {other['tag']} | "
                 f"{_fmt(first['perplexity'], 6)} -> {_fmt(other['perplexity'], 6)} | "
                 f"{'bit-identical' if same else 'differ'} |"
             )
     return lines + [""]
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    """Bit-identical weights: the same tensor digest (whatever the shard layout), else the same files."""
+    if a.get("tensors_sha256") and b.get("tensors_sha256"):
+        return a["tensors_sha256"] == b["tensors_sha256"]
+    return a["weights_sha256"] == b["weights_sha256"]
+
+
+def tensors_sha256(model_folder: Path) -> str:
+    """One sha256 over every tensor of a checkpoint (name, dtype, shape, bytes; sorted by name): equal for the
+    same weights however they are sharded."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    files = {}
+    for path in sorted(model_folder.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as handle:
+            files.update(dict.fromkeys(handle.keys(), path))
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        with safe_open(files[name], framework="pt") as handle:
+            tensor = handle.get_tensor(name)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}:".encode())
+        digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def merge(roots: list[Path]) -> dict:
@@ -404,6 +440,8 @@ def merge(roots: list[Path]) -> dict:
             report = json.loads((folder / "report.json").read_text())
             manifest = json.loads((folder / "model" / "compress_manifest.json").read_text())
             cells[key] = {**cell, **cell_from_report(report, manifest)}
+            if not cells[key].get("tensors_sha256") and (folder / "model").is_dir():
+                cells[key]["tensors_sha256"] = tensors_sha256(folder / "model")
     return cells
 
 
