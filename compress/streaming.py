@@ -60,15 +60,6 @@ class StreamedModel:
             self.model.config.quantization_config = section
         self.files = tensor_files(self.folder)
         self.layers_name, self.layers = _layer_stack(self.model)
-        self._handles: dict[Path, object] = {}
-
-    def _tensor(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        path = self.files[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt")
-        return self._handles[path].get_tensor(name)
 
     def tensors(self, prefix: str) -> list[tuple[str, torch.Tensor]]:
         """(full name, tensor) of every parameter and persistent buffer under ``prefix`` ("" = the whole model)."""
@@ -79,8 +70,10 @@ class StreamedModel:
     def materialise(self, prefix: str = "", skip_layers: bool = False) -> None:
         """Read every tensor under ``prefix`` from the shards (``skip_layers``: not those of the decoder layers)."""
         from accelerate.utils import set_module_tensor_to_device
+        from safetensors import safe_open
 
         inside = f"{self.layers_name}."
+        wanted: dict[Path, list[str]] = {}
         for name, tensor in self.tensors(prefix):
             if tensor.device.type != "meta" or (skip_layers and name.startswith(inside)):
                 continue
@@ -88,9 +81,14 @@ class StreamedModel:
                 if self._tied(name):
                     continue
                 raise CompressError(f"cannot stream {self.folder}: tensor {name} is not in its shards")
-            value = self._tensor(name)
-            dtype = self.dtype if value.is_floating_point() else None
-            set_module_tensor_to_device(self.model, name, self.device, value=value, dtype=dtype)
+            wanted.setdefault(self.files[name], []).append(name)
+        # each shard opened only while it is read: a mapped file's touched pages count as this process's memory
+        for path, names in wanted.items():
+            with safe_open(path, framework="pt") as shard:
+                for name in names:
+                    value = shard.get_tensor(name)
+                    dtype = self.dtype if value.is_floating_point() else None
+                    set_module_tensor_to_device(self.model, name, self.device, value=value, dtype=dtype)
         if not prefix or not prefix.startswith(inside):
             self._tie()
 
@@ -115,9 +113,6 @@ class StreamedModel:
         head, embedding = self.model.get_output_embeddings(), self.model.get_input_embeddings()
         if head is not None and self._tied(self._name_of(head) + ".weight") and hasattr(embedding, "weight"):
             head.weight = embedding.weight
-
-    def close(self) -> None:
-        self._handles.clear()
 
 
 def _layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -32,21 +32,18 @@ def streamed_perplexity(
     stream.materialise(skip_layers=True)
     kinds = layer_kinds(model, layers)
     mine = shard(windows).to(dtype=torch.long)
-    try:
-        with torch.inference_mode():
-            hidden, kwargs = capture_layer0_inputs(model, layers, mine, batch_size)
-            for i in progress_iter(range(len(layers)), "perplexity: layers", progress, total=len(layers)):
-                prefix = f"{stream.layers_name}.{i}"
-                stream.materialise(prefix)
-                hidden = [run_layer(layers[i], x, kw) for x, kw in zip(hidden, kwargs[kinds[i]])]
-                stream.release(prefix)
-            total = 0.0
-            with stubbed_layers(layers) as stubs:  # the model's own tail (final norm, head, soft-capping)
-                for b, ids in enumerate(mine.split(batch_size)):
-                    stubs[0].replay = hidden[b]
-                    ids = ids.to(stream.device)
-                    total += nll_sum(model(input_ids=ids, use_cache=False).logits, ids)
-                    hidden[b] = None
-    finally:
-        stream.close()
+    with torch.inference_mode():
+        hidden, kwargs = capture_layer0_inputs(model, layers, mine, batch_size)
+        for i in progress_iter(range(len(layers)), "perplexity: layers", progress, total=len(layers)):
+            prefix = f"{stream.layers_name}.{i}"
+            stream.materialise(prefix)
+            hidden = [run_layer(layers[i], x, kw) for x, kw in zip(hidden, kwargs[kinds[i]])]
+            stream.release(prefix)
+        total = 0.0
+        with stubbed_layers(layers) as stubs:  # the model's own tail (final norm, head, soft-capping)
+            for b, ids in enumerate(mine.split(batch_size)):
+                stubs[0].replay = hidden[b]
+                ids = ids.to(stream.device)
+                total += nll_sum(model(input_ids=ids, use_cache=False).logits, ids)
+                hidden[b] = None
     return {**summarise_nll(total, windows), "path": "streamed"}
