@@ -248,6 +248,7 @@ def render(data: dict) -> str:
         for label, tag in (
             ("elastic, summed loss (Starbucks)", "elastic-sum"),
             ("elastic, sampled budget (Maestro)", "elastic-sample"),
+            ("before: factors only, summed loss", "elastic-sum-factors-only"),
         )
     ]
     separate = {b: cells.get(key_of("lowrank-20", MODEL, f"fresh-{b:g}-healed")) for b in HEALED}
