@@ -99,6 +99,8 @@ def _apply_layers(model: nn.Module, method: Method, config, ctx: StageContext, w
         replacement = method.apply(name, module, config, plan.decisions[name], stats)
         rows[name].update(replacement.info)
         replace_module(model, name, replacement.module)
+        if replacement.module is not module:  # the replaced module stays referenced by `chosen`: free its weights
+            module.to("meta")
         made.append(name)
         if store is not None:
             store.record(name, replacement.module, replacement.info)
