@@ -242,20 +242,16 @@ def capture_layer0_inputs(
     for i, kind in enumerate(kinds):
         first_of.setdefault(kind, i)
     records: dict = {kind: [] for kind in first_of}
-    real = list(layers)
-    for i, kind in enumerate(kinds):
-        layers[i] = LayerStub(records[kind] if first_of[kind] == i else None, stop=i == max(first_of.values()))
     device = _device(model)
-    try:
-        with torch.no_grad():
-            for batch in windows.split(batch_size):
-                try:
-                    model(input_ids=batch.to(device), use_cache=False)
-                except _StopForward:
-                    pass
-    finally:
-        for i, layer in enumerate(real):
-            layers[i] = layer
+    with stubbed_layers(layers) as stubs, torch.no_grad():
+        for i, kind in enumerate(kinds):
+            stubs[i].record = records[kind] if first_of[kind] == i else None
+            stubs[i].stop = i == max(first_of.values())
+        for batch in windows.split(batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
     batches = len(windows.split(batch_size))
     if any(len(calls) != batches for calls in records.values()):
         raise CompressError("could not capture the inputs of decoder layer 0 (was it called?)")
