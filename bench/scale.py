@@ -185,6 +185,7 @@ def run_row(model: str, in_memory: bool, threads: int) -> dict:
         "run_s": time.perf_counter() - start,
         "layers": calibration["layers"],
         "seconds_per_layer": calibration["layer_seconds_total"] / calibration["layers"],
+        "phase_seconds": calibration.get("phase_seconds", {}),
         "targeted_params_per_layer": layer_params,
         "perplexity": report["eval_compressed"]["perplexity"]["perplexity"],
         "eval_path": report["eval_compressed"]["perplexity"]["path"],
@@ -230,6 +231,23 @@ def render(rows: list[dict]) -> str:
             f"Seconds per layer against the layer's targeted parameters (streamed rows, least squares): "
             f"{slope * 1e6:.3f} s per million parameters + {intercept:.2f} s.",
         ]
+    profiled = [r for r in rows if r.get("phase_seconds")]
+    if profiled:
+        phases = ["read", "forward", "statistics", "factorise", "write"]
+        lines += [
+            "",
+            "Where the layer time goes (the engine's per-phase wall time, % of the layers' total): read = a "
+            "streamed layer from the shards, forward = the layer's passes over the windows, statistics = the "
+            "input covariances' accumulation (float64), factorise = the whitening Cholesky, product and SVD, "
+            "write = the layer's output shard.",
+            "",
+            "| model | path | " + " | ".join(phases) + " |",
+            "|---|---|" + "---|" * len(phases),
+        ]
+        for r in profiled:
+            total = r["seconds_per_layer"] * r["layers"]
+            shares = [f"{100 * r['phase_seconds'].get(p, 0.0) / total:.1f} %" for p in phases]
+            lines.append(f"| {r['model']} | {r['path']} | " + " | ".join(shares) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -108,6 +108,7 @@ class _Collector:
         self.stash: dict[str, torch.Tensor] = {}
         self._seen: list[tuple[torch.Tensor, str]] = []  # inputs seen in this layer call (held alive)
         self._handles = []
+        self.statistics_seconds = 0.0  # time inside the accumulations (the rest of a pass is the forward)
 
     def __enter__(self):
         for name, module in self.modules.items():
@@ -154,7 +155,9 @@ class _Collector:
                 dense = self.stash.get(name)
                 if (self.want_cross or self.want_dense_cov) and dense is None:
                     dense = x  # no dense stream (non-sequential): the dense input is the current one
+                start = _clock()
                 self.stats[name].add_current(x, dense)
+                self.statistics_seconds += _clock() - start
             self._stop_here(name)
             return None
 
@@ -302,6 +305,29 @@ class EngineReport:
     tokens: int = 0
     passes: int = 0
     layer_seconds: list = field(default_factory=list)
+    # where the layer time goes: read (a streamed layer from disk), forward (the layer's passes over the
+    # windows), statistics (the hooks' accumulations), factorise (the method's on_layer), train, write
+    phase_seconds: dict = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        start = _clock()
+        try:
+            yield
+        finally:
+            self.add_time(phase, _clock() - start)
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + seconds
+
+
+def _clock() -> float:
+    """Wall time after the device's queued work (CUDA kernels run asynchronously)."""
+    import time
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 class _IOCollector:
@@ -415,22 +441,26 @@ def calibrate_sequentially(
         for i in progress_iter(range(first, last + 1), description, progress, total=last + 1 - first):
             start = time.perf_counter()
             if store is not None:
-                store.enter(i)
+                with report.timed("read"):
+                    store.enter(i)
             layer = layers[i]
             kwargs_list = kwargs_by_kind[kinds[i]]
             targeted = by_layer.get(i)
             if targeted is None:  # nothing to compress here: just carry the stream(s) forward
                 if i < last_targeted:
-                    current = [run_layer(layer, h, kw) for h, kw in zip(current, kwargs_list)]
-                    if dense is not None:
-                        dense = [run_layer(layer, h, kw) for h, kw in zip(dense, kwargs_list)]
+                    with report.timed("forward"):
+                        current = [run_layer(layer, h, kw) for h, kw in zip(current, kwargs_list)]
+                        if dense is not None:
+                            dense = [run_layer(layer, h, kw) for h, kw in zip(dense, kwargs_list)]
                 if store is not None:
-                    store.leave(i, (current, dense))
+                    with report.timed("write"):
+                        store.leave(i, (current, dense))
                 continue
             targets = None
             if sublayer:
                 if train_layer is not None:  # the dense layer's outputs, before any group is replaced
-                    targets = [run_layer(layer, h, kw) for h, kw in zip(current, kwargs_list)]
+                    with report.timed("forward"):
+                        targets = [run_layer(layer, h, kw) for h, kw in zip(current, kwargs_list)]
                 groups = call_groups(layer, targeted, current[0], kwargs_list[0])
                 # the dense stream needs the layer as it was, while its groups are being replaced
                 dense_layer = copy.deepcopy(layer) if dense is not None else None
@@ -456,31 +486,36 @@ def calibrate_sequentially(
                         dense_modules=dense_modules,
                         stop_after=group[-1],
                     )
-                    on_layer(i, {name: targeted[name] for name in group}, stats)
+                    with report.timed("factorise"):
+                        on_layer(i, {name: targeted[name] for name in group}, stats)
                 if train_layer is not None:
-                    with torch.enable_grad():
+                    with torch.enable_grad(), report.timed("train"):
                         train_layer(i, layer, current, targets, kwargs_list[0])
-                current = [run_layer(layer, h, kw) for h, kw in zip(current, kwargs_list)]
-                if dense is not None:
-                    dense = [run_layer(dense_layer, h, kw) for h, kw in zip(dense, kwargs_list)]
-                    del dense_layer
+                with report.timed("forward"):
+                    current = [run_layer(layer, h, kw) for h, kw in zip(current, kwargs_list)]
+                    if dense is not None:
+                        dense = [run_layer(dense_layer, h, kw) for h, kw in zip(dense, kwargs_list)]
+                del dense_layer
             else:
                 stats, outputs, next_dense = _collect(
                     i, layer, targeted, current, dense, kwargs_list, statistics, cross, dense_cov, report
                 )
-                on_layer(i, targeted, stats)
+                with report.timed("factorise"):
+                    on_layer(i, targeted, stats)
                 del stats
                 if train_layer is not None:
-                    with torch.enable_grad():
+                    with torch.enable_grad(), report.timed("train"):
                         train_layer(i, layer, current, outputs, kwargs_list[0])
                 if sequential:
-                    current = [run_layer(layer, h, kw) for h, kw in zip(current, kwargs_list)]
+                    with report.timed("forward"):
+                        current = [run_layer(layer, h, kw) for h, kw in zip(current, kwargs_list)]
                     if dense is not None:
                         dense = next_dense
                 else:
                     current = outputs  # the dense outputs (computed before compression)
             if store is not None:
-                store.leave(i, (current, dense))
+                with report.timed("write"):
+                    store.leave(i, (current, dense))
             report.layers_calibrated += 1
             report.layer_seconds.append(time.perf_counter() - start)
     model.train(was_training)
@@ -506,7 +541,8 @@ def _collect(
     """One pass of the layer over every batch with hooks on ``targeted``: their normalised input
     statistics, and (without ``stop_after``) the layer's outputs on both streams."""
     if statistics == "none":
-        outputs = [_run_until_stop(layer, h, kw) for h, kw in zip(current, kwargs_list)]
+        with report.timed("forward"):
+            outputs = [_run_until_stop(layer, h, kw) for h, kw in zip(current, kwargs_list)]
         report.passes += len(kwargs_list)
         return {name: None for name in targeted}, outputs, []
     if statistics == "io":
@@ -516,6 +552,7 @@ def _collect(
             targeted, want_cross=cross, want_dense_cov=dense_cov, dense_modules=dense_modules, stop_after=stop_after
         )
     outputs, next_dense = [], []
+    start = _clock()
     with collector:
         for b, kw in enumerate(kwargs_list):
             if dense is not None:
@@ -527,6 +564,9 @@ def _collect(
             outputs.append(_run_until_stop(layer, current[b], kw))
             collector.stash.clear()
             report.passes += 1
+    statistics_seconds = getattr(collector, "statistics_seconds", 0.0)
+    report.add_time("statistics", statistics_seconds)
+    report.add_time("forward", _clock() - start - statistics_seconds)
     if statistics == "io":
         stats = collector.results()
     else:

@@ -160,6 +160,7 @@ def _apply_layers(model: nn.Module, method: Method, config, ctx: StageContext, w
             "layers": report.layers_calibrated,
             "tokens": report.tokens,
             "layer_seconds_total": sum(report.layer_seconds),
+            "phase_seconds": {phase: round(t, 3) for phase, t in report.phase_seconds.items()},
         }
         if layer_reports:
             result.summary["training"] = _layer_training_summary(layer_training, layer_reports)

@@ -182,6 +182,12 @@ def test_backends_through_the_pipeline(backend, extra):
     assert 0.3 <= result.summary["achieved_reduction"] < 0.33
     for p in model.parameters():
         assert torch.isfinite(p).all()
+    # the profile accounts for the layer time: passes, accumulations and factorisations, nothing twice
+    calibration = result.summary["calibration"]
+    phases = calibration["phase_seconds"]
+    assert {"forward", "statistics", "factorise"} <= phases.keys() and min(phases.values()) >= 0
+    assert sum(phases.values()) <= calibration["layer_seconds_total"] * 1.01 + 0.01
+    assert sum(phases.values()) >= calibration["layer_seconds_total"] * 0.5
 
 
 def test_activation_aware_beats_plain_svd_on_calibration_loss():
