@@ -406,7 +406,7 @@ def calibrate_sequentially(
     replaced, with the layer's inputs per batch and the dense layer's outputs on them as targets.
     ``store`` (a streamed model, :class:`compress.streaming.StreamedLayers`): every layer is walked, read by
     ``store.enter(i)`` before it is used and handed to ``store.leave(i, streams)`` once final, with the streams
-    entering the next layer; a resumed store (``store.layers_done``, ``store.streams``) starts after its
+    entering the next layer; a resumed store (``store.layers_done``, ``store.resumed_streams``) starts after its
     finished layers, from the streams it saved.
     """
     import copy
@@ -437,7 +437,7 @@ def calibrate_sequentially(
         dense = list(current) if two_streams else None
         first = getattr(store, "layers_done", 0)
         if first:  # a resumed run: the streams as they entered its first unfinished layer
-            current, dense = store.streams
+            current, dense = store.resumed_streams(current, with_dense=dense is not None)
         for i in progress_iter(range(first, last + 1), description, progress, total=last + 1 - first):
             start = time.perf_counter()
             if store is not None:

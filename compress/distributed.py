@@ -40,7 +40,9 @@ def device() -> torch.device:
     if torch.distributed.is_initialized():
         from accelerate import PartialState
 
-        return PartialState().device
+        here = PartialState().device
+        # "cpu:0": a tensor moved there from "cpu" is copied, and a copied Parameter comes back a plain Tensor
+        return torch.device("cpu") if here.type == "cpu" else here
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -86,3 +88,24 @@ def sum_number(value: float) -> float:
     if world_size() == 1:
         return value
     return float(sum_(torch.tensor([value], dtype=torch.float64)).item())
+
+
+def barrier() -> None:
+    """Wait until every process gets here (e.g. until the main one has written what the others read)."""
+    if world_size() > 1:
+        torch.distributed.barrier()
+
+
+def gather_shares(share: torch.Tensor) -> torch.Tensor | None:
+    """Every process's :func:`shard` of some windows' tensor (``[n_rank, ...]``), reassembled on the main process
+    in window order (None on the others); with one process, ``share`` itself."""
+    if world_size() == 1:
+        return share
+    parts = [None] * world_size() if is_main() else None
+    torch.distributed.gather_object(share.cpu(), parts, dst=0)
+    if not is_main():
+        return None
+    whole = share.new_empty((sum(len(p) for p in parts), *share.shape[1:]), device="cpu")
+    for r, part in enumerate(parts):
+        whole[r :: world_size()] = part
+    return whole

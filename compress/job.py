@@ -71,30 +71,59 @@ def _finish_steps(folder: Path, out: Path, report: dict, steps: list[tuple[str, 
             ) from exc
 
 
-def _follow(recipe, model_id: str, device: str) -> None:
+def _follow(recipe, model_id: str, device: str, out: Path, streamed: bool, resume: bool) -> None:
     """A non-main process of a multi-process run: the same compression and evaluations in lockstep with the
-    main process (every statistic and perplexity sum is all-reduced), nothing written, no lm-eval tasks."""
+    main process (every statistic and perplexity sum is all-reduced), nothing written, no lm-eval tasks.
+    Streamed, it walks the layers on its share of the windows and, once the main process has written the
+    checkpoint, scores that checkpoint as the main process does."""
     from .api import compress
-    from .models import load_model
+    from .models import load_folder, load_model
     from .scoring import evaluate
 
-    loaded = load_model(model_id)
-    model = compress(loaded.model.to(device), recipe, tokenizer=loaded.tokenizer, progress=False, source=loaded.source)
-    del loaded
-    evaluate(model, model.compression.tokenizer, recipe.eval, progress=False)
+    dense_eval = recipe.eval.model_copy(update={"budgets": None})
+    if not streamed:
+        loaded = load_model(model_id)
+        model = compress(
+            loaded.model.to(device), recipe, tokenizer=loaded.tokenizer, progress=False, source=loaded.source
+        )
+        del loaded
+        evaluate(model, model.compression.tokenizer, recipe.eval, progress=False)
+        if recipe.eval.compare_dense:
+            model = None
+            dense = load_model(model_id)
+            evaluate(dense.model.to(device), dense.tokenizer, dense_eval, False)
+        return
+
+    from .streaming import StreamedLayers
+
+    loaded = open_streamed(model_id, device)
+    state = StagedFolder.partial_path(out) / ".resume" / "state.pt"
+    store = StreamedLayers(loaded.stream, None, state=state, key=resume_key(recipe, loaded.folder), resume=resume)
+    model = compress(
+        loaded.model, recipe, tokenizer=loaded.tokenizer, progress=False, source=loaded.source, layer_store=store
+    )
+    tokenizer, source_folder = model.compression.tokenizer, loaded.folder
+    del loaded, model, store
+    distributed.barrier()  # the main process has written the checkpoint
+    written = StagedFolder.partial_path(out) / "model"
+    target = written if streamed_eval(recipe.eval) else load_folder(written)[0].to(device)
+    evaluate(target, tokenizer, recipe.eval, progress=False)
+    target = None
     if recipe.eval.compare_dense:
-        model = None
-        dense = load_model(model_id)
-        evaluate(dense.model.to(device), dense.tokenizer, recipe.eval.model_copy(update={"budgets": None}), False)
+        if streamed_eval(dense_eval):
+            evaluate(source_folder, tokenizer, dense_eval, False)
+        else:
+            dense = load_model(model_id)
+            evaluate(dense.model.to(device), dense.tokenizer, dense_eval, False)
 
 
 def streamable(recipe) -> bool:
-    """Whether `compress run` streams the model layer by layer (never whole in memory): one process, and one
-    stage whose method streams (``Method.streams``); otherwise the model is loaded whole. A .gguf source streams
-    from its de-quantised copy in the cache."""
+    """Whether `compress run` streams the model layer by layer (never whole in memory): one stage whose method
+    streams (``Method.streams``), in one process or several; otherwise the model is loaded whole. A .gguf
+    source streams from its de-quantised copy in the cache."""
     from .registry import get_method
 
-    if distributed.world_size() > 1 or len(recipe.stages) != 1:
+    if len(recipe.stages) != 1:
         return False
     stage = recipe.stages[0]
     method = get_method(stage.method)
@@ -197,10 +226,10 @@ def run_job(
             raise CompressError(f"output.push_to_hub is set but {exc}; the run was not started") from None
     if device == "auto":
         device = str(distributed.device())
-    if not distributed.is_main():  # the other processes of a launch: compute their share, write nothing
-        return _follow(recipe, model_id, device)
-
     streamed = stream and streamable(recipe)
+    if not distributed.is_main():  # the other processes of a launch: compute their share, write nothing
+        return _follow(recipe, model_id, device, out, streamed, resume)
+
     echo(f"{'opening' if streamed else 'loading'} {model_id} ...")
     loaded = open_streamed(model_id, device) if streamed else load_model(model_id)
     model, tokenizer = (loaded.model if streamed else loaded.model.to(device)), loaded.tokenizer
@@ -218,13 +247,14 @@ def run_job(
             dtype = getattr(torch, output_dtype(recipe, loaded.source))
             key = resume_key(recipe, loaded.folder)
             writer = CheckpointWriter(tmp / "model", dtype)
-            store = StreamedLayers(loaded.stream, writer, state=state, key=key)
+            store = StreamedLayers(loaded.stream, writer, state=state, key=key, resume=resume)
             if store.layers_done:
                 echo(f"resuming after {store.layers_done} finished layer(s)")
         model = compress(model, recipe, tokenizer=tokenizer, progress=progress, source=loaded.source, layer_store=store)
         info = model.compression
         if streamed:
             save_streamed(model, store, tmp / "model")
+            distributed.barrier()  # the other processes score the written checkpoint with this one
         else:
             save(model, tmp / "model")
         (tmp / "recipe.yaml").write_text(recipe_to_yaml(recipe))

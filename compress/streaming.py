@@ -169,23 +169,47 @@ class StreamedLayers:
 
     With a ``state`` file, what a resumed run needs is saved after every layer (atomically): the layers done,
     the shards written, each replaced module's spec and report row, and the calibration streams entering the
-    next layer. A store opened on an existing state continues from it (``layers_done`` > 0); a state written
-    for another recipe or source (``key``) is refused.
+    next layer (every window's, in window order: a run resumes with any number of processes). With ``resume``
+    a saved state is continued (``layers_done`` > 0); one written for another recipe or source (``key``) is
+    refused. Under a launch of several processes every process walks the layers on its share of the windows;
+    only the main one has a ``writer`` (None elsewhere) and saves the state, the streams gathered into it.
     """
 
-    def __init__(self, stream: StreamedModel, writer: CheckpointWriter, state: Path | None = None, key: str = ""):
+    def __init__(
+        self,
+        stream: StreamedModel,
+        writer: CheckpointWriter | None,
+        state: Path | None = None,
+        key: str = "",
+        resume: bool = False,
+    ):
         self.stream, self.writer, self.state, self.key = stream, writer, state, key
-        self.layers_done, self.streams = 0, None
+        self.layers_done, self._saved_streams = 0, None
         self.done: dict[str, dict] = {}  # module name -> {"spec", "info"} of the finished layers
-        if state is not None and state.is_file():
-            saved = torch.load(state, weights_only=True)
+        if resume and state is not None and state.is_file():
+            saved = torch.load(state, weights_only=True, map_location="cpu")
             if saved["key"] != key:
                 raise CompressError(
                     f"the unfinished run in {state.parent.parent} was started with another recipe or source; "
                     "run without --resume to start over"
                 )
-            self.layers_done, self.streams, self.done = saved["layers_done"], saved["streams"], saved["done"]
-            self.writer.weight_map, self.writer.total_size = saved["weight_map"], saved["total_size"]
+            self.layers_done, self._saved_streams, self.done = saved["layers_done"], saved["streams"], saved["done"]
+            if writer is not None:
+                writer.weight_map, writer.total_size = saved["weight_map"], saved["total_size"]
+
+    def resumed_streams(self, captured: list[torch.Tensor], with_dense: bool):
+        """The saved streams entering the first unfinished layer, as this process's share of the windows split
+        into batches like ``captured`` (its freshly captured layer-0 inputs): ``(current, dense or None)``."""
+        from .distributed import shard
+
+        sizes = [len(batch) for batch in captured]
+        like = captured[0]
+
+        def split(whole):
+            return list(shard(whole).to(like.device, like.dtype).split(sizes))
+
+        current, dense = self._saved_streams
+        return split(current), (split(dense) if with_dense else None)
 
     def enter(self, index: int) -> None:
         self.stream.materialise(f"{self.stream.layers_name}.{index}")
@@ -195,23 +219,32 @@ class StreamedLayers:
         self.done[name] = {"spec": module.spec(), "info": dict(info)}
 
     def leave(self, index: int, streams=None) -> None:
+        from .distributed import gather_shares
+
         prefix = f"{self.stream.layers_name}.{index}"
-        self.writer.write(dict(self.stream.tensors(prefix)))
+        if self.writer is not None:
+            self.writer.write(dict(self.stream.tensors(prefix)))
         self.stream.release(prefix)
-        self.layers_done, self.streams = index + 1, streams
-        if self.state is not None:
-            self.state.parent.mkdir(parents=True, exist_ok=True)
-            saved = {
-                "key": self.key,
-                "layers_done": self.layers_done,
-                "streams": streams,
-                "done": self.done,
-                "weight_map": self.writer.weight_map,
-                "total_size": self.writer.total_size,
-            }
-            tmp = self.state.with_suffix(".tmp")
-            torch.save(saved, tmp)
-            tmp.replace(self.state)
+        self.layers_done = index + 1
+        if self.state is None:
+            return
+        current, dense = streams if streams is not None else (None, None)
+        # every process takes part in the gathers; the main one saves
+        whole = [None if s is None else gather_shares(torch.cat(s)) for s in (current, dense)]
+        if self.writer is None:
+            return
+        self.state.parent.mkdir(parents=True, exist_ok=True)
+        saved = {
+            "key": self.key,
+            "layers_done": self.layers_done,
+            "streams": whole,
+            "done": self.done,
+            "weight_map": self.writer.weight_map,
+            "total_size": self.writer.total_size,
+        }
+        tmp = self.state.with_suffix(".tmp")
+        torch.save(saved, tmp)
+        tmp.replace(self.state)
 
     def reading(self) -> ReadLayers:
         """The same layers for a pass that reads them and changes nothing (a plan's pre-pass)."""

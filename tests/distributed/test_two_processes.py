@@ -75,3 +75,52 @@ def test_two_processes_give_the_model_one_process_gives(tmp_path, smol_tokenizer
     lr_one, lr_two = (run["stages"][1]["summary"]["mean_lr"] for run in (single, double))
     assert lr_two == pytest.approx(lr_one, rel=1e-9)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".one", ".two"))]  # one writer, no leftovers
+
+
+def _torchrun(*args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", *args]
+
+
+@pytest.mark.integration
+def test_two_processes_stream_the_model_one_process_streams_and_resume_its_killed_run(tmp_path, smol_tokenizer):
+    import signal
+    import time
+
+    import torch
+
+    folder = tmp_path / "tiny"
+    model = make_tiny_llama(vocab_size=len(smol_tokenizer), hidden=256, intermediate=768, layers=8)
+    save_folder(model, smol_tokenizer, folder)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "stages": RECIPE["stages"][:1]}))  # one stage: streamed
+    run = ["compress", "run", str(recipe), str(folder), "--quiet"]
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    _run([sys.executable, "-m", *run, "--out", str(one)], tmp_path)
+    _run(_torchrun(*run, "--out", str(two)), tmp_path)
+
+    # a one-process run killed between layers, resumed by two processes: the saved streams are re-shared
+    state = tmp_path / ".resumed.partial" / ".resume" / "state.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", *run, "--out", str(resumed)], cwd=tmp_path, env=env)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_file() and torch.load(state, weights_only=True)["layers_done"] >= 2:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed between layers"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = torch.load(state, weights_only=True)["layers_done"]
+    assert 2 <= done < 8
+    _run(_torchrun(*run, "--out", str(resumed), "--resume"), tmp_path)
+
+    single, double, continued = (json.loads((out / "report.json").read_text()) for out in (one, two, resumed))
+    assert (single["path"], double["path"], continued["path"]) == ("streamed",) * 3
+    assert (single["processes"], double["processes"], continued["processes"]) == (1, 2, 2)
+    assert continued["stages"][0]["summary"]["calibration"]["layers"] == 8 - done
+    for report in (double, continued):
+        for key in ("eval_compressed", "eval_dense"):
+            a, b = single[key]["perplexity"]["perplexity"], report[key]["perplexity"]["perplexity"]
+            assert b == pytest.approx(a, rel=0.002), key
+        assert [r["rank"] for r in report["stages"][0]["rows"]] == [r["rank"] for r in single["stages"][0]["rows"]]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # one writer, no leftovers
