@@ -100,6 +100,7 @@ def _cmd_eval(args) -> None:
             limit=args.limit,
             seq_len=args.seq_len,
             num_fewshot=args.num_fewshot,
+            max_memory_gib=args.max_memory,
         )
     except ValueError as exc:
         raise CompressError(f"eval: {str(exc).splitlines()[-1].strip()}") from None
@@ -209,8 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--streamed",
         action="store_true",
-        help="read the checkpoint one decoder layer at a time (a model larger than memory; token perplexity only)",
+        help="a model larger than memory: token perplexity one decoder layer at a time, lm-eval tasks on the "
+        "checkpoint placed by accelerate (what does not fit in --max-memory is read from its shards as it runs)",
     )
+    ev.add_argument("--max-memory", type=float, default=None, help="GiB for the weights, --streamed (default: free)")
     ev.add_argument("--json", help="also write the results to this file")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=_cmd_eval)

@@ -77,7 +77,7 @@ def _follow(recipe, model_id: str, device: str, out: Path, streamed: bool, resum
     Streamed, it walks the layers on its share of the windows and, once the main process has written the
     checkpoint, scores that checkpoint as the main process does."""
     from .api import compress
-    from .models import load_folder, load_model
+    from .models import load_model
     from .scoring import evaluate
 
     dense_eval = recipe.eval.model_copy(update={"budgets": None})
@@ -105,16 +105,9 @@ def _follow(recipe, model_id: str, device: str, out: Path, streamed: bool, resum
     tokenizer, source_folder = model.compression.tokenizer, loaded.folder
     del loaded, model, store
     distributed.barrier()  # the main process has written the checkpoint
-    written = StagedFolder.partial_path(out) / "model"
-    target = written if streamed_eval(recipe.eval) else load_folder(written)[0].to(device)
-    evaluate(target, tokenizer, recipe.eval, progress=False)
-    target = None
+    evaluate(StagedFolder.partial_path(out) / "model", tokenizer, recipe.eval, progress=False)
     if recipe.eval.compare_dense:
-        if streamed_eval(dense_eval):
-            evaluate(source_folder, tokenizer, dense_eval, False)
-        else:
-            dense = load_model(model_id)
-            evaluate(dense.model.to(device), dense.tokenizer, dense_eval, False)
+        evaluate(source_folder, tokenizer, dense_eval, False)
 
 
 def streamable(recipe) -> bool:
@@ -166,11 +159,6 @@ def _prepare_resume(out: Path, recipe, source_folder: Path | None, resume: bool,
     return state
 
 
-def streamed_eval(eval_config) -> bool:
-    """Whether an evaluation can run streamed: token perplexity only (no lm-eval tasks, no elastic budgets)."""
-    return not eval_config.tasks and not eval_config.budgets
-
-
 def open_streamed(model_id: str, device: str):
     """The source as a :class:`compress.streaming.StreamedModel` (nothing read yet) in a LoadedModel."""
     import torch
@@ -202,7 +190,7 @@ def run_job(
 
     from .api import compress, output_dtype, save, save_streamed
     from .calibration import check_calibration
-    from .models import checkpoint_bytes, load_folder, load_model
+    from .models import checkpoint_bytes, load_model
     from .recipe import load_recipe, recipe_to_yaml
     from .report import write_report
     from .scoring import check_eval, evaluate
@@ -305,8 +293,8 @@ def run_job(
         def evaluate_compressed():
             nonlocal model
             echo("evaluating the compressed model ...")
-            if streamed:  # token perplexity read layer by layer; lm-eval tasks load the (smaller) checkpoint
-                model = None if streamed_eval(recipe.eval) else load_folder(tmp / "model")[0].to(device)
+            if streamed:  # scored from its shards: perplexity layer by layer, lm-eval tasks offloaded
+                model = None
             target = tmp / "model" if model is None else model
             report["eval_compressed"] = evaluate(target, info.tokenizer, recipe.eval, progress)
             _write_report_json(tmp, report)
@@ -318,7 +306,7 @@ def run_job(
             model = None  # the compressed model is saved and scored: free it before the dense one loads
             echo("evaluating the dense model (reloaded from the source) ...")
             dense_eval = recipe.eval.model_copy(update={"budgets": None})  # budgets are the compressed model's
-            if streamed and streamed_eval(dense_eval):
+            if streamed:
                 report["eval_dense"] = evaluate(source_folder, tokenizer, dense_eval, progress)
             else:
                 dense = load_model(model_id)

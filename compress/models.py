@@ -251,6 +251,44 @@ def load_folder(folder: Path, dtype=None):
     return model.eval(), tokenizer, manifest
 
 
+def load_offloaded(folder: Path, max_memory_gib: float | None = None):
+    """A checkpoint folder placed by accelerate (``device_map="auto"``): GPUs first, then host memory up to
+    ``max_memory_gib`` (None: what is free), the rest left in the safetensors shards and read as each module
+    runs. Returns ``(model, placement)``, placement counting the modules per place ({"cpu": 12, "disk": 30})."""
+    import tempfile
+    import weakref
+    from collections import Counter
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from . import checkpoint  # noqa: F401  registers the "compress" config with transformers
+
+    folder = Path(folder)
+    verify_folder(folder)
+    max_memory = None
+    if max_memory_gib is not None:
+        max_memory = {"cpu": int(max_memory_gib * 2**30)}
+        max_memory.update({i: torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())})
+    # safetensors shards are read in place: the offload folder only takes weights in other formats
+    offload = tempfile.mkdtemp(prefix="compress-offload-")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            dtype=torch.float32,
+            use_safetensors=True,
+            device_map="auto",
+            max_memory=max_memory,
+            offload_folder=offload,
+        )
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CompressError(f"cannot load checkpoint {folder}: {first}") from None
+    weakref.finalize(model, shutil.rmtree, offload, True)
+    placement = Counter(str(place) for place in (getattr(model, "hf_device_map", None) or {"": "cpu"}).values())
+    return model.eval(), dict(placement)
+
+
 def _hub_snapshot(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 

@@ -117,6 +117,9 @@ class EvalConfig(_Strict):
     num_fewshot: int | dict[str, int] | None = Field(None)
     # lm-eval's rolling-window length; the model's own maximum (8192 here) costs GBs of logits on CPU
     lm_eval_max_length: int = Field(2048, ge=16, le=131_072)
+    # a streamed run's lm-eval tasks and budgets: memory (GiB) for the checkpoint's weights, the rest read from
+    # its shards as each layer runs (accelerate's device_map="auto"); None = what the machine has free
+    max_memory_gib: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _consistent_tasks(self):

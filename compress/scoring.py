@@ -6,8 +6,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .errors import CompressError
-
 
 def check_eval(eval_config) -> None:
     """Before any heavy work: the lm-eval extra is there and every task exists and can load its data."""
@@ -22,16 +20,18 @@ def check_eval(eval_config) -> None:
 def evaluate(model, tokenizer, eval_config, progress: bool = True) -> dict:
     """Held-out perplexity on every corpus of ``eval_config``, its lm-eval tasks and (elastic) budgets.
 
-    ``model`` is a loaded model, or the path of a checkpoint folder to stream layer by layer (for a model
-    larger than memory: token perplexity only; each perplexity records the ``path`` that computed it)."""
+    ``model`` is a loaded model, or the path of a checkpoint folder (a model larger than memory): its token
+    perplexity is then streamed layer by layer, and its lm-eval tasks and budgets run on the checkpoint placed
+    by accelerate (:func:`compress.models.load_offloaded`: what does not fit in ``max_memory_gib`` is read
+    from the shards as it runs). Each perplexity records the ``path`` that computed it, and ``placement``
+    where an offloaded model's modules were."""
+    from .distributed import is_main
     from .eval.corpora import load_documents
     from .eval.lm_eval_runner import run_lm_eval
     from .eval.perplexity import perplexity
     from .eval.windows import token_windows
 
     streamed = isinstance(model, (str, Path))
-    if streamed and (eval_config.tasks or eval_config.budgets):
-        raise CompressError("a streamed evaluation scores token perplexity only: no lm-eval tasks or budgets")
     start = time.perf_counter()
     by_corpus = {}
     for corpus in eval_config.perplexity_corpora:
@@ -48,8 +48,10 @@ def evaluate(model, tokenizer, eval_config, progress: bool = True) -> dict:
     result = {"perplexity": by_corpus[eval_config.perplexity_corpora[0]]}
     if len(by_corpus) > 1:
         result["perplexity_by_corpus"] = by_corpus
-    from .distributed import is_main
+    if streamed and (eval_config.budgets or (eval_config.tasks and is_main())):
+        from .models import load_offloaded
 
+        model, result["placement"] = load_offloaded(model, eval_config.max_memory_gib)
     if eval_config.tasks and is_main():  # several processes: lm-eval runs in the main one only
         result["lm_eval"] = {}
         for task in eval_config.tasks:  # one call per task: each has its own document limit and shots

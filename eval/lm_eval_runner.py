@@ -342,6 +342,7 @@ def _evaluate(model, tokenizer, names, task_manager, limit, batch_size, max_leng
     import logging
 
     import lm_eval
+    import torch
 
     # lm-eval warns about passing an in-memory model, which is exactly what we mean to do
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
@@ -358,6 +359,8 @@ def _evaluate(model, tokenizer, names, task_manager, limit, batch_size, max_leng
         object.__setattr__(model, "tie_weights", lambda *args, **kwargs: None)
         try:
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+            if lm.device.type == "meta":  # offloaded (device_map): accelerate's hooks move the inputs on from here
+                lm._device = torch.device("cpu")
         finally:
             if had_own_tie:
                 object.__setattr__(model, "tie_weights", own_tie)
