@@ -231,6 +231,23 @@ def render(rows: list[dict]) -> str:
             f"Seconds per layer against the layer's targeted parameters (streamed rows, least squares): "
             f"{slope * 1e6:.3f} s per million parameters + {intercept:.2f} s.",
         ]
+    remeasured = [r for r in rows if r.get("before")]
+    if remeasured:
+        lines += [
+            "",
+            "Re-measured rows against their previous measurement (peak RSS GiB: compression (run); compression s):",
+            "",
+            "| model | path | before | after | code change between |",
+            "|---|---|---|---|---|",
+        ]
+        for r in remeasured:
+            b = r["before"]
+            lines.append(
+                f"| {r['model']} | {r['path']} | {b['compression_peak_rss_bytes'] / 2**30:.2f} "
+                f"({b['peak_rss_bytes'] / 2**30:.2f}); {b['compression_s']:.0f} s ({b['date']}) | "
+                f"{r['compression_peak_rss_bytes'] / 2**30:.2f} ({r['peak_rss_bytes'] / 2**30:.2f}); "
+                f"{r['compression_s']:.0f} s ({r['date']}) | {r.get('change', '')} |"
+            )
     profiled = [r for r in rows if r.get("phase_seconds")]
     if profiled:
         phases = ["read", "forward", "statistics", "factorise", "write"]
@@ -257,13 +274,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--paths", nargs="+", default=["streamed", "in-memory"], choices=["streamed", "in-memory"])
     parser.add_argument("--render", action="store_true")
+    parser.add_argument("--change", default="", help="what changed since a re-measured row's last measurement")
     args = parser.parse_args()
     rows = json.loads(STORE.read_text()) if STORE.is_file() else []
     if not args.render:
         for model in args.models:
             for path in args.paths:
-                row = run_row(model, path == "in-memory", args.threads)
-                rows = [r for r in rows if (r["model"], r["path"]) != (row["model"], row["path"])] + [row]
+                row = {**run_row(model, path == "in-memory", args.threads), "change": args.change}
+                old = next((r for r in rows if (r["model"], r["path"]) == (row["model"], row["path"])), None)
+                if old is not None:  # the last measurement stays beside the new one (before / after)
+                    row["before"] = {k: v for k, v in old.items() if k != "before"}
+                rows = [r for r in rows if r is not old] + [row]
                 STORE.write_text(json.dumps(rows, indent=2))
                 print(json.dumps(row), flush=True)
     MARKDOWN.write_text(render(rows))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import distributed
 from .errors import CompressError, RunIncomplete, describe_exception, write_traceback
-from .utils import StagedFolder, folder_bytes, peak_rss_bytes, require
+from .utils import StagedFolder, folder_bytes, peak_rss_bytes, require, return_freed_memory
 
 ERROR_LOG = "error.log"
 
@@ -289,12 +289,13 @@ def run_job(
         _write_report_json(tmp, report)
         source_folder = loaded.folder
         del loaded  # the compressed model is `model` now (compressed in place)
+        if streamed:
+            model = None  # scored from its shards
+        return_freed_memory()  # the evaluation's peak should not sit on the compression's freed pages
 
         def evaluate_compressed():
-            nonlocal model
             echo("evaluating the compressed model ...")
-            if streamed:  # scored from its shards: perplexity layer by layer, lm-eval tasks offloaded
-                model = None
+            # streamed: scored from its shards (perplexity layer by layer, lm-eval tasks offloaded)
             target = tmp / "model" if model is None else model
             report["eval_compressed"] = evaluate(target, info.tokenizer, recipe.eval, progress)
             _write_report_json(tmp, report)
@@ -304,6 +305,7 @@ def run_job(
             if not recipe.eval.compare_dense:
                 return
             model = None  # the compressed model is saved and scored: free it before the dense one loads
+            return_freed_memory()
             echo("evaluating the dense model (reloaded from the source) ...")
             dense_eval = recipe.eval.model_copy(update={"budgets": None})  # budgets are the compressed model's
             if streamed:

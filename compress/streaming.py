@@ -96,9 +96,12 @@ class StreamedModel:
         """Drop every tensor under ``prefix`` back to the meta device."""
         from accelerate.utils import set_module_tensor_to_device
 
+        from .utils import trim_heap
+
         for name, tensor in self.tensors(prefix):
             if tensor.device.type != "meta":
                 set_module_tensor_to_device(self.model, name, "meta")
+        trim_heap()
 
     def _tied(self, name: str) -> bool:
         head = self.model.get_output_embeddings()

@@ -37,6 +37,27 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def trim_heap() -> None:
+    """Hand the heap's freed pages back to the system; a no-op off glibc. glibc keeps them resident: measured
+    on a streamed walk of SmolLM2's 30 layers, the process grew by one freed layer per layer (1.04 GiB; 0.56
+    after a trim), each layer's weights pinned in the heap by the activations allocated after them."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def return_freed_memory() -> None:
+    """Collect unreachable objects and trim the heap: the next phase's peak should not sit on the last one's
+    freed pages."""
+    import gc
+
+    gc.collect()
+    trim_heap()
+
+
 class StagedFolder:
     """A folder written into a temporary sibling and renamed to ``final`` when the block ends.
 

@@ -64,9 +64,13 @@ def check_windows(windows: torch.Tensor, batch_size: int) -> None:
 
 
 def nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
-    """The summed NLL (float64) of tokens 1.. of each window from the logits before them (log-softmax in float32)."""
-    logprobs = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
-    return -logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).double().sum().item()
+    """The summed NLL (float64) of tokens 1.. of each window from the logits before them (log-softmax in float32,
+    one window at a time: a second [batch, seq, vocab] tensor beside the logits would double the peak)."""
+    total = 0.0
+    for window_logits, window_ids in zip(logits, ids):
+        logprobs = torch.log_softmax(window_logits[:-1].float(), dim=-1)
+        total -= logprobs.gather(-1, window_ids[1:].unsqueeze(-1)).double().sum().item()
+    return total
 
 
 def summarise_nll(total_nll: float, windows: torch.Tensor) -> dict:
