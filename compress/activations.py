@@ -263,9 +263,12 @@ def capture_layer0_inputs(
 
 
 def run_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """A decoder layer's output hidden states on ``x`` (whatever the layer returns them in)."""
-    out = layer(x, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
+    """A decoder layer's output hidden states on ``x``, in ``x``'s dtype (a stream held in bf16 between layers
+    is computed in the layer's own dtype)."""
+    compute = next((p.dtype for p in layer.parameters() if p.is_floating_point()), x.dtype)
+    out = layer(x.to(compute), **kwargs)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.to(x.dtype)
 
 
 def _run_until_stop(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
@@ -389,6 +392,7 @@ def calibrate_sequentially(
     progress: bool = False,
     description: str = "layers",
     store=None,
+    stream_dtype: torch.dtype | None = None,
 ) -> EngineReport:
     """Walk decoder layers in order; call ``on_layer(index, {name: module}, {name: stats})`` per layer
     (per group of modules sharing an input, in call order, with ``sublayer``).
@@ -407,7 +411,8 @@ def calibrate_sequentially(
     ``store`` (a streamed model, :class:`compress.streaming.StreamedLayers`): every layer is walked, read by
     ``store.enter(i)`` before it is used and handed to ``store.leave(i, streams)`` once final, with the streams
     entering the next layer; a resumed store (``store.layers_done``, ``store.resumed_streams``) starts after its
-    finished layers, from the streams it saved.
+    finished layers, from the streams it saved. ``stream_dtype``: the streams' dtype between layers (e.g. bf16:
+    half the memory; every layer still computes in its own dtype).
     """
     import copy
     import time
@@ -433,6 +438,8 @@ def calibrate_sequentially(
     two_streams = sequential and (cross or dense_cov)
     with torch.no_grad():
         current, kwargs_by_kind = capture_layer0_inputs(model, layers, windows, batch_size)
+        if stream_dtype is not None:
+            current = [h.to(stream_dtype) for h in current]
         kinds = layer_kinds(model, layers)
         dense = list(current) if two_streams else None
         first = getattr(store, "layers_done", 0)

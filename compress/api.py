@@ -124,12 +124,17 @@ def compress(
         return cache["built"].windows
 
     dtype = output_dtype(recipe, source)
+    activations = recipe.calibration.activation_dtype
+    if activations == "auto":
+        on_gpu = next((p.device.type == "cuda" for p in model.parameters() if p.device.type != "meta"), False)
+        activations = "bfloat16" if on_gpu else "float32"
     ctx = StageContext(
         tokenizer=tokenizer,
         calibration_windows=windows,
         progress=progress,
         storage_dtype=getattr(torch, dtype),
         layer_store=layer_store,
+        activation_dtype=getattr(torch, activations),
     )
     start = time.perf_counter()
     results = compress_model(model, recipe, ctx)

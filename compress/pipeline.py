@@ -154,6 +154,7 @@ def _apply_layers(model: nn.Module, method: Method, config, ctx: StageContext, w
             progress=ctx.progress,
             description=f"{method.name}: layers",
             store=ctx.layer_store,
+            stream_dtype=ctx.activation_dtype,
             **_engine_options(calibration),
         )
         result.summary["calibration"] = {

@@ -80,6 +80,11 @@ class CalibrationConfig(_Strict):
     sources: list[CalibrationSource] | None = Field(None, min_length=1, description="a weighted mix of sources")
     samples: int = Field(64, ge=1, le=100_000, description="number of calibration windows")
     seq_len: int = Field(512, ge=8, le=32_768)
+    activation_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="the dtype the calibration windows' hidden states are held in between layers (half the "
+        "memory in bf16; each layer still computes in float32); auto: bfloat16 on a GPU, float32 on CPU",
+    )
 
     @model_validator(mode="after")
     def _corpus_or_sources(self):

@@ -320,7 +320,8 @@ def train_layer(
     from accelerate.utils import set_seed
 
     set_seed(training.seed)
-    hidden, wanted = torch.cat(inputs), torch.cat(targets)
+    dtype = next(p.dtype for p in layer.parameters() if p.is_floating_point())  # streams may be held in bf16
+    hidden, wanted = torch.cat(inputs).to(dtype), torch.cat(targets).to(dtype)
     kw = single_window_kwargs(kwargs, inputs[0].shape[0])
 
     def forward(module, index):

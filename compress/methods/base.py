@@ -98,6 +98,7 @@ class StageContext:
     teacher: nn.Module | None = None  # the model before the first stage, when a stage distils towards it
     storage_dtype: torch.dtype | None = None  # what the checkpoint is saved in (None: the model's own dtype)
     layer_store: Any = None  # a streamed model's layers (compress.streaming.StreamedLayers); None: in memory
+    activation_dtype: torch.dtype | None = None  # the calibration streams' dtype between layers (None: the model's)
 
 
 @dataclass

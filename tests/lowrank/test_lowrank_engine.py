@@ -275,3 +275,48 @@ def test_engine_replays_per_layer_kind_kwargs_gemma3(sublayer):
     for name in ("model.layers.2.self_attn.q_proj", "model.layers.2.mlp.down_proj", "model.layers.1.mlp.down_proj"):
         X = _direct_input_cov(model, name, windows)
         assert torch.allclose(seen[name]["cov"], X.T @ X / X.shape[0], rtol=1e-4, atol=1e-6), name
+
+
+class _StreamRecorder:
+    """A layer store that reads nothing: it only records the dtype of the streams entering each layer."""
+
+    def __init__(self):
+        self.dtypes = []
+
+    def enter(self, index):
+        pass
+
+    def leave(self, index, streams=None):
+        self.dtypes.append({h.dtype for stream in streams if stream is not None for h in stream})
+
+
+@pytest.mark.parametrize("sublayer", [False, True])
+def test_streams_held_in_bf16_give_nearly_the_float32_statistics(sublayer):
+    windows = _windows(n=8, seq=32)
+    seen = {}
+    for dtype in (None, torch.bfloat16):
+        model = make_tiny_llama(layers=3)
+        recorder = _StreamRecorder()
+        stats_by_name = seen.setdefault(dtype, {})
+
+        def on_layer(index, layer_modules, stats, model=model, stats_by_name=stats_by_name):
+            for name, module in layer_modules.items():
+                stats_by_name[name] = stats[name]["cov"]
+                A, B = truncated_svd_factors(module.weight, 8)
+                replace_module(model, name, LowRankLinear.from_factors(A, B, module.bias))
+
+        calibrate_sequentially(
+            model,
+            select_modules(model, TARGETS),
+            windows,
+            on_layer,
+            sublayer=sublayer,
+            dense_cov=True,
+            store=recorder,
+            stream_dtype=dtype,
+        )
+        assert recorder.dtypes == [{dtype or torch.float32}] * 3
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    for name, cov in seen[None].items():
+        error = (seen[torch.bfloat16][name] - cov).norm() / cov.norm()
+        assert 0 < error < 0.02, name  # bf16 rounding of the hidden states: a small, non-zero change

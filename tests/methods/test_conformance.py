@@ -106,6 +106,17 @@ def test_method_conforms(case, stages, parameters, tmp_path):
         compress.compress(make_tiny_llama(), bad, calibration=_windows(), progress=False)
 
 
+@pytest.mark.parametrize("case, stages, parameters", CASES, ids=[c[0] for c in CASES])
+def test_method_runs_with_the_streams_held_in_bf16(case, stages, parameters):
+    recipe = {"name": "bf16-streams", "stages": stages, "calibration": {"activation_dtype": "bfloat16"}}
+    fp32 = compress.compress(make_tiny_llama(), stages, calibration=_windows(), progress=False)
+    model = compress.compress(make_tiny_llama(), recipe, calibration=_windows(), progress=False)
+    assert _params(model) == _params(fp32)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # only the streams were bf16
+    with torch.no_grad():
+        assert torch.isfinite(model(_windows(2, 17, seed=5)).logits).all()
+
+
 def test_no_method_runs_its_own_loop():
     """Every method is a Method driven by the pipeline: no `run` of its own, no walk over the model."""
     import inspect
