@@ -393,6 +393,7 @@ def calibrate_sequentially(
     description: str = "layers",
     store=None,
     stream_dtype: torch.dtype | None = None,
+    variants: list[Callable[[], contextlib.AbstractContextManager]] = (),
 ) -> EngineReport:
     """Walk decoder layers in order; call ``on_layer(index, {name: module}, {name: stats})`` per layer
     (per group of modules sharing an input, in call order, with ``sublayer``).
@@ -413,6 +414,9 @@ def calibrate_sequentially(
     entering the next layer; a resumed store (``store.layers_done``, ``store.resumed_streams``) starts after its
     finished layers, from the streams it saved. ``stream_dtype``: the streams' dtype between layers (e.g. bf16:
     half the memory; every layer still computes in its own dtype).
+    ``variants``: each a context manager factory that makes the model run as another variant of itself (e.g.
+    an elastic model at another budget); each variant keeps its own stream through the already-compressed
+    layers, and its passes add to the same statistics as the main stream's.
     """
     import copy
     import time
@@ -423,6 +427,8 @@ def calibrate_sequentially(
         raise CompressError("activation-aware methods need calibration windows (a [N, seq_len] token tensor)")
     if sublayer and not sequential:
         raise CompressError("sub-layer calibration needs sequential calibration")
+    if variants and not sequential:
+        raise CompressError("calibrating on several variants of the model needs sequential calibration")
     if statistics == "io" and world_size() > 1:
         raise CompressError("module input/output capture (factorllm's router fit) runs in one process only")
     windows = shard(windows)  # this process's share; the statistics are summed over processes
@@ -442,9 +448,16 @@ def calibrate_sequentially(
             current = [h.to(stream_dtype) for h in current]
         kinds = layer_kinds(model, layers)
         dense = list(current) if two_streams else None
+        others = [list(current) for _ in variants]  # one stream per variant (nothing compressed yet: equal)
         first = getattr(store, "layers_done", 0)
         if first:  # a resumed run: the streams as they entered its first unfinished layer
-            current, dense = store.resumed_streams(current, with_dense=dense is not None)
+            current, dense, *others = store.resumed_streams(current, [True, dense is not None, *[True] * len(others)])
+
+        def advance(layer, kwargs_list):  # every variant's stream through the (compressed) layer
+            for variant, stream in zip(variants, others):
+                with variant():
+                    stream[:] = [run_layer(layer, h, kw) for h, kw in zip(stream, kwargs_list)]
+
         for i in progress_iter(range(first, last + 1), description, progress, total=last + 1 - first):
             start = time.perf_counter()
             if store is not None:
@@ -459,9 +472,10 @@ def calibrate_sequentially(
                         current = [run_layer(layer, h, kw) for h, kw in zip(current, kwargs_list)]
                         if dense is not None:
                             dense = [run_layer(layer, h, kw) for h, kw in zip(dense, kwargs_list)]
+                        advance(layer, kwargs_list)
                 if store is not None:
                     with report.timed("write"):
-                        store.leave(i, (current, dense))
+                        store.leave(i, (current, dense, *others))
                 continue
             targets = None
             if sublayer:
@@ -492,6 +506,7 @@ def calibrate_sequentially(
                         dense_layer=dense_layer,
                         dense_modules=dense_modules,
                         stop_after=group[-1],
+                        variants=list(zip(variants, others)),
                     )
                     with report.timed("factorise"):
                         on_layer(i, {name: targeted[name] for name in group}, stats)
@@ -502,10 +517,21 @@ def calibrate_sequentially(
                     current = [run_layer(layer, h, kw) for h, kw in zip(current, kwargs_list)]
                     if dense is not None:
                         dense = [run_layer(dense_layer, h, kw) for h, kw in zip(dense, kwargs_list)]
+                    advance(layer, kwargs_list)
                 del dense_layer
             else:
                 stats, outputs, next_dense = _collect(
-                    i, layer, targeted, current, dense, kwargs_list, statistics, cross, dense_cov, report
+                    i,
+                    layer,
+                    targeted,
+                    current,
+                    dense,
+                    kwargs_list,
+                    statistics,
+                    cross,
+                    dense_cov,
+                    report,
+                    variants=list(zip(variants, others)),
                 )
                 with report.timed("factorise"):
                     on_layer(i, targeted, stats)
@@ -516,13 +542,14 @@ def calibrate_sequentially(
                 if sequential:
                     with report.timed("forward"):
                         current = [run_layer(layer, h, kw) for h, kw in zip(current, kwargs_list)]
+                        advance(layer, kwargs_list)
                     if dense is not None:
                         dense = next_dense
                 else:
                     current = outputs  # the dense outputs (computed before compression)
             if store is not None:
                 with report.timed("write"):
-                    store.leave(i, (current, dense))
+                    store.leave(i, (current, dense, *others))
             report.layers_calibrated += 1
             report.layer_seconds.append(time.perf_counter() - start)
     model.train(was_training)
@@ -544,6 +571,7 @@ def _collect(
     dense_layer=None,
     dense_modules=None,
     stop_after=None,
+    variants=(),
 ):
     """One pass of the layer over every batch with hooks on ``targeted``: their normalised input
     statistics, and (without ``stop_after``) the layer's outputs on both streams."""
@@ -569,6 +597,10 @@ def _collect(
             collector.mode = "current"
             collector.new_call()
             outputs.append(_run_until_stop(layer, current[b], kw))
+            for variant, stream in variants:  # the same statistics (and dense inputs) on each variant's stream
+                with variant():
+                    collector.new_call()
+                    _run_until_stop(layer, stream[b], kw)
             collector.stash.clear()
             report.passes += 1
     statistics_seconds = getattr(collector, "statistics_seconds", 0.0)

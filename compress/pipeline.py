@@ -86,6 +86,26 @@ def _engine_options(calibration) -> dict:
     }
 
 
+def _running_as(model: nn.Module, selection: dict, made: list[str]):
+    """A context manager factory: while open, the modules replaced so far (``made``, which grows) serve the
+    ranks of ``selection`` (an elastic model at another budget); their own selections come back after."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def switched():
+        modules = [(model.get_submodule(name), selection[name]) for name in made if name in selection]
+        before = [module.selection for module, _ in modules]
+        for module, rank in modules:
+            module.select(rank)
+        try:
+            yield
+        finally:
+            for (module, _), rank in zip(modules, before):
+                module.select(rank)
+
+    return switched
+
+
 def _apply_layers(model: nn.Module, method: Method, config, ctx: StageContext, where: str) -> StageResult:
     modules = select_modules(model, config.targets, config.ignore, f"{where}.targets")
     planner = ModelPlanner(model, ctx)
@@ -155,6 +175,7 @@ def _apply_layers(model: nn.Module, method: Method, config, ctx: StageContext, w
             description=f"{method.name}: layers",
             store=ctx.layer_store,
             stream_dtype=ctx.activation_dtype,
+            variants=[_running_as(model, selection, made) for selection in plan.stream_selections],
             **_engine_options(calibration),
         )
         result.summary["calibration"] = {

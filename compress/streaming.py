@@ -200,19 +200,20 @@ class StreamedLayers:
             if writer is not None:
                 writer.weight_map, writer.total_size = saved["weight_map"], saved["total_size"]
 
-    def resumed_streams(self, captured: list[torch.Tensor], with_dense: bool):
-        """The saved streams entering the first unfinished layer, as this process's share of the windows split
-        into batches like ``captured`` (its freshly captured layer-0 inputs): ``(current, dense or None)``."""
+    def resumed_streams(self, captured: list[torch.Tensor], present: list[bool]) -> list:
+        """The saved streams entering the first unfinished layer (the engine's current, dense and variant
+        streams; ``present``: which it keeps), each as this process's share of the windows split into batches
+        like ``captured`` (its freshly captured layer-0 inputs); None for a stream it does not keep."""
         from .distributed import shard
 
         sizes = [len(batch) for batch in captured]
         like = captured[0]
-
-        def split(whole):
-            return list(shard(whole).to(like.device, like.dtype).split(sizes))
-
-        current, dense = self._saved_streams
-        return split(current), (split(dense) if with_dense else None)
+        saved = list(self._saved_streams)
+        if len(saved) != len(present) or any(kept != (whole is not None) for kept, whole in zip(present, saved)):
+            raise CompressError("the saved calibration streams do not match this run's")
+        return [
+            None if whole is None else list(shard(whole).to(like.device, like.dtype).split(sizes)) for whole in saved
+        ]
 
     def enter(self, index: int) -> None:
         self.stream.materialise(f"{self.stream.layers_name}.{index}")
@@ -231,9 +232,8 @@ class StreamedLayers:
         self.layers_done = index + 1
         if self.state is None:
             return
-        current, dense = streams if streams is not None else (None, None)
         # every process takes part in the gathers; the main one saves
-        whole = [None if s is None else gather_shares(torch.cat(s)) for s in (current, dense)]
+        whole = [None if s is None else gather_shares(torch.cat(s)) for s in (streams or ())]
         if self.writer is None:
             return
         self.state.parent.mkdir(parents=True, exist_ok=True)

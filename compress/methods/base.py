@@ -117,6 +117,9 @@ class Plan:
 
     decisions: dict[str, Any]
     result: StageResult
+    # further calibration streams, each the model as one selection of the replaced modules would run it
+    # ({module name: rank, None = its stored dense matrix}); their statistics are pooled with the main stream's
+    stream_selections: list[dict[str, int | None]] = field(default_factory=list)
 
 
 @dataclass

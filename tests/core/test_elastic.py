@@ -205,3 +205,22 @@ def test_run_reports_budgets_and_resize_writes_a_smaller_checkpoint(tmp_path, sm
     assert scores["perplexity"]["perplexity"] == pytest.approx(budgets[0]["perplexity"], rel=1e-4)
     assert main(["resize", str(tmp_path / "run"), "--reduction", "0.9", "--out", str(tmp_path / "r90")]) == 2
     assert "outside the range" in capsys.readouterr().err and not (tmp_path / "r90").exists()
+
+
+def test_calibrating_on_another_budget_pools_its_stream_from_layer_1_on(elastic_model):
+    pooled_stage = {**ELASTIC, "sequential": True, "elastic": {**ELASTIC["elastic"], "calibrate_on": [0.6]}}
+    plain_stage = {**ELASTIC, "sequential": True}
+    pooled, plain = (
+        compress.compress(make_tiny_llama(), [stage], calibration=_windows(), progress=False)
+        for stage in (pooled_stage, plain_stage)
+    )
+    assert pooled.compression.stages[0].summary["calibrated_on"] == [0.3, 0.6]
+    assert selections(pooled) == selections(plain)  # the ranks come from the curves, not from the streams
+    for name, module in elastic_modules(plain).items():
+        other = pooled.get_submodule(name)
+        same = torch.equal(module.A, other.A) and torch.equal(module.B, other.B)
+        assert same == (".layers.0." in name), name  # layer 0's inputs are the same on every stream
+
+    with pytest.raises(CompressError, match="calibrate_on budgets must lie in the elastic range"):
+        bad = {**ELASTIC, "elastic": {**ELASTIC["elastic"], "calibrate_on": [0.7]}}
+        compress.compress(make_tiny_llama(), [bad], calibration=_windows(), progress=False)

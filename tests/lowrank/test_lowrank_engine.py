@@ -320,3 +320,45 @@ def test_streams_held_in_bf16_give_nearly_the_float32_statistics(sublayer):
     for name, cov in seen[None].items():
         error = (seen[torch.bfloat16][name] - cov).norm() / cov.norm()
         assert 0 < error < 0.02, name  # bf16 rounding of the hidden states: a small, non-zero change
+
+
+def test_a_variant_streams_statistics_are_pooled_with_the_main_streams():
+    import contextlib
+
+    model = make_tiny_llama()
+    windows = _windows()
+    modules = select_modules(model, TARGETS)
+    seen = {}
+
+    def on_layer(index, layer_modules, stats):
+        for name, module in layer_modules.items():
+            seen[name] = stats[name]
+            A, B = truncated_svd_factors(module.weight, 8)
+            replace_module(model, name, LowRankLinear.from_factors(A, B, module.bias))
+
+    def layer0_at_rank(rank):
+        for module in model.model.layers[0].modules():
+            if isinstance(module, LowRankLinear):
+                module.select(rank)
+
+    @contextlib.contextmanager
+    def at_rank_3():  # the variant: layer 0's factors cut to rank 3
+        layer0_at_rank(3)
+        try:
+            yield
+        finally:
+            layer0_at_rank(8)
+
+    calibrate_sequentially(model, modules, windows, on_layer, sequential=True, variants=[at_rank_3])
+    name = "model.layers.1.self_attn.q_proj"
+    main = _direct_input_cov(model, name, windows)
+    layer0_at_rank(3)
+    variant = _direct_input_cov(model, name, windows)
+    layer0_at_rank(8)
+    pooled = (main.T @ main + variant.T @ variant) / (main.shape[0] + variant.shape[0])
+    assert seen[name]["tokens"] == 2 * main.shape[0]
+    assert torch.allclose(seen[name]["cov"], pooled, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(pooled, main.T @ main / main.shape[0], rtol=1e-3)  # the variant did differ
+    # layer 0 sees the same inputs on both streams: its statistics are the main stream's
+    first = _direct_input_cov(model, "model.layers.0.self_attn.q_proj", windows)
+    assert torch.allclose(seen["model.layers.0.self_attn.q_proj"]["cov"], first.T @ first / first.shape[0], rtol=1e-5)

@@ -222,6 +222,11 @@ def elastic_plan(modules, config: LowRankConfig, curves, result: StageResult) ->
     stored, dense = stored_ranks(modules, curves, config.elastic.min_reduction)
     active = allocate_ranks(curves, config.reduction, allow_dense=dense, max_ranks=stored)
     decisions = {name: ElasticDecision(stored[name], active[name], curves[name][2], name in dense) for name in modules}
+    selections = [
+        allocate_ranks(curves, budget, allow_dense=dense, max_ranks=stored)
+        for budget in config.elastic.calibrate_on
+        if budget != config.reduction
+    ]
     for name, module in modules.items():
         m, n = module.out_features, module.in_features
         rank = active[name]
@@ -249,5 +254,6 @@ def elastic_plan(modules, config: LowRankConfig, curves, result: StageResult) ->
         "elastic_range": [config.elastic.min_reduction, config.elastic.max_reduction],
         "targeted_params_stored": sum(r["params_stored"] for r in result.rows),
         "est_loss_increase": sum(r["est_loss_increase"] for r in result.rows),
+        "calibrated_on": [config.reduction, *[b for b in config.elastic.calibrate_on if b != config.reduction]],
     }
-    return Plan(decisions, result)
+    return Plan(decisions, result, selections)

@@ -17,11 +17,16 @@ class ElasticRange(BaseModel):
 
     min_reduction: float = Field(gt=0, lt=1)
     max_reduction: float = Field(gt=0, lt=1)
+    # other budgets whose calibration streams are pooled with the starting budget's: each layer's factors fit
+    # the inputs that every one of these budgets gives it (one more pass per layer and budget)
+    calibrate_on: list[float] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _ordered(self):
         if self.min_reduction >= self.max_reduction:
             raise ValueError("min_reduction must be below max_reduction")
+        if any(not self.min_reduction <= b <= self.max_reduction for b in self.calibrate_on):
+            raise ValueError("calibrate_on budgets must lie in the elastic range")
         return self
 
 
@@ -94,4 +99,6 @@ class LowRankConfig(StageConfig):
                 raise ValueError("elastic needs ordered factors; refine re-fits them as a whole")
             if not self.elastic.min_reduction <= self.reduction <= self.elastic.max_reduction:
                 raise ValueError("reduction must lie in the elastic range")
+            if self.elastic.calibrate_on and (self.backend == "svd" or not self.sequential):
+                raise ValueError("elastic.calibrate_on needs an activation-aware backend and sequential: true")
         return self
