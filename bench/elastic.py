@@ -218,31 +218,41 @@ def render(data: dict) -> str:
                 "`--fixed` writes that budget alone, as small as a fresh compression. `before`: the first elastic "
                 "design (every matrix stored as factors only, so every budget truncated every matrix), same recipe.",
             ]
-    start30 = cells.get(key_of("lowrank-elastic", MODEL, "elastic-start30"))
-    if elastic and start30:
-        at = {
-            tag: {round(b["requested_reduction"], 3): b["perplexity"] for b in cell.get("budgets", [])}
-            for tag, cell in (("20", elastic), ("30", start30))
-        }
+    variants = [
+        (label, cells.get(key_of("lowrank-elastic", MODEL, tag)))
+        for label, tag in (
+            ("start 20 % (shipped)", "elastic"),
+            ("start 30 %", "elastic-start30"),
+            ("start 20 %, pooled with 50 %", "elastic-pooled50"),
+        )
+    ]
+    variants = [(label, cell) for label, cell in variants if cell]
+    if len(variants) > 1:
+        at = [
+            {round(b["requested_reduction"], 3): b["perplexity"] for b in cell.get("budgets", [])}
+            for _, cell in variants
+        ]
         lines += [
             "",
-            "## The starting budget",
+            "## The calibration stream",
             "",
             "The calibration stream runs through the model at the stage's `reduction`, so every other budget's "
-            "factors were fitted on inputs from a model compressed differently. The same recipe started at 30 % "
-            "(`stages.0.reduction=0.3`) moves the error from the large budgets to the small ones; x fresh in "
-            "brackets.",
+            "factors were fitted on inputs from a model compressed differently. Started at 30 % "
+            "(`stages.0.reduction=0.3`), the error moves from the large budgets to the small ones. Pooled "
+            "(`stages.0.elastic.calibrate_on=[0.5]`): each layer's statistics sum the 20 % stream's and the 50 % "
+            "stream's (the model switched to 50 % in the layers already compressed), so the factors fit the "
+            "inputs of both; x fresh in brackets.",
             "",
-            "| budget | start 20 % (shipped) | start 30 % | fresh |",
-            "|---|---|---|---|",
+            "| budget | " + " | ".join(label for label, _ in variants) + " | fresh |",
+            "|---|" + "---|" * len(variants) + "---|",
         ]
         for b in BUDGETS:
             f = (fresh_cell(cells, b) or {}).get("perplexity")
-            cols = [
-                f"{_fmt(at[t].get(b))} ({at[t][b] / f:.2f})" if f and at[t].get(b) else _fmt(at[t].get(b))
-                for t in ("20", "30")
-            ]
-            lines.append(f"| {b:.0%} | {cols[0]} | {cols[1]} | {_fmt(f)} |")
+            cols = [f"{_fmt(ppl.get(b))} ({ppl[b] / f:.2f})" if f and ppl.get(b) else _fmt(ppl.get(b)) for ppl in at]
+            lines.append(f"| {b:.0%} | " + " | ".join(cols) + f" | {_fmt(f)} |")
+        timed = [(label, cell.get("compression_wall_s")) for label, cell in variants if cell.get("compression_wall_s")]
+        if timed:
+            lines += ["", "Compression time: " + ", ".join(f"{label} {t:.0f} s" for label, t in timed) + "."]
     heal = [
         (label, cells.get(key_of("lowrank-elastic-healed", MODEL, tag)))
         for label, tag in (

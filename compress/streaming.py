@@ -92,6 +92,19 @@ class StreamedModel:
         if not prefix or not prefix.startswith(inside):
             self._tie()
 
+    def release_outside(self) -> None:
+        """Drop the tensors outside the decoder layers (embedding, final norm, head) back to the meta device:
+        the layer walk needs none of them once the calibration windows entered layer 0."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        from .utils import trim_heap
+
+        inside = f"{self.layers_name}."
+        for name, tensor in self.tensors(""):
+            if not name.startswith(inside) and tensor.device.type != "meta":
+                set_module_tensor_to_device(self.model, name, "meta")
+        trim_heap()
+
     def release(self, prefix: str) -> None:
         """Drop every tensor under ``prefix`` back to the meta device."""
         from accelerate.utils import set_module_tensor_to_device
@@ -216,6 +229,7 @@ class StreamedLayers:
         ]
 
     def enter(self, index: int) -> None:
+        self.stream.release_outside()  # read again from the source by finish()
         self.stream.materialise(f"{self.stream.layers_name}.{index}")
 
     def record(self, name: str, module: nn.Module, info: dict) -> None:
@@ -256,6 +270,7 @@ class StreamedLayers:
     def finish(self) -> None:
         """Write what is outside the layers (embedding, final norm, head) and the index; drop the saved state."""
         inside = f"{self.stream.layers_name}."
+        self.stream.materialise(skip_layers=True)
         self.writer.write({name: t for name, t in self.stream.tensors("") if not name.startswith(inside)})
         self.writer.finish()
         if self.state is not None:
