@@ -35,6 +35,7 @@ from torch import nn
 from .distributed import shard, sum_, sum_number, world_size
 from .errors import CompressError
 from .targets import layer_index
+from .utils import trim_heap
 
 
 @dataclass
@@ -74,17 +75,21 @@ class InputStats:
 
     def as_dict(self) -> dict:
         """Normalised (per-token) statistics, the ``stats`` a method's ``apply`` receives (summed over every
-        process first: each one saw its own share of the windows)."""
+        process first: each one saw its own share of the windows). The sums are divided in place (no second
+        n x n matrix): call it once, when the accumulation is over."""
+        if self.tokens < 0:
+            raise RuntimeError("as_dict was already called on these statistics")
         for tensor in (self.cov, self.abs_sum, self.cross, self.dense_cov):
             if tensor is not None:
                 sum_(tensor)
-        self.tokens = int(sum_number(self.tokens))
-        if self.tokens == 0:
+        tokens = int(sum_number(self.tokens))
+        if tokens == 0:
             raise CompressError("activation statistics: a targeted module saw no tokens")
-        n = float(self.tokens)
-        out = {"cov": self.cov / n, "abs_mean": self.abs_sum / n, "tokens": self.tokens}
-        out["cross"] = None if self.cross is None else self.cross / n
-        out["dense_cov"] = None if self.dense_cov is None else self.dense_cov / n
+        self.tokens = -1
+        n = float(tokens)
+        out = {"cov": self.cov.div_(n), "abs_mean": self.abs_sum.div_(n), "tokens": tokens}
+        out["cross"] = None if self.cross is None else self.cross.div_(n)
+        out["dense_cov"] = None if self.dense_cov is None else self.dense_cov.div_(n)
         return out
 
 
@@ -620,6 +625,7 @@ def _collect(
     missing = [name for name in targeted if name not in stats]
     if missing:
         raise CompressError(f"activation statistics: {missing} were never called in layer {index}")
+    trim_heap()  # the passes' float64 copies of every batch, freed but still resident
     return stats, outputs, next_dense
 
 

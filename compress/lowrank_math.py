@@ -60,17 +60,21 @@ def damped_cholesky(
     definite already) and grows by ``grow`` until the factorisation succeeds, so rank-deficient
     or all-zero activations still give a finite, invertible factor. Returns ``(L, eps)``.
     """
-    cov = cov.detach().to(torch.float64)
-    cov = (cov + cov.T) / 2
-    n = cov.shape[0]
-    eye = torch.eye(n, dtype=cov.dtype, device=cov.device)
+    # (cov + cov^T) / 2 and cov + eps I, built in place on one copy: at 7B shapes every n x n float64 matrix
+    # is 1 GB (the values are those of the out-of-place expressions, bit for bit)
+    source = cov.detach()
+    cov = source.to(torch.float64, copy=True)
+    cov.add_(source.T.to(torch.float64)).div_(2)
     L, info = torch.linalg.cholesky_ex(cov)
     if int(info) == 0 and torch.isfinite(L).all() and bool((L.diagonal() > 0).all()):
         return L, 0.0
     scale = float(cov.diagonal().mean().clamp_min(0))
     eps = start * scale if scale > 0 and torch.isfinite(torch.tensor(scale)) else 1e-6
+    diagonal = cov.diagonal().clone()
     for _ in range(max_tries):
-        L, info = torch.linalg.cholesky_ex(cov + eps * eye)
+        del L
+        cov.diagonal().copy_(diagonal + eps)
+        L, info = torch.linalg.cholesky_ex(cov)
         if int(info) == 0 and torch.isfinite(L).all() and bool((L.diagonal() > 0).all()):
             return L, eps
         eps *= grow
@@ -93,11 +97,12 @@ def shrink(cov: torch.Tensor, diag_source: torch.Tensor, shrinkage: float, ridge
     ``ridge`` (relative to the mean variance) keeps a Cholesky factor well defined when some channels
     are never active.
     """
-    C = cov.to(torch.float64)
     if shrinkage <= 0 and ridge <= 0:
-        return C
+        return cov.to(torch.float64)
     diag = diag_source.to(torch.float64).diagonal().clamp_min(0)
-    return C + torch.diag(shrinkage * diag + ridge * diag.mean().clamp_min(1e-30))
+    C = cov.to(torch.float64, copy=True)  # the diagonal added in place: no second n x n matrix
+    C.diagonal().add_(shrinkage * diag + ridge * diag.mean().clamp_min(1e-30))
+    return C
 
 
 def _split_sqrt(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,8 +144,7 @@ def whitened_factors(
     (:func:`damped_cholesky`), so rank-deficient activations stay finite.
     """
     W = weight.detach().to(torch.float64)
-    C = shrink(cov, cov, shrinkage)
-    L, _ = damped_cholesky(C)
+    L, _ = damped_cholesky(shrink(cov, cov, shrinkage))  # the shrunk copy is freed at once
     if cross is None:
         Z = W @ L  # W C L^{-T} = W L L^T L^{-T} = W L
     else:

@@ -23,7 +23,7 @@ from torch import nn
 from .methods.base import Method, ModelStats, Planner, StageContext, StageResult
 from .registry import get_method
 from .targets import layer_index, replace_module, select_modules
-from .utils import peak_rss_bytes, progress_iter
+from .utils import peak_rss_bytes, progress_iter, trim_heap
 
 
 class ModelPlanner(Planner):
@@ -121,6 +121,7 @@ def _apply_layers(model: nn.Module, method: Method, config, ctx: StageContext, w
         replace_module(model, name, replacement.module)
         if replacement.module is not module:  # the replaced module stays referenced by `chosen`: free its weights
             module.to("meta")
+        trim_heap()  # the factorisation's float64 work matrices, freed but still resident
         made.append(name)
         if store is not None:
             store.record(name, replacement.module, replacement.info)
