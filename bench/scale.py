@@ -202,10 +202,10 @@ def render(rows: list[dict]) -> str:
         "Written by `python bench/scale.py`: each row is one `compress run` of a whitening low-rank stage at 20 % "
         "(uniform ranks, sequential, 16 calibration windows of 512 tokens, token perplexity on 4 held-out windows), "
         "streamed layer by layer (the default) or with `--in-memory`, on CPU. Peak RSS from report.json: by the "
-        "end of compression (the stage's), and in brackets of the whole run (the evaluation's logits, 4 windows x "
-        "512 x 49,152 in float32 and their log-softmax, set a floor of about 2.7 GiB); x fp32 = compression peak / "
-        "the checkpoint's fp32 bytes. Synthetic models have random weights (their perplexity only shows that "
-        "both paths agree).",
+        "end of compression (the stage's), and in brackets of the whole run (its evaluation holds the logits of "
+        "4 windows x 512 x 49,152 in float32, 0.4 GB); x fp32 = compression peak / the checkpoint's fp32 bytes. "
+        "Synthetic models have random weights (their perplexity only shows that both paths agree). Each row "
+        "is as of its date: a row measured before a memory change still shows the old code's numbers.",
         "",
         "| model | path | parameters | fp32 GB | peak RSS GiB: compression (run) | x fp32 | compression s | "
         "s / layer | targeted params / layer | held-out ppl | threads |",
@@ -237,7 +237,7 @@ def render(rows: list[dict]) -> str:
             "",
             "Re-measured rows against their previous measurement (peak RSS GiB: compression (run); compression s):",
             "",
-            "| model | path | before | after | code change between |",
+            "| model | path | before | after | code change since |",
             "|---|---|---|---|---|",
         ]
         for r in remeasured:
