@@ -45,3 +45,25 @@ def cli_eval_one_window(model_folder, scores_json) -> dict:
     assert main([*args, "--json", str(scores_json)]) == 0
     with open(scores_json) as f:
         return json.load(f)
+
+
+def kill_after_layers(command: list[str], out, layers: int, **popen) -> int:
+    """Start a streamed `compress run ... --out OUT` as a process, SIGKILL it (no clean-up: its unfinished run
+    stays for --resume) once its resume state says ``layers`` layers are done, and return how many were."""
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    out = Path(out)
+    state = out.parent / f".{out.name}.partial" / ".resume" / "state.pt"
+    proc = subprocess.Popen([*command, "--out", str(out)], **popen)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_file() and torch.load(state, weights_only=True)["layers_done"] >= layers:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed between layers"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return torch.load(state, weights_only=True)["layers_done"]

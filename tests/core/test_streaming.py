@@ -14,7 +14,7 @@ from compress.eval.perplexity import perplexity
 from compress.eval.streamed import streamed_perplexity
 from compress.streaming import StreamedModel
 from tests.recipes.test_shipped_recipes import tiny_gemma3
-from tests.tiny import make_tiny_llama
+from tests.tiny import kill_after_layers, make_tiny_llama
 
 LOWRANK = {"method": "lowrank", "reduction": 0.4, "backend": "whiten"}
 
@@ -209,10 +209,8 @@ def test_streamed_output_sensitivities_equal_the_whole_model_ones(tmp_path):
 
 def test_a_killed_streamed_run_resumes_to_the_same_checkpoint(tmp_path, smol_tokenizer):
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
     import yaml
 
@@ -237,17 +235,7 @@ def test_a_killed_streamed_run_resumes_to_the_same_checkpoint(tmp_path, smol_tok
     subprocess.run([*cli, "--out", str(tmp_path / "whole")], env=env, check=True)
 
     out = tmp_path / "killed"
-    state = tmp_path / ".killed.partial" / ".resume" / "state.pt"
-    proc = subprocess.Popen([*cli, "--out", str(out)], env=env)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.is_file() and torch.load(state, weights_only=True)["layers_done"] >= 2:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed between layers"
-    proc.send_signal(signal.SIGKILL)  # no clean-up: the unfinished run stays for --resume
-    proc.wait()
-    done = torch.load(state, weights_only=True)["layers_done"]
+    done = kill_after_layers(cli, out, 2, env=env)
     assert 2 <= done < 8 and not out.exists()
 
     other = tmp_path / "other.yaml"

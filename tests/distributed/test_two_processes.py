@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from compress.models import save_folder
-from tests.tiny import make_tiny_llama
+from tests.tiny import kill_after_layers, make_tiny_llama
 
 RECIPE = {
     "name": "tiny-two-processes",
@@ -83,11 +83,6 @@ def _torchrun(*args):
 
 @pytest.mark.integration
 def test_two_processes_stream_the_model_one_process_streams_and_resume_its_killed_run(tmp_path, smol_tokenizer):
-    import signal
-    import time
-
-    import torch
-
     folder = tmp_path / "tiny"
     model = make_tiny_llama(vocab_size=len(smol_tokenizer), hidden=256, intermediate=768, layers=8)
     save_folder(model, smol_tokenizer, folder)
@@ -99,18 +94,8 @@ def test_two_processes_stream_the_model_one_process_streams_and_resume_its_kille
     _run(_torchrun(*run, "--out", str(two)), tmp_path)
 
     # a one-process run killed between layers, resumed by two processes: the saved streams are re-shared
-    state = tmp_path / ".resumed.partial" / ".resume" / "state.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", *run, "--out", str(resumed)], cwd=tmp_path, env=env)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.is_file() and torch.load(state, weights_only=True)["layers_done"] >= 2:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed between layers"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = torch.load(state, weights_only=True)["layers_done"]
+    done = kill_after_layers([sys.executable, "-m", *run], resumed, 2, cwd=tmp_path, env=env)
     assert 2 <= done < 8
     _run(_torchrun(*run, "--out", str(resumed), "--resume"), tmp_path)
 

@@ -329,12 +329,7 @@ def test_a_variant_streams_statistics_are_pooled_with_the_main_streams():
     windows = _windows()
     modules = select_modules(model, TARGETS)
     seen = {}
-
-    def on_layer(index, layer_modules, stats):
-        for name, module in layer_modules.items():
-            seen[name] = stats[name]
-            A, B = truncated_svd_factors(module.weight, 8)
-            replace_module(model, name, LowRankLinear.from_factors(A, B, module.bias))
+    on_layer = _compress_rank(8, seen, [], model)
 
     def layer0_at_rank(rank):
         for module in model.model.layers[0].modules():
