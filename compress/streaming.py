@@ -60,6 +60,7 @@ class StreamedModel:
             self.model.config.quantization_config = section
         self.files = tensor_files(self.folder)
         self.layers_name, self.layers = _layer_stack(self.model)
+        self._outside_loaded = False  # whether materialise() read the tensors outside the layers
 
     def tensors(self, prefix: str) -> list[tuple[str, torch.Tensor]]:
         """(full name, tensor) of every parameter and persistent buffer under ``prefix`` ("" = the whole model)."""
@@ -91,6 +92,7 @@ class StreamedModel:
                     set_module_tensor_to_device(self.model, name, self.device, value=value, dtype=dtype)
         if not prefix or not prefix.startswith(inside):
             self._tie()
+            self._outside_loaded = True
 
     def release_outside(self) -> None:
         """Drop the tensors outside the decoder layers (embedding, final norm, head) back to the meta device:
@@ -99,6 +101,9 @@ class StreamedModel:
 
         from .utils import trim_heap
 
+        if not self._outside_loaded:  # already dropped: the walk calls this before every layer
+            return
+        self._outside_loaded = False
         inside = f"{self.layers_name}."
         for name, tensor in self.tensors(""):
             if not name.startswith(inside) and tensor.device.type != "meta":
