@@ -218,8 +218,9 @@ def test_calibrating_on_another_budget_pools_its_stream_from_layer_1_on(elastic_
     assert selections(pooled) == selections(plain)  # the ranks come from the curves, not from the streams
     for name, module in elastic_modules(plain).items():
         other = pooled.get_submodule(name)
-        same = torch.equal(module.A, other.A) and torch.equal(module.B, other.B)
-        assert same == (".layers.0." in name), name  # layer 0's inputs are the same on every stream
+        # layer 0's inputs are the same on every stream: equal up to the rounding of a threaded sum
+        same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in ((module.A, other.A), (module.B, other.B)))
+        assert same == (".layers.0." in name), name
 
     with pytest.raises(CompressError, match="calibrate_on budgets must lie in the elastic range"):
         bad = {**ELASTIC, "elastic": {**ELASTIC["elastic"], "calibrate_on": [0.7]}}
