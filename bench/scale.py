@@ -7,10 +7,16 @@ the whole process's (report.json), against the checkpoint's fp32 bytes; seconds 
 stage's calibration summary. Models: SmolLM2-135M, and synthetic Llama-shaped checkpoints with random weights
 (normal(0, 0.02), shards of at most 1 GB written one tensor at a time, SmolLM2's tokenizer) of about 0.5B,
 1.3B, 3B and 7B parameters (the last with Llama-2-7B's shapes: about 27 GB in fp32, more than this machine's
-RAM), kept in a cache folder outside the repository.
+RAM), kept in a cache folder outside the repository. A synthetic name with a depth suffix (``synthetic-7b-4l``) has
+the same layers but only that many of them: on a lent GPU it gives the seconds per layer without writing and
+walking the whole depth.
 
     python bench/scale.py smollm2-135m synthetic-0.5b          # the rows to (re)measure
+    python bench/scale.py synthetic-7b-4l --device cuda --recipe lowrank-20 --paths streamed   # a GPU row
     python bench/scale.py --render                             # only rewrite the markdown from the json
+
+``--recipe lowrank-20`` runs the shipped recipe's compression settings (dense-target whitening, sub-layer
+calibration, sensitivity allocation, 64 windows) with this benchmark's evaluation and output.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -63,18 +70,38 @@ RECIPE = {
 }
 
 
+def synthetic_base(name: str) -> str | None:
+    """The SYNTHETIC entry behind ``name`` (``synthetic-7b`` or its depth-cut ``synthetic-7b-4l``), or None."""
+    base = re.sub(r"-\d+l$", "", name)
+    return base if base in SYNTHETIC else None
+
+
+def synthetic_shape(name: str) -> tuple[int, int, int, int, int]:
+    hidden, layers, inter, heads, kv = SYNTHETIC[synthetic_base(name)]
+    cut = re.search(r"-(\d+)l$", name)
+    return hidden, int(cut.group(1)) if cut else layers, inter, heads, kv
+
+
+def tokenizer_folder() -> Path:
+    """SmolLM2's tokenizer: ``$COMPRESS_SCALE_TOKENIZER`` (a folder holding it, for a machine without the bundled
+    model's package), else the bundled model's folder."""
+    if os.environ.get("COMPRESS_SCALE_TOKENIZER"):
+        return Path(os.environ["COMPRESS_SCALE_TOKENIZER"])
+    from compress.models import ensure_bundled
+
+    return ensure_bundled("smollm2-135m")
+
+
 def synthetic_checkpoint(name: str) -> Path:
     """The synthetic checkpoint ``name``, written once into the cache (tensor by tensor, 1 GB shards)."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, LlamaConfig
 
-    from compress.models import ensure_bundled
-
     folder = CACHE / name
     if (folder / "model.safetensors.index.json").is_file():
         return folder
-    hidden, layers, inter, heads, kv = SYNTHETIC[name]
+    hidden, layers, inter, heads, kv = synthetic_shape(name)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -89,10 +116,10 @@ def synthetic_checkpoint(name: str) -> Path:
         tie_word_embeddings=False,
         bos_token_id=1,
         eos_token_id=2,
-        dtype="bfloat16" if name in STORED_BF16 else "float32",
+        dtype="bfloat16" if synthetic_base(name) in STORED_BF16 else "float32",
     )
     config.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(ensure_bundled("smollm2-135m")).save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(tokenizer_folder()).save_pretrained(tmp)
     head_dim = hidden // heads
     shapes = [("model.embed_tokens.weight", (VOCAB, hidden))]
     for i in range(layers):
@@ -122,7 +149,7 @@ def synthetic_checkpoint(name: str) -> Path:
             shard, size = {}, 0
 
     total = 0
-    dtype = torch.bfloat16 if name in STORED_BF16 else torch.float32
+    dtype = torch.bfloat16 if synthetic_base(name) in STORED_BF16 else torch.float32
     for tensor_name, shape in shapes:
         if len(shape) == 1:
             value = torch.ones(shape, dtype=dtype)
@@ -158,18 +185,30 @@ def fp32_bytes(folder: Path) -> int:
     return total
 
 
-def run_row(model: str, in_memory: bool, threads: int) -> dict:
+def recipe_for(recipe: str, model: str) -> dict:
+    """The benchmark's recipe (``whiten-20``), or the shipped ``lowrank-20``'s stages and calibration with this
+    benchmark's evaluation and output; bf16-stored sources are written back in their dtype."""
+    if recipe == "whiten-20":
+        body = dict(RECIPE)
+    else:
+        shipped = yaml.safe_load((ROOT / "recipes" / f"{recipe}.yaml").read_text())
+        body = {**shipped, "eval": RECIPE["eval"], "output": RECIPE["output"]}
+    dtype = "auto" if synthetic_base(model) in STORED_BF16 else "float32"
+    return {**body, "output": {**body["output"], "dtype": dtype}}
+
+
+def run_row(model: str, in_memory: bool, threads: int, device: str = "cpu", recipe: str = "whiten-20") -> dict:
     from compress.models import model_folder
 
-    source = synthetic_checkpoint(model) if model in SYNTHETIC else model_folder(model)
-    out = ROOT / "runs" / "bench" / f"scale-{model}-{'in-memory' if in_memory else 'streamed'}"
+    source = synthetic_checkpoint(model) if synthetic_base(model) else model_folder(model)
+    tag = f"{model}-{'in-memory' if in_memory else 'streamed'}-{recipe}-{device}"
+    out = ROOT / "runs" / "bench" / f"scale-{tag}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    recipe = out.parent / f"{out.name}.recipe.yaml"
-    output = {**RECIPE["output"], "dtype": "auto" if model in STORED_BF16 else "float32"}
-    recipe.write_text(yaml.safe_dump({**RECIPE, "output": output}, sort_keys=False))
+    recipe_file = out.parent / f"{out.name}.recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe_for(recipe, model), sort_keys=False))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    command = [sys.executable, "-m", "compress", "run", str(recipe), str(source), "--out", str(out)]
-    command += ["--overwrite", "--quiet"] + (["--in-memory"] if in_memory else [])
+    command = [sys.executable, "-m", "compress", "run", str(recipe_file), str(source), "--out", str(out)]
+    command += ["--overwrite", "--quiet", "--device", device] + (["--in-memory"] if in_memory else [])
     start = time.perf_counter()
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -181,11 +220,15 @@ def run_row(model: str, in_memory: bool, threads: int) -> dict:
     row = {
         "model": model,
         "path": report["path"],
+        "recipe": recipe,
+        "device": device,
+        "device_name": gpu_name() if device == "cuda" else "CPU",
         "threads": threads,
         "params": report["size"]["params_before"],
         "fp32_bytes": fp32_bytes(source),
         "peak_rss_bytes": report["timing"]["peak_rss_bytes"],
         "compression_peak_rss_bytes": stage["peak_rss_bytes"],  # by the end of compression, before the evaluation
+        "peak_gpu_bytes": report["timing"].get("peak_gpu_bytes"),
         "compression_s": report["timing"]["compression_wall_time_s"],
         "run_s": time.perf_counter() - start,
         "layers": calibration["layers"],
@@ -200,7 +243,19 @@ def run_row(model: str, in_memory: bool, threads: int) -> dict:
     return row
 
 
-def render(rows: list[dict]) -> str:
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name()
+
+
+def row_key(row: dict) -> tuple:
+    """Rows measured before the device and recipe columns existed are CPU rows of the benchmark's recipe."""
+    return row["model"], row["path"], row.get("device", "cpu"), row.get("recipe", "whiten-20")
+
+
+def render(all_rows: list[dict]) -> str:
+    rows = [r for r in all_rows if row_key(r)[2:] == ("cpu", "whiten-20")]
     lines = [
         "# Memory and time at scale",
         "",
@@ -270,13 +325,52 @@ def render(rows: list[dict]) -> str:
             total = r["seconds_per_layer"] * r["layers"]
             shares = [f"{100 * r['phase_seconds'].get(p, 0.0) / total:.1f} %" for p in phases]
             lines.append(f"| {r['model']} | {r['path']} | " + " | ".join(shares) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + render_other_rows([r for r in all_rows if r not in rows])) + "\n"
+
+
+def render_other_rows(rows: list[dict]) -> list[str]:
+    """GPU rows and rows of the shipped lowrank-20's settings: seconds per layer, GPU and host memory."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## On a GPU, and with lowrank-20's settings",
+        "",
+        "`--device cuda` runs each layer on the GPU while the rest of the model stays in its shards; `-Nl` models "
+        "are the synthetic model's first N layers (same shapes, the embedding and head included), enough for "
+        "the seconds per layer. `lowrank-20` = the shipped recipe's compression (dense-target whitening, "
+        "sub-layer calibration, sensitivity allocation, 64 windows) with this benchmark's evaluation. Peak "
+        "GPU = torch's most allocated at once; phases as above.",
+        "",
+        "| model | recipe | device | layers | targeted params / layer | s / layer | compression s | peak GPU GiB | "
+        "peak RSS GiB: compression (run) | read | forward | statistics | factorise | write | date |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        total = r["seconds_per_layer"] * r["layers"]
+        shares = [
+            f"{100 * r.get('phase_seconds', {}).get(p, 0.0) / total:.0f} %"
+            for p in ("read", "forward", "statistics", "factorise", "write")
+        ]
+        gpu = f"{r['peak_gpu_bytes'] / 2**30:.1f}" if r.get("peak_gpu_bytes") else "-"
+        on_gpu = r.get("device", "cpu") == "cuda"
+        device = r.get("device_name", "CPU") + ("" if on_gpu else f", {r['threads']} thread(s)")
+        lines.append(
+            f"| {r['model']} | {r.get('recipe', 'whiten-20')} | {device} | {r['layers']} | "
+            f"{r['targeted_params_per_layer'] / 1e6:.1f} M | {r['seconds_per_layer']:.2f} | {r['compression_s']:.0f} | "
+            f"{gpu} | {r['compression_peak_rss_bytes'] / 2**30:.2f} ({r['peak_rss_bytes'] / 2**30:.2f}) | "
+            + " | ".join(shares)
+            + f" | {r['date']} |"
+        )
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", help="smollm2-135m, gemma3-270m or " + ", ".join(SYNTHETIC))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--recipe", default="whiten-20", choices=["whiten-20", "lowrank-20"])
     parser.add_argument("--paths", nargs="+", default=["streamed", "in-memory"], choices=["streamed", "in-memory"])
     parser.add_argument("--render", action="store_true")
     parser.add_argument("--change", default="", help="what changed since a re-measured row's last measurement")
@@ -285,8 +379,9 @@ def main() -> None:
     if not args.render:
         for model in args.models:
             for path in args.paths:
-                row = {**run_row(model, path == "in-memory", args.threads), "change": args.change}
-                old = next((r for r in rows if (r["model"], r["path"]) == (row["model"], row["path"])), None)
+                row = run_row(model, path == "in-memory", args.threads, args.device, args.recipe)
+                row["change"] = args.change
+                old = next((r for r in rows if row_key(r) == row_key(row)), None)
                 if old is not None:  # the last measurement stays beside the new one (before / after)
                     row["before"] = {k: v for k, v in old.items() if k != "before"}
                 rows = [r for r in rows if r is not old] + [row]

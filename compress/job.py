@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import distributed
 from .errors import CompressError, RunIncomplete, describe_exception, write_traceback
-from .utils import StagedFolder, folder_bytes, peak_rss_bytes, require, return_freed_memory
+from .utils import StagedFolder, folder_bytes, peak_gpu_bytes, peak_rss_bytes, require, return_freed_memory
 
 ERROR_LOG = "error.log"
 
@@ -274,7 +274,11 @@ def run_job(
                 "folder_bytes_after": folder_bytes(tmp / "model"),
                 "dtype": info.dtype,
             },
-            "timing": {"compression_wall_time_s": info.wall_time_s, "peak_rss_bytes": peak_rss_bytes()},
+            "timing": {
+                "compression_wall_time_s": info.wall_time_s,
+                "peak_rss_bytes": peak_rss_bytes(),
+                "peak_gpu_bytes": peak_gpu_bytes(),
+            },
             "calibration": None
             if info.calibration is None
             else {
@@ -317,6 +321,7 @@ def run_job(
 
         def write_the_report():
             report["timing"]["peak_rss_bytes"] = peak_rss_bytes()
+            report["timing"]["peak_gpu_bytes"] = peak_gpu_bytes()
             write_report(report, [r.series for r in results], tmp)
 
         _finish_steps(

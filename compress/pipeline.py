@@ -23,7 +23,7 @@ from torch import nn
 from .methods.base import Method, ModelStats, Planner, StageContext, StageResult
 from .registry import get_method
 from .targets import layer_index, replace_module, select_modules
-from .utils import peak_rss_bytes, progress_iter, trim_heap
+from .utils import peak_gpu_bytes, peak_rss_bytes, progress_iter, trim_heap
 
 
 class ModelPlanner(Planner):
@@ -273,6 +273,8 @@ def apply_stage(model: nn.Module, config, ctx: StageContext, where: str = "stage
     result = _LEVELS[method.level](model, method, config, ctx, where)
     result.summary.setdefault("wall_time_s", time.perf_counter() - start)
     result.summary["peak_rss_bytes"] = peak_rss_bytes()
+    if (gpu := peak_gpu_bytes()) is not None:
+        result.summary["peak_gpu_bytes"] = gpu
     return result
 
 

@@ -38,6 +38,15 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def peak_gpu_bytes() -> int | None:
+    """The most GPU memory torch has held at once on any one GPU of this process (None when no GPU was used)."""
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+
+
 def trim_heap() -> None:
     """Hand the heap's freed pages back to the system; a no-op off glibc. glibc keeps them resident: measured
     on a streamed walk of SmolLM2's 30 layers, the process grew by one freed layer per layer (1.04 GiB; 0.56
