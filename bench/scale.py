@@ -216,7 +216,10 @@ def run_row(model: str, in_memory: bool, threads: int, device: str = "cpu", reci
     report = json.loads((out / "report.json").read_text())
     stage = report["stages"][0]["summary"]
     calibration = stage["calibration"]
-    layer_params = sum(r["params_before"] for r in report["stages"][0]["rows"]) / calibration["layers"]
+    targets = report["stages"][0]["rows"]
+    # over the layers that hold targets: an allocation may keep a whole layer dense, which is not calibrated
+    decoder_layers = len({re.search(r"layers\.(\d+)\.", r["module"]).group(1) for r in targets})
+    layer_params = sum(r["params_before"] for r in targets) / decoder_layers
     row = {
         "model": model,
         "path": report["path"],
@@ -231,7 +234,8 @@ def run_row(model: str, in_memory: bool, threads: int, device: str = "cpu", reci
         "peak_gpu_bytes": report["timing"].get("peak_gpu_bytes"),
         "compression_s": report["timing"]["compression_wall_time_s"],
         "run_s": time.perf_counter() - start,
-        "layers": calibration["layers"],
+        "layers": calibration["layers"],  # calibrated
+        "decoder_layers": decoder_layers,
         "seconds_per_layer": calibration["layer_seconds_total"] / calibration["layers"],
         "phase_seconds": calibration.get("phase_seconds", {}),
         "targeted_params_per_layer": layer_params,
@@ -342,8 +346,8 @@ def render_other_rows(rows: list[dict]) -> list[str]:
         "sub-layer calibration, sensitivity allocation, 64 windows) with this benchmark's evaluation. Peak "
         "GPU = torch's most allocated at once; phases as above.",
         "",
-        "| model | recipe | device | layers | targeted params / layer | s / layer | compression s | peak GPU GiB | "
-        "peak RSS GiB: compression (run) | read | forward | statistics | factorise | write | date |",
+        "| model | recipe | device | layers calibrated | targeted params / layer | s / layer | compression s | "
+        "peak GPU GiB | peak RSS GiB: compression (run) | read | forward | statistics | factorise | write | date |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -356,13 +360,19 @@ def render_other_rows(rows: list[dict]) -> list[str]:
         on_gpu = r.get("device", "cpu") == "cuda"
         device = r.get("device_name", "CPU") + ("" if on_gpu else f", {r['threads']} thread(s)")
         lines.append(
-            f"| {r['model']} | {r.get('recipe', 'whiten-20')} | {device} | {r['layers']} | "
+            f"| {r['model']} | {r.get('recipe', 'whiten-20')} | {device} | "
+            f"{r['layers']} of {r.get('decoder_layers', r['layers'])} | "
             f"{r['targeted_params_per_layer'] / 1e6:.1f} M | {r['seconds_per_layer']:.2f} | {r['compression_s']:.0f} | "
             f"{gpu} | {r['compression_peak_rss_bytes'] / 2**30:.2f} ({r['peak_rss_bytes'] / 2**30:.2f}) | "
             + " | ".join(shares)
             + f" | {r['date']} |"
         )
-    return lines
+    notes = [
+        f"- {r['model']} ({r.get('recipe', 'whiten-20')}, {r.get('device', 'cpu')}): {r['note']}"
+        for r in rows
+        if r.get("note")
+    ]
+    return lines + ([""] + notes if notes else [])
 
 
 def main() -> None:
