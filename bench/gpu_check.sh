@@ -9,7 +9,7 @@
 # 3. the whitening-only benchmark recipe on the 7B-shaped model, if time is left.
 # Every step has its own time limit and the script stops starting steps past DEADLINE_S seconds, so one slow
 # step cannot take the others' results with it. Logs and results are copied to $OUT (when set) after each step.
-# For a machine without registry access: WHEELS=DIR installs the wheels in DIR first (into a private folder on
+# SCALE=0 skips the scale rows (steps 1 and 3). For a machine without registry access: WHEELS=DIR installs the wheels in DIR first (into a private folder on
 # PYTHONPATH), COMPRESS_CACHE=DIR holds the parsed calibration corpus, COMPRESS_SCALE_TOKENIZER=DIR SmolLM2's
 # tokenizer (see bench/scale.py).
 set -uo pipefail
@@ -72,17 +72,19 @@ scale_row() {  # MODEL RECIPE LIMIT_S
     return $rc
 }
 
-if scale_row "synthetic-3b-${SCALE_LAYERS}l" lowrank-20 200; then
-    scale_row "synthetic-7b-${SCALE_LAYERS}l" lowrank-20 240 || status=1
-else
-    status=1
+if [ "${SCALE:-1}" = 1 ]; then
+    if scale_row "synthetic-3b-${SCALE_LAYERS}l" lowrank-20 200; then
+        scale_row "synthetic-7b-${SCALE_LAYERS}l" lowrank-20 240 || status=1
+    else
+        status=1
+    fi
 fi
 left=$(time_left)
 if [ "$left" -gt 60 ]; then
     env -u TRITON_INTERPRET timeout "$left" "$PY" bench/kernel_checks.py --gpu 2>&1 | tee "$LOGS/bench_kernels.log" || status=1
 fi
 collect
-if [ "$status" -eq 0 ]; then
+if [ "$status" -eq 0 ] && [ "${SCALE:-1}" = 1 ]; then
     scale_row "synthetic-7b-${SCALE_LAYERS}l" whiten-20 200 || true
 fi
 echo "gpu_check: status $status after $((SECONDS - START)) s"

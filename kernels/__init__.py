@@ -8,8 +8,8 @@ Public ops (x [..., n] -> y [..., m], output in x.dtype, differentiable in every
 * ``lowrank_sparse_linear(x, U, V, sc_values, sc_channels, bias=None)``
   y = U (V x) + sc_values x[..., sc_channels] + bias;  U [m, r], V [r, n], sc_values [m, c]
 
-Dispatch: Triton when all tensors are on CUDA and triton imports, the reference otherwise;
-``COMPRESS_KERNELS=reference|triton`` forces one. Importing this package does not import triton.
+Dispatch: the reference unless ``COMPRESS_KERNELS=triton`` (on an H200 the kernels measured slower than the
+reference's cuBLAS products; see ``_dispatch``). Importing this package does not import triton.
 """
 
 import importlib.machinery

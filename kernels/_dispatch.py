@@ -1,9 +1,11 @@
 """Backend choice shared by every op (no triton import here).
 
-Rule: Triton when every tensor is on CUDA and triton imports; the PyTorch reference otherwise.
-``COMPRESS_KERNELS=reference|triton`` forces one (``auto`` or unset = the rule). Forcing triton on
-CPU tensors works only under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is
-imported); the launcher raises a clear error otherwise.
+Rule: the PyTorch reference, on every device. Measured on an H200 (bench/results/kernels.md, 2026-12-04)
+the compiled Triton kernels are correct but 5-500x slower than the same maths as cuBLAS products, so
+``auto`` does not pick them until a kernel is measured faster. ``COMPRESS_KERNELS=reference|triton``
+forces one (``auto`` or unset = the rule). Forcing triton on CPU tensors works only under the Triton
+interpreter (``TRITON_INTERPRET=1`` set before triton is imported); the launcher raises a clear error
+otherwise.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import collections
 import contextlib
 import contextvars
 import os
-import warnings
 from collections.abc import Iterator
 
 import torch
@@ -23,7 +24,6 @@ BACKENDS = ("auto", "reference", "triton")
 # How often each backend ran, per op: lets tests prove the intended path really ran.
 dispatch_counts: collections.Counter[tuple[str, str]] = collections.Counter()
 
-_triton_ok: bool | None = None
 # read-only: a change sets a new merged dict (see below), so the shared default is never mutated
 _config_overrides: contextvars.ContextVar[dict] = contextvars.ContextVar("compress_kernels_config", default={})  # noqa: B039
 
@@ -35,34 +35,10 @@ def requested_backend() -> str:
     return value
 
 
-def triton_importable() -> bool:
-    """True when ``import triton`` works. Only a missing triton counts as 'no'; other errors propagate."""
-    global _triton_ok
-    if _triton_ok is None:
-        try:
-            import triton  # noqa: F401
-
-            _triton_ok = True
-        except ModuleNotFoundError as err:
-            if err.name != "triton":
-                raise
-            warnings.warn(
-                "triton is not installed: compress.kernels uses the PyTorch reference on CUDA",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            _triton_ok = False
-    return _triton_ok
-
-
 def choose_backend(*tensors: torch.Tensor | None) -> str:
+    """The backend for an op on ``tensors``: the forced one, else the reference (the rule above)."""
     req = requested_backend()
-    if req != "auto":
-        return req
-    present = [t for t in tensors if t is not None]
-    if present and all(t.is_cuda for t in present) and triton_importable():
-        return "triton"
-    return "reference"
+    return "reference" if req == "auto" else req
 
 
 def record(op: str, backend: str) -> None:
