@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The reference does its maths in fp32 for half types, in the input dtype otherwise."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The reference's maths dtype: x's own, except half types off CUDA, which run in fp32. On CUDA the half
+    products accumulate in fp32 inside cuBLAS anyway, and upcasting the weights first made the reference 4-14x
+    slower than the same products in bf16 (bench/results/kernels.md, H200: '2 x cuBLAS' against 'reference')."""
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    return torch.float32 if half and not x.is_cuda else x.dtype
 
 
 def check_same(op: str, x: torch.Tensor, named: dict[str, torch.Tensor | None]) -> None:

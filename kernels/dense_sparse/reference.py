@@ -16,7 +16,7 @@ def dense_sparse_linear_ref(
     k: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    ct = compute_dtype(x.dtype)
+    ct = compute_dtype(x)
     S = colsparse_to_dense(values.to(ct), indices, k)  # [k, n]
     y = (x.to(ct) @ S.T) @ D.to(ct).T
     if bias is not None:

@@ -10,7 +10,7 @@ from .._common import compute_dtype
 def lowrank_linear_ref(
     x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    ct = compute_dtype(x.dtype)
+    ct = compute_dtype(x)
     y = (x.to(ct) @ B.to(ct).T) @ A.to(ct).T
     if bias is not None:
         y = y + bias.to(ct)

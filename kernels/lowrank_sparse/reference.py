@@ -15,7 +15,7 @@ def lowrank_sparse_linear_ref(
     sc_channels: torch.Tensor,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    ct = compute_dtype(x.dtype)
+    ct = compute_dtype(x)
     xc = x.to(ct)
     y = (xc @ V.to(ct).T) @ U.to(ct).T + xc.index_select(-1, sc_channels.long()) @ sc_values.to(ct).T
     if bias is not None:
