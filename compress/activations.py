@@ -405,7 +405,8 @@ def calibrate_sequentially(
 
     ``statistics``: ``cov`` (input covariance etc., see :class:`InputStats`), ``io`` (each module's input
     and output tokens) or ``none`` (``stats[name]`` is None: the stream is run only to carry it on).
-    ``on_layer`` replaces (some of) the modules, e.g. with ``replace_module``. With
+    ``on_layer`` replaces (some of) the modules, e.g. with ``replace_module``, and owns the ``stats`` it
+    gets (it may drop entries as it goes: the engine reads them no more). With
     ``sequential=True`` the layer is then re-run (compressed) to make the next layer's inputs,
     so statistics of layer i reflect the already-compressed layers < i; with ``False`` every
     layer sees dense inputs. ``sublayer=True`` (needs ``sequential``) extends this inside the

@@ -146,8 +146,10 @@ def _apply_layers(model: nn.Module, method: Method, config, ctx: StageContext, w
         from .activations import calibrate_sequentially, decoder_layers
 
         def on_layer(index, layer_modules, stats):
+            # the engine's stats are handed over: each module's entry is dropped as it is replaced, so an
+            # input's statistics (q/k/v share one) are freed after their last reader, not at the layer's end
             for name, module in layer_modules.items():
-                replace(name, module, stats[name])
+                replace(name, module, stats.pop(name))
 
         layer_reports = []
         train_layer = None
