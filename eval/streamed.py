@@ -5,7 +5,7 @@ The numbers are those of :func:`perplexity` on the loaded model: the same batche
 with the same keyword arguments, and the model's own forward runs everything outside the layer stack
 (embedding, masks, final norm, head, logit soft-capping), with the layers replaced by stubs that hand
 back the hidden states computed layer by layer. Memory: the windows' hidden states (one tensor per
-batch) plus one decoder layer plus the parts outside the stack.
+batch) plus one decoder layer, or plus the parts outside the stack (read before and after the walk).
 """
 
 from __future__ import annotations
@@ -34,12 +34,14 @@ def streamed_perplexity(
     mine = shard(windows).to(dtype=torch.long)
     with torch.inference_mode():
         hidden, kwargs = capture_layer0_inputs(model, layers, mine, batch_size)
+        stream.release_outside()  # embedding and head are not needed during the walk: at 7B shapes 1.6 GB
         for i in progress_iter(range(len(layers)), "perplexity: layers", progress, total=len(layers)):
             prefix = f"{stream.layers_name}.{i}"
             stream.materialise(prefix)
             hidden = [run_layer(layers[i], x, kw) for x, kw in zip(hidden, kwargs[kinds[i]])]
             stream.release(prefix)
         total = 0.0
+        stream.materialise(skip_layers=True)
         with stubbed_layers(layers) as stubs:  # the model's own tail (final norm, head, soft-capping)
             for b, ids in enumerate(mine.split(batch_size)):
                 stubs[0].replay = hidden[b]
