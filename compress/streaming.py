@@ -277,6 +277,7 @@ class StreamedLayers:
         inside = f"{self.stream.layers_name}."
         self.stream.materialise(skip_layers=True)
         self.writer.write({name: t for name, t in self.stream.tensors("") if not name.startswith(inside)})
+        self.stream.release_outside()  # written: the evaluation that follows reads its own copy (1.6 GB at 7B)
         self.writer.finish()
         if self.state is not None:
             import shutil
