@@ -295,7 +295,7 @@ def render(all_rows: list[dict]) -> str:
             f"Seconds per layer against the layer's targeted parameters (streamed rows, least squares): "
             f"{slope * 1e6:.3f} s per million parameters + {intercept:.2f} s.",
         ]
-    remeasured = [r for r in rows if r.get("before")]
+    remeasured = [r for r in all_rows if r.get("before")]
     if remeasured:
         lines += [
             "",
@@ -306,8 +306,9 @@ def render(all_rows: list[dict]) -> str:
         ]
         for r in remeasured:
             b = r["before"]
+            label = r["model"] + ("" if r in rows else f" ({r.get('recipe', 'whiten-20')}, {r.get('device_name')})")
             lines.append(
-                f"| {r['model']} | {r['path']} | {b['compression_peak_rss_bytes'] / 2**30:.2f} "
+                f"| {label} | {r['path']} | {b['compression_peak_rss_bytes'] / 2**30:.2f} "
                 f"({b['peak_rss_bytes'] / 2**30:.2f}); {b['compression_s']:.0f} s ({b['date']}) | "
                 f"{r['compression_peak_rss_bytes'] / 2**30:.2f} ({r['peak_rss_bytes'] / 2**30:.2f}); "
                 f"{r['compression_s']:.0f} s ({r['date']}) | {r.get('change', '')} |"
@@ -329,7 +330,9 @@ def render(all_rows: list[dict]) -> str:
             total = r["seconds_per_layer"] * r["layers"]
             shares = [f"{100 * r['phase_seconds'].get(p, 0.0) / total:.1f} %" for p in phases]
             lines.append(f"| {r['model']} | {r['path']} | " + " | ".join(shares) + " |")
-    return "\n".join(lines + render_other_rows([r for r in all_rows if r not in rows])) + "\n"
+    lines += render_other_rows([r for r in all_rows if r not in rows])
+    notes = [f"- {' / '.join(row_key(r))}: {r['note']}" for r in all_rows if r.get("note")]
+    return "\n".join(lines + (["", "Notes:", ""] + notes if notes else [])) + "\n"
 
 
 def render_other_rows(rows: list[dict]) -> list[str]:
@@ -367,12 +370,7 @@ def render_other_rows(rows: list[dict]) -> list[str]:
             + " | ".join(shares)
             + f" | {r['date']} |"
         )
-    notes = [
-        f"- {r['model']} ({r.get('recipe', 'whiten-20')}, {r.get('device', 'cpu')}): {r['note']}"
-        for r in rows
-        if r.get("note")
-    ]
-    return lines + ([""] + notes if notes else [])
+    return lines
 
 
 def main() -> None:
