@@ -350,6 +350,11 @@ NOTES = {
     "code: it now heals on 192 windows in one pass (its bench cell's setting) instead of cycling its 64 "
     "compression windows (bench/results/lowrank.md). The v0.3 rows are variants run with `--set` (their "
     "changes are listed in the first table).",
+    "lowrank-20@smollm2-135m": "lowrank-20 v0.9-eigh: the whitened factors come from the Gram matrix's "
+    "eigendecomposition instead of an SVD (and one Cholesky per input): the same held-out perplexity to 6 "
+    "digits, weights different in their last bits. Its compression time (458 s) is not comparable with v0.8's "
+    "377 s: a 7B-shaped benchmark ran on the machine's other core meanwhile (its phases: forward passes 218 s "
+    "against 177 s, factorising 7 s against 10 s).",
 }
 
 
