@@ -4,12 +4,15 @@ import pytest
 import torch
 
 from compress.lowrank_math import (
+    Whitening,
+    _symmetrise_,
     allocate_ranks,
     asvd_factors,
     breakeven_rank,
     damped_cholesky,
     output_error,
     refine_factors,
+    top_factors,
     truncated_svd_factors,
     truncation_error_profile,
     whitened_factors,
@@ -44,6 +47,39 @@ def test_whitening_is_optimal_on_its_objective():
         # SVD-LLM: the error equals the sum of the discarded squared singular values of W S
         s = torch.linalg.svdvals(W @ damped_cholesky(C)[0])
         assert math.isclose(output_error(W, A, B, C), float((s[k:] ** 2).sum()), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (30, 30)])
+def test_top_factors_are_the_truncated_svd(shape):
+    g = torch.Generator().manual_seed(1)
+    Z = torch.randn(*shape, generator=g, dtype=torch.float64) * torch.logspace(0, -3, shape[1], dtype=torch.float64)
+    U, S, Vh = torch.linalg.svd(Z, full_matrices=False)
+    for k in (1, 7, min(shape) - 1, min(shape)):
+        A, B = top_factors(Z, k)
+        best = (U[:, :k] * S[:k]) @ Vh[:k]
+        assert torch.allclose(A @ B, best, atol=1e-12 * float(S[0]), rtol=0)
+        # the sqrt(S) split of the factors: both carry the singular values' square roots, largest first
+        assert torch.allclose(A.norm(dim=0) ** 2, S[:k], rtol=1e-8)
+        assert torch.allclose(B.norm(dim=1) ** 2, S[:k], rtol=1e-8)
+
+
+@pytest.mark.parametrize("tokens", [200, 5])  # 5 tokens: rank-deficient, damped
+def test_a_consumed_whitening_gives_the_same_factors(tokens):
+    W, X = _data(tokens=tokens)
+    C = X @ X.T
+    for cross in (None, C + 0.01 * torch.eye(16, dtype=torch.float64)):
+        expected = whitened_factors(W, C, 6, cross=cross, shrinkage=0.1)
+        given_up = C.clone()
+        whitening = Whitening.of(given_up, 0.1, consume=True)
+        assert torch.equal(whitening.diagonal, C.diagonal())
+        got = whitened_factors(W, whitening, 6, cross=cross, shrinkage=0.1)
+        assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+def test_in_place_symmetrise_matches_the_out_of_place_expression_bit_for_bit():
+    M = torch.randn(37, 37, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    expected = M.clone().add_(M.T).div_(2)
+    assert torch.equal(_symmetrise_(M.clone(), block=8), expected)
 
 
 @pytest.mark.parametrize("kind", ["rank_deficient", "zeros", "huge"])
@@ -129,3 +165,19 @@ def test_allocation_meets_budget_and_beats_uniform_on_planted_curves():
         alloc_loss = sum(0.0 if r is None else float(curves[n][2][r]) for n, r in ranks.items())
         assert alloc_loss < _uniform_loss(curves, reduction)
         assert all(r is None or r <= breakeven_rank(96, 64) for r in ranks.values())
+
+
+def test_modules_sharing_an_input_share_one_whitening_and_give_up_its_covariance():
+    from compress.methods.lowrank.apply import factorise
+
+    W, X = _data()
+    C = X @ X.T
+    stats = {"cov": C.clone(), "abs_mean": X.abs().mean(1)}  # one input read by two modules (q and k, say)
+    first = factorise(W, 5, "whiten", stats, shrinkage=0.1)
+    assert "cov" not in stats and isinstance(stats["whitening"], Whitening)  # the covariance is given up for it
+    second = factorise(2 * W, 5, "whiten", stats, shrinkage=0.1)
+    for got, weight in ((first, W), (second, 2 * W)):
+        assert all(torch.equal(a, b) for a, b in zip(got, whitened_factors(weight, C, 5, shrinkage=0.1)))
+    kept = {"cov": C.clone()}
+    factorise(W, 5, "whiten", kept, shrinkage=0.1, refine=True)  # refine reads the covariance afterwards
+    assert torch.equal(kept["cov"], C)
