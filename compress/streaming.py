@@ -108,6 +108,7 @@ class StreamedModel:
         for name, tensor in self.tensors(""):
             if not name.startswith(inside) and tensor.device.type != "meta":
                 set_module_tensor_to_device(self.model, name, "meta")
+        self._tie()  # moved one by one, a tied head got its own tensor: the model would count it twice
         trim_heap()
 
     def release(self, prefix: str) -> None:
