@@ -204,14 +204,6 @@ def _timings(tokens: list[int], shapes=LLM_SHAPES, device: str = "cuda", timer=_
                     lambda: K.lowrank_linear(x, A, B),
                 ),
                 (
-                    "lowrank reference (default)",
-                    f"k={st['k_lowrank']}",
-                    st["k_lowrank"] * (m + n),
-                    2 * T * st["k_lowrank"] * (m + n),
-                    2 * st["k_lowrank"] * (m + n),
-                    lambda: lowrank_linear_ref(x, A, B),
-                ),
-                (
                     "lowrank, 2 x cuBLAS",
                     f"k={st['k_lowrank']}",
                     st["k_lowrank"] * (m + n),
@@ -226,14 +218,6 @@ def _timings(tokens: list[int], shapes=LLM_SHAPES, device: str = "cuda", timer=_
                     2 * T * (m * st["k_ds"] + values.numel()),
                     2 * m * st["k_ds"] + storage_bytes(values, indices),
                     lambda: K.dense_sparse_linear(x, D, values, indices, st["k_ds"]),
-                ),
-                (
-                    "dense_sparse reference (default)",
-                    f"k={st['k_ds']}, s={st['s']}",
-                    m * st["k_ds"] + values.numel(),
-                    2 * T * (m * st["k_ds"] + values.numel()),
-                    2 * m * st["k_ds"] + storage_bytes(values, indices),
-                    lambda: dense_sparse_linear_ref(x, D, values, indices, st["k_ds"]),
                 ),
                 (
                     "dense_sparse, 2 x cuBLAS (S dense)",
@@ -252,14 +236,6 @@ def _timings(tokens: list[int], shapes=LLM_SHAPES, device: str = "cuda", timer=_
                     lambda: K.lowrank_sparse_linear(x, U, V, sc_values, channels),
                 ),
                 (
-                    "lowrank_sparse reference (default)",
-                    f"r={st['r']}, c={st['c']}",
-                    st["r"] * (m + n) + m * st["c"],
-                    2 * T * (st["r"] * (m + n) + m * st["c"]),
-                    2 * (st["r"] * (m + n) + m * st["c"]),
-                    lambda: lowrank_sparse_linear_ref(x, U, V, sc_values, channels),
-                ),
-                (
                     "lowrank_sparse, torch ops",
                     f"r={st['r']}, c={st['c']}",
                     st["r"] * (m + n) + m * st["c"],
@@ -268,6 +244,19 @@ def _timings(tokens: list[int], shapes=LLM_SHAPES, device: str = "cuda", timer=_
                     lambda: F.linear(F.linear(x, V), U) + F.linear(x.index_select(1, channels), sc_values),
                 ),
             ]
+            # the default path (the reference) beside each kernel: same work, same bytes
+            references = {
+                "lowrank_linear (Triton)": lambda: lowrank_linear_ref(x, A, B),
+                "dense_sparse_linear (Triton)": lambda: dense_sparse_linear_ref(x, D, values, indices, st["k_ds"]),
+                "lowrank_sparse_linear (Triton)": lambda: lowrank_sparse_linear_ref(x, U, V, sc_values, channels),
+            }
+            with_references = []
+            for variant in variants:
+                with_references.append(variant)
+                if variant[0] in references:
+                    name = variant[0].replace("(Triton)", "reference (default)")
+                    with_references.append((name, *variant[1:5], references[variant[0]]))
+            variants = with_references
             if W24s is not None:
                 variants.append(
                     (

@@ -70,15 +70,18 @@ RECIPE = {
 }
 
 
+DEPTH_CUT = re.compile(r"-(\d+)l$")  # synthetic-7b-4l: synthetic-7b's first 4 layers
+
+
 def synthetic_base(name: str) -> str | None:
     """The SYNTHETIC entry behind ``name`` (``synthetic-7b`` or its depth-cut ``synthetic-7b-4l``), or None."""
-    base = re.sub(r"-\d+l$", "", name)
+    base = DEPTH_CUT.sub("", name)
     return base if base in SYNTHETIC else None
 
 
 def synthetic_shape(name: str) -> tuple[int, int, int, int, int]:
     hidden, layers, inter, heads, kv = SYNTHETIC[synthetic_base(name)]
-    cut = re.search(r"-(\d+)l$", name)
+    cut = DEPTH_CUT.search(name)
     return hidden, int(cut.group(1)) if cut else layers, inter, heads, kv
 
 
