@@ -241,6 +241,7 @@ def run_row(model: str, in_memory: bool, threads: int, device: str = "cpu", reci
         "decoder_layers": decoder_layers,
         "seconds_per_layer": calibration["layer_seconds_total"] / calibration["layers"],
         "phase_seconds": calibration.get("phase_seconds", {}),
+        "peak_rss_at": calibration.get("peak_rss_at"),  # the phase (and layer) where the compression peak was set
         "targeted_params_per_layer": layer_params,
         "perplexity": report["eval_compressed"]["perplexity"]["perplexity"],
         "eval_path": report["eval_compressed"]["perplexity"]["path"],
@@ -286,7 +287,7 @@ def render(all_rows: list[dict]) -> str:
             f"{r['compression_s']:.0f} | {r['seconds_per_layer']:.1f} | {r['targeted_params_per_layer'] / 1e6:.1f} M | "
             f"{r['perplexity']:.6g} | {r['threads']} |"
         )
-    streamed = [r for r in rows if r["path"] == "streamed"]
+    streamed = [r for r in rows if r["path"] == "streamed" and r["threads"] == 1]  # one thread: comparable times
     if len({r["model"] for r in streamed}) >= 2:
         import numpy as np
 
@@ -295,7 +296,7 @@ def render(all_rows: list[dict]) -> str:
         slope, intercept = np.polyfit(x, y, 1)
         lines += [
             "",
-            f"Seconds per layer against the layer's targeted parameters (streamed rows, least squares): "
+            f"Seconds per layer against the layer's targeted parameters (streamed one-thread rows, least squares): "
             f"{slope * 1e6:.3f} s per million parameters + {intercept:.2f} s.",
         ]
     remeasured = [r for r in all_rows if r.get("before")]
