@@ -186,6 +186,7 @@ def whitened_factors(
     rank: int,
     cross: torch.Tensor | None = None,
     shrinkage: float = 0.0,
+    fixed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact rank-k minimiser of ``||W X_d - W' X_c||_F`` given only second moments.
 
@@ -198,6 +199,10 @@ def whitened_factors(
     so ``W' = [W C_dc L^{-T}]_k L^{-1}`` (Eckart-Young on the whitened target). ``shrinkage``
     adds ``s diag(C_cc)`` to both covariances first (see :func:`shrink`). Cholesky is damped
     (:func:`damped_cholesky`), so rank-deficient activations stay finite.
+
+    ``fixed = (A0, B0)``: factors that stay as they are; the rank-k factors returned fit what they leave,
+    ``||W X_d - A0 B0 X_c - W' X_c||_F``, so ``[A0 A] [B0; B]`` is the best extension of the fixed part.
+    The target's cross-moment becomes ``W C_dc - A0 B0 C_cc``, and whitened ``Z - A0 B0 L`` (``C_cc = L L^T``).
     """
     whitening = cov if isinstance(cov, Whitening) else Whitening.of(cov, shrinkage)
     L = whitening.L
@@ -210,6 +215,9 @@ def whitened_factors(
         Z = torch.linalg.solve_triangular(L, (W @ D).T, upper=False).T
         del D
     del W
+    if fixed is not None:
+        A0, B0 = fixed
+        Z -= A0.to(torch.float64) @ (B0.to(torch.float64) @ L)
     A, Bw = top_factors(Z, rank)
     del Z
     # B = Bw L^{-1}  <=>  B^T = L^{-T} Bw^T
@@ -306,11 +314,15 @@ def truncation_error_profile(
     """Weighted output error ``sum_o f_o E[(W x - W'_k x)_o^2]`` for every rank k = 0 .. min(m, n).
 
     ``W'_k`` is the backend's rank-k truncation (``svd``, ``asvd`` or ``whiten``; dense-target
-    coincides with ``whiten`` on dense statistics). All ranks come from one SVD: writing the
-    discarded part as ``U_{>k} diag(S_{>k}) R_{>k}`` the error is the tail sum of
-    ``G * M`` with ``G = U^T diag(f) U`` and ``M = diag(S) R C R^T diag(S)``. With ``f`` the
-    mean squared loss gradient per output channel (diagonal empirical Fisher) half of this is
-    a second-order estimate of the loss increase per token, comparable across matrices.
+    coincides with ``whiten`` on dense statistics). Each of them keeps W's outputs in a k-dimensional
+    subspace: with ``A`` what the backend scales the input by before its SVD (svd: I, asvd: diag(s)^2,
+    whiten: the shrunk C; ``Z = W A^{1/2}``), ``W'_k = [Z]_k A^{-1/2} = U_k U_k^T W`` where U are the
+    eigenvectors of ``Z Z^T = W A W^T``, largest first. The discarded part is ``U_{>k} U_{>k}^T W``, so the
+    error at rank k is the tail sum of ``G * M`` with ``G = U^T diag(f) U`` and ``M = U^T W C W^T U``: one
+    symmetric eigendecomposition of a min(m, n) square matrix serves every rank (a tall W is reduced to
+    its n x n triangle by a QR first), without an SVD, a Cholesky factor or a division by singular values.
+    With ``f`` the mean squared loss gradient per output channel (diagonal empirical Fisher) half of this
+    is a second-order estimate of the loss increase per token, comparable across matrices.
     Returns float64 of length ``min(m, n) + 1`` (entry k = error at rank k; last entry 0).
     """
     W = weight.detach().to(torch.float64)
@@ -320,26 +332,30 @@ def truncation_error_profile(
         if out_weights is None
         else out_weights.detach().to(torch.float64)
     )
+    if backend == "asvd" and abs_mean is None:
+        raise ValueError("asvd profile needs abs_mean")
+    if backend not in ("svd", "asvd", "whiten", "whiten_dense_target"):
+        raise ValueError(f"unknown backend {backend!r}")
+    m, n = W.shape
+    if m > n:  # the outputs live in the n columns of Q (W = Q R): work in those coordinates
+        Q, W = torch.linalg.qr(W)
+        F = Q.T @ (f[:, None] * Q)
+        del Q
+    else:
+        F = torch.diag(f)
+    WCW = W @ C @ W.T
+    WCW = (WCW + WCW.T) / 2
     if backend == "svd":
-        U, S, R = torch.linalg.svd(W, full_matrices=False)
+        K = W @ W.T
     elif backend == "asvd":
-        if abs_mean is None:
-            raise ValueError("asvd profile needs abs_mean")
         s = abs_mean.detach().to(torch.float64).clamp_min(0) ** alpha
         positive = s[s > 0]
         s = s.clamp_min(max(float(positive.min()) if positive.numel() else 1.0, 1e-12))
-        U, S, Vh = torch.linalg.svd(W * s, full_matrices=False)
-        R = Vh / s
-    elif backend in ("whiten", "whiten_dense_target"):
-        L, _ = damped_cholesky(shrink(C, C, shrinkage))
-        U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
-        R = torch.linalg.solve_triangular(L.T, Vh.T, upper=True).T  # Vh L^{-1}
+        K = (W * s**2) @ W.T
     else:
-        raise ValueError(f"unknown backend {backend!r}")
-    G = U.T @ (f[:, None] * U)
-    SR = S[:, None] * R
-    M = SR @ C @ SR.T
-    P = G * M
+        K = WCW + shrinkage * (W * C.diagonal().clamp_min(0)) @ W.T if shrinkage > 0 else WCW
+    U = torch.linalg.eigh((K + K.T) / 2).eigenvectors.flip(1)  # largest first
+    P = (U.T @ F @ U) * (U.T @ WCW @ U)
     r = P.shape[0]
     # tail(k) = sum_{i,j >= k} P_ij  via  tail(k) = tail(k+1) + P_kk + 2 sum_{j>k} P_kj
     row_after = (

@@ -179,6 +179,7 @@ def _apply_layers(model: nn.Module, method: Method, config, ctx: StageContext, w
             store=ctx.layer_store,
             stream_dtype=ctx.activation_dtype,
             variants=[_running_as(model, selection, made) for selection in plan.stream_selections],
+            pool_variants=plan.streams_pooled,
             **_engine_options(calibration),
         )
         result.summary["calibration"] = {
@@ -186,6 +187,7 @@ def _apply_layers(model: nn.Module, method: Method, config, ctx: StageContext, w
             "tokens": report.tokens,
             "layer_seconds_total": sum(report.layer_seconds),
             "phase_seconds": {phase: round(t, 3) for phase, t in report.phase_seconds.items()},
+            "peak_rss_at": {"phase": report.peak_rss_phase, "layer": report.peak_rss_layer},
         }
         if layer_reports:
             result.summary["training"] = _layer_training_summary(layer_training, layer_reports)

@@ -118,8 +118,10 @@ class Plan:
     decisions: dict[str, Any]
     result: StageResult
     # further calibration streams, each the model as one selection of the replaced modules would run it
-    # ({module name: rank, None = its stored dense matrix}); their statistics are pooled with the main stream's
+    # ({module name: rank, None = its stored dense matrix}); their statistics are pooled with the main stream's,
+    # or (``streams_pooled=False``) handed to ``apply`` apart, as ``stats["variants"][j]`` for selection j
     stream_selections: list[dict[str, int | None]] = field(default_factory=list)
+    streams_pooled: bool = True
 
 
 @dataclass

@@ -1,3 +1,4 @@
+import contextlib
 import copy
 
 import pytest
@@ -106,6 +107,43 @@ def test_sublayer_stats_are_the_inputs_of_the_final_model():
         assert torch.allclose(seen[name]["cov"], Xc.T @ Xc / n, rtol=1e-5, atol=1e-6), name
         assert torch.allclose(seen[name]["cross"], Xd.T @ Xc / n, rtol=1e-5, atol=1e-6), name
         assert torch.allclose(seen[name]["dense_cov"], Xd.T @ Xd / n, rtol=1e-5, atol=1e-6), name
+
+
+def test_sublayer_calibration_hands_back_a_finished_attention_instead_of_recomputing_it(monkeypatch):
+    """Once o_proj is replaced a layer's attention gives the same output on every later pass: it runs whole
+    once more per stream and batch (gate/up's pass, which records it) instead of on the gate/up, down and final
+    passes; the statistics and the compressed model are the same bits as with every pass recomputed."""
+    from compress import activations
+
+    def run():
+        model = make_tiny_llama()
+        seen, calls, finished = {}, [], []
+        for layer in model.model.layers:
+            layer.self_attn.register_forward_hook(lambda *args: finished.append(1))
+        calibrate_sequentially(
+            model,
+            select_modules(model, TARGETS),
+            _windows(),
+            _compress_rank(4, seen, calls, model),
+            sequential=True,
+            sublayer=True,
+            cross=True,
+            batch_size=4,
+        )  # 2 layers, 2 batches, 2 streams (current and dense)
+        return model, seen, len(finished)
+
+    model, seen, finished = run()
+    monkeypatch.setattr(activations._FinishedBlocks, "running", lambda self, *a, **k: contextlib.nullcontext())
+    recomputed, seen_recomputed, finished_recomputed = run()
+    # per layer: call_groups' probe, then per batch: gate/up's pass on both streams ...
+    assert finished == 2 * (1 + 2 * 2)
+    # ... against gate/up's, down's and the final pass on the current stream, gate/up's and down's on the dense
+    assert finished_recomputed == 2 * (1 + 2 * (3 + 2))
+    for name in seen:
+        assert all(torch.equal(seen[name][k], seen_recomputed[name][k]) for k in ("cov", "cross")), name
+    ids = _windows(2, 16, seed=4)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, recomputed(ids).logits)
 
 
 def test_layer_granular_stats_miss_the_compressed_qkv():

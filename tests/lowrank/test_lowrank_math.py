@@ -120,22 +120,27 @@ def test_asvd_full_rank_is_exact_and_rank_is_kept():
     assert A.shape == (24, 5) and B.shape == (5, 16)
 
 
-@pytest.mark.parametrize("backend", ["svd", "asvd", "whiten"])
-def test_error_profile_matches_direct_truncation(backend):
-    W, X = _data()
+@pytest.mark.parametrize("shape", [(24, 16), (16, 24)], ids=["tall", "wide"])
+@pytest.mark.parametrize("backend", ["svd", "asvd", "whiten", "whiten-shrunk"])
+def test_error_profile_matches_direct_truncation(backend, shape):
+    W, X = _data(*shape)
     C = X @ X.T / X.shape[1]
     f = torch.rand(W.shape[0], dtype=torch.float64) + 0.1
     absm = X.abs().mean(1)
-    prof = truncation_error_profile(W, C, f, backend=backend, abs_mean=absm)
+    shrinkage = 0.1 if backend == "whiten-shrunk" else 0.0
+    prof = truncation_error_profile(
+        W, C, f, backend=backend.removesuffix("-shrunk"), abs_mean=absm, shrinkage=shrinkage
+    )
     assert prof.shape == (17,) and prof[-1] == 0
     for k in (1, 4, 10):
         A, B = {
             "svd": lambda: truncated_svd_factors(W, k),
             "asvd": lambda: asvd_factors(W, absm, k),
             "whiten": lambda: whitened_factors(W, C, k),
+            "whiten-shrunk": lambda: whitened_factors(W, C, k, shrinkage=shrinkage),
         }[backend]()
         D = W - A @ B
-        direct = float((f * (D @ C * D).sum(1)).sum())
+        direct = float((f * (D @ C * D).sum(1)).sum())  # the error is measured on the unshrunk C
         assert math.isclose(float(prof[k]), direct, rel_tol=1e-6, abs_tol=1e-10)
 
 
@@ -181,3 +186,24 @@ def test_modules_sharing_an_input_share_one_whitening_and_give_up_its_covariance
     kept = {"cov": C.clone()}
     factorise(W, 5, "whiten", kept, shrinkage=0.1, refine=True)  # refine reads the covariance afterwards
     assert torch.equal(kept["cov"], C)
+
+
+def test_whitened_extension_of_fixed_factors_is_the_best_extension():
+    # the whitened problem's optima are nested (Eckart-Young): extending the rank-3 optimum by 5 ranks must give
+    # the rank-8 optimum; extending any other rank-3 part must do no worse than the rank-8 optimum's error
+    # restricted to containing that part (checked against random extensions)
+    W, Xd = _data()
+    g = torch.Generator().manual_seed(3)
+    Xc = Xd + 0.3 * torch.randn(Xd.shape, generator=g, dtype=torch.float64) * Xd.std(1, keepdim=True)
+    Ccc, Cdc, Cdd = Xc @ Xc.T, Xd @ Xc.T, Xd @ Xd.T
+    A3, B3 = whitened_factors(W, Ccc, 3, cross=Cdc, shrinkage=0.1)
+    A8, B8 = whitened_factors(W, Ccc, 8, cross=Cdc, shrinkage=0.1)
+    A, B = whitened_factors(W, Ccc, 5, cross=Cdc, shrinkage=0.1, fixed=(A3, B3))
+    assert torch.allclose(A3 @ B3 + A @ B, A8 @ B8, atol=1e-8)
+    P0, Q0 = torch.randn(24, 3, generator=g, dtype=torch.float64), torch.randn(3, 16, generator=g, dtype=torch.float64)
+    A, B = whitened_factors(W, Ccc, 5, cross=Cdc, fixed=(P0, Q0))
+    best = output_error(W, torch.cat([P0, A], 1), torch.cat([Q0, B]), Ccc, Cdc, Cdd)
+    for _ in range(5):
+        dA = 1e-3 * torch.randn(A.shape, generator=g, dtype=torch.float64)
+        other = output_error(W, torch.cat([P0, A + dA], 1), torch.cat([Q0, B]), Ccc, Cdc, Cdd)
+        assert other > best
