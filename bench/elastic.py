@@ -224,6 +224,7 @@ def render(data: dict) -> str:
             ("start 20 % (shipped)", "elastic"),
             ("start 30 %", "elastic-start30"),
             ("start 20 %, pooled with 50 %", "elastic-pooled50"),
+            ("start 20 %, nested with 50 %", "elastic-nested50"),
         )
     ]
     variants = [(label, cell) for label, cell in variants if cell]
@@ -241,7 +242,11 @@ def render(data: dict) -> str:
             "(`stages.0.reduction=0.3`), the error moves from the large budgets to the small ones. Pooled "
             "(`stages.0.elastic.calibrate_on=[0.5]`): each layer's statistics sum the 20 % stream's and the 50 % "
             "stream's (the model switched to 50 % in the layers already compressed), so the factors fit the "
-            "inputs of both; x fresh in brackets.",
+            "inputs of both. Nested (`calibrate_on=[0.5]`, `fit=nested`): each matrix's leading ranks, those the "
+            "50 % budget keeps, are fit on the 50 % stream alone, and its further ranks on the 20 % stream as the "
+            "best extension of the leading ones, so the 50 % model is exactly the one an elastic run started at 50 % "
+            "serves (tested) and the 20 % model differs from the single-stream one only by its leading ranks; "
+            "x fresh in brackets.",
             "",
             "| budget | " + " | ".join(label for label, _ in variants) + " | fresh |",
             "|---|" + "---|" * len(variants) + "---|",

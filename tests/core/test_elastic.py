@@ -225,3 +225,36 @@ def test_calibrating_on_another_budget_pools_its_stream_from_layer_1_on(elastic_
     with pytest.raises(CompressError, match="calibrate_on budgets must lie in the elastic range"):
         bad = {**ELASTIC, "elastic": {**ELASTIC["elastic"], "calibrate_on": [0.7]}}
         compress.compress(make_tiny_llama(), [bad], calibration=_windows(), progress=False)
+
+
+def test_nested_segments_fit_the_smallest_rank_first_and_extend_the_last_range_to_the_stored_rank():
+    from compress.methods.lowrank.apply import nested_segments
+
+    assert nested_segments([40, 15], 60) == ((15, 1), (60, 0))  # main stream at rank 40, variant 1 at 15
+    assert nested_segments([40, None], 60) == ((60, 0),)  # dense on the variant's budget: one range
+    assert nested_segments([None, 15], 60) == ((60, 1),)  # factorised only on the variant's budget
+    assert nested_segments([None, None], 60) == ((60, 0),)
+    assert nested_segments([20, 20, 8], 30) == ((8, 2), (30, 0))  # equal ranks: the first stream's range
+
+
+def test_nested_fit_serves_a_calibrated_budget_as_a_run_started_at_that_budget():
+    # the leading ranges fit the 60 % stream, which runs through the leading ranges of the layers before: at
+    # 60 % the nested model is the model an elastic run started at 60 % serves (same streams, same objective)
+    stage = {**ELASTIC, "backend": "whiten_dense_target", "shrinkage": 0.1}
+    nested_stage = {**stage, "elastic": {**ELASTIC["elastic"], "calibrate_on": [0.6], "fit": "nested"}}
+    nested = compress.compress(make_tiny_llama(), [nested_stage], calibration=_windows(), progress=False)
+    at_60 = compress.compress(make_tiny_llama(), [{**stage, "reduction": 0.6}], calibration=_windows(), progress=False)
+    plain = compress.compress(make_tiny_llama(), [stage], calibration=_windows(), progress=False)
+    assert nested.compression.stages[0].summary["calibration_fit"] == "nested"
+    compress.set_budget(nested, 0.6)
+    assert selections(nested) == selections(at_60)
+    ids = _windows(2, 17, seed=5)
+    assert torch.allclose(_logits(nested, ids), _logits(at_60, ids), atol=1e-4)
+    compress.set_budget(plain, 0.6)  # calibrated on the 30 % stream only: another model at 60 %
+    assert not torch.allclose(_logits(plain, ids), _logits(at_60, ids), atol=1e-3)
+    compress.set_budget(nested, 0.3)
+    compress.set_budget(plain, 0.3)
+    assert selections(nested) == selections(plain)
+    with pytest.raises(CompressError, match="nested needs a whitening backend"):
+        bad = {**nested_stage, "backend": "asvd"}
+        compress.compress(make_tiny_llama(), [bad], calibration=_windows(), progress=False)

@@ -163,15 +163,18 @@ class LowRank(Method):
     def apply(self, name, module: nn.Linear, config: LowRankConfig, rank, stats) -> Replacement:
         elastic = rank if isinstance(rank, ElasticDecision) else None
         rank = elastic.stored_rank if elastic else rank
-        A, B = factorise(
-            module.weight,
-            rank,
-            config.backend,
-            stats,
-            alpha=config.alpha,
-            shrinkage=config.shrinkage,
-            refine=config.refine,
-        )
+        if elastic is not None and elastic.segments:
+            A, B = nested_factors(module.weight, elastic.segments, stats, config)
+        else:
+            A, B = factorise(
+                module.weight,
+                rank,
+                config.backend,
+                stats,
+                alpha=config.alpha,
+                shrinkage=config.shrinkage,
+                refine=config.refine,
+            )
         dtype = module.weight.dtype
         layer = LowRankLinear.from_factors(A.to(dtype), B.to(dtype), module.bias)
         if elastic is not None:  # the factors come ordered by importance: every prefix is the best of its rank
@@ -188,6 +191,46 @@ class ElasticDecision:
     active_rank: int | None  # the rank at the stage's own reduction (None: served dense)
     curve: torch.Tensor  # estimated loss at every rank
     keep_dense: bool  # some budget of the range serves the dense matrix
+    # (end rank, stream) of each range of the stored ranks, in order; stream 0 is the main calibration stream,
+    # j the plan's stream_selections[j - 1] (one range: every rank fit on the main, or pooled, statistics)
+    segments: tuple[tuple[int, int], ...] = ()
+
+
+def nested_segments(ranks: list[int | None], stored: int) -> tuple[tuple[int, int], ...]:
+    """The ranges of a matrix's stored ranks and the stream each is fit on, given its rank at each calibrated
+    budget (``ranks[j]``: stream j's; None: dense there): the smallest rank's range on its budget's stream, each
+    larger rank's range on its own, the last range extended to the stored rank."""
+    segments: list[tuple[int, int]] = []
+    for rank, stream in sorted((r, j) for j, r in enumerate(ranks) if r is not None):
+        if rank > (segments[-1][0] if segments else 0):
+            segments.append((rank, stream))
+    if not segments:  # dense at every calibrated budget: its factors serve only budgets past them
+        return ((stored, 0),)
+    segments[-1] = (stored, segments[-1][1])
+    return tuple(segments)
+
+
+def nested_factors(weight: torch.Tensor, segments, stats: dict, config: LowRankConfig):
+    """Factors built range by range (:func:`nested_segments`): each range is the best extension of the ranges
+    before it on its own stream's statistics (``whitened_factors(fixed=...)``), so a budget whose ranks end
+    in a range is served by factors fit to the inputs its own compressed layers give."""
+    streams = [stats, *stats.get("variants", [])]
+    A = B = None
+    start = 0
+    for end, j in segments:
+        s = streams[j]
+        cross = s.get("cross") if config.backend == "whiten_dense_target" else None
+        a, b = whitened_factors(
+            weight,
+            _whitening(s, config.shrinkage, keep_cov=False),
+            end - start,
+            cross=cross,
+            shrinkage=config.shrinkage,
+            fixed=None if A is None else (A, B),
+        )
+        A, B = (a, b) if A is None else (torch.cat([A, a], dim=1), torch.cat([B, b], dim=0))
+        start = end
+    return A, B
 
 
 CURVE_POINTS = 256
@@ -232,12 +275,22 @@ def elastic_plan(modules, config: LowRankConfig, curves, result: StageResult) ->
     weight and its largest rank that still saves parameters); start at the allocation of ``reduction``."""
     stored, dense = stored_ranks(modules, curves, config.elastic.min_reduction)
     active = allocate_ranks(curves, config.reduction, allow_dense=dense, max_ranks=stored)
-    decisions = {name: ElasticDecision(stored[name], active[name], curves[name][2], name in dense) for name in modules}
     selections = [
         allocate_ranks(curves, budget, allow_dense=dense, max_ranks=stored)
         for budget in config.elastic.calibrate_on
         if budget != config.reduction
     ]
+    nested = config.elastic.fit == "nested"
+    decisions = {
+        name: ElasticDecision(
+            stored[name],
+            active[name],
+            curves[name][2],
+            name in dense,
+            nested_segments([active[name], *[s[name] for s in selections]], stored[name]) if nested else (),
+        )
+        for name in modules
+    }
     for name, module in modules.items():
         m, n = module.out_features, module.in_features
         rank = active[name]
@@ -266,5 +319,6 @@ def elastic_plan(modules, config: LowRankConfig, curves, result: StageResult) ->
         "targeted_params_stored": sum(r["params_stored"] for r in result.rows),
         "est_loss_increase": sum(r["est_loss_increase"] for r in result.rows),
         "calibrated_on": [config.reduction, *[b for b in config.elastic.calibrate_on if b != config.reduction]],
+        "calibration_fit": config.elastic.fit,
     }
-    return Plan(decisions, result, selections)
+    return Plan(decisions, result, selections, streams_pooled=not nested)

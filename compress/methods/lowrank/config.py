@@ -17,9 +17,13 @@ class ElasticRange(BaseModel):
 
     min_reduction: float = Field(gt=0, lt=1)
     max_reduction: float = Field(gt=0, lt=1)
-    # other budgets whose calibration streams are pooled with the starting budget's: each layer's factors fit
-    # the inputs that every one of these budgets gives it (one more pass per layer and budget)
+    # other budgets with calibration streams of their own (one more pass per layer and budget), used by `fit`
     calibrate_on: list[float] = Field(default_factory=list)
+    # pooled: each layer's factors fit the inputs of every calibrated budget at once (statistics summed);
+    # nested: a matrix's leading ranks fit the most compressed budget's stream, each further range of ranks the
+    # next budget's stream given the ranks before it, so every calibrated budget is served by factors fitted to
+    # the inputs that budget gives the layer (whitening backends)
+    fit: Literal["pooled", "nested"] = "pooled"
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -101,4 +105,6 @@ class LowRankConfig(StageConfig):
                 raise ValueError("reduction must lie in the elastic range")
             if self.elastic.calibrate_on and (self.backend == "svd" or not self.sequential):
                 raise ValueError("elastic.calibrate_on needs an activation-aware backend and sequential: true")
+            if self.elastic.fit == "nested" and self.backend not in ("whiten", "whiten_dense_target"):
+                raise ValueError("elastic.fit: nested needs a whitening backend (whiten or whiten_dense_target)")
         return self
