@@ -585,7 +585,7 @@ def calibrate_sequentially(
                 blocks = _FinishedBlocks(layer, local, groups)
                 for g, group in enumerate(groups):
                     blocks.group = g
-                    last = g == len(groups) - 1  # its dense pass runs the layer whole: the next dense stream
+                    last_group = g == len(groups) - 1  # its dense pass runs the layer whole: the next dense stream
                     dense_modules = (
                         None
                         if dense_layer is None
@@ -608,7 +608,7 @@ def calibrate_sequentially(
                         variants=list(zip(variants, others)),
                         pool_variants=pool_variants,
                         blocks=blocks,
-                        dense_to_end=last,
+                        dense_to_end=last_group,
                     )
                     with report.timed("factorise"):
                         on_layer(i, {name: targeted[name] for name in group}, stats)
