@@ -33,9 +33,19 @@ def folder_bytes(path: Path) -> int:
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident memory. On Linux the high-water mark of its own address space (VmHWM):
+    getrusage's ru_maxrss carries over the parent's peak through fork and exec, so a run started by a
+    process that once held more (a benchmark that generated a checkpoint first) reported the parent's peak."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB, macOS bytes
 
 
 def peak_gpu_bytes() -> int | None:
