@@ -273,7 +273,10 @@ def render(all_rows: list[dict]) -> str:
         "end of compression (the stage's), and in brackets of the whole run (its evaluation holds the logits of "
         "4 windows x 512 x 49,152 in float32, 0.4 GB); x fp32 = compression peak / the checkpoint's fp32 bytes. "
         "Synthetic models have random weights (their perplexity only shows that both paths agree). Each row "
-        "is as of its date: a row measured before a memory change still shows the old code's numbers.",
+        "is as of its date: a row measured before a memory change still shows the old code's numbers. Peak RSS "
+        "is the run's own high-water mark (VmHWM) since 2026-12-04 21:24; before, getrusage's ru_maxrss, which "
+        "also carries the peak of this benchmark's process, which starts the run (after generating a synthetic "
+        "checkpoint, for one): those rows are upper bounds.",
         "",
         "| model | path | parameters | fp32 GB | peak RSS GiB: compression (run) | x fp32 | compression s | "
         "s / layer | targeted params / layer | held-out ppl | threads |",
