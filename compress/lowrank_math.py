@@ -138,6 +138,15 @@ def _split_sqrt(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int) -
     return U[:, :rank] * root, root[:, None] * Vh[:rank]
 
 
+def asvd_scales(abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    """ASVD's column scales ``s = mean|x|^alpha`` (float64), clamped away from zero: a channel that is never
+    active gets the smallest positive scale seen."""
+    s = abs_mean.detach().to(torch.float64).clamp_min(0) ** alpha
+    positive = s[s > 0]
+    floor = float(positive.min()) if positive.numel() else 1.0
+    return s.clamp_min(max(floor, 1e-12))
+
+
 def asvd_factors(
     weight: torch.Tensor, abs_mean: torch.Tensor, rank: int, alpha: float = 0.5
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,10 +156,7 @@ def asvd_factors(
     from zero (a channel that is never active gets the smallest positive scale seen).
     """
     W = weight.detach().to(torch.float64)
-    s = abs_mean.detach().to(torch.float64).clamp_min(0) ** alpha
-    positive = s[s > 0]
-    floor = float(positive.min()) if positive.numel() else 1.0
-    s = s.clamp_min(max(floor, 1e-12))
+    s = asvd_scales(abs_mean, alpha)
     U, S, Vh = torch.linalg.svd(W * s, full_matrices=False)
     A, B = _split_sqrt(U, S, Vh, rank)
     return A, B / s
@@ -348,10 +354,7 @@ def truncation_error_profile(
     if backend == "svd":
         K = W @ W.T
     elif backend == "asvd":
-        s = abs_mean.detach().to(torch.float64).clamp_min(0) ** alpha
-        positive = s[s > 0]
-        s = s.clamp_min(max(float(positive.min()) if positive.numel() else 1.0, 1e-12))
-        K = (W * s**2) @ W.T
+        K = (W * asvd_scales(abs_mean, alpha) ** 2) @ W.T
     else:
         K = WCW + shrinkage * (W * C.diagonal().clamp_min(0)) @ W.T if shrinkage > 0 else WCW
     U = torch.linalg.eigh((K + K.T) / 2).eigenvectors.flip(1)  # largest first
