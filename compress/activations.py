@@ -104,11 +104,13 @@ class _Collector:
         want_cross: bool,
         want_dense_cov: bool,
         dense_modules: dict[str, nn.Module] | None = None,
-        stop_after: str | None = None,
+        group: list[str] | None = None,
     ):
         self.modules = modules
         self.dense_modules = dense_modules  # the dense copy's modules, when the dense stream has its own layer
-        self.stop_after = stop_after  # the module after whose input the layer call can stop
+        # sub-layer calibration: modules that share one input (q/k/v), in call order; the layer call stops at
+        # the first one's input, which is all of theirs (the others' inputs are never computed)
+        self.group = group or []
         self.want_cross, self.want_dense_cov = want_cross, want_dense_cov
         self.slots: list[dict[str, InputStats]] = [{}]  # one per stream whose statistics are kept apart
         self.slot = 0  # the slot the current pass adds to
@@ -138,7 +140,7 @@ class _Collector:
         self._seen.clear()
 
     def _stop_here(self, name: str) -> None:
-        if name == self.stop_after:
+        if self.group and name == self.group[0]:
             raise _StopForward
 
     def _dense_hook(self, name: str):
@@ -169,6 +171,9 @@ class _Collector:
                 start = _clock()
                 stats[name].add_current(x, dense)
                 self.statistics_seconds += _clock() - start
+            if self.group and name == self.group[0]:
+                for other in self.group[1:]:
+                    stats[other] = stats[name]
             self._stop_here(name)
             return None
 
@@ -604,7 +609,7 @@ def calibrate_sequentially(
                         report,
                         dense_layer=dense_layer,
                         dense_modules=dense_modules,
-                        stop_after=group[-1],
+                        group=group,
                         variants=list(zip(variants, others)),
                         pool_variants=pool_variants,
                         blocks=blocks,
@@ -686,15 +691,16 @@ def _collect(
     *,
     dense_layer=None,
     dense_modules=None,
-    stop_after=None,
+    group=None,
     variants=(),
     pool_variants=True,
     blocks: _FinishedBlocks | None = None,
     dense_to_end: bool = False,
 ):
     """One pass of the layer over every batch with hooks on ``targeted``: their normalised input
-    statistics, and (without ``stop_after``) the layer's outputs on both streams (with ``dense_to_end``, the
-    dense stream's outputs whatever ``stop_after``). ``blocks``: the layer's final blocks, handed back."""
+    statistics, and (without ``group``: the modules sharing one input, where the pass stops) the layer's
+    outputs on both streams (with ``dense_to_end``, the dense stream's outputs whatever ``group``).
+    ``blocks``: the layer's final blocks, handed back."""
 
     def running(model, stream, b, dense=False):
         if blocks is None:
@@ -710,7 +716,7 @@ def _collect(
         collector = _IOCollector(targeted)
     else:
         collector = _Collector(
-            targeted, want_cross=cross, want_dense_cov=dense_cov, dense_modules=dense_modules, stop_after=stop_after
+            targeted, want_cross=cross, want_dense_cov=dense_cov, dense_modules=dense_modules, group=group
         )
         if not pool_variants:
             collector.slots += [{} for _ in variants]
@@ -741,26 +747,30 @@ def _collect(
     report.add_time("statistics", statistics_seconds)
     report.add_time("forward", _clock() - start - statistics_seconds)
     report.note_peak("passes")
-    if statistics == "io":
-        stats = collector.results()
-    else:
-        normalised: dict[int, dict] = {}  # an accumulator shared by q/k/v (gate/up) is summed and normalised once
-        slots = []
-        for slot in collector.slots:
-            slots.append({})
-            for name, accumulator in slot.items():
-                if id(accumulator) not in normalised:
-                    normalised[id(accumulator)] = accumulator.as_dict()
-                slots[-1][name] = normalised[id(accumulator)]
-        stats = {name: slots[0][name] for name in targeted if name in slots[0]}
-        for name, entry in stats.items():  # shared by the modules of one input: set once per input
-            if len(slots) > 1 and "variants" not in entry:
-                entry["variants"] = [slot[name] for slot in slots[1:]]
+    stats = collector.results() if statistics == "io" else _normalised(collector, targeted, index)
+    trim_heap()  # the passes' float64 copies of every batch, freed but still resident
+    return stats, outputs, next_dense
+
+
+def _normalised(collector: _Collector, targeted: dict, index: int) -> dict[str, dict]:
+    """The collector's statistics per targeted module, normalised (:meth:`InputStats.as_dict`); with several
+    slots, each module's entry lists the other slots' under ``variants``."""
+    normalised: dict[int, dict] = {}  # an accumulator shared by q/k/v (gate/up) is summed and normalised once
+    slots = []
+    for slot in collector.slots:
+        slots.append({})
+        for name, accumulator in slot.items():
+            if id(accumulator) not in normalised:
+                normalised[id(accumulator)] = accumulator.as_dict()
+            slots[-1][name] = normalised[id(accumulator)]
+    stats = {name: slots[0][name] for name in targeted if name in slots[0]}
+    for name, entry in stats.items():  # shared by the modules of one input: set once per input
+        if len(slots) > 1 and "variants" not in entry:
+            entry["variants"] = [slot[name] for slot in slots[1:]]
     missing = [name for name in targeted if name not in stats]
     if missing:
         raise CompressError(f"activation statistics: {missing} were never called in layer {index}")
-    trim_heap()  # the passes' float64 copies of every batch, freed but still resident
-    return stats, outputs, next_dense
+    return stats
 
 
 # ---------------------------------------------------------------- whole-model measurements
@@ -834,20 +844,48 @@ def token_counts(windows: torch.Tensor, vocab: int) -> torch.Tensor:
     return sum_(torch.bincount(ids, minlength=vocab).to(torch.float64))
 
 
+class ResidentLayers:
+    """The layer store of a model held whole: nothing to read or free."""
+
+    def enter(self, index: int) -> None:
+        pass
+
+    def leave(self, index: int, streams=None) -> None:
+        pass
+
+
 def streamed_output_fisher(
     model: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor, store, batch_size: int = 2
 ) -> dict[str, torch.Tensor]:
     """:func:`output_fisher` of a model streamed one decoder layer at a time (``store``: enter / leave read
-    and free a layer). A forward pass keeps each layer's inputs (on disk, so memory stays one layer's),
-    the model's tail gives the loss gradient at the last layer's output, and a backward pass walks the
-    layers from the top, recomputing each from its inputs with hooks on the targeted modules' outputs."""
+    and free a layer), by :func:`sensitivity_walk`."""
+    fisher = {}
+    sensitivity_walk(model, modules, windows, store, lambda i, local, stats, f: fisher.update(f), batch_size)
+    return fisher
+
+
+def sensitivity_walk(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    windows: torch.Tensor,
+    store,
+    on_layer: Callable[[int, dict[str, nn.Module], dict[str, dict] | None, dict[str, torch.Tensor]], None],
+    batch_size: int = 2,
+    statistics: bool = False,
+) -> None:
+    """The output sensitivities of :func:`output_fisher`, one decoder layer at a time: ``on_layer(index,
+    {name: module}, stats, {name: fisher})`` for each layer from the top, with (``statistics``) the modules'
+    dense input statistics (as :func:`calibrate_sequentially` gives them, non-sequential) measured on the same
+    pass. ``store`` (enter / leave) reads and frees a streamed model's layers (:class:`ResidentLayers`: a
+    model held whole). A forward pass keeps each layer's inputs (on disk, so memory stays one layer's), the
+    model's tail gives the loss gradient at the last layer's output, and a backward pass walks the layers
+    from the top, recomputing each from its inputs with hooks on the targeted modules (their inputs'
+    statistics, their outputs' squared gradients)."""
     import tempfile
 
     prefix, layers = decoder_layers(model, modules)
     kinds = layer_kinds(model, layers)
     windows = shard(windows)
-    sums = {name: None for name in modules}
-    counts = {name: 0 for name in modules}
     was_training = model.training
     model.eval()
     with tempfile.TemporaryDirectory(prefix="compress-fisher-") as spill:
@@ -865,26 +903,36 @@ def streamed_output_fisher(
                 for h, batch in zip(hidden, windows.split(batch_size))
             ]
         del hidden
-        for i in reversed(range(len(layers))):
+        lowest = min(layer_index(name) for name in modules)  # no gradient is needed below it
+        for i in reversed(range(lowest, len(layers))):
+            local = {n: m for n, m in modules.items() if n.startswith(f"{prefix}.{i}.")}
             store.enter(i)
             inputs = torch.load(spill / f"{i}.pt")
-            local = {n: m for n, m in modules.items() if n.startswith(f"{prefix}.{i}.")}
+            sums, counts = {name: None for name in local}, {name: 0 for name in local}
             handles = [m.register_forward_hook(_fisher_hook(n, sums, counts)) for n, m in local.items()]
+            collector = _Collector(local, want_cross=False, want_dense_cov=False) if statistics and local else None
             try:
-                with torch.enable_grad():
+                with collector or contextlib.nullcontext(), torch.enable_grad():
                     for b, x in enumerate(inputs):
+                        if collector is not None:
+                            collector.new_call()
                         x = x.detach().requires_grad_(True)
                         out = run_layer(layers[i], x, kwargs[kinds[i]][b])
                         grads[b] = torch.autograd.grad(out, x, grad_outputs=grads[b])[0]
             finally:
                 for handle in handles:
                     handle.remove()
+            if local:  # while the layer is read: on_layer may use its weights
+                missing = [n for n, s in sums.items() if s is None]
+                if missing:
+                    raise CompressError(f"sensitivity: no gradient reached {missing[:3]}")
+                fisher = {name: sum_(sums[name]) / sum_number(counts[name]) for name in local}
+                stats = None if collector is None else _normalised(collector, local, i)
+                on_layer(i, local, stats, fisher)
+                del stats
+                trim_heap()
             store.leave(i)
     model.train(was_training)
-    missing = [n for n, s in sums.items() if s is None]
-    if missing:
-        raise CompressError(f"sensitivity: no gradient reached {missing[:3]}")
-    return {name: sum_(sums[name]) / sum_number(counts[name]) for name in modules}
 
 
 TAIL_CHUNK_TOKENS = 128

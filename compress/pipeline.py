@@ -52,27 +52,17 @@ class ModelPlanner(Planner):
         items = list(items)
         return progress_iter(items, description, self._ctx.progress, total=len(items))
 
-    def output_fisher(self, modules, windows, batch_size):
-        from .activations import output_fisher, streamed_output_fisher
+    def map_sensitivity_statistics(self, modules, fn, windows, batch_size):
+        from .activations import ResidentLayers, sensitivity_walk
 
-        store = self._ctx.layer_store
-        if store is not None:
-            return streamed_output_fisher(self._model, modules, windows, store.reading(), batch_size=batch_size)
-        return output_fisher(self._model, modules, windows, batch_size=batch_size)
-
-    def map_input_statistics(self, modules, fn, windows, batch_size):
-        from .activations import calibrate_sequentially
-
-        store = None if self._ctx.layer_store is None else self._ctx.layer_store.reading()
+        store = ResidentLayers() if self._ctx.layer_store is None else self._ctx.layer_store.reading()
         values = {}
 
-        def on_layer(index, layer_modules, stats):
+        def on_layer(index, layer_modules, stats, fisher):
             for name, module in layer_modules.items():
-                values[name] = fn(name, module, stats[name])
+                values[name] = fn(name, module, stats[name], fisher[name])
 
-        calibrate_sequentially(
-            self._model, modules, windows, on_layer, sequential=False, batch_size=batch_size, store=store
-        )
+        sensitivity_walk(self._model, modules, windows, store, on_layer, batch_size=batch_size, statistics=True)
         return values
 
 

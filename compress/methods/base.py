@@ -153,21 +153,16 @@ class Planner:
         """``items`` with a progress bar when the run shows progress."""
         raise NotImplementedError
 
-    def output_fisher(
-        self, modules: dict[str, nn.Module], windows: torch.Tensor, batch_size: int
-    ) -> dict[str, torch.Tensor]:
-        """Per module, the mean squared gradient of the token loss w.r.t. each of its output channels."""
-        raise NotImplementedError
-
-    def map_input_statistics(
+    def map_sensitivity_statistics(
         self,
         modules: dict[str, nn.Module],
-        fn: Callable[[str, nn.Module, dict], Any],
+        fn: Callable[[str, nn.Module, dict, torch.Tensor], Any],
         windows: torch.Tensor,
         batch_size: int,
     ) -> dict[str, Any]:
-        """``{name: fn(name, module, stats)}`` with each module's dense input statistics (``input_cov``),
-        measured one decoder layer at a time (only one layer's statistics are held at once)."""
+        """``{name: fn(name, module, stats, fisher)}`` with each module's dense input statistics
+        (``input_cov``) and ``fisher``: the mean squared gradient of the token loss w.r.t. each of its output
+        channels; both measured on one walk over the decoder layers (one layer's statistics held at once)."""
         raise NotImplementedError
 
 

@@ -215,6 +215,37 @@ def test_streamed_output_sensitivities_equal_the_whole_model_ones(tmp_path, monk
     assert all(p.device.type == "meta" for n, p in stream.model.named_parameters() if ".layers." in n)
 
 
+def test_the_sensitivity_walk_measures_input_statistics_and_sensitivities_in_one_pass(tmp_path):
+    from compress.activations import ResidentLayers, calibrate_sequentially, output_fisher, sensitivity_walk
+
+    model = make_tiny_llama(layers=3, tie=True).eval()
+    names = [n for n, m in model.named_modules() if n.endswith(("q_proj", "k_proj", "o_proj", "down_proj"))]
+    names = [n for n in names if ".layers.0." not in n or n.endswith("down_proj")]
+    modules = {n: model.get_submodule(n) for n in names}
+    windows = _windows(5, 24)
+    walked, fishers, order = {}, {}, []
+
+    def on_walk(index, local, stats, fisher):
+        order.append(index)
+        walked.update(stats)
+        fishers.update(fisher)
+
+    sensitivity_walk(model, modules, windows, ResidentLayers(), on_walk, batch_size=2, statistics=True)
+    assert order == [2, 1, 0]  # from the top, down to the lowest layer with a targeted module
+    expected = {}
+    calibrate_sequentially(
+        model, modules, windows, lambda i, local, stats: expected.update(stats), sequential=False, batch_size=2
+    )
+    assert walked.keys() == expected.keys() == fishers.keys() == set(names)
+    for name in names:  # the same inputs, the same batches: the same statistics
+        assert torch.equal(walked[name]["cov"], expected[name]["cov"])
+        assert torch.equal(walked[name]["abs_mean"], expected[name]["abs_mean"])
+        assert walked[name]["tokens"] == expected[name]["tokens"] == 5 * 24
+    assert walked[names[1]] is walked[names[2]]  # q and k share one input: one accumulator
+    whole = output_fisher(model, modules, windows, batch_size=2)
+    assert all(torch.equal(fishers[n], whole[n]) for n in names)
+
+
 def test_a_killed_streamed_run_resumes_to_the_same_checkpoint(tmp_path, smol_tokenizer):
     import os
     import subprocess

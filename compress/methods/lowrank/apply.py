@@ -80,14 +80,13 @@ def sensitivity_curves(
 ) -> dict[str, tuple[int, int, torch.Tensor]]:
     """Per-matrix estimated loss increase (nats/token) at every rank, on dense calibration statistics."""
     windows = planner.windows(config.sensitivity_windows)
-    fisher = planner.output_fisher(modules, windows, batch_size=max(1, config.calibration_batch_size // 2))
     backend = "whiten" if config.backend == "whiten_dense_target" else config.backend
 
-    def curve(name, module, stats):
+    def curve(name, module, stats, fisher):
         loss = 0.5 * truncation_error_profile(
             module.weight,
             stats["cov"],
-            fisher[name],
+            fisher,
             backend=backend,
             abs_mean=stats["abs_mean"],
             alpha=config.alpha,
@@ -95,7 +94,9 @@ def sensitivity_curves(
         )
         return module.out_features, module.in_features, loss.cpu()
 
-    return planner.map_input_statistics(modules, curve, windows, batch_size=config.calibration_batch_size)
+    # the sensitivity pass's batches: half the calibration's (a backward pass holds more per window)
+    batch_size = max(1, config.calibration_batch_size // 2)
+    return planner.map_sensitivity_statistics(modules, curve, windows, batch_size=batch_size)
 
 
 @register_method
@@ -117,7 +118,7 @@ class LowRank(Method):
         )
 
     def streams(self, config: LowRankConfig) -> bool:
-        # sensitivity curves stream too (compress.activations.streamed_output_fisher); global training does not
+        # sensitivity curves stream too (compress.activations.sensitivity_walk); global training does not
         return config.train is None or config.train.scope == "layer"
 
     def plan(self, modules, config: LowRankConfig, planner) -> Plan:
