@@ -47,6 +47,7 @@ class InputStats:
     in_features: int
     want_cross: bool = False
     want_dense_cov: bool = False
+    product_dtype: torch.dtype = torch.float64  # each batch's products (accumulated in float64)
     cov: torch.Tensor | None = None
     abs_sum: torch.Tensor | None = None
     cross: torch.Tensor | None = None
@@ -57,23 +58,23 @@ class InputStats:
         return torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=device)
 
     def add_current(self, x: torch.Tensor, dense: torch.Tensor | None) -> None:
-        x = x.detach().reshape(-1, self.in_features).to(torch.float64)
+        x = x.detach().reshape(-1, self.in_features).to(self.product_dtype)
         if self.cov is None:
             self.cov = self._zeros(x.device)
             self.abs_sum = torch.zeros(self.in_features, dtype=torch.float64, device=x.device)
-        self.cov.addmm_(x.T, x)
-        self.abs_sum += x.abs().sum(0)
+        _accumulate(self.cov, x, x)
+        self.abs_sum += x.abs().sum(0, dtype=torch.float64)
         self.tokens += x.shape[0]
         if dense is not None:
-            d = dense.detach().reshape(-1, self.in_features).to(torch.float64)
+            d = dense.detach().reshape(-1, self.in_features).to(self.product_dtype)
             if self.want_cross:
                 if self.cross is None:
                     self.cross = self._zeros(x.device)
-                self.cross.addmm_(d.T, x)
+                _accumulate(self.cross, d, x)
             if self.want_dense_cov:
                 if self.dense_cov is None:
                     self.dense_cov = self._zeros(x.device)
-                self.dense_cov.addmm_(d.T, d)
+                _accumulate(self.dense_cov, d, d)
 
     def as_dict(self) -> dict:
         """Normalised (per-token) statistics, the ``stats`` a method's ``apply`` receives (summed over every
@@ -95,6 +96,14 @@ class InputStats:
         return out
 
 
+def _accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """total (float64) += a^T b, the product computed in a's dtype."""
+    if a.dtype == total.dtype:
+        total.addmm_(a.T, b)
+    else:
+        total += a.T @ b
+
+
 class _Collector:
     """Forward pre-hooks on one layer's targeted Linears (alias-aware)."""
 
@@ -105,12 +114,16 @@ class _Collector:
         want_dense_cov: bool,
         dense_modules: dict[str, nn.Module] | None = None,
         group: list[str] | None = None,
+        product_dtype: torch.dtype = torch.float64,
     ):
         self.modules = modules
+        self.product_dtype = product_dtype
         self.dense_modules = dense_modules  # the dense copy's modules, when the dense stream has its own layer
         # sub-layer calibration: modules that share one input (q/k/v), in call order; the layer call stops at
         # the first one's input, which is all of theirs (the others' inputs are never computed)
         self.group = group or []
+        self.kept: dict[str, list] | None = None  # when set: the group's input per call, by stream
+        self.keep_stream: str | None = "current"  # the stream the current-mode calls belong to (None: not kept)
         self.want_cross, self.want_dense_cov = want_cross, want_dense_cov
         self.slots: list[dict[str, InputStats]] = [{}]  # one per stream whose statistics are kept apart
         self.slot = 0  # the slot the current pass adds to
@@ -139,6 +152,10 @@ class _Collector:
     def new_call(self) -> None:
         self._seen.clear()
 
+    def _keep(self, stream: str, name: str, x: torch.Tensor) -> None:
+        if self.kept is not None and self.group and name == self.group[0]:
+            self.kept.setdefault(stream, []).append(x.detach())
+
     def _stop_here(self, name: str) -> None:
         if self.group and name == self.group[0]:
             raise _StopForward
@@ -148,6 +165,7 @@ class _Collector:
             if self.mode == "dense":
                 self.stash[name] = args[0]
                 if not self.dense_to_end:
+                    self._keep("dense", name, args[0])
                     self._stop_here(name)
 
         return hook
@@ -164,7 +182,7 @@ class _Collector:
                 stats[name] = stats[owner]
             else:
                 if name not in stats:
-                    stats[name] = InputStats(x.shape[-1], self.want_cross, self.want_dense_cov)
+                    stats[name] = InputStats(x.shape[-1], self.want_cross, self.want_dense_cov, self.product_dtype)
                 dense = self.stash.get(name)
                 if (self.want_cross or self.want_dense_cov) and dense is None:
                     dense = x  # no dense stream (non-sequential): the dense input is the current one
@@ -174,6 +192,8 @@ class _Collector:
             if self.group and name == self.group[0]:
                 for other in self.group[1:]:
                     stats[other] = stats[name]
+            if self.keep_stream is not None:
+                self._keep(self.keep_stream, name, x)
             self._stop_here(name)
             return None
 
@@ -211,17 +231,39 @@ class _FinishedBlocks:
     same output on every later pass, so the first pass that runs it whole records its output (per stream and
     batch) and later passes are handed that output instead of recomputing it: in a Llama layer the attention
     is computed once more after o_proj is replaced, not on the gate/up, down and final passes as well. The
-    dense stream's copy of the layer never changes: its blocks are final from the start. Costs one
-    hidden-state tensor per stream and batch while the layer is calibrated; the results are the same bits."""
+    dense stream's copy of the layer never changes: its blocks are final from the start. A block whose output
+    is its last module's (the attention's is o_proj's) is not even run once more: the pass that calibrates
+    that module keeps its inputs, and once it is replaced the block's outputs are the module applied to them
+    (:meth:`ending_in`, :meth:`record_from_inputs`). Costs one hidden-state tensor per stream and batch while
+    the layer is calibrated; the results are the same bits."""
 
-    def __init__(self, layer: nn.Module, local: str, groups: list[list[str]]):
+    def __init__(self, layer: nn.Module, local: str, probe: LayerProbe):
         self.final_after: dict[str, int] = {}  # child -> the group after whose replacement it is final
         for child, _ in layer.named_children():
-            inside = [g for g, group in enumerate(groups) for name in group if name.startswith(f"{local}{child}.")]
+            inside = [
+                g for g, group in enumerate(probe.groups) for name in group if name.startswith(f"{local}{child}.")
+            ]
             if inside:
                 self.final_after[child] = max(inside)
+        self.terminal = {  # blocks that end in a module of the group they are final after
+            child: (name, arity)
+            for child, (name, arity) in probe.terminal.items()
+            if child in self.final_after and name in probe.groups[self.final_after[child]]
+        }
+        self.local = local
         self.outputs: dict[tuple, object] = {}
         self.group = 0  # the pass being run: group index, len(groups) for the layer's final pass
+
+    def ending_in(self, group: int) -> list[tuple[str, str, int]]:
+        """(block, module, arity) of the blocks final once ``group`` is replaced whose output is its module's."""
+        return [(c, name, arity) for c, (name, arity) in self.terminal.items() if self.final_after[c] == group]
+
+    def record_from_inputs(self, child: str, stream, layer: nn.Module, module: str, arity: int, inputs: list):
+        """``child``'s outputs on ``stream``'s batches: ``module`` of ``layer`` (as replaced) on its ``inputs``."""
+        module = layer.get_submodule(module.removeprefix(self.local))
+        for b, x in enumerate(inputs):
+            y = module(x)
+            self.outputs[(child, stream, b)] = (y, *[None] * (arity - 1)) if arity else y
 
     @contextlib.contextmanager
     def running(self, layer: nn.Module, stream, batch: int, dense: bool = False, record: bool = True):
@@ -360,13 +402,29 @@ def _run_until_stop(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Te
         return None
 
 
-def call_groups(layer: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor, kwargs: dict) -> list[list[str]]:
-    """The targeted modules of one layer in call order, grouped by shared input tensor
-    (e.g. ``[[q, k, v], [o], [gate, up], [down]]``), from one probe call of the layer on ``x``."""
+@dataclass
+class LayerProbe:
+    """What one probe call of a layer shows about its targeted modules."""
+
+    # the modules in call order, grouped by shared input tensor (e.g. [[q, k, v], [o], [gate, up], [down]])
+    groups: list[list[str]]
+    # block (a direct child of the layer) -> (module, n): the targeted module whose output *is* the block's
+    # output (n = 0), or the first item of an n-tuple whose other items are None (Llama's attention returns
+    # (o_proj's output, None)); only for modules whose input is no wider than the layer's hidden states
+    terminal: dict[str, tuple[str, int]]
+
+
+def probe_layer(layer: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor, kwargs: dict) -> LayerProbe:
+    """One call of ``layer`` on ``x`` with hooks on ``modules`` (by full name) and on the layer's blocks."""
     order: list[tuple[torch.Tensor, str]] = []
+    outputs: dict[str, object] = {}
     handles = [
         module.register_forward_pre_hook(lambda m, a, name=name: order.append((a[0], name)))
         for name, module in modules.items()
+    ]
+    handles += [
+        module.register_forward_hook(lambda m, a, out, name=name: outputs.setdefault(name, out))
+        for name, module in [*modules.items(), *layer.named_children()]
     ]
     try:
         run_layer(layer, x, kwargs)
@@ -380,7 +438,21 @@ def call_groups(layer: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor
             groups.append((tensor, [name]))
         elif name not in group:
             group.append(name)
-    return [names for _, names in groups]
+    width = {name: tensor.shape[-1] for tensor, name in order}
+    terminal = {}
+    for child, _ in layer.named_children():
+        out = outputs.get(child)
+        arity = len(out) if isinstance(out, tuple) and all(item is None for item in out[1:]) else 0
+        result = out[0] if arity else out
+        for name in modules:
+            if name in outputs and outputs[name] is result and width[name] <= x.shape[-1]:
+                terminal[child] = (name, arity)
+    return LayerProbe([names for _, names in groups], terminal)
+
+
+def call_groups(layer: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor, kwargs: dict) -> list[list[str]]:
+    """The targeted modules of one layer in call order, grouped by shared input tensor (:func:`probe_layer`)."""
+    return probe_layer(layer, modules, x, kwargs).groups
 
 
 @dataclass
@@ -488,6 +560,7 @@ def calibrate_sequentially(
     description: str = "layers",
     store=None,
     stream_dtype: torch.dtype | None = None,
+    statistics_dtype: torch.dtype = torch.float64,
     variants: list[Callable[[], contextlib.AbstractContextManager]] = (),
     pool_variants: bool = True,
 ) -> EngineReport:
@@ -510,7 +583,8 @@ def calibrate_sequentially(
     ``store.enter(i)`` before it is used and handed to ``store.leave(i, streams)`` once final, with the streams
     entering the next layer; a resumed store (``store.layers_done``, ``store.resumed_streams``) starts after its
     finished layers, from the streams it saved. ``stream_dtype``: the streams' dtype between layers (e.g. bf16:
-    half the memory; every layer still computes in its own dtype).
+    half the memory; every layer still computes in its own dtype). ``statistics_dtype``: the dtype of each
+    batch's products (float32: faster, rounded; the sums over batches are float64 either way).
     ``variants``: each a context manager factory that makes the model run as another variant of itself (e.g.
     an elastic model at another budget); each variant keeps its own stream through the already-compressed
     layers, and its passes add to the same statistics as the main stream's, or with ``pool_variants=False``
@@ -583,11 +657,12 @@ def calibrate_sequentially(
                 if train_layer is not None:  # the dense layer's outputs, before any group is replaced
                     with report.timed("forward"):
                         targets = [run_layer(layer, h, kw) for h, kw in zip(current, kwargs_list)]
-                groups = call_groups(layer, targeted, current[0], kwargs_list[0])
+                probe = probe_layer(layer, targeted, current[0], kwargs_list[0])
+                groups = probe.groups
                 # the dense stream needs the layer as it was, while its groups are being replaced
                 dense_layer = copy.deepcopy(layer) if dense is not None else None
                 local = f"{prefix}.{i}."
-                blocks = _FinishedBlocks(layer, local, groups)
+                blocks = _FinishedBlocks(layer, local, probe)
                 for g, group in enumerate(groups):
                     blocks.group = g
                     last_group = g == len(groups) - 1  # its dense pass runs the layer whole: the next dense stream
@@ -596,6 +671,7 @@ def calibrate_sequentially(
                         if dense_layer is None
                         else {name: dense_layer.get_submodule(name.removeprefix(local)) for name in group}
                     )
+                    kept = {} if blocks.ending_in(g) else None  # the group's inputs, by stream
                     stats, _, dense_outputs = _collect(
                         i,
                         layer,
@@ -612,11 +688,19 @@ def calibrate_sequentially(
                         group=group,
                         variants=list(zip(variants, others)),
                         pool_variants=pool_variants,
+                        statistics_dtype=statistics_dtype,
                         blocks=blocks,
                         dense_to_end=last_group,
+                        keep=kept,
                     )
                     with report.timed("factorise"):
                         on_layer(i, {name: targeted[name] for name in group}, stats)
+                    with report.timed("forward"):  # a block ending in a replaced module: its outputs, at once
+                        for child, name, arity in blocks.ending_in(g):
+                            for stream, model_of in (("current", layer), ("dense", dense_layer)):
+                                if len(kept.get(stream, ())) == len(kwargs_list):
+                                    blocks.record_from_inputs(child, stream, model_of, name, arity, kept[stream])
+                    del kept
                 if train_layer is not None:
                     with torch.enable_grad(), report.timed("train"):
                         train_layer(i, layer, current, targets, kwargs_list[0])
@@ -642,6 +726,7 @@ def calibrate_sequentially(
                     report,
                     variants=list(zip(variants, others)),
                     pool_variants=pool_variants,
+                    statistics_dtype=statistics_dtype,
                 )
                 with report.timed("factorise"):
                     on_layer(i, targeted, stats)
@@ -694,13 +779,16 @@ def _collect(
     group=None,
     variants=(),
     pool_variants=True,
+    statistics_dtype: torch.dtype = torch.float64,
     blocks: _FinishedBlocks | None = None,
     dense_to_end: bool = False,
+    keep: dict | None = None,
 ):
     """One pass of the layer over every batch with hooks on ``targeted``: their normalised input
     statistics, and (without ``group``: the modules sharing one input, where the pass stops) the layer's
     outputs on both streams (with ``dense_to_end``, the dense stream's outputs whatever ``group``).
-    ``blocks``: the layer's final blocks, handed back."""
+    ``blocks``: the layer's final blocks, handed back. ``keep`` (a dict): filled with the group's input per
+    batch, by stream (``current``, and ``dense`` when its pass stops)."""
 
     def running(model, stream, b, dense=False):
         if blocks is None:
@@ -716,11 +804,17 @@ def _collect(
         collector = _IOCollector(targeted)
     else:
         collector = _Collector(
-            targeted, want_cross=cross, want_dense_cov=dense_cov, dense_modules=dense_modules, group=group
+            targeted,
+            want_cross=cross,
+            want_dense_cov=dense_cov,
+            dense_modules=dense_modules,
+            group=group,
+            product_dtype=statistics_dtype,
         )
         if not pool_variants:
             collector.slots += [{} for _ in variants]
         collector.dense_to_end = dense_to_end
+        collector.kept = keep
     outputs, next_dense = [], []
     start = _clock()
     with collector:
@@ -739,8 +833,10 @@ def _collect(
                 with variant(), running(layer, ("variant", j), b):
                     collector.new_call()
                     collector.slot = 0 if pool_variants else j + 1
+                    collector.keep_stream = None
                     _run_until_stop(layer, stream[b], kw)
             collector.slot = 0
+            collector.keep_stream = "current"
             collector.stash.clear()
             report.passes += 1
     statistics_seconds = getattr(collector, "statistics_seconds", 0.0)
@@ -872,15 +968,16 @@ def sensitivity_walk(
     on_layer: Callable[[int, dict[str, nn.Module], dict[str, dict] | None, dict[str, torch.Tensor]], None],
     batch_size: int = 2,
     statistics: bool = False,
+    statistics_dtype: torch.dtype = torch.float64,
 ) -> None:
     """The output sensitivities of :func:`output_fisher`, one decoder layer at a time: ``on_layer(index,
     {name: module}, stats, {name: fisher})`` for each layer from the top, with (``statistics``) the modules'
-    dense input statistics (as :func:`calibrate_sequentially` gives them, non-sequential) measured on the same
-    pass. ``store`` (enter / leave) reads and frees a streamed model's layers (:class:`ResidentLayers`: a
-    model held whole). A forward pass keeps each layer's inputs (on disk, so memory stays one layer's), the
-    model's tail gives the loss gradient at the last layer's output, and a backward pass walks the layers
-    from the top, recomputing each from its inputs with hooks on the targeted modules (their inputs'
-    statistics, their outputs' squared gradients)."""
+    dense input statistics (as :func:`calibrate_sequentially` gives them, non-sequential; each batch's products
+    in ``statistics_dtype``) measured on the same pass. ``store`` (enter / leave) reads and frees a streamed
+    model's layers (:class:`ResidentLayers`: a model held whole). A forward pass keeps each layer's inputs (on disk,
+    so memory stays one layer's), the model's tail gives the loss gradient at the last layer's output, and a
+    backward pass walks the layers from the top, recomputing each from its inputs with hooks on the targeted modules
+    (their inputs' statistics, their outputs' squared gradients)."""
     import tempfile
 
     prefix, layers = decoder_layers(model, modules)
@@ -910,7 +1007,9 @@ def sensitivity_walk(
             inputs = torch.load(spill / f"{i}.pt")
             sums, counts = {name: None for name in local}, {name: 0 for name in local}
             handles = [m.register_forward_hook(_fisher_hook(n, sums, counts)) for n, m in local.items()]
-            collector = _Collector(local, want_cross=False, want_dense_cov=False) if statistics and local else None
+            collector = None
+            if statistics and local:
+                collector = _Collector(local, want_cross=False, want_dense_cov=False, product_dtype=statistics_dtype)
             try:
                 with collector or contextlib.nullcontext(), torch.enable_grad():
                     for b, x in enumerate(inputs):

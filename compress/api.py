@@ -135,6 +135,7 @@ def compress(
         storage_dtype=getattr(torch, dtype),
         layer_store=layer_store,
         activation_dtype=getattr(torch, activations),
+        statistics_dtype=getattr(torch, recipe.calibration.statistics_dtype),
     )
     start = time.perf_counter()
     results = compress_model(model, recipe, ctx)

@@ -62,7 +62,16 @@ class ModelPlanner(Planner):
             for name, module in layer_modules.items():
                 values[name] = fn(name, module, stats[name], fisher[name])
 
-        sensitivity_walk(self._model, modules, windows, store, on_layer, batch_size=batch_size, statistics=True)
+        sensitivity_walk(
+            self._model,
+            modules,
+            windows,
+            store,
+            on_layer,
+            batch_size=batch_size,
+            statistics=True,
+            statistics_dtype=self._ctx.statistics_dtype,
+        )
         return values
 
 
@@ -168,6 +177,7 @@ def _apply_layers(model: nn.Module, method: Method, config, ctx: StageContext, w
             description=f"{method.name}: layers",
             store=ctx.layer_store,
             stream_dtype=ctx.activation_dtype,
+            statistics_dtype=ctx.statistics_dtype,
             variants=[_running_as(model, selection, made) for selection in plan.stream_selections],
             pool_variants=plan.streams_pooled,
             **_engine_options(calibration),

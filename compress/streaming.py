@@ -147,6 +147,14 @@ def _layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise CompressError(f"cannot find the decoder layers of {type(model).__name__} to stream")
 
 
+def decoder_stack(model: nn.Module) -> nn.ModuleList | None:
+    """The model's decoder layers, or None when it has none that :func:`_layer_stack` recognises."""
+    try:
+        return _layer_stack(model)[1]
+    except (CompressError, AttributeError):
+        return None
+
+
 class CheckpointWriter:
     """Writes a checkpoint's tensors as they become final (one shard per call, in the output dtype); the index
     at the end. Tensors shared by several names (tied embeddings) are written once, as save_pretrained does."""

@@ -46,7 +46,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
                 disable=not progress,
             ):
                 ids = mine[start : start + batch_size].to(device=device, dtype=torch.long)
-                total_nll += nll_sum(model(input_ids=ids, use_cache=False).logits, ids)
+                total_nll += batch_nll(model, ids)
     finally:
         if was_training:
             model.train()
@@ -61,6 +61,56 @@ def check_windows(windows: torch.Tensor, batch_size: int) -> None:
         raise ValueError(f"need at least one window of >= 2 tokens, got shape {tuple(windows.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+class _LastHidden(Exception):
+    """Raised by a hook on the last decoder layer: its output is all the perplexity needs of the stack."""
+
+
+def batch_nll(model, ids: torch.Tensor) -> float:
+    """The summed NLL of a batch: the model runs to its last decoder layer's output, then its tail on a few
+    tokens at a time (:func:`tail_nll_sum`); a model without a decoder stack gives its whole logits."""
+    from ..activations import stubbed_layers
+    from ..streaming import decoder_stack
+
+    layers = decoder_stack(model)
+    if layers is None:
+        return nll_sum(model(input_ids=ids, use_cache=False).logits, ids)
+
+    def stop(module, args, output):
+        raise _LastHidden(output[0] if isinstance(output, tuple) else output)
+
+    handle = layers[-1].register_forward_hook(stop)
+    try:
+        model(input_ids=ids, use_cache=False)
+        raise RuntimeError("the model's forward never reached its last decoder layer")
+    except _LastHidden as reached:
+        hidden = reached.args[0]
+    finally:
+        handle.remove()
+    with stubbed_layers(layers) as stubs:
+        return tail_nll_sum(model, stubs, hidden, ids)
+
+
+def tail_nll_sum(model, stubs, hidden: torch.Tensor, ids: torch.Tensor) -> float:
+    """The summed NLL of a batch (float64) from its last decoder layer's output ``hidden`` (batch x tokens x D),
+    through the model's own tail (final norm, head, soft-capping; its layers are ``stubs``), on
+    ``TAIL_CHUNK_TOKENS`` tokens at a time: a batch's logits over a large vocabulary (4 x 512 x 262,144 floats
+    for Gemma 3: 2.1 GB) are never held whole. Log-softmax in float32, as :func:`nll_sum`."""
+    from ..activations import TAIL_CHUNK_TOKENS
+
+    states = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # the last token of a window predicts nothing
+    targets = ids[:, 1:].reshape(-1)
+    total = 0.0
+    try:
+        for start in range(0, targets.numel(), TAIL_CHUNK_TOKENS):
+            stubs[0].replay = states[start : start + TAIL_CHUNK_TOKENS][None]
+            target = targets[start : start + TAIL_CHUNK_TOKENS]
+            logprobs = torch.log_softmax(model(input_ids=target[None], use_cache=False).logits[0].float(), dim=-1)
+            total -= logprobs.gather(-1, target.unsqueeze(-1)).double().sum().item()
+    finally:
+        stubs[0].replay = None
+    return total
 
 
 def nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:

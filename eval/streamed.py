@@ -16,7 +16,7 @@ import torch
 
 from ..distributed import shard
 from ..utils import progress_iter
-from .perplexity import check_windows, nll_sum, summarise_nll
+from .perplexity import check_windows, summarise_nll, tail_nll_sum
 
 
 def streamed_perplexity(
@@ -44,8 +44,6 @@ def streamed_perplexity(
         stream.materialise(skip_layers=True)
         with stubbed_layers(layers) as stubs:  # the model's own tail (final norm, head, soft-capping)
             for b, ids in enumerate(mine.split(batch_size)):
-                stubs[0].replay = hidden[b]
-                ids = ids.to(stream.device)
-                total += nll_sum(model(input_ids=ids, use_cache=False).logits, ids)
+                total += tail_nll_sum(model, stubs, hidden[b], ids.to(stream.device))
                 hidden[b] = None
     return {**summarise_nll(total, windows), "path": "streamed"}

@@ -99,6 +99,7 @@ class StageContext:
     storage_dtype: torch.dtype | None = None  # what the checkpoint is saved in (None: the model's own dtype)
     layer_store: Any = None  # a streamed model's layers (compress.streaming.StreamedLayers); None: in memory
     activation_dtype: torch.dtype | None = None  # the calibration streams' dtype between layers (None: the model's)
+    statistics_dtype: torch.dtype = torch.float64  # each batch's input products (summed in float64)
 
 
 @dataclass

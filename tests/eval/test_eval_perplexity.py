@@ -23,19 +23,29 @@ def _reference_nll_sum(model, windows):
     return total
 
 
-def test_matches_prefix_by_prefix_reference(eval_tiny_llama):
+@pytest.mark.parametrize("chunk", [128, 5], ids=["one-chunk", "5-token-chunks"])
+def test_matches_prefix_by_prefix_reference(eval_tiny_llama, monkeypatch, chunk):
+    from compress import activations
+
+    monkeypatch.setattr(activations, "TAIL_CHUNK_TOKENS", chunk)  # the head's tokens per call
+    head_rows = []
+    handle = eval_tiny_llama.lm_head.register_forward_hook(lambda m, a, out: head_rows.append(a[0][0].shape[0]))
     vocab = eval_tiny_llama.config.vocab_size
     g = torch.Generator().manual_seed(1)
     windows = torch.randint(0, vocab, (3, 12), generator=g)
     nll_sum = _reference_nll_sum(eval_tiny_llama, windows)
+    head_rows.clear()
     expected_tokens = 3 * 11
     for batch_size in (1, 2, 4):
         out = perplexity(eval_tiny_llama, windows, batch_size=batch_size, progress=False)
         assert out["windows"] == 3 and out["tokens"] == expected_tokens
         assert out["nll"] == pytest.approx(nll_sum / expected_tokens, rel=1e-5)
         assert out["perplexity"] == pytest.approx(math.exp(nll_sum / expected_tokens), rel=1e-5)
+    handle.remove()
     # the sharpened random model is far from uniform: a vocab-sized answer would be a bug
     assert abs(out["nll"] - math.log(vocab)) > 0.5
+    # the head saw every predicting token once per batch size, never more than a chunk of them at once
+    assert max(head_rows) <= chunk and sum(head_rows) == 3 * expected_tokens
 
 
 class _Uniform(torch.nn.Module):

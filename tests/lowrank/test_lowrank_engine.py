@@ -109,17 +109,21 @@ def test_sublayer_stats_are_the_inputs_of_the_final_model():
         assert torch.allclose(seen[name]["dense_cov"], Xd.T @ Xd / n, rtol=1e-5, atol=1e-6), name
 
 
-def test_sublayer_calibration_hands_back_a_finished_attention_instead_of_recomputing_it(monkeypatch):
-    """Once o_proj is replaced a layer's attention gives the same output on every later pass: it runs whole
-    once more per stream and batch (gate/up's pass, which records it) instead of on the gate/up, down and final
-    passes; the statistics and the compressed model are the same bits as with every pass recomputed."""
+@pytest.mark.parametrize("intermediate", [160, 48], ids=["mlp-wider-than-hidden", "mlp-narrower"])
+def test_sublayer_calibration_never_reruns_a_finished_block(monkeypatch, intermediate):
+    """Once o_proj is replaced a layer's attention gives the same output on every later pass, and that output
+    is o_proj's on the inputs o_proj's own pass saw: the attention never runs whole after the probe call. The
+    MLP ends in down_proj the same way: when down_proj's inputs are no wider than the hidden states they are
+    kept too, and the final pass does not run it either. The statistics and the compressed model are the same
+    bits as with every pass recomputed."""
     from compress import activations
 
     def run():
-        model = make_tiny_llama()
-        seen, calls, finished = {}, [], []
+        model = make_tiny_llama(intermediate=intermediate)
+        seen, calls, attention, mlp = {}, [], [], []
         for layer in model.model.layers:
-            layer.self_attn.register_forward_hook(lambda *args: finished.append(1))
+            layer.self_attn.register_forward_hook(lambda *args: attention.append(1))
+            layer.mlp.register_forward_hook(lambda *args: mlp.append(1))
         calibrate_sequentially(
             model,
             select_modules(model, TARGETS),
@@ -130,15 +134,18 @@ def test_sublayer_calibration_hands_back_a_finished_attention_instead_of_recompu
             cross=True,
             batch_size=4,
         )  # 2 layers, 2 batches, 2 streams (current and dense)
-        return model, seen, len(finished)
+        return model, seen, len(attention), len(mlp)
 
-    model, seen, finished = run()
+    model, seen, attention, mlp = run()
     monkeypatch.setattr(activations._FinishedBlocks, "running", lambda self, *a, **k: contextlib.nullcontext())
-    recomputed, seen_recomputed, finished_recomputed = run()
-    # per layer: call_groups' probe, then per batch: gate/up's pass on both streams ...
-    assert finished == 2 * (1 + 2 * 2)
-    # ... against gate/up's, down's and the final pass on the current stream, gate/up's and down's on the dense
-    assert finished_recomputed == 2 * (1 + 2 * (3 + 2))
+    recomputed, seen_recomputed, attention_recomputed, mlp_recomputed = run()
+    # per layer: probe_layer's call, then per batch ...
+    assert attention == 2 * 1
+    # ... down_proj's dense pass (it makes the next dense stream), and the final pass when the MLP is wide
+    assert mlp == 2 * (1 + 2 * (1 + (intermediate > 64)))
+    # recomputed: gate/up's and down's pass on both streams, the final pass; the MLP: down's dense pass, final
+    assert attention_recomputed == 2 * (1 + 2 * (2 + 2 + 1))
+    assert mlp_recomputed == 2 * (1 + 2 * 2)
     for name in seen:
         assert all(torch.equal(seen[name][k], seen_recomputed[name][k]) for k in ("cov", "cross")), name
     ids = _windows(2, 16, seed=4)
@@ -187,6 +194,34 @@ def test_non_sequential_stats_are_the_dense_ones():
     name = "model.layers.1.mlp.down_proj"
     X = _direct_input_cov(dense, name, windows)
     assert torch.allclose(seen[name]["cov"], X.T @ X / X.shape[0], rtol=1e-5, atol=1e-6)
+
+
+def test_float32_products_stay_within_their_rounding_bound():
+    """statistics_dtype float32: each batch's x x^T is rounded in float32 (then summed in float64), within
+    tokens x 2^-24 of sum |x_i||x_j| per batch (the bound the recipe field documents); float64 is exact here."""
+    model = make_tiny_llama()
+    windows = _windows()  # 2 batches of 4 windows
+    seen = {torch.float64: {}, torch.float32: {}}
+    for dtype, stats_of in seen.items():
+        calibrate_sequentially(
+            model,
+            select_modules(model, TARGETS),
+            windows,
+            lambda i, local, stats, into=stats_of: into.update(stats),
+            sequential=False,
+            statistics_dtype=dtype,
+        )
+    name = "model.layers.1.mlp.down_proj"
+    X = _direct_input_cov(model, name, windows)
+    n = X.shape[0]
+    exact, rounded = seen[torch.float64][name]["cov"], seen[torch.float32][name]["cov"]
+    assert torch.allclose(exact, X.T @ X / n, rtol=1e-12, atol=1e-15)
+    bound = (n // 2) * 2.0**-24 * (X.abs().T @ X.abs()) / n  # per batch of n / 2 tokens, summed
+    assert not torch.equal(rounded, exact) and bool(((rounded - exact).abs() <= bound).all())
+    assert torch.allclose(seen[torch.float32][name]["abs_mean"], X.abs().mean(0), rtol=1e-6, atol=0)
+    with pytest.raises(CompressError, match="statistics_dtype"):
+        stage = {"method": "lowrank", "reduction": 0.2}
+        parse_recipe({"name": "t", "stages": [stage], "calibration": {"statistics_dtype": "float16"}})
 
 
 def _stage(**kw):
