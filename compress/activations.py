@@ -259,10 +259,14 @@ class _FinishedBlocks:
         return [(c, name, arity) for c, (name, arity) in self.terminal.items() if self.final_after[c] == group]
 
     def record_from_inputs(self, child: str, stream, layer: nn.Module, module: str, arity: int, inputs: list):
-        """``child``'s outputs on ``stream``'s batches: ``module`` of ``layer`` (as replaced) on its ``inputs``."""
+        """``child``'s outputs on ``stream``'s batches: ``module`` of ``layer`` (as replaced) on its ``inputs``,
+        which are dropped from the list as they are used (an input and its output are never both held for every
+        batch)."""
         module = layer.get_submodule(module.removeprefix(self.local))
         for b, x in enumerate(inputs):
+            inputs[b] = None
             y = module(x)
+            del x
             self.outputs[(child, stream, b)] = (y, *[None] * (arity - 1)) if arity else y
 
     @contextlib.contextmanager

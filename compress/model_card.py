@@ -262,7 +262,8 @@ def render_body(run: RunFolder, repo_id: str, revision: str | None = None) -> st
         results = "; ".join(
             f"{k}: {cell(v)}"
             for k, v in st.get("summary", {}).items()
-            if k not in ("wall_time_s", "peak_rss_bytes", "peak_gpu_bytes") and not isinstance(v, (dict, list))
+            if k not in ("wall_time_s", "plan_seconds", "peak_rss_bytes", "peak_gpu_bytes")
+            and not isinstance(v, (dict, list))
         )
         rows.append([i, f"`{cfg['method']}`", settings, results])
     out += [

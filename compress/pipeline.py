@@ -108,8 +108,10 @@ def _running_as(model: nn.Module, selection: dict, made: list[str]):
 def _apply_layers(model: nn.Module, method: Method, config, ctx: StageContext, where: str) -> StageResult:
     modules = select_modules(model, config.targets, config.ignore, f"{where}.targets")
     planner = ModelPlanner(model, ctx)
+    start = time.perf_counter()
     plan = method.plan(modules, config, planner)
     result = plan.result
+    result.summary["plan_seconds"] = round(time.perf_counter() - start, 3)  # e.g. the sensitivity pass
     chosen = {name: module for name, module in modules.items() if plan.decisions.get(name) is not None}
     rows = {row["module"]: row for row in result.rows}
     made: list[str] = []
