@@ -189,10 +189,13 @@ def fp32_bytes(folder: Path) -> int:
 
 
 def recipe_for(recipe: str, model: str) -> dict:
-    """The benchmark's recipe (``whiten-20``), or the shipped ``lowrank-20``'s stages and calibration with this
-    benchmark's evaluation and output; bf16-stored sources are written back in their dtype."""
+    """The benchmark's recipe (``whiten-20``; ``whiten-20-f32``: its statistics from float32 products), or the
+    shipped ``lowrank-20``'s stages and calibration with this benchmark's evaluation and output; bf16-stored
+    sources are written back in their dtype."""
     if recipe == "whiten-20":
         body = dict(RECIPE)
+    elif recipe == "whiten-20-f32":  # each batch's input products in float32 (summed in float64)
+        body = {**RECIPE, "calibration": {**RECIPE["calibration"], "statistics_dtype": "float32"}}
     else:
         shipped = yaml.safe_load((ROOT / "recipes" / f"{recipe}.yaml").read_text())
         body = {**shipped, "eval": RECIPE["eval"], "output": RECIPE["output"]}
@@ -270,8 +273,9 @@ def render(all_rows: list[dict]) -> str:
         "Written by `python bench/scale.py`: each row is one `compress run` of a whitening low-rank stage at 20 % "
         "(uniform ranks, sequential, 16 calibration windows of 512 tokens, token perplexity on 4 held-out windows), "
         "streamed layer by layer (the default) or with `--in-memory`, on CPU. Peak RSS from report.json: by the "
-        "end of compression (the stage's), and in brackets of the whole run (its evaluation holds the logits of "
-        "4 windows x 512 x 49,152 in float32, 0.4 GB); x fp32 = compression peak / the checkpoint's fp32 bytes. "
+        "end of compression (the stage's), and in brackets of the whole run (its evaluation runs the head on 128 "
+        "tokens at a time since 2026-12-04 23:10; before, it held a batch's logits: 4 windows x 512 x the "
+        "vocabulary in float32, 0.4 GB at 49,152); x fp32 = compression peak / the checkpoint's fp32 bytes. "
         "Synthetic models have random weights (their perplexity only shows that both paths agree). Each row "
         "is as of its date: a row measured before a memory change still shows the old code's numbers. Peak RSS "
         "is the run's own high-water mark (VmHWM) since 2026-12-04 21:24; before, getrusage's ru_maxrss, which "
@@ -348,17 +352,20 @@ def render_other_rows(rows: list[dict]) -> list[str]:
         return []
     lines = [
         "",
-        "## On a GPU, and with lowrank-20's settings",
+        "## On a GPU, and with other settings",
         "",
         "`--device cuda` runs each layer on the GPU while the rest of the model stays in its shards; `-Nl` models "
         "are the synthetic model's first N layers (same shapes, the embedding and head included), enough for "
         "the seconds per layer. `lowrank-20` = the shipped recipe's compression (dense-target whitening, "
-        "sub-layer calibration, sensitivity allocation, 64 windows) with this benchmark's evaluation. Peak "
-        "GPU = torch's most allocated at once; phases as above.",
+        "sub-layer calibration, sensitivity allocation, 64 windows, float32 products) with this benchmark's "
+        "evaluation; `whiten-20-f32` = this benchmark's recipe with `calibration.statistics_dtype: float32` (each "
+        "batch's input products in float32, summed in float64). Peak GPU = torch's most allocated at once; "
+        "phases as above.",
         "",
         "| model | recipe | device | layers calibrated | targeted params / layer | s / layer | compression s | "
-        "peak GPU GiB | peak RSS GiB: compression (run) | read | forward | statistics | factorise | write | date |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "peak GPU GiB | peak RSS GiB: compression (run) | x fp32 | read | forward | statistics | factorise | write | "
+        "date |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         total = r["seconds_per_layer"] * r["layers"]
@@ -374,8 +381,7 @@ def render_other_rows(rows: list[dict]) -> list[str]:
             f"{r['layers']} of {r.get('decoder_layers', r['layers'])} | "
             f"{r['targeted_params_per_layer'] / 1e6:.1f} M | {r['seconds_per_layer']:.2f} | {r['compression_s']:.0f} | "
             f"{gpu} | {r['compression_peak_rss_bytes'] / 2**30:.2f} ({r['peak_rss_bytes'] / 2**30:.2f}) | "
-            + " | ".join(shares)
-            + f" | {r['date']} |"
+            f"{r['compression_peak_rss_bytes'] / r['fp32_bytes']:.2f} | " + " | ".join(shares) + f" | {r['date']} |"
         )
     return lines
 
@@ -385,7 +391,7 @@ def main() -> None:
     parser.add_argument("models", nargs="*", help="smollm2-135m, gemma3-270m or " + ", ".join(SYNTHETIC))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--recipe", default="whiten-20", choices=["whiten-20", "lowrank-20"])
+    parser.add_argument("--recipe", default="whiten-20", choices=["whiten-20", "whiten-20-f32", "lowrank-20"])
     parser.add_argument("--paths", nargs="+", default=["streamed", "in-memory"], choices=["streamed", "in-memory"])
     parser.add_argument("--render", action="store_true")
     parser.add_argument("--change", default="", help="what changed since a re-measured row's last measurement")
