@@ -454,11 +454,6 @@ def probe_layer(layer: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor
     return LayerProbe([names for _, names in groups], terminal)
 
 
-def call_groups(layer: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor, kwargs: dict) -> list[list[str]]:
-    """The targeted modules of one layer in call order, grouped by shared input tensor (:func:`probe_layer`)."""
-    return probe_layer(layer, modules, x, kwargs).groups
-
-
 @dataclass
 class EngineReport:
     layers_calibrated: int = 0
