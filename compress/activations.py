@@ -968,6 +968,7 @@ def sensitivity_walk(
     batch_size: int = 2,
     statistics: bool = False,
     statistics_dtype: torch.dtype = torch.float64,
+    progress: bool = False,
 ) -> None:
     """The output sensitivities of :func:`output_fisher`, one decoder layer at a time: ``on_layer(index,
     {name: module}, stats, {name: fisher})`` for each layer from the top, with (``statistics``) the modules'
@@ -976,8 +977,10 @@ def sensitivity_walk(
     model's layers (:class:`ResidentLayers`: a model held whole). A forward pass keeps each layer's inputs (on disk,
     so memory stays one layer's), the model's tail gives the loss gradient at the last layer's output, and a
     backward pass walks the layers from the top, recomputing each from its inputs with hooks on the targeted modules
-    (their inputs' statistics, their outputs' squared gradients)."""
+    (their inputs' statistics, their outputs' squared gradients). ``progress``: a bar over the layers per pass."""
     import tempfile
+
+    from .utils import progress_iter
 
     prefix, layers = decoder_layers(model, modules)
     kinds = layer_kinds(model, layers)
@@ -988,7 +991,7 @@ def sensitivity_walk(
         spill = Path(spill)
         with torch.no_grad():
             hidden, kwargs = capture_layer0_inputs(model, layers, windows, batch_size)
-            for i in range(len(layers)):
+            for i in progress_iter(range(len(layers)), "sensitivity: forward", progress, total=len(layers)):
                 store.enter(i)
                 torch.save(hidden, spill / f"{i}.pt")
                 hidden = [run_layer(layers[i], h, kw) for h, kw in zip(hidden, kwargs[kinds[i]])]
@@ -1000,7 +1003,8 @@ def sensitivity_walk(
             ]
         del hidden
         lowest = min(layer_index(name) for name in modules)  # no gradient is needed below it
-        for i in reversed(range(lowest, len(layers))):
+        walk = reversed(range(lowest, len(layers)))
+        for i in progress_iter(walk, "sensitivity: backward", progress, total=len(layers) - lowest):
             local = {n: m for n, m in modules.items() if n.startswith(f"{prefix}.{i}.")}
             store.enter(i)
             inputs = torch.load(spill / f"{i}.pt")

@@ -71,6 +71,7 @@ class ModelPlanner(Planner):
             batch_size=batch_size,
             statistics=True,
             statistics_dtype=self._ctx.statistics_dtype,
+            progress=self._ctx.progress,
         )
         return values
 
