@@ -1,4 +1,4 @@
-"""Elastic rank on SmolLM2-135M -> bench/results/elastic.md (+ elastic.json).
+"""Elastic rank on SmolLM2-135M and Gemma-3-270M -> bench/results/elastic.md (+ elastic.json).
 
 Every number comes out of the command line: `compress run recipes/lowrank-elastic.yaml` once (its report scores
 the checkpoint at 10..50 % through compress.set_budget), `compress run recipes/lowrank-20.yaml` with
@@ -11,6 +11,7 @@ of one loaded elastic model, interleaved with the dense model in one process, an
 switching back and forth.
 
     python bench/elastic.py                 # runs what is missing (hours on CPU), then writes the results
+    python bench/elastic.py --model gemma3-270m   # the budget grid alone (no healing, no switching) on Gemma
     python bench/elastic.py --render        # only rewrite the markdown from the json
 """
 
@@ -32,7 +33,7 @@ from recipe_runs import ROOT, STORE, key_of, run_recipe  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 BUDGETS = (0.1, 0.2, 0.3, 0.4, 0.5)
 HEALED = (0.2, 0.3, 0.4)
-MODEL = "smollm2-135m"
+MODEL = "smollm2-135m"  # the model of the full grid; other models get the budget table alone
 HEAL_STAGE = (
     "{method: finetune, targets: [LowRankLinear], steps: 96, lr: 1.0e-4, schedule: cosine, warmup_steps: 5, "
     "batch_size: 2}"
@@ -44,14 +45,18 @@ HEAL_STAGE = (
 PPL_ONLY = ["eval.tasks=[]", "eval.limit=null", "eval.compare_dense=false"]
 
 
-def runs_plan() -> list[tuple[str, str, list[str]]]:
-    """(recipe, tag, overrides) of every `compress run` this benchmark reads."""
+def runs_plan(model: str) -> list[tuple[str, str, list[str]]]:
+    """(recipe, tag, overrides) of every `compress run` this benchmark reads for ``model``."""
+    fresh = [("lowrank-20", f"fresh-{b:g}", [f"stages.0.reduction={b}", *PPL_ONLY]) for b in BUDGETS]
+    if model != MODEL:
+        return [("lowrank-elastic", "elastic", PPL_ONLY), *fresh]
     plan = [
         ("lowrank-elastic", "elastic", PPL_ONLY),
         ("lowrank-elastic-healed", "elastic-sum", PPL_ONLY),
         ("lowrank-elastic-healed", "elastic-sample", ["stages.1.elastic.rule=sample", *PPL_ONLY]),
     ]
-    plan += [("lowrank-20", f"fresh-{b:g}", [f"stages.0.reduction={b}", *PPL_ONLY]) for b in BUDGETS if b != 0.2]
+    # lowrank-20 itself is the fresh 20 % compression (its shipped run, bench/results/recipe_runs.md)
+    plan += [run for run in fresh if run[1] != "fresh-0.2"]
     plan += [
         (
             "lowrank-20",
@@ -69,25 +74,25 @@ def runs_plan() -> list[tuple[str, str, list[str]]]:
     return plan
 
 
-def ensure_runs(threads: int) -> dict:
+def ensure_runs(threads: int, model: str) -> dict:
     cells = load_cells(STORE)
-    for recipe, tag, overrides in runs_plan():
-        key = key_of(recipe, MODEL, tag)
+    for recipe, tag, overrides in runs_plan(model):
+        key = key_of(recipe, model, tag)
         if key in cells:
             continue
         print(f"running {key} ...", file=sys.stderr, flush=True)
-        cells[key] = run_recipe(recipe, MODEL, tag, threads, overrides)
+        cells[key] = run_recipe(recipe, model, tag, threads, overrides)
         from recipe_runs import MARKDOWN, render
 
         save_cells(cells, STORE, MARKDOWN, render)
     return cells
 
 
-def fresh_cell(cells: dict, budget: float) -> dict | None:
-    """The plain (not elastic) compression at ``budget``: lowrank-20 itself at 20 %."""
-    if budget == 0.2:
-        return next((c for k, c in sorted(cells.items()) if k.startswith("lowrank-20@smollm2-135m#v0.")), None)
-    return cells.get(key_of("lowrank-20", MODEL, f"fresh-{budget:g}"))
+def fresh_cell(cells: dict, budget: float, model: str = MODEL) -> dict | None:
+    """The plain (not elastic) compression at ``budget``: on SmolLM2, lowrank-20's shipped run at 20 %."""
+    if budget == 0.2 and model == MODEL:
+        return next((c for k, c in sorted(cells.items()) if k.startswith(f"lowrank-20@{MODEL}#v0.")), None)
+    return cells.get(key_of("lowrank-20", model, f"fresh-{budget:g}"))
 
 
 def measure_resizes(elastic_folder: Path, threads: int) -> list[dict]:
@@ -171,11 +176,40 @@ def _fmt(v, digits=4):
     return "-" if v is None else (f"{v:,.{digits}g}" if isinstance(v, float) else f"{v:,}")
 
 
+def budget_table(cells: dict, model: str, resizes: list[dict]) -> list[str]:
+    """Elastic (switched), resized and fresh perplexity at each budget, resize time and checkpoint bytes."""
+    elastic = cells.get(key_of("lowrank-elastic", model, "elastic"))
+    if not elastic:
+        return []
+    before = cells.get(key_of("lowrank-elastic", model, "elastic-factors-only"))
+    budgets = {round(b["requested_reduction"], 3): b for b in elastic.get("budgets", [])}
+    old = {round(b["requested_reduction"], 3): b for b in (before or {}).get("budgets", [])}
+    resized = {r["budget"]: r for r in resizes}
+    lines = [
+        "| budget | elastic ppl | resized ppl | fresh ppl | elastic / fresh | before: factors only | "
+        "resize s (command s) | resized MB | `--fixed` MB | fresh MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for b in BUDGETS:
+        e, r, f = budgets.get(b, {}), resized.get(b, {}), fresh_cell(cells, b, model) or {}
+        ratio = e["perplexity"] / f["perplexity"] if e and f.get("perplexity") else None
+        lines.append(
+            f"| {b:.0%} | {_fmt(e.get('perplexity'))} | {_fmt(r.get('perplexity'))} | "
+            f"{_fmt(f.get('perplexity'))} | {_fmt(ratio, 3)} | {_fmt(old.get(b, {}).get('perplexity'))} | "
+            f"{r.get('resize_s', 0):.1f} ({r.get('command_s', 0):.1f}) | "
+            f"{r.get('bytes', 0) / 1e6:.1f} | {r.get('fixed_bytes', 0) / 1e6:.1f} | "
+            f"{f.get('bytes_after', 0) / 1e6:.1f} |"
+        )
+    return lines
+
+
 def render(data: dict) -> str:
     cells = load_cells(STORE)
     elastic = cells.get(key_of("lowrank-elastic", MODEL, "elastic"))
     lines = [
-        "# Elastic rank on SmolLM2-135M",
+        "# Elastic rank",
+        "",
+        "## SmolLM2-135M",
         "",
         "Written by `python bench/elastic.py`; every number comes from `compress run` / `compress resize` / "
         "`compress eval` (bench/recipe_runs.md has the runs). Held-out Wikipedia, 32 windows of 512 tokens, "
@@ -184,40 +218,21 @@ def render(data: dict) -> str:
         "`fresh` = `recipes/lowrank-20.yaml` run at that budget.",
         "",
     ]
-    before = cells.get(key_of("lowrank-elastic", MODEL, "elastic-factors-only"))
-    if elastic:
-        budgets = {round(b["requested_reduction"], 3): b for b in elastic.get("budgets", [])}
-        old = {round(b["requested_reduction"], 3): b for b in (before or {}).get("budgets", [])}
-        resized = {r["budget"]: r for r in data.get("resize", [])}
-        lines += [
-            "| budget | elastic ppl | resized ppl | fresh ppl | elastic / fresh | before: factors only | "
-            "resize s (command s) | resized MB | `--fixed` MB | fresh MB |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for b in BUDGETS:
-            e, r, f = budgets.get(b, {}), resized.get(b, {}), fresh_cell(cells, b) or {}
-            ratio = e["perplexity"] / f["perplexity"] if e and f.get("perplexity") else None
-            lines.append(
-                f"| {b:.0%} | {_fmt(e.get('perplexity'))} | {_fmt(r.get('perplexity'))} | "
-                f"{_fmt(f.get('perplexity'))} | {_fmt(ratio, 3)} | {_fmt(old.get(b, {}).get('perplexity'))} | "
-                f"{r.get('resize_s', 0):.1f} ({r.get('command_s', 0):.1f}) | "
-                f"{r.get('bytes', 0) / 1e6:.1f} | {r.get('fixed_bytes', 0) / 1e6:.1f} | "
-                f"{f.get('bytes_after', 0) / 1e6:.1f} |"
-            )
+    lines += budget_table(cells, MODEL, data.get("resize", []))
+    if elastic and fresh_cell(cells, 0.2):
         single = fresh_cell(cells, 0.2)
-        if single:
-            lines += [
-                "",
-                f"The elastic checkpoint stores {elastic['bytes_after'] / 1e6:.1f} MB against "
-                f"{single['bytes_after'] / 1e6:.1f} MB for the single-budget 20 % checkpoint "
-                f"({elastic['bytes_after'] / single['bytes_after'] - 1:+.1%}; the dense model: "
-                f"{single['bytes_before'] / 1e6:.1f} MB): each matrix keeps its factors at the rank the 10 % budget "
-                "gives it, and a matrix that budget keeps dense stores its dense weight beside factors at its "
-                "largest rank that still saves parameters (a larger budget may factorise it). `resized` "
-                "(`compress resize`) drops what no larger budget needs and still serves every larger reduction; "
-                "`--fixed` writes that budget alone, as small as a fresh compression. `before`: the first elastic "
-                "design (every matrix stored as factors only, so every budget truncated every matrix), same recipe.",
-            ]
+        lines += [
+            "",
+            f"The elastic checkpoint stores {elastic['bytes_after'] / 1e6:.1f} MB against "
+            f"{single['bytes_after'] / 1e6:.1f} MB for the single-budget 20 % checkpoint "
+            f"({elastic['bytes_after'] / single['bytes_after'] - 1:+.1%}; the dense model: "
+            f"{single['bytes_before'] / 1e6:.1f} MB): each matrix keeps its factors at the rank the 10 % budget "
+            "gives it, and a matrix that budget keeps dense stores its dense weight beside factors at its "
+            "largest rank that still saves parameters (a larger budget may factorise it). `resized` "
+            "(`compress resize`) drops what no larger budget needs and still serves every larger reduction; "
+            "`--fixed` writes that budget alone, as small as a fresh compression. `before`: the first elastic "
+            "design (every matrix stored as factors only, so every budget truncated every matrix), same recipe.",
+        ]
     variants = [
         (label, cells.get(key_of("lowrank-elastic", MODEL, tag)))
         for label, tag in (
@@ -319,22 +334,48 @@ def render(data: dict) -> str:
             f"Switching 30 % -> 10 % -> 50 % -> 20 % -> 40 % -> 30 % gives bit-identical logits: "
             f"{switching['switch_back_bit_identical']}.",
         ]
-    lines += ["", "Not measured here (CPU time): the same grid on Gemma-3-270M."]
+    for model, measured in data.get("models", {}).items():
+        lines += ["", f"## {model}", "", SECOND_MODEL_TEXT, "", *budget_table(cells, model, measured.get("resize", []))]
+        elastic, single = cells.get(key_of("lowrank-elastic", model, "elastic")), fresh_cell(cells, 0.2, model)
+        if elastic and single:
+            lines += [
+                "",
+                f"Checkpoint bytes: elastic {elastic['bytes_after'] / 1e6:.1f} MB, single-budget 20 % "
+                f"{single['bytes_after'] / 1e6:.1f} MB ({elastic['bytes_after'] / single['bytes_after'] - 1:+.1%}), "
+                f"dense {single['bytes_before'] / 1e6:.1f} MB. Compression time: elastic "
+                f"{elastic['compression_wall_s']:.0f} s, fresh 20 % {single['compression_wall_s']:.0f} s.",
+            ]
     return "\n".join(lines) + "\n"
+
+
+SECOND_MODEL_TEXT = (
+    "The budget grid alone (`python bench/elastic.py --model MODEL`): the same recipes, overrides and protocol as "
+    "SmolLM2-135M's first table; every budget's fresh compression is `recipes/lowrank-20.yaml` at that budget. "
+    "These runs shared the machine with one other single-thread job on the other core, so their seconds are "
+    "not comparable with SmolLM2's."
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--render", action="store_true")
+    parser.add_argument("--model", default=MODEL, help=f"{MODEL}: the full grid; another model: the budget table")
     args = parser.parse_args()
     store = RESULTS / "elastic.json"
     data = json.loads(store.read_text()) if store.is_file() else {}
     if not args.render:
-        cells = ensure_runs(args.threads)
-        folder = ROOT / cells[key_of("lowrank-elastic", MODEL, "elastic")]["folder"] / "model"
-        data["resize"] = measure_resizes(folder, args.threads)
-        data["switching"] = measure_switching(folder, args.threads)
+        cells = ensure_runs(args.threads, args.model)
+        folder = ROOT / cells[key_of("lowrank-elastic", args.model, "elastic")]["folder"] / "model"
+        resizes = measure_resizes(folder, args.threads)
+        if args.model == MODEL:
+            data["resize"] = resizes
+            data["switching"] = measure_switching(folder, args.threads)
+        else:
+            data.setdefault("models", {})[args.model] = {"resize": resizes}
+        # another run of this script may have finished meanwhile: keep what it wrote for other models
+        latest = json.loads(store.read_text()) if store.is_file() else {}
+        data["models"] = {**latest.get("models", {}), **data.get("models", {})}
         store.write_text(json.dumps(data, indent=2))
     (RESULTS / "elastic.md").write_text(render(data))
 
