@@ -101,7 +101,12 @@ def test_resize_cuts_the_factors_and_matches_the_switched_model(elastic_model, t
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in elastic_model.parameters())
     compress.save(small, tmp_path / "small")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "small").eval()
-    assert torch.equal(_logits(reloaded, ids), _logits(small, ids))
+    saved, loaded = small.state_dict(), reloaded.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    assert selections(reloaded) == selections(small)
+    # same weights, same ranks; the logits agree to rounding only: transformers 5.25 loads tensors at addresses
+    # that are not 64-byte aligned, and a rank-1 product then takes another SIMD path (measured: 9e-8 apart)
+    assert torch.allclose(_logits(reloaded, ids), _logits(small, ids), rtol=0, atol=1e-6)
     assert budget_range(reloaded)[0] == pytest.approx(0.45, abs=0.006)  # still elastic below its new size
     with pytest.raises(CompressError, match="outside the range"):
         compress.set_budget(reloaded, 0.2)
