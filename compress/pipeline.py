@@ -73,7 +73,9 @@ class ModelPlanner(Planner):
             statistics_dtype=self._ctx.statistics_dtype,
             progress=self._ctx.progress,
         )
-        return values
+        # in the modules' order, not the walk's (top layer first): the rank allocation breaks ties by order, and
+        # an elastic resize allocates over the model's modules in model order
+        return {name: values[name] for name in modules}
 
 
 def _engine_options(calibration) -> dict:

@@ -80,8 +80,11 @@ class LowRankLinear(nn.Module):
         return self
 
     def curve(self) -> torch.Tensor:
-        """The estimated loss at every rank 0 .. ``self.rank`` (linear between the stored points)."""
+        """The estimated loss at every rank 0 .. ``self.rank``: as stored, or linear between the stored points
+        (checkpoints written before every rank was stored kept at most 257 of them)."""
         ranks, loss = self.curve_ranks.double().cpu(), self.curve_loss.double().cpu()
+        if len(ranks) == self.rank + 1:
+            return loss
         grid = torch.arange(self.rank + 1, dtype=torch.float64)
         upper = torch.searchsorted(ranks, grid).clamp(1, len(ranks) - 1)
         lo, hi = ranks[upper - 1], ranks[upper]

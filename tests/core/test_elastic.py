@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import compress
 from compress.cli import main
-from compress.elastic import budget_range, elastic_modules, reduction_at, selections
+from compress.elastic import budget_range, elastic_modules, ranks_for, reduction_at, selections
 from compress.errors import CompressError
 from compress.models import save_folder
 from tests.tiny import cli_eval_one_window, make_tiny_llama
@@ -63,6 +63,15 @@ def test_the_starting_budget_is_served_as_a_single_budget_compression_serves_it(
     assert _ranks(elastic_model) == fresh_ranks and None in fresh_ranks.values()  # dense where fresh keeps dense
     ids = _windows(2, 17, seed=5)
     assert torch.allclose(_logits(elastic_model, ids), _logits(fresh, ids), atol=1e-4)
+
+
+def test_the_curves_are_stored_at_every_rank_and_reallocate_the_starting_budget():
+    # stored ranks up to 287, more than the 257 points curves were once thinned to
+    wide = make_tiny_llama(hidden=576, intermediate=640, heads=4, kv_heads=2)
+    model = compress.compress(wide, [ELASTIC], calibration=_windows(), progress=False)
+    for module in elastic_modules(model).values():
+        assert torch.equal(module.curve_ranks, torch.arange(module.rank + 1))
+    assert ranks_for(model, 0.3) == _ranks(model)  # a resize to the starting budget: the compression's own ranks
 
 
 def test_matrices_a_small_budget_keeps_dense_store_their_weight_and_factorise_at_larger_ones(elastic_model):

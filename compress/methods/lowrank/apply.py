@@ -9,7 +9,6 @@ measure on calibration data.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -179,7 +178,7 @@ class LowRank(Method):
         dtype = module.weight.dtype
         layer = LowRankLinear.from_factors(A.to(dtype), B.to(dtype), module.bias)
         if elastic is not None:  # the factors come ordered by importance: every prefix is the best of its rank
-            layer.set_curve(*curve_points(elastic.curve[: rank + 1]))
+            layer.set_curve(torch.arange(rank + 1), elastic.curve[: rank + 1])
             if elastic.keep_dense:
                 layer.keep_dense(module.weight)
             layer.select(elastic.active_rank)
@@ -234,25 +233,11 @@ def nested_factors(weight: torch.Tensor, segments, stats: dict, config: LowRankC
     return A, B
 
 
-CURVE_POINTS = 256
-
-
-def curve_points(loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """At most CURVE_POINTS + 1 (rank, loss) points of a loss curve, from rank 0 to its last rank, denser at
-    low ranks (geometric spacing), where the curve bends most."""
-    last = len(loss) - 1
-    if last <= CURVE_POINTS:
-        ranks = torch.arange(last + 1)
-    else:
-        ranks = torch.unique(
-            torch.cat(
-                [
-                    torch.tensor([0, last]),
-                    torch.logspace(0, math.log10(last), CURVE_POINTS).round().long().clamp(0, last),
-                ]
-            )
-        )
-    return ranks, loss[ranks].float()
+def as_stored(curves: dict) -> dict:
+    """The curves as an elastic checkpoint stores them (every rank, float32): the allocation of the starting
+    budget and of every calibrated one runs on these, so that a resize, which has only what is stored,
+    allocates those budgets exactly as the compression did."""
+    return {name: (m, n, loss.float().double()) for name, (m, n, loss) in curves.items()}
 
 
 def stored_ranks(modules, curves, min_reduction: float) -> tuple[dict[str, int], set[str]]:
@@ -275,6 +260,7 @@ def elastic_plan(modules, config: LowRankConfig, curves, result: StageResult) ->
     """Store each matrix at its rank for ``elastic.min_reduction`` (a matrix that budget keeps dense: its dense
     weight and its largest rank that still saves parameters); start at the allocation of ``reduction``."""
     stored, dense = stored_ranks(modules, curves, config.elastic.min_reduction)
+    curves = as_stored(curves)
     active = allocate_ranks(curves, config.reduction, allow_dense=dense, max_ranks=stored)
     selections = [
         allocate_ranks(curves, budget, allow_dense=dense, max_ranks=stored)
