@@ -196,6 +196,20 @@ def test_non_sequential_stats_are_the_dense_ones():
     assert torch.allclose(seen[name]["cov"], X.T @ X / X.shape[0], rtol=1e-5, atol=1e-6)
 
 
+def test_float32_products_accumulate_in_row_blocks_within_their_rounding_bound(monkeypatch):
+    """A wide input's float32 product is accumulated a block of rows at a time (bounded temporaries): every row
+    is added once, within the documented rounding bound of the exact product."""
+    import compress.activations as activations
+
+    a, b = torch.randn(64, 40, dtype=torch.float32), torch.randn(64, 40, dtype=torch.float32)
+    monkeypatch.setattr(activations, "ACCUMULATE_BLOCK_ELEMENTS", 7 * 40)  # blocks of 7 rows, the last of 5
+    total = torch.ones(40, 40, dtype=torch.float64)
+    activations._accumulate(total, a, b)
+    exact = 1 + a.double().T @ b.double()
+    bound = 64 * 2.0**-24 * (a.double().abs().T @ b.double().abs())
+    assert bool(((total - exact).abs() <= bound).all()) and not torch.equal(total, exact)
+
+
 def test_float32_products_stay_within_their_rounding_bound():
     """statistics_dtype float32: each batch's x x^T is rounded in float32 (then summed in float64), within
     tokens x 2^-24 of sum |x_i||x_j| per batch (the bound the recipe field documents); float64 is exact here."""
