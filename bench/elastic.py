@@ -34,6 +34,7 @@ RESULTS = ROOT / "bench" / "results"
 BUDGETS = (0.1, 0.2, 0.3, 0.4, 0.5)
 HEALED = (0.2, 0.3, 0.4)
 MODEL = "smollm2-135m"  # the model of the full grid; other models get the budget table alone
+MODEL_NAMES = {"gemma3-270m": "Gemma-3-270M"}
 HEAL_STAGE = (
     "{method: finetune, targets: [LowRankLinear], steps: 96, lr: 1.0e-4, schedule: cosine, warmup_steps: 5, "
     "batch_size: 2}"
@@ -181,21 +182,25 @@ def budget_table(cells: dict, model: str, resizes: list[dict]) -> list[str]:
     elastic = cells.get(key_of("lowrank-elastic", model, "elastic"))
     if not elastic:
         return []
-    before = cells.get(key_of("lowrank-elastic", model, "elastic-factors-only"))
+
+    def at_budgets(tag: str) -> dict:
+        cell = cells.get(key_of("lowrank-elastic", model, tag)) or {}
+        return {round(b["requested_reduction"], 3): b["perplexity"] for b in cell.get("budgets", [])}
+
     budgets = {round(b["requested_reduction"], 3): b for b in elastic.get("budgets", [])}
-    old = {round(b["requested_reduction"], 3): b for b in (before or {}).get("budgets", [])}
+    thinned, factors_only = at_budgets("elastic-thinned-curves"), at_budgets("elastic-factors-only")
     resized = {r["budget"]: r for r in resizes}
     lines = [
-        "| budget | elastic ppl | resized ppl | fresh ppl | elastic / fresh | before: factors only | "
-        "resize s (command s) | resized MB | `--fixed` MB | fresh MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| budget | elastic ppl | resized ppl | fresh ppl | elastic / fresh | before: 257-point curves | "
+        "before: factors only | resize s (command s) | resized MB | `--fixed` MB | fresh MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for b in BUDGETS:
         e, r, f = budgets.get(b, {}), resized.get(b, {}), fresh_cell(cells, b, model) or {}
         ratio = e["perplexity"] / f["perplexity"] if e and f.get("perplexity") else None
         lines.append(
             f"| {b:.0%} | {_fmt(e.get('perplexity'))} | {_fmt(r.get('perplexity'))} | "
-            f"{_fmt(f.get('perplexity'))} | {_fmt(ratio, 3)} | {_fmt(old.get(b, {}).get('perplexity'))} | "
+            f"{_fmt(f.get('perplexity'))} | {_fmt(ratio, 3)} | {_fmt(thinned.get(b))} | {_fmt(factors_only.get(b))} | "
             f"{r.get('resize_s', 0):.1f} ({r.get('command_s', 0):.1f}) | "
             f"{r.get('bytes', 0) / 1e6:.1f} | {r.get('fixed_bytes', 0) / 1e6:.1f} | "
             f"{f.get('bytes_after', 0) / 1e6:.1f} |"
@@ -230,13 +235,16 @@ def render(data: dict) -> str:
             "gives it, and a matrix that budget keeps dense stores its dense weight beside factors at its "
             "largest rank that still saves parameters (a larger budget may factorise it). `resized` "
             "(`compress resize`) drops what no larger budget needs and still serves every larger reduction; "
-            "`--fixed` writes that budget alone, as small as a fresh compression. `before`: the first elastic "
-            "design (every matrix stored as factors only, so every budget truncated every matrix), same recipe.",
+            "`--fixed` writes that budget alone, as small as a fresh compression. `before: 257-point curves`: the "
+            "same recipe when the checkpoint kept each loss curve at 257 log-spaced ranks and a resize interpolated "
+            "between them (the starting budget then got other ranks than the compression's own). `before: factors "
+            "only`: the first elastic design (every matrix stored as factors only, so every budget truncated every "
+            "matrix), same recipe.",
         ]
     variants = [
         (label, cells.get(key_of("lowrank-elastic", MODEL, tag)))
         for label, tag in (
-            ("start 20 % (shipped)", "elastic"),
+            ("start 20 %", "elastic-thinned-curves"),
             ("start 30 %", "elastic-start30"),
             ("start 20 %, pooled with 50 %", "elastic-pooled50"),
             ("start 20 %, nested with 50 %", "elastic-nested50"),
@@ -263,7 +271,8 @@ def render(data: dict) -> str:
             "serves (tested) and the 20 % model differs from the single-stream one only by its leading ranks. "
             "Measured, nested serves 50 % within 4 % of fresh but costs 12-23 % at 10-30 %: the leading "
             "directions the 50 % stream needs are not those the 20 % stream needs, and ranks fit after them do "
-            "not undo that. None of these streams is within 5 % of fresh at every budget; x fresh in brackets.",
+            "not undo that. None of these streams is within 5 % of fresh at every budget; x fresh in brackets. "
+            "Every column here was measured when checkpoints kept 257-point curves (the first table's `before`).",
             "",
             "| budget | " + " | ".join(label for label, _ in variants) + " | fresh |",
             "|---|" + "---|" * len(variants) + "---|",
@@ -335,7 +344,8 @@ def render(data: dict) -> str:
             f"{switching['switch_back_bit_identical']}.",
         ]
     for model, measured in data.get("models", {}).items():
-        lines += ["", f"## {model}", "", SECOND_MODEL_TEXT, "", *budget_table(cells, model, measured.get("resize", []))]
+        lines += ["", f"## {MODEL_NAMES.get(model, model)}", "", SECOND_MODEL_TEXT, ""]
+        lines += budget_table(cells, model, measured.get("resize", []))
         elastic, single = cells.get(key_of("lowrank-elastic", model, "elastic")), fresh_cell(cells, 0.2, model)
         if elastic and single:
             lines += [
@@ -352,7 +362,8 @@ SECOND_MODEL_TEXT = (
     "The budget grid alone (`python bench/elastic.py --model MODEL`): the same recipes, overrides and protocol as "
     "SmolLM2-135M's first table; every budget's fresh compression is `recipes/lowrank-20.yaml` at that budget. "
     "These runs shared the machine with one other single-thread job on the other core, so their seconds are "
-    "not comparable with SmolLM2's."
+    "not comparable with SmolLM2's. The elastic checkpoint is larger than the dense model: a matrix the 10 % "
+    "budget keeps dense stores its dense weight and its factors."
 )
 
 
@@ -361,21 +372,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--render", action="store_true")
     parser.add_argument("--model", default=MODEL, help=f"{MODEL}: the full grid; another model: the budget table")
+    parser.add_argument(
+        "--measure-only", action="store_true", help="no `compress run`: resize (and switch) the stored elastic run"
+    )
     args = parser.parse_args()
     store = RESULTS / "elastic.json"
     data = json.loads(store.read_text()) if store.is_file() else {}
     if not args.render:
-        cells = ensure_runs(args.threads, args.model)
+        cells = load_cells(STORE) if args.measure_only else ensure_runs(args.threads, args.model)
         folder = ROOT / cells[key_of("lowrank-elastic", args.model, "elastic")]["folder"] / "model"
-        resizes = measure_resizes(folder, args.threads)
+        measured = {"resize": measure_resizes(folder, args.threads)}
         if args.model == MODEL:
-            data["resize"] = resizes
-            data["switching"] = measure_switching(folder, args.threads)
+            measured["switching"] = measure_switching(folder, args.threads)
+        # read the store again: another run of this script (another model) may have written to it meanwhile
+        data = json.loads(store.read_text()) if store.is_file() else {}
+        if args.model == MODEL:
+            data.update(measured)
         else:
-            data.setdefault("models", {})[args.model] = {"resize": resizes}
-        # another run of this script may have finished meanwhile: keep what it wrote for other models
-        latest = json.loads(store.read_text()) if store.is_file() else {}
-        data["models"] = {**latest.get("models", {}), **data.get("models", {})}
+            data.setdefault("models", {})[args.model] = measured
         store.write_text(json.dumps(data, indent=2))
     (RESULTS / "elastic.md").write_text(render(data))
 
