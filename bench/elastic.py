@@ -300,7 +300,7 @@ def render(data: dict) -> str:
             "",
             "96 steps x 2 windows x 512 tokens (one pass over 192 windows), AdamW lr 1e-4 cosine, every row. The "
             "elastic rows are one training run each for all three budgets; `separate` heals a fresh compression "
-            "at each budget (three runs).",
+            "at each budget (three runs). The elastic rows were measured when checkpoints kept 257-point curves.",
             "",
             "| healing | " + " | ".join(f"{b:.0%}" for b in HEALED) + " | training s |",
             "|---|---|---|---|---|",
@@ -343,6 +343,8 @@ def render(data: dict) -> str:
             f"Switching 30 % -> 10 % -> 50 % -> 20 % -> 40 % -> 30 % gives bit-identical logits: "
             f"{switching['switch_back_bit_identical']}.",
         ]
+        if switching.get("note"):
+            lines += ["", switching["note"]]
     for model, measured in data.get("models", {}).items():
         lines += ["", f"## {MODEL_NAMES.get(model, model)}", "", SECOND_MODEL_TEXT, ""]
         lines += budget_table(cells, model, measured.get("resize", []))
