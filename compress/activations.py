@@ -956,16 +956,6 @@ class ResidentLayers:
         pass
 
 
-def streamed_output_fisher(
-    model: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor, store, batch_size: int = 2
-) -> dict[str, torch.Tensor]:
-    """:func:`output_fisher` of a model streamed one decoder layer at a time (``store``: enter / leave read
-    and free a layer), by :func:`sensitivity_walk`."""
-    fisher = {}
-    sensitivity_walk(model, modules, windows, store, lambda i, local, stats, f: fisher.update(f), batch_size)
-    return fisher
-
-
 def sensitivity_walk(
     model: nn.Module,
     modules: dict[str, nn.Module],
