@@ -277,15 +277,18 @@ def main(argv: list[str] | None = None) -> int:
     import threading
 
     args = build_parser().parse_args(argv)
+    from .distributed import close as leave_processes
     from .distributed import init as init_processes
 
     init_processes()  # a launch of several processes (torchrun / accelerate launch): join them
+    finished = False
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if on_main_thread else None
     try:
         if getattr(args, "quiet", False):
             _quiet_libraries()
         args.func(args)
+        finished = True
     except CompressError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER
@@ -306,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {describe_exception(exc)} (traceback in {log}; --debug prints it)", file=sys.stderr)
         return EXIT_INTERNAL
     finally:
+        leave_processes(finished)
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
     return 0

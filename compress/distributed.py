@@ -35,6 +35,18 @@ def init() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
+def close(finished: bool) -> None:
+    """Leave the process group. A process that has ``finished`` first waits for the others (one that failed
+    leaves at once: the launcher stops the rest). A group left to the interpreter's exit tears gloo's threads
+    down in any order: a process that finished early could abort ("terminate called") and the launcher then
+    killed the main one mid-report."""
+    if not torch.distributed.is_initialized():
+        return
+    if finished:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def device() -> torch.device:
     """This process's device: its own GPU under a launcher, else cuda if present, else the CPU."""
     if torch.distributed.is_initialized():
