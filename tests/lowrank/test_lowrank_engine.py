@@ -210,6 +210,26 @@ def test_float32_products_accumulate_in_row_blocks_within_their_rounding_bound(m
     assert bool(((total - exact).abs() <= bound).all()) and not torch.equal(total, exact)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gram_sums_are_accumulated_on_the_upper_triangle_and_filled_symmetric(monkeypatch, dtype):
+    """x^T x is summed a row panel at a time, on and above the diagonal only (panels of 7 rows over a width of
+    40: the last is shorter); filling the lower triangle gives the whole symmetric sum over every batch."""
+    import compress.activations as activations
+
+    monkeypatch.setattr(activations, "GRAM_MIN_PANEL_ROWS", 7)
+    batches = [torch.randn(64, 40, dtype=dtype) for _ in range(3)]
+    total = torch.zeros(40, 40, dtype=torch.float64)
+    for x in batches:
+        activations._accumulate_gram(total, x)
+    panel = torch.arange(40) // 7
+    below = panel[:, None] > panel[None, :]  # left of each panel's diagonal block: never multiplied
+    assert not total[below].any() and total[~below].all()
+    activations._fill_lower(total)
+    exact = sum(x.double().T @ x.double() for x in batches)
+    assert torch.equal(total, total.T)
+    assert torch.allclose(total, exact, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-3)
+
+
 def test_float32_products_stay_within_their_rounding_bound():
     """statistics_dtype float32: each batch's x x^T is rounded in float32 (then summed in float64), within
     tokens x 2^-24 of sum |x_i||x_j| per batch (the bound the recipe field documents); float64 is exact here."""
