@@ -343,12 +343,11 @@ def truncation_error_profile(
     if backend not in ("svd", "asvd", "whiten", "whiten_dense_target"):
         raise ValueError(f"unknown backend {backend!r}")
     m, n = W.shape
+    F = None  # the output weights in the coordinates worked in: diag(f), unless a QR rotates them
     if m > n:  # the outputs live in the n columns of Q (W = Q R): work in those coordinates
         Q, W = torch.linalg.qr(W)
         F = Q.T @ (f[:, None] * Q)
         del Q
-    else:
-        F = torch.diag(f)
     WCW = W @ C @ W.T
     WCW = (WCW + WCW.T) / 2
     if backend == "svd":
@@ -358,7 +357,8 @@ def truncation_error_profile(
     else:
         K = WCW + shrinkage * (W * C.diagonal().clamp_min(0)) @ W.T if shrinkage > 0 else WCW
     U = torch.linalg.eigh((K + K.T) / 2).eigenvectors.flip(1)  # largest first
-    P = (U.T @ F @ U) * (U.T @ WCW @ U)
+    FU = f[:, None] * U if F is None else F @ U
+    P = (U.T @ FU) * (U.T @ WCW @ U)
     r = P.shape[0]
     # tail(k) = sum_{i,j >= k} P_ij  via  tail(k) = tail(k+1) + P_kk + 2 sum_{j>k} P_kj
     row_after = (
