@@ -133,7 +133,7 @@ def measure_resizes(elastic_folder: Path, threads: int) -> list[dict]:
     return out
 
 
-def measure_switching(elastic_folder: Path, threads: int) -> dict:
+def measure_switching(elastic_folder: Path, threads: int, model_id: str = MODEL) -> dict:
     """Forward latency at each budget of one loaded model vs the dense one (interleaved), and bit-identity."""
     import torch
 
@@ -147,7 +147,7 @@ def measure_switching(elastic_folder: Path, threads: int) -> dict:
     from compress.models import load_folder, load_model
 
     model, tokenizer, _ = load_folder(elastic_folder)
-    dense = load_model(MODEL).model
+    dense = load_model(model_id).model
     ids = token_windows(tokenizer, load_documents("wikipedia", "heldout"), 512, 1)
     rows = []
     for budget in BUDGETS:
@@ -205,6 +205,35 @@ def budget_table(cells: dict, model: str, resizes: list[dict]) -> list[str]:
             f"{r.get('bytes', 0) / 1e6:.1f} | {r.get('fixed_bytes', 0) / 1e6:.1f} | "
             f"{f.get('bytes_after', 0) / 1e6:.1f} |"
         )
+    return lines
+
+
+def switching_table(switching: dict | None, heading: str = "##") -> list[str]:
+    """`set_budget` on one loaded model: forward and decode time at each budget against the dense model."""
+    if not switching:
+        return []
+    lines = [
+        "",
+        f"{heading} Switching budgets in one process",
+        "",
+        "`compress.set_budget` on one loaded elastic model; forward pass over a 512-token window, median of "
+        "5 runs interleaved with the dense model (CPU, fp32, 1 thread).",
+        "",
+        "| budget | forward s | dense forward s | forward ratio | 16-token decode ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for row in switching["rows"]:
+        lines.append(
+            f"| {row['budget']:.0%} | {row['forward_s']:.3f} | {row['dense_forward_s']:.3f} | "
+            f"{row['forward_ratio']:.2f} | {row['decode_ratio']:.2f} |"
+        )
+    lines += [
+        "",
+        f"Switching 30 % -> 10 % -> 50 % -> 20 % -> 40 % -> 30 % gives bit-identical logits: "
+        f"{switching['switch_back_bit_identical']}.",
+    ]
+    if switching.get("note"):
+        lines += ["", switching["note"]]
     return lines
 
 
@@ -321,30 +350,7 @@ def render(data: dict) -> str:
                 + " | ".join(_fmt(separate[b]["perplexity"]) if separate[b] else "pending" for b in HEALED)
                 + f" | {_fmt(train, 4)} |"
             )
-    switching = data.get("switching")
-    if switching:
-        lines += [
-            "",
-            "## Switching budgets in one process",
-            "",
-            "`compress.set_budget` on one loaded elastic model; forward pass over a 512-token window, median of "
-            "5 runs interleaved with the dense model (CPU, fp32, 1 thread).",
-            "",
-            "| budget | forward s | dense forward s | forward ratio | 16-token decode ratio |",
-            "|---|---|---|---|---|",
-        ]
-        for row in switching["rows"]:
-            lines.append(
-                f"| {row['budget']:.0%} | {row['forward_s']:.3f} | {row['dense_forward_s']:.3f} | "
-                f"{row['forward_ratio']:.2f} | {row['decode_ratio']:.2f} |"
-            )
-        lines += [
-            "",
-            f"Switching 30 % -> 10 % -> 50 % -> 20 % -> 40 % -> 30 % gives bit-identical logits: "
-            f"{switching['switch_back_bit_identical']}.",
-        ]
-        if switching.get("note"):
-            lines += ["", switching["note"]]
+    lines += switching_table(data.get("switching"))
     for model, measured in data.get("models", {}).items():
         lines += ["", f"## {MODEL_NAMES.get(model, model)}", "", SECOND_MODEL_TEXT, ""]
         lines += budget_table(cells, model, measured.get("resize", []))
@@ -357,6 +363,7 @@ def render(data: dict) -> str:
                 f"dense {single['bytes_before'] / 1e6:.1f} MB. Compression time: elastic "
                 f"{elastic['compression_wall_s']:.0f} s, fresh 20 % {single['compression_wall_s']:.0f} s.",
             ]
+        lines += switching_table(measured.get("switching"), heading="###")
     return "\n".join(lines) + "\n"
 
 
@@ -377,21 +384,24 @@ def main() -> None:
     parser.add_argument(
         "--measure-only", action="store_true", help="no `compress run`: resize (and switch) the stored elastic run"
     )
+    parser.add_argument(
+        "--switching-only", action="store_true", help="no `compress run`, no resizes: time `set_budget` switching"
+    )
     args = parser.parse_args()
+    args.measure_only |= args.switching_only
     store = RESULTS / "elastic.json"
     data = json.loads(store.read_text()) if store.is_file() else {}
     if not args.render:
         cells = load_cells(STORE) if args.measure_only else ensure_runs(args.threads, args.model)
         folder = ROOT / cells[key_of("lowrank-elastic", args.model, "elastic")]["folder"] / "model"
-        measured = {"resize": measure_resizes(folder, args.threads)}
-        if args.model == MODEL:
-            measured["switching"] = measure_switching(folder, args.threads)
+        measured = {} if args.switching_only else {"resize": measure_resizes(folder, args.threads)}
+        measured["switching"] = measure_switching(folder, args.threads, args.model)
         # read the store again: another run of this script (another model) may have written to it meanwhile
         data = json.loads(store.read_text()) if store.is_file() else {}
         if args.model == MODEL:
             data.update(measured)
         else:
-            data.setdefault("models", {})[args.model] = measured
+            data.setdefault("models", {}).setdefault(args.model, {}).update(measured)
         store.write_text(json.dumps(data, indent=2))
     (RESULTS / "elastic.md").write_text(render(data))
 
