@@ -290,7 +290,7 @@ def render(all_rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['path']} | {r['params'] / 1e6:,.0f} M | {r['fp32_bytes'] / 1e9:.2f} | "
             f"{r['compression_peak_rss_bytes'] / 2**30:.2f} ({r['peak_rss_bytes'] / 2**30:.2f}) | "
-            f"{r['compression_peak_rss_bytes'] / r['fp32_bytes']:.2f} | "
+            f"{r['compression_peak_rss_bytes'] / r['fp32_bytes']:.3f} | "
             f"{r['compression_s']:.0f} | {r['seconds_per_layer']:.1f} | {r['targeted_params_per_layer'] / 1e6:.1f} M | "
             f"{r['perplexity']:.6g} | {r['threads']} |"
         )
@@ -381,7 +381,7 @@ def render_other_rows(rows: list[dict]) -> list[str]:
             f"{r['layers']} of {r.get('decoder_layers', r['layers'])} | "
             f"{r['targeted_params_per_layer'] / 1e6:.1f} M | {r['seconds_per_layer']:.2f} | {r['compression_s']:.0f} | "
             f"{gpu} | {r['compression_peak_rss_bytes'] / 2**30:.2f} ({r['peak_rss_bytes'] / 2**30:.2f}) | "
-            f"{r['compression_peak_rss_bytes'] / r['fp32_bytes']:.2f} | " + " | ".join(shares) + f" | {r['date']} |"
+            f"{r['compression_peak_rss_bytes'] / r['fp32_bytes']:.3f} | " + " | ".join(shares) + f" | {r['date']} |"
         )
     return lines
 
