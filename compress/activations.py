@@ -63,7 +63,8 @@ class InputStats:
             self.cov = self._zeros(x.device)
             self.abs_sum = torch.zeros(self.in_features, dtype=torch.float64, device=x.device)
         _accumulate_gram(self.cov, x)
-        self.abs_sum += x.abs().sum(0, dtype=torch.float64)
+        for rows in x.split(max(1, ACCUMULATE_BLOCK_ELEMENTS // self.in_features)):  # |x| in float64: in blocks
+            self.abs_sum += rows.abs().sum(0, dtype=torch.float64)
         self.tokens += x.shape[0]
         if dense is not None:
             d = dense.detach().reshape(-1, self.in_features).to(self.product_dtype)
@@ -769,6 +770,9 @@ def calibrate_sequentially(
                     variants=list(zip(variants, others)),
                     pool_variants=pool_variants,
                     statistics_dtype=statistics_dtype,
+                    # the dense layer's outputs serve as training targets or as the next inputs; a sequential
+                    # walk without training recomputes them compressed, so they are not kept (a stream's size)
+                    keep_outputs=train_layer is not None or not sequential,
                 )
                 with report.timed("factorise"):
                     on_layer(i, targeted, stats)
@@ -825,12 +829,14 @@ def _collect(
     blocks: _FinishedBlocks | None = None,
     dense_to_end: bool = False,
     keep: dict | None = None,
+    keep_outputs: bool = True,
 ):
     """One pass of the layer over every batch with hooks on ``targeted``: their normalised input
     statistics, and (without ``group``: the modules sharing one input, where the pass stops) the layer's
     outputs on both streams (with ``dense_to_end``, the dense stream's outputs whatever ``group``).
     ``blocks``: the layer's final blocks, handed back. ``keep`` (a dict): filled with the group's input per
-    batch, by stream (``current``, and ``dense`` when its pass stops)."""
+    batch, by stream (``current``, and ``dense`` when its pass stops). Without ``keep_outputs`` the current
+    stream's outputs are None (not held while the layer is factorised)."""
 
     def running(model, stream, b, dense=False):
         if blocks is None:
@@ -870,7 +876,9 @@ def _collect(
             collector.mode = "current"
             collector.new_call()
             with running(layer, "current", b):
-                outputs.append(_run_until_stop(layer, current[b], kw))
+                output = _run_until_stop(layer, current[b], kw)
+                outputs.append(output if keep_outputs else None)
+                del output
             for j, (variant, stream) in enumerate(variants):  # the same dense inputs, on each variant's stream
                 with variant(), running(layer, ("variant", j), b):
                     collector.new_call()
