@@ -182,7 +182,7 @@ def render(cells: dict) -> str:
                     _fmt(c["params_after"]),
                     f"{c['bytes_after'] / 1e6:.1f}",
                     f"{c['compression_wall_s']:.0f}",
-                    f"{c['run_wall_s']:.0f}",
+                    "-" if c["run_wall_s"] is None else f"{c['run_wall_s']:.0f}",  # a run made outside this script
                     f"{c['peak_rss_bytes'] / 2**30:.2f}",
                     str(c["threads"]),
                 ]
@@ -354,7 +354,10 @@ NOTES = {
     "eigendecomposition instead of an SVD (and one Cholesky per input): the same held-out perplexity to 6 "
     "digits, weights different in their last bits. Its compression time (458 s) is not comparable with v0.8's "
     "377 s: a 7B-shaped benchmark ran on the machine's other core meanwhile (its phases: forward passes 218 s "
-    "against 177 s, factorising 7 s against 10 s).",
+    "against 177 s, factorising 7 s against 10 s). v1.1-beside-3b (commit 50c99ad, the code just before the "
+    "covariances were summed in panels) and v1.2-gram-panels both ran beside a 3B compression on the other "
+    "core: their seconds compare with each other (397 -> 372 s, the same weights bit for bit), not with "
+    "v1.1-f32-stats' 284 s alone.",
 }
 
 
