@@ -357,7 +357,9 @@ NOTES = {
     "against 177 s, factorising 7 s against 10 s). v1.1-beside-3b (commit 50c99ad, the code just before the "
     "covariances were summed in panels) and v1.2-gram-panels both ran beside a 3B compression on the other "
     "core: their seconds compare with each other (397 -> 372 s, the same weights bit for bit), not with "
-    "v1.1-f32-stats' 284 s alone.",
+    "v1.1-f32-stats' 284 s alone. v1.2-alone (the same code as v1.2-gram-panels, alone on the machine) took "
+    "377 s: the environment was reinstalled (transformers 5.25) after v1.1-f32-stats, and its weights differ "
+    "from that run's in their last bits (the same held-out perplexity).",
 }
 
 
