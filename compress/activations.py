@@ -116,9 +116,13 @@ def _accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 # a Gram matrix's row panels: about an eighth of its rows each (at least 64), fewer where the block bound above is
-# smaller; measured on one core, 35-45 % less time than the whole product at widths 576-4,096
+# smaller; 35-40 % less time than the whole product at widths 1,536-11,008 (bench/results/statistics_memory.md)
 GRAM_PANELS = 8
 GRAM_MIN_PANEL_ROWS = 64
+
+
+def _gram_panel_rows(n: int) -> int:
+    return max(GRAM_MIN_PANEL_ROWS, -(-n // GRAM_PANELS))
 
 
 def _accumulate_gram(total: torch.Tensor, a: torch.Tensor) -> None:
@@ -126,7 +130,7 @@ def _accumulate_gram(total: torch.Tensor, a: torch.Tensor) -> None:
     the rest once the accumulation is over), a row panel at a time: each panel is multiplied by the columns from
     its diagonal block on, about half the whole product's work. Products in a's dtype, as :func:`_accumulate`."""
     n = total.shape[0]
-    rows = max(GRAM_MIN_PANEL_ROWS, -(-n // GRAM_PANELS))
+    rows = _gram_panel_rows(n)
     if a.dtype != total.dtype:
         rows = max(1, min(rows, ACCUMULATE_BLOCK_ELEMENTS // n))
     for start in range(0, n, rows):
@@ -140,7 +144,7 @@ def _accumulate_gram(total: torch.Tensor, a: torch.Tensor) -> None:
 def _fill_lower(total: torch.Tensor) -> None:
     """Make ``total`` symmetric from its upper triangle (diagonal included), in place, a row panel at a time."""
     n = total.shape[0]
-    rows = max(GRAM_MIN_PANEL_ROWS, -(-n // GRAM_PANELS))
+    rows = _gram_panel_rows(n)
     for start in range(0, n, rows):
         stop = min(n, start + rows)
         block = total[start:stop, start:stop]
