@@ -8,6 +8,11 @@ largest rank that still saves parameters (larger budgets may factorise it). For 
 runs again on those curves (restricted to the stored ranks, dense only where a dense weight is stored): the
 budget of the compression itself is served exactly as a single-budget run would serve it.
 
+Anchored checkpoints (``elastic.fit: anchored``) store further factor sets, each fit for the model compressed at
+one of the calibrated budgets: a budget is served by the factors of the largest anchor budget at or below it (the
+main factors below the first), so the budgets far from the compression's own are not served by factors fit for
+another model's inputs.
+
 * :func:`set_budget` switches a loaded model in place: each module selects a prefix of its factors or its
   dense weight (views of what is stored; nothing is copied, and switching back gives bit-identical outputs);
 * :func:`resize` returns a model cut to a budget: factors cut to their ranks, dense weights dropped where
@@ -38,13 +43,25 @@ def _dense_params(modules: dict) -> int:
     return sum(m.out_features * m.in_features for m in modules.values())
 
 
-def _kept(module, rank: int | None) -> int:
+def _kept(module, selection) -> int:
     m, n = module.out_features, module.in_features
-    return m * n if rank is None else rank * (m + n)
+    return m * n if selection is None else _rank_of(selection) * (m + n)
 
 
-def reduction_at(modules: dict, ranks: dict[str, int | None]) -> float:
-    """The fraction of the modules' dense parameters removed at ``ranks`` (None: served dense)."""
+def _rank_of(selection) -> int | None:
+    """The rank of a module's selection (an int, ``(anchor, rank)``, or None: dense)."""
+    return selection[1] if isinstance(selection, tuple) else selection
+
+
+def anchor_for(modules: dict, reduction: float) -> int:
+    """The factor set that serves ``reduction``: the last anchor whose budget is at or below it (0: the main
+    factors). Every module of an elastic stage stores the same anchor budgets."""
+    budgets = next(iter(modules.values())).anchor_budgets
+    return sum(budget <= reduction + 1e-9 for budget in budgets)
+
+
+def reduction_at(modules: dict, ranks: dict) -> float:
+    """The fraction of the modules' dense parameters removed at ``ranks`` (selections; None: served dense)."""
     return 1 - sum(_kept(m, ranks[name]) for name, m in modules.items()) / _dense_params(modules)
 
 
@@ -62,8 +79,9 @@ def budget_range(model: nn.Module) -> tuple[float, float]:
     return max(declared[0], feasible[0]), min(declared[1], feasible[1])
 
 
-def ranks_for(model: nn.Module, reduction: float) -> dict[str, int | None]:
-    """The sensitivity allocation of ``reduction`` over the stored curves and ranks (None: serve dense)."""
+def ranks_for(model: nn.Module, reduction: float) -> dict:
+    """The sensitivity allocation of ``reduction`` over the stored curves and ranks: each module's selection (a
+    rank of the main factors, ``(anchor, rank)`` of an anchor's, None: serve dense)."""
     modules = _require_elastic(model)
     low, high = budget_range(model)
     if not low - 1e-9 <= reduction <= high + 1e-9:
@@ -72,25 +90,31 @@ def ranks_for(model: nn.Module, reduction: float) -> dict[str, int | None]:
         )
     curves = {name: (m.out_features, m.in_features, m.curve()) for name, m in modules.items()}
     dense = {name for name, m in modules.items() if m.dense_weight is not None}
+    anchor = anchor_for(modules, reduction)
+    max_ranks = {name: m.anchor_rank(anchor) for name, m in modules.items()}
     try:
-        return allocate_ranks(curves, reduction, allow_dense=dense, max_ranks={n: m.rank for n, m in modules.items()})
+        ranks = allocate_ranks(curves, reduction, allow_dense=dense, max_ranks=max_ranks)
     except ValueError as exc:
         raise CompressError(f"elastic allocation for reduction {reduction:.3f}: {exc}") from None
+    if anchor == 0:
+        return ranks
+    return {name: None if rank is None else (anchor, rank) for name, rank in ranks.items()}
 
 
-def set_budget(model: nn.Module, reduction: float) -> dict[str, int | None]:
-    """Switch ``model`` to ``reduction`` in place (views, no copy); returns the ranks (None: served dense)."""
+def set_budget(model: nn.Module, reduction: float) -> dict:
+    """Switch ``model`` to ``reduction`` in place (views, no copy); returns the selections (see ranks_for)."""
     ranks = ranks_for(model, reduction)
     select(model, ranks)
     return ranks
 
 
-def selections(model: nn.Module) -> dict[str, int | None]:
-    """What each elastic module serves now: its rank, or None for its dense weight."""
+def selections(model: nn.Module) -> dict:
+    """What each elastic module serves now: its rank (``(anchor, rank)`` for an anchor's), or None for its dense
+    weight."""
     return {name: m.selection for name, m in elastic_modules(model).items()}
 
 
-def select(model: nn.Module, ranks: dict[str, int | None]) -> None:
+def select(model: nn.Module, ranks: dict) -> None:
     """Serve ``ranks`` (as :func:`ranks_for` or :func:`selections` give them)."""
     for name, module in elastic_modules(model).items():
         module.select(ranks[name])
@@ -117,6 +141,7 @@ def resize(model: nn.Module, reduction: float, inplace: bool = False, elastic: b
             truncate(module, ranks[name])
             module.curve_points = 0
             del module.curve_ranks, module.curve_loss
+            module.set_anchors([], [], [])
         else:
             truncate(module, ranks[name])
     previous = getattr(target.config, "quantization_config", None)
@@ -133,26 +158,34 @@ def _as_linear(module) -> nn.Linear:
     return linear
 
 
-def truncate(module, rank: int | None) -> None:
-    """Serve ``rank`` from now on, storing no more than that needs: the first ``rank`` components of an elastic
-    LowRankLinear and its curve up to that rank, without its dense weight; a module served dense (None) keeps
-    everything (larger reductions factorise it)."""
+def truncate(module, selection) -> None:
+    """Serve ``selection`` from now on, storing no more than that and the larger budgets need: the first ``rank``
+    components of its factor set (an anchor's become the main factors; the anchors of larger budgets stay), the
+    curve up to the largest rank still stored, no dense weight; a module served dense (None) keeps everything
+    (larger reductions factorise it)."""
     import torch
 
-    if rank is None:
+    if selection is None:
         module.select(None)
         return
 
-    keep = module.curve_ranks <= rank
+    anchor, rank = selection if isinstance(selection, tuple) else (0, selection)
+    A, B = module._factors(anchor)
+    later = list(
+        zip(module.anchor_budgets[anchor:], (module.anchor_A or [])[anchor:], (module.anchor_B or [])[anchor:])
+    )
+    curve_rank = max([rank, *(a.shape[1] for _, a, _ in later)])
+    keep = module.curve_ranks <= curve_rank
     ranks, loss = module.curve_ranks[keep], module.curve_loss[keep]
-    if int(ranks[-1]) != rank:  # the curve must end at the new rank: interpolate that point
-        ranks = torch.cat([ranks, ranks.new_tensor([rank])])
-        loss = torch.cat([loss, module.curve()[rank].to(loss).reshape(1)])
-    module.A = nn.Parameter(module.A.detach()[:, :rank].clone(), requires_grad=module.A.requires_grad)
-    module.B = nn.Parameter(module.B.detach()[:rank].clone(), requires_grad=module.B.requires_grad)
+    if int(ranks[-1]) != curve_rank:  # the curve must end at the largest rank stored: interpolate that point
+        ranks = torch.cat([ranks, ranks.new_tensor([curve_rank])])
+        loss = torch.cat([loss, module.curve()[curve_rank].to(loss).reshape(1)])
+    module.A = nn.Parameter(A.detach()[:, :rank].clone(), requires_grad=A.requires_grad)
+    module.B = nn.Parameter(B.detach()[:rank].clone(), requires_grad=B.requires_grad)
     module.rank = rank
+    module.set_anchors(*[[item[i] for item in later] for i in range(3)])
     module.set_curve(ranks, loss)
-    module.active_rank = None
+    module.active_rank, module.active_anchor = None, 0
     module.dense_weight, module.dense_active = None, False
 
 

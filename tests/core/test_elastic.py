@@ -272,3 +272,107 @@ def test_nested_fit_serves_a_calibrated_budget_as_a_run_started_at_that_budget()
     with pytest.raises(CompressError, match="nested needs a whitening backend"):
         bad = {**nested_stage, "backend": "asvd"}
         compress.compress(make_tiny_llama(), [bad], calibration=_windows(), progress=False)
+
+
+ANCHORED = {
+    **ELASTIC,
+    "backend": "whiten_dense_target",
+    "shrinkage": 0.1,
+    "elastic": {**ELASTIC["elastic"], "calibrate_on": [0.6], "fit": "anchored"},
+}
+
+
+@pytest.fixture(scope="module")
+def anchored_model():
+    return compress.compress(make_tiny_llama(), [ANCHORED], calibration=_windows(), progress=False)
+
+
+def test_an_anchor_serves_its_budget_as_a_run_started_there_and_the_main_factors_the_budgets_below(anchored_model):
+    # the 60 % anchor is fit on the 60 % stream, which runs the layers before through that anchor's factors:
+    # at 60 % the model is the one an elastic run started at 60 % serves; below 60 %, the single-stream model
+    stage = {key: value for key, value in ANCHORED.items() if key != "elastic"}
+    stage["elastic"] = ELASTIC["elastic"]
+    at_60 = compress.compress(make_tiny_llama(), [{**stage, "reduction": 0.6}], calibration=_windows(), progress=False)
+    plain = compress.compress(make_tiny_llama(), [stage], calibration=_windows(), progress=False)
+    ids = _windows(2, 17, seed=5)
+    assert anchored_model.compression.stages[0].summary["calibration_fit"] == "anchored"
+    assert torch.equal(_logits(anchored_model, ids), _logits(plain, ids))
+    for budget in (0.45, 0.1):
+        compress.set_budget(anchored_model, budget)
+        compress.set_budget(plain, budget)
+        assert selections(anchored_model) == selections(plain)
+        assert torch.equal(_logits(anchored_model, ids), _logits(plain, ids))
+    compress.set_budget(anchored_model, 0.6)
+    compress.set_budget(at_60, 0.6)
+    served = selections(anchored_model)
+    assert {r for r in served.values() if r is not None} and all(r is None or r[0] == 1 for r in served.values())
+    assert {n: r and r[1] for n, r in served.items()} == selections(at_60)
+    assert torch.equal(_logits(anchored_model, ids), _logits(at_60, ids))
+    compress.set_budget(plain, 0.6)  # without the anchor: the 30 % stream's factors, another model at 60 %
+    assert not torch.allclose(_logits(plain, ids), _logits(at_60, ids), atol=1e-3)
+    compress.set_budget(anchored_model, 0.3)
+
+
+def test_an_anchored_checkpoint_counts_its_anchors_and_resizes_and_reloads(anchored_model, tmp_path):
+    summary = anchored_model.compression.stages[0].summary
+    stored = sum(
+        m.A.numel()
+        + m.B.numel()
+        + sum(a.numel() + b.numel() for a, b in zip(m.anchor_A, m.anchor_B))
+        + (m.dense_weight.numel() if m.dense_weight is not None else 0)
+        for m in elastic_modules(anchored_model).values()
+    )
+    assert summary["targeted_params_stored"] == stored
+    ids = _windows(2, 17, seed=5)
+    for budget in (0.45, 0.6):  # served by the main factors, then by the anchor (promoted to the main factors)
+        compress.set_budget(anchored_model, budget)
+        expected = _logits(anchored_model, ids)
+        small = compress.resize(anchored_model, budget)
+        assert torch.equal(_logits(small, ids), expected)
+        # the 60 % anchor stays while a larger budget needs it (and beside a dense weight served now)
+        factorised = [m for m in elastic_modules(small).values() if m.selection is not None]
+        assert factorised and {len(m.anchor_budgets) for m in factorised} == ({1} if budget < 0.6 else {0})
+        compress.save(small, tmp_path / str(budget))
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / str(budget)).eval()
+        saved, loaded = small.state_dict(), reloaded.state_dict()
+        assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+        assert selections(reloaded) == selections(small)
+        assert torch.allclose(_logits(reloaded, ids), _logits(small, ids), rtol=0, atol=1e-6)
+        fixed = compress.resize(anchored_model, budget, elastic=False)
+        assert torch.equal(_logits(fixed, ids), expected) and not elastic_modules(fixed)
+    compress.set_budget(anchored_model, 0.3)
+
+
+def test_an_anchored_fit_needs_budgets_above_the_starting_one():
+    for calibrate_on in ([], [0.2], [0.6, 0.3]):
+        bad = {**ANCHORED, "elastic": {**ANCHORED["elastic"], "calibrate_on": calibrate_on}}
+        with pytest.raises(CompressError, match="anchored needs calibrate_on budgets, all above reduction"):
+            compress.compress(make_tiny_llama(), [bad], calibration=_windows(), progress=False)
+
+
+def test_an_anchored_run_serves_its_anchor_from_the_streamed_checkpoint(tmp_path, smol_tokenizer):
+    folder = tmp_path / "tiny"
+    save_folder(make_tiny_llama(vocab_size=len(smol_tokenizer)), smol_tokenizer, folder)
+    recipe = tmp_path / "r.yaml"
+    plan = {
+        "name": "tiny-anchored",
+        "stages": [{**ANCHORED, "sequential": True}],
+        "calibration": {"samples": 8, "seq_len": 32},
+        "eval": {"tasks": [], "perplexity_windows": 1, "seq_len": 64, "budgets": [0.3, 0.6]},
+    }
+    recipe.write_text(yaml.safe_dump(plan))
+    assert main(["run", str(recipe), str(folder), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    budgets = json.loads((tmp_path / "run" / "report.json").read_text())["eval_compressed"]["budgets"]
+    assert main(["resize", str(tmp_path / "run"), "--reduction", "0.6", "--out", str(tmp_path / "r60")]) == 0
+    resized = AutoModelForCausalLM.from_pretrained(tmp_path / "r60")
+    assert not any(m.anchor_budgets for m in elastic_modules(resized).values() if m.selection is not None)
+    scores = cli_eval_one_window(tmp_path / "r60", tmp_path / "e.json")
+    assert scores["perplexity"]["perplexity"] == pytest.approx(budgets[1]["perplexity"], rel=1e-4)
+
+
+def test_elastic_healing_refuses_an_anchored_checkpoint(anchored_model):
+    import copy
+
+    heal = {"method": "finetune", "steps": 1, "batch_size": 2, "elastic": {"budgets": [0.2, 0.4], "rule": "sum"}}
+    with pytest.raises(CompressError, match="elastic healing of an anchored checkpoint"):
+        compress.compress(copy.deepcopy(anchored_model), [heal], calibration=_windows(4, 32), progress=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 
 from ...elastic import elastic_modules
+from ...errors import CompressError
 from ...registry import register_method
 from ..base import Method, TrainingSetup
 from .config import FinetuneConfig
@@ -25,6 +26,8 @@ def elastic_loss(model, elastic):
 
     from ...elastic import ranks_for, select, selections
 
+    if any(m.anchor_budgets for m in elastic_modules(model).values()):
+        raise CompressError("elastic healing of an anchored checkpoint (elastic.fit: anchored) is not supported")
     before = selections(model)
     allocations = [ranks_for(model, budget) for budget in elastic.budgets]  # once: the curves do not change
 

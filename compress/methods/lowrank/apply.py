@@ -178,6 +178,11 @@ class LowRank(Method):
         dtype = module.weight.dtype
         layer = LowRankLinear.from_factors(A.to(dtype), B.to(dtype), module.bias)
         if elastic is not None:  # the factors come ordered by importance: every prefix is the best of its rank
+            for j, (budget, anchor_rank) in enumerate(elastic.anchors):  # each on its own budget's stream
+                a, b = factorise(
+                    module.weight, anchor_rank, config.backend, stats["variants"][j], shrinkage=config.shrinkage
+                )
+                layer.add_anchor(budget, a.to(dtype), b.to(dtype))
             layer.set_curve(torch.arange(rank + 1), elastic.curve[: rank + 1])
             if elastic.keep_dense:
                 layer.keep_dense(module.weight)
@@ -194,6 +199,9 @@ class ElasticDecision:
     # (end rank, stream) of each range of the stored ranks, in order; stream 0 is the main calibration stream,
     # j the plan's stream_selections[j - 1] (one range: every rank fit on the main, or pooled, statistics)
     segments: tuple[tuple[int, int], ...] = ()
+    # (budget, rank) of each anchor: factors of its own, fit on that budget's stream (the plan's
+    # stream_selections[j]), serving the budgets from it up to the next anchor's
+    anchors: tuple[tuple[float, int], ...] = ()
 
 
 def nested_segments(ranks: list[int | None], stored: int) -> tuple[tuple[int, int], ...]:
@@ -262,12 +270,22 @@ def elastic_plan(modules, config: LowRankConfig, curves, result: StageResult) ->
     stored, dense = stored_ranks(modules, curves, config.elastic.min_reduction)
     curves = as_stored(curves)
     active = allocate_ranks(curves, config.reduction, allow_dense=dense, max_ranks=stored)
-    selections = [
-        allocate_ranks(curves, budget, allow_dense=dense, max_ranks=stored)
-        for budget in config.elastic.calibrate_on
-        if budget != config.reduction
-    ]
-    nested = config.elastic.fit == "nested"
+    nested, anchored = config.elastic.fit == "nested", config.elastic.fit == "anchored"
+    budgets = [b for b in config.elastic.calibrate_on if b != config.reduction]
+    if anchored:  # anchor j (from 1) is stream j - 1: ascending budgets
+        budgets = sorted(set(budgets))
+    selections = [allocate_ranks(curves, budget, allow_dense=dense, max_ranks=stored) for budget in budgets]
+    # an anchor stores each matrix at its rank there; one its budget keeps dense, at the main factors' rank (the
+    # budgets up to the next anchor may factorise it)
+    anchors = {
+        name: tuple((b, s[name] or stored[name]) for b, s in zip(budgets, selections)) if anchored else ()
+        for name in modules
+    }
+    if anchored:  # each anchor's stream runs the layers before it through that anchor's own factors
+        selections = [
+            {name: None if rank is None else (j, rank) for name, rank in s.items()}
+            for j, s in enumerate(selections, start=1)
+        ]
     decisions = {
         name: ElasticDecision(
             stored[name],
@@ -275,6 +293,7 @@ def elastic_plan(modules, config: LowRankConfig, curves, result: StageResult) ->
             curves[name][2],
             name in dense,
             nested_segments([active[name], *[s[name] for s in selections]], stored[name]) if nested else (),
+            anchors[name],
         )
         for name in modules
     }
@@ -292,7 +311,9 @@ def elastic_plan(modules, config: LowRankConfig, curves, result: StageResult) ->
                 "kind": "LRC" if rank is not None else "dense",
                 "params_before": m * n,
                 "params_after": m * n if rank is None else lowrank_params(m, n, rank),
-                "params_stored": lowrank_params(m, n, stored[name]) + (m * n if name in dense else 0),
+                "params_stored": lowrank_params(m, n, stored[name])
+                + (m * n if name in dense else 0)
+                + sum(lowrank_params(m, n, r) for _, r in anchors[name]),
                 "est_loss_increase": float(curves[name][2][rank]) if rank is not None else 0.0,
             }
         )
@@ -305,7 +326,7 @@ def elastic_plan(modules, config: LowRankConfig, curves, result: StageResult) ->
         "elastic_range": [config.elastic.min_reduction, config.elastic.max_reduction],
         "targeted_params_stored": sum(r["params_stored"] for r in result.rows),
         "est_loss_increase": sum(r["est_loss_increase"] for r in result.rows),
-        "calibrated_on": [config.reduction, *[b for b in config.elastic.calibrate_on if b != config.reduction]],
+        "calibrated_on": [config.reduction, *budgets],
         "calibration_fit": config.elastic.fit,
     }
-    return Plan(decisions, result, selections, streams_pooled=not nested)
+    return Plan(decisions, result, selections, streams_pooled=config.elastic.fit == "pooled")

@@ -22,8 +22,10 @@ class ElasticRange(BaseModel):
     # pooled: each layer's factors fit the inputs of every calibrated budget at once (statistics summed);
     # nested: a matrix's leading ranks fit the most compressed budget's stream, each further range of ranks the
     # next budget's stream given the ranks before it, so every calibrated budget is served by factors fitted to
-    # the inputs that budget gives the layer (whitening backends)
-    fit: Literal["pooled", "nested"] = "pooled"
+    # the inputs that budget gives the layer (whitening backends);
+    # anchored: each calibrated budget (above `reduction`) gets factors of its own, fit on its stream, which serve
+    # the budgets from it up to the next one (more bytes: each anchor stores its budget's factors)
+    fit: Literal["pooled", "nested", "anchored"] = "pooled"
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -107,4 +109,8 @@ class LowRankConfig(StageConfig):
                 raise ValueError("elastic.calibrate_on needs an activation-aware backend and sequential: true")
             if self.elastic.fit == "nested" and self.backend not in ("whiten", "whiten_dense_target"):
                 raise ValueError("elastic.fit: nested needs a whitening backend (whiten or whiten_dense_target)")
+            if self.elastic.fit == "anchored" and not (
+                self.elastic.calibrate_on and all(b > self.reduction for b in self.elastic.calibrate_on)
+            ):
+                raise ValueError("elastic.fit: anchored needs calibrate_on budgets, all above reduction")
         return self
