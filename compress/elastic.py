@@ -170,7 +170,7 @@ def truncate(module, selection) -> None:
         return
 
     anchor, rank = selection if isinstance(selection, tuple) else (0, selection)
-    A, B = module._factors(anchor)
+    A, B = module.factors(anchor)
     later = list(
         zip(module.anchor_budgets[anchor:], (module.anchor_A or [])[anchor:], (module.anchor_B or [])[anchor:])
     )

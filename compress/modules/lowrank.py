@@ -42,7 +42,7 @@ class LowRankLinear(nn.Module):
         active_rank: int | None = None,
         dense: bool = False,
         dense_active: bool = False,
-        anchors: list[tuple[float, int]] = (),
+        anchors: tuple[tuple[float, int], ...] = (),
         active_anchor: int = 0,
     ):
         super().__init__()
@@ -139,7 +139,8 @@ class LowRankLinear(nn.Module):
     def anchors(self) -> list[tuple[float, int]]:
         return [(budget, self.anchor_rank(j + 1)) for j, budget in enumerate(self.anchor_budgets)]
 
-    def _factors(self, anchor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, anchor: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored (A, B) of ``anchor`` (0: the main factors)."""
         return (self.A, self.B) if anchor == 0 else (self.anchor_A[anchor - 1], self.anchor_B[anchor - 1])
 
     @property
@@ -205,7 +206,7 @@ class LowRankLinear(nn.Module):
         """The dense equivalent A @ B at the active rank (materialised on demand; for analysis, not the forward)."""
         if self.dense_active:
             return self.dense_weight
-        A, B = self._factors(self.active_anchor)
+        A, B = self.factors(self.active_anchor)
         r = self.effective_rank
         return A[:, :r] @ B[:r]
 
@@ -215,7 +216,7 @@ class LowRankLinear(nn.Module):
         # components: views of the factors, so switching budgets copies nothing.
         if self.dense_active:
             return nn.functional.linear(x, self.dense_weight, self.bias)
-        A, B = self._factors(self.active_anchor)
+        A, B = self.factors(self.active_anchor)
         if self.active_rank is None or self.active_rank == A.shape[1]:
             return lowrank_linear(x, A, B, self.bias)
         return lowrank_linear(x, A[:, : self.active_rank], B[: self.active_rank], self.bias)
