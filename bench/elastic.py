@@ -8,10 +8,13 @@ checkpoint's perplexity through `compress eval`). Healing: `recipes/lowrank-elas
 20-40 %, Starbucks' summed loss, and with `rule: sample`, Maestro's ordered dropout) against a fresh compression
 healed at each budget separately (the same 96 steps and tokens). Switching: the forward latency at each budget
 of one loaded elastic model, interleaved with the dense model in one process, and a bit-identity check of
-switching back and forth.
+switching back and forth. Anchored: the same elastic recipe with a second factor set fit for the 50 % budget
+(`elastic: {calibrate_on: [0.5], fit: anchored}`), resized and scored like the first.
 
     python bench/elastic.py                 # runs what is missing (hours on CPU), then writes the results
-    python bench/elastic.py --model gemma3-270m   # the budget grid alone (no healing, no switching) on Gemma
+    python bench/elastic.py --model gemma3-270m   # another model: the budget grid, anchored run and switching
+    python bench/elastic.py --model gemma3-270m --healing   # ... and the healing runs (hours)
+    python bench/elastic.py --anchored-only # resize and score the anchored run alone (no `compress run`)
     python bench/elastic.py --render        # only rewrite the markdown from the json
 """
 
@@ -46,18 +49,30 @@ HEAL_STAGE = (
 PPL_ONLY = ["eval.tasks=[]", "eval.limit=null", "eval.compare_dense=false"]
 
 
-def runs_plan(model: str) -> list[tuple[str, str, list[str]]]:
-    """(recipe, tag, overrides) of every `compress run` this benchmark reads for ``model``."""
+# the anchored fit: the 50 % budget gets factors of its own, fit on the 50 % model's stream
+ANCHORED = (
+    "lowrank-elastic",
+    "elastic-anchored50",
+    ["stages.0.elastic.calibrate_on=[0.5]", "stages.0.elastic.fit=anchored", *PPL_ONLY],
+)
+
+
+def runs_plan(model: str, healing: bool = True) -> list[tuple[str, str, list[str]]]:
+    """(recipe, tag, overrides) of every `compress run` this benchmark reads for ``model`` (the healing runs:
+    hours on CPU)."""
     fresh = [("lowrank-20", f"fresh-{b:g}", [f"stages.0.reduction={b}", *PPL_ONLY]) for b in BUDGETS]
-    if model != MODEL:
-        return [("lowrank-elastic", "elastic", PPL_ONLY), *fresh]
+    # on SmolLM2, lowrank-20 itself is the fresh 20 % compression (its shipped run, bench/results/recipe_runs.md)
     plan = [
         ("lowrank-elastic", "elastic", PPL_ONLY),
+        ANCHORED,
+        *(r for r in fresh if model != MODEL or r[1] != "fresh-0.2"),
+    ]
+    if not healing:
+        return plan
+    plan += [
         ("lowrank-elastic-healed", "elastic-sum", PPL_ONLY),
         ("lowrank-elastic-healed", "elastic-sample", ["stages.1.elastic.rule=sample", *PPL_ONLY]),
     ]
-    # lowrank-20 itself is the fresh 20 % compression (its shipped run, bench/results/recipe_runs.md)
-    plan += [run for run in fresh if run[1] != "fresh-0.2"]
     plan += [
         (
             "lowrank-20",
@@ -75,9 +90,9 @@ def runs_plan(model: str) -> list[tuple[str, str, list[str]]]:
     return plan
 
 
-def ensure_runs(threads: int, model: str) -> dict:
+def ensure_runs(threads: int, model: str, healing: bool) -> dict:
     cells = load_cells(STORE)
-    for recipe, tag, overrides in runs_plan(model):
+    for recipe, tag, overrides in runs_plan(model, healing):
         key = key_of(recipe, model, tag)
         if key in cells:
             continue
@@ -208,6 +223,91 @@ def budget_table(cells: dict, model: str, resizes: list[dict]) -> list[str]:
     return lines
 
 
+def anchored_table(cells: dict, model: str, resizes: list[dict], heading: str = "##") -> list[str]:
+    """The anchored fit at each budget against the single-stream elastic run and the fresh compressions."""
+    anchored, elastic = (cells.get(key_of("lowrank-elastic", model, tag)) for tag in (ANCHORED[1], "elastic"))
+    if not anchored or not elastic:
+        return []
+
+    def at_budgets(cell: dict) -> dict:
+        return {round(b["requested_reduction"], 3): b["perplexity"] for b in cell.get("budgets", [])}
+
+    single, both, resized = at_budgets(elastic), at_budgets(anchored), {r["budget"]: r for r in resizes}
+    lines = [
+        "",
+        f"{heading} Anchored: the 50 % budget with factors of its own",
+        "",
+        "`stages.0.elastic.calibrate_on=[0.5]`, `stages.0.elastic.fit=anchored`: the run also calibrates on the "
+        "50 % model's stream (the layers already compressed switched to 50 %, through the 50 % factors) and stores "
+        "a second set of factors, fit on that stream, which serves 50 %; the budgets below it are served by the "
+        "main factors, the same as the single-stream run's. `anchored` is the run switched to each budget, "
+        "`resized` its `compress resize` scored with `compress eval`; x fresh in brackets.",
+        "",
+        "| budget | single stream | anchored | resized | fresh | resized MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for b in BUDGETS:
+        f = (fresh_cell(cells, b, model) or {}).get("perplexity")
+        r = resized.get(b, {})
+        cols = [
+            f"{_fmt(v)} ({v / f:.2f})" if f and v else _fmt(v)
+            for v in (single.get(b), both.get(b), r.get("perplexity"))
+        ]
+        lines.append(f"| {b:.0%} | " + " | ".join(cols) + f" | {_fmt(f)} | {r.get('bytes', 0) / 1e6:.1f} |")
+    lines += [
+        "",
+        f"Checkpoint: {anchored['bytes_after'] / 1e6:.1f} MB anchored against {elastic['bytes_after'] / 1e6:.1f} MB "
+        f"single-stream ({anchored['bytes_after'] / elastic['bytes_after'] - 1:+.1%}; "
+        f"dense {elastic['bytes_before'] / 1e6:.1f} MB). Compression time: anchored "
+        f"{anchored['compression_wall_s']:.0f} s, single-stream {elastic['compression_wall_s']:.0f} s "
+        f"(dates {anchored['date']} / {elastic['date']}; the machine's speed varies between days).",
+    ]
+    return lines
+
+
+def healing_table(cells: dict, model: str, heading: str = "##", note: str = "") -> list[str]:
+    """One elastic healing run for 20-40 % (summed or sampled budgets) against healing each budget alone."""
+    heal = [
+        (label, cells.get(key_of("lowrank-elastic-healed", model, tag)))
+        for label, tag in (
+            ("elastic, summed loss (Starbucks)", "elastic-sum"),
+            ("elastic, sampled budget (Maestro)", "elastic-sample"),
+            ("before: factors only, summed loss", "elastic-sum-factors-only"),
+        )
+    ]
+    separate = {b: cells.get(key_of("lowrank-20", model, f"fresh-{b:g}-healed")) for b in HEALED}
+    if not any(c for _, c in heal) and not any(separate.values()):
+        return []
+    lines = [
+        "",
+        f"{heading} Healing 20-40 % at once",
+        "",
+        "96 steps x 2 windows x 512 tokens (one pass over 192 windows), AdamW lr 1e-4 cosine, every row. The "
+        "elastic rows are one training run each for all three budgets; `separate` heals a fresh compression "
+        f"at each budget (three runs). {note}".rstrip(),
+        "",
+        "| healing | " + " | ".join(f"{b:.0%}" for b in HEALED) + " | training s |",
+        "|---|---|---|---|---|",
+    ]
+    for label, c in heal:
+        if c:
+            at = {round(b["requested_reduction"], 3): b["perplexity"] for b in c.get("budgets", [])}
+            train_s = next((st.get("wall_time_s") for st in c["stages"] if st["method"] == "finetune"), None)
+            lines.append(f"| {label} | " + " | ".join(_fmt(at.get(b)) for b in HEALED) + f" | {_fmt(train_s, 4)} |")
+    if any(separate.values()):
+        train = sum(
+            next((st.get("wall_time_s", 0) for st in c["stages"] if st["method"] == "finetune"), 0)
+            for c in separate.values()
+            if c
+        )
+        lines.append(
+            "| separate (one run per budget) | "
+            + " | ".join(_fmt(separate[b]["perplexity"]) if separate[b] else "pending" for b in HEALED)
+            + f" | {_fmt(train, 4)} |"
+        )
+    return lines
+
+
 def switching_table(switching: dict | None, heading: str = "##") -> list[str]:
     """`set_budget` on one loaded model: forward and decode time at each budget against the dense model."""
     if not switching:
@@ -313,43 +413,8 @@ def render(data: dict) -> str:
         timed = [(label, cell.get("compression_wall_s")) for label, cell in variants if cell.get("compression_wall_s")]
         if timed:
             lines += ["", "Compression time: " + ", ".join(f"{label} {t:.0f} s" for label, t in timed) + "."]
-    heal = [
-        (label, cells.get(key_of("lowrank-elastic-healed", MODEL, tag)))
-        for label, tag in (
-            ("elastic, summed loss (Starbucks)", "elastic-sum"),
-            ("elastic, sampled budget (Maestro)", "elastic-sample"),
-            ("before: factors only, summed loss", "elastic-sum-factors-only"),
-        )
-    ]
-    separate = {b: cells.get(key_of("lowrank-20", MODEL, f"fresh-{b:g}-healed")) for b in HEALED}
-    if any(c for _, c in heal) or any(separate.values()):
-        lines += [
-            "",
-            "## Healing 20-40 % at once",
-            "",
-            "96 steps x 2 windows x 512 tokens (one pass over 192 windows), AdamW lr 1e-4 cosine, every row. The "
-            "elastic rows are one training run each for all three budgets; `separate` heals a fresh compression "
-            "at each budget (three runs). The elastic rows were measured when checkpoints kept 257-point curves.",
-            "",
-            "| healing | " + " | ".join(f"{b:.0%}" for b in HEALED) + " | training s |",
-            "|---|---|---|---|---|",
-        ]
-        for label, c in heal:
-            if c:
-                at = {round(b["requested_reduction"], 3): b["perplexity"] for b in c.get("budgets", [])}
-                train_s = next((st.get("wall_time_s") for st in c["stages"] if st["method"] == "finetune"), None)
-                lines.append(f"| {label} | " + " | ".join(_fmt(at.get(b)) for b in HEALED) + f" | {_fmt(train_s, 4)} |")
-        if any(separate.values()):
-            train = sum(
-                next((st.get("wall_time_s", 0) for st in c["stages"] if st["method"] == "finetune"), 0)
-                for c in separate.values()
-                if c
-            )
-            lines.append(
-                "| separate (one run per budget) | "
-                + " | ".join(_fmt(separate[b]["perplexity"]) if separate[b] else "pending" for b in HEALED)
-                + f" | {_fmt(train, 4)} |"
-            )
+    lines += anchored_table(cells, MODEL, data.get("anchored_resize", []))
+    lines += healing_table(cells, MODEL, note="The elastic rows were measured when checkpoints kept 257-point curves.")
     lines += switching_table(data.get("switching"))
     for model, measured in data.get("models", {}).items():
         lines += ["", f"## {MODEL_NAMES.get(model, model)}", "", SECOND_MODEL_TEXT, ""]
@@ -363,6 +428,8 @@ def render(data: dict) -> str:
                 f"dense {single['bytes_before'] / 1e6:.1f} MB. Compression time: elastic "
                 f"{elastic['compression_wall_s']:.0f} s, fresh 20 % {single['compression_wall_s']:.0f} s.",
             ]
+        lines += anchored_table(cells, model, measured.get("anchored_resize", []), heading="###")
+        lines += healing_table(cells, model, heading="###")
         lines += switching_table(measured.get("switching"), heading="###")
     return "\n".join(lines) + "\n"
 
@@ -387,15 +454,26 @@ def main() -> None:
     parser.add_argument(
         "--switching-only", action="store_true", help="no `compress run`, no resizes: time `set_budget` switching"
     )
+    parser.add_argument("--healing", action="store_true", help="another model: the healing runs too (hours)")
+    parser.add_argument(
+        "--anchored-only", action="store_true", help="no `compress run`: resize the stored anchored run alone"
+    )
     args = parser.parse_args()
-    args.measure_only |= args.switching_only
+    args.measure_only |= args.switching_only or args.anchored_only
     store = RESULTS / "elastic.json"
     data = json.loads(store.read_text()) if store.is_file() else {}
     if not args.render:
-        cells = load_cells(STORE) if args.measure_only else ensure_runs(args.threads, args.model)
+        healing = args.model == MODEL or args.healing
+        cells = load_cells(STORE) if args.measure_only else ensure_runs(args.threads, args.model, healing)
         folder = ROOT / cells[key_of("lowrank-elastic", args.model, "elastic")]["folder"] / "model"
-        measured = {} if args.switching_only else {"resize": measure_resizes(folder, args.threads)}
-        measured["switching"] = measure_switching(folder, args.threads, args.model)
+        anchored = cells.get(key_of(ANCHORED[0], args.model, ANCHORED[1]))
+        measured = {}
+        if not (args.switching_only or args.anchored_only):
+            measured["resize"] = measure_resizes(folder, args.threads)
+        if anchored and not args.switching_only:
+            measured["anchored_resize"] = measure_resizes(ROOT / anchored["folder"] / "model", args.threads)
+        if not args.anchored_only:
+            measured["switching"] = measure_switching(folder, args.threads, args.model)
         # read the store again: another run of this script (another model) may have written to it meanwhile
         data = json.loads(store.read_text()) if store.is_file() else {}
         if args.model == MODEL:

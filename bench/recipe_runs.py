@@ -359,7 +359,14 @@ NOTES = {
     "core: their seconds compare with each other (397 -> 372 s, the same weights bit for bit), not with "
     "v1.1-f32-stats' 284 s alone. v1.2-alone (the same code as v1.2-gram-panels, alone on the machine) took "
     "377 s: the environment was reinstalled (transformers 5.25) after v1.1-f32-stats, and its weights differ "
-    "from that run's in their last bits (the same held-out perplexity).",
+    "from that run's in their last bits (the same held-out perplexity). Traced on 2026-12-05: v1.1-f32-stats' "
+    "code (commit 8c4d4b1) and the current code (bc2984e) run one after the other, alone, the same way "
+    "(`compress run` of lowrank-20 with eval off, one thread on one core, sampled by py-spy at 25 Hz): 404 s "
+    "and 397 s (forward passes 192 s both, planning 140 s both, statistics 45 s and 39 s). The third more "
+    "than 284 s is the environment's (the machine or the reinstalled libraries), not the code's. Where the "
+    "397 s go (py-spy, own time): nn.Linear matmuls 171 s, attention 39 s, backward 39 s, statistics 45 s, "
+    "low-rank forwards 21 s, the curves 24 s. One thread's fp32 matmul ran at 93-96 GFLOP/s that day whether "
+    "the weight was 64-byte aligned or not (so transformers 5.25's unaligned tensors are not the cause).",
 }
 
 

@@ -376,3 +376,23 @@ def test_elastic_healing_refuses_an_anchored_checkpoint(anchored_model):
     heal = {"method": "finetune", "steps": 1, "batch_size": 2, "elastic": {"budgets": [0.2, 0.4], "rule": "sum"}}
     with pytest.raises(CompressError, match="elastic healing of an anchored checkpoint"):
         compress.compress(copy.deepcopy(anchored_model), [heal], calibration=_windows(4, 32), progress=False)
+
+
+def test_several_anchors_each_serve_their_budget_up_to_the_next():
+    stage = {**ANCHORED, "elastic": {**ANCHORED["elastic"], "calibrate_on": [0.6, 0.45]}}
+    model = compress.compress(make_tiny_llama(), [stage], calibration=_windows(), progress=False)
+    plain = {key: value for key, value in ANCHORED.items() if key != "elastic"}
+    at_45 = compress.compress(
+        make_tiny_llama(),
+        [{**plain, "elastic": ELASTIC["elastic"], "reduction": 0.45}],
+        calibration=_windows(),
+        progress=False,
+    )
+    assert model.compression.stages[0].summary["calibrated_on"] == [0.3, 0.45, 0.6]
+    ids = _windows(2, 17, seed=5)
+    for budget, anchor in ((0.4, 0), (0.45, 1), (0.55, 1), (0.6, 2)):
+        served = {r for r in compress.set_budget(model, budget).values() if r is not None}
+        assert {r[0] if isinstance(r, tuple) else 0 for r in served} == {anchor}, budget
+    compress.set_budget(model, 0.45)
+    compress.set_budget(at_45, 0.45)
+    assert torch.equal(_logits(model, ids), _logits(at_45, ids))

@@ -23,3 +23,18 @@ def test_recipe_runs_on_tiny_model(name):
     assert abs(first.summary["achieved_reduction"] - first.summary["requested_reduction"]) <= 0.005 + 1e-9
     with torch.no_grad():
         assert torch.isfinite(model(windows).logits).all()
+
+
+def test_the_anchored_elastic_recipe_is_the_elastic_one_with_the_measured_anchor():
+    # bench/elastic.py measures the anchored fit as lowrank-elastic with these two fields set: the shipped recipe
+    # must be that same stage, calibration and evaluation
+    import yaml
+
+    elastic, anchored = (
+        yaml.safe_load((RECIPES / f"{n}.yaml").read_text()) for n in ("lowrank-elastic", "lowrank-elastic-anchored")
+    )
+    stage = elastic["stages"][0]
+    assert anchored["stages"] == [{**stage, "elastic": {**stage["elastic"], "calibrate_on": [0.5], "fit": "anchored"}}]
+    assert {k: v for k, v in anchored.items() if k not in ("name", "description", "stages")} == {
+        k: v for k, v in elastic.items() if k not in ("name", "description", "stages")
+    }
