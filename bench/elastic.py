@@ -223,7 +223,7 @@ def budget_table(cells: dict, model: str, resizes: list[dict]) -> list[str]:
     return lines
 
 
-def anchored_table(cells: dict, model: str, resizes: list[dict], heading: str = "##") -> list[str]:
+def anchored_table(cells: dict, model: str, resizes: list[dict], heading: str = "##", note: str = "") -> list[str]:
     """The anchored fit at each budget against the single-stream elastic run and the fresh compressions."""
     anchored, elastic = (cells.get(key_of("lowrank-elastic", model, tag)) for tag in (ANCHORED[1], "elastic"))
     if not anchored or not elastic:
@@ -260,7 +260,7 @@ def anchored_table(cells: dict, model: str, resizes: list[dict], heading: str = 
         f"single-stream ({anchored['bytes_after'] / elastic['bytes_after'] - 1:+.1%}; "
         f"dense {elastic['bytes_before'] / 1e6:.1f} MB). Compression time: anchored "
         f"{anchored['compression_wall_s']:.0f} s, single-stream {elastic['compression_wall_s']:.0f} s "
-        f"(dates {anchored['date']} / {elastic['date']}; the machine's speed varies between days).",
+        f"(dates {anchored['date']} / {elastic['date']}). {note}".rstrip(),
     ]
     return lines
 
@@ -413,7 +413,7 @@ def render(data: dict) -> str:
         timed = [(label, cell.get("compression_wall_s")) for label, cell in variants if cell.get("compression_wall_s")]
         if timed:
             lines += ["", "Compression time: " + ", ".join(f"{label} {t:.0f} s" for label, t in timed) + "."]
-    lines += anchored_table(cells, MODEL, data.get("anchored_resize", []))
+    lines += anchored_table(cells, MODEL, data.get("anchored_resize", []), note=data.get("anchored_note", ""))
     lines += healing_table(cells, MODEL, note="The elastic rows were measured when checkpoints kept 257-point curves.")
     lines += switching_table(data.get("switching"))
     for model, measured in data.get("models", {}).items():
@@ -428,7 +428,9 @@ def render(data: dict) -> str:
                 f"dense {single['bytes_before'] / 1e6:.1f} MB. Compression time: elastic "
                 f"{elastic['compression_wall_s']:.0f} s, fresh 20 % {single['compression_wall_s']:.0f} s.",
             ]
-        lines += anchored_table(cells, model, measured.get("anchored_resize", []), heading="###")
+        lines += anchored_table(
+            cells, model, measured.get("anchored_resize", []), heading="###", note=measured.get("anchored_note", "")
+        )
         lines += healing_table(cells, model, heading="###")
         lines += switching_table(measured.get("switching"), heading="###")
     return "\n".join(lines) + "\n"
