@@ -31,6 +31,8 @@ from torch import nn
 from .errors import CompressError
 from .lowrank_math import allocate_ranks
 
+ALLOCATION_TOLERANCE = 0.005  # allocate_ranks' default: the removed fraction lands in [r, r + this]
+
 
 def elastic_modules(model: nn.Module) -> dict:
     """{name: LowRankLinear} of every module that carries a loss-against-rank curve."""
@@ -56,8 +58,10 @@ def _rank_of(selection) -> int | None:
 def anchor_for(modules: dict, reduction: float) -> int:
     """The factor set that serves ``reduction``: the last anchor whose budget is at or below it (0: the main
     factors). Every module of an elastic stage stores the same anchor budgets."""
-    budgets = next(iter(modules.values())).anchor_budgets
-    return sum(budget <= reduction + 1e-9 for budget in budgets)
+    budgets = {tuple(m.anchor_budgets) for m in modules.values()}
+    if len(budgets) > 1:
+        raise CompressError(f"the elastic modules store different anchor budgets: {sorted(budgets)}")
+    return sum(budget <= reduction + 1e-9 for budget in budgets.pop())
 
 
 def reduction_at(modules: dict, ranks: dict) -> float:
@@ -84,7 +88,8 @@ def ranks_for(model: nn.Module, reduction: float) -> dict:
     rank of the main factors, ``(anchor, rank)`` of an anchor's, None: serve dense)."""
     modules = _require_elastic(model)
     low, high = budget_range(model)
-    if not low - 1e-9 <= reduction <= high + 1e-9:
+    # an allocation removes up to its tolerance more than asked: a model resized to r serves r itself
+    if not low - ALLOCATION_TOLERANCE - 1e-9 <= reduction <= high + 1e-9:
         raise CompressError(
             f"reduction {reduction:.3f} is outside the range this elastic model serves ({low:.3f} .. {high:.3f})"
         )
@@ -133,17 +138,18 @@ def resize(model: nn.Module, reduction: float, inplace: bool = False, elastic: b
     from .targets import replace_module
 
     ranks = ranks_for(model, reduction)
+    anchor = anchor_for(elastic_modules(model), reduction)
     target = model if inplace else copy.deepcopy(model)
     for name, module in elastic_modules(target).items():
         if not elastic and ranks[name] is None:
             replace_module(target, name, _as_linear(module))
         elif not elastic:
-            truncate(module, ranks[name])
+            truncate(module, ranks[name], anchor)
             module.curve_points = 0
             del module.curve_ranks, module.curve_loss
             module.set_anchors([], [], [])
         else:
-            truncate(module, ranks[name])
+            truncate(module, ranks[name], anchor)
     previous = getattr(target.config, "quantization_config", None)
     mark_compressed(target, getattr(previous, "recipe", None))
     return target
@@ -158,19 +164,19 @@ def _as_linear(module) -> nn.Linear:
     return linear
 
 
-def truncate(module, selection) -> None:
-    """Serve ``selection`` from now on, storing no more than that and the larger budgets need: the first ``rank``
-    components of its factor set (an anchor's become the main factors; the anchors of larger budgets stay), the
-    curve up to the largest rank still stored, no dense weight; a module served dense (None) keeps everything
-    (larger reductions factorise it)."""
+def truncate(module, selection, anchor: int = 0) -> None:
+    """Serve ``selection`` (of factor set ``anchor``) from now on, storing no more than that and the larger budgets
+    need: the first ``rank`` components of that anchor's factors, which become the main ones (the anchors of
+    larger budgets stay), the curve up to the largest rank still stored, no dense weight. A module served dense
+    (None) keeps its dense weight and that anchor's factors whole (larger reductions may factorise it)."""
     import torch
 
-    if selection is None:
+    if selection is None and anchor == 0:
         module.select(None)
         return
 
-    anchor, rank = selection if isinstance(selection, tuple) else (0, selection)
     A, B = module.factors(anchor)
+    rank = A.shape[1] if selection is None else _rank_of(selection)
     later = list(
         zip(module.anchor_budgets[anchor:], (module.anchor_A or [])[anchor:], (module.anchor_B or [])[anchor:])
     )
@@ -186,7 +192,10 @@ def truncate(module, selection) -> None:
     module.set_anchors(*[[item[i] for item in later] for i in range(3)])
     module.set_curve(ranks, loss)
     module.active_rank, module.active_anchor = None, 0
-    module.dense_weight, module.dense_active = None, False
+    if selection is None:
+        module.select(None)
+    else:
+        module.dense_weight, module.dense_active = None, False
 
 
 def _require_elastic(model: nn.Module) -> dict:

@@ -117,6 +117,7 @@ def test_resize_cuts_the_factors_and_matches_the_switched_model(elastic_model, t
     # that are not 64-byte aligned, and a rank-1 product then takes another SIMD path (measured: 9e-8 apart)
     assert torch.allclose(_logits(reloaded, ids), _logits(small, ids), rtol=0, atol=1e-6)
     assert budget_range(reloaded)[0] == pytest.approx(0.45, abs=0.006)  # still elastic below its new size
+    assert compress.set_budget(reloaded, 0.45) == selections(small)  # and serves its own budget
     with pytest.raises(CompressError, match="outside the range"):
         compress.set_budget(reloaded, 0.2)
 
@@ -329,9 +330,9 @@ def test_an_anchored_checkpoint_counts_its_anchors_and_resizes_and_reloads(ancho
         expected = _logits(anchored_model, ids)
         small = compress.resize(anchored_model, budget)
         assert torch.equal(_logits(small, ids), expected)
-        # the 60 % anchor stays while a larger budget needs it (and beside a dense weight served now)
-        factorised = [m for m in elastic_modules(small).values() if m.selection is not None]
-        assert factorised and {len(m.anchor_budgets) for m in factorised} == ({1} if budget < 0.6 else {0})
+        # the 60 % anchor stays while a larger budget needs it; served by it, it becomes the main factors (of the
+        # modules served dense too, beside their dense weight)
+        assert {tuple(m.anchor_budgets) for m in elastic_modules(small).values()} == {(0.6,) if budget < 0.6 else ()}
         compress.save(small, tmp_path / str(budget))
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / str(budget)).eval()
         saved, loaded = small.state_dict(), reloaded.state_dict()
@@ -396,3 +397,8 @@ def test_several_anchors_each_serve_their_budget_up_to_the_next():
     compress.set_budget(model, 0.45)
     compress.set_budget(at_45, 0.45)
     assert torch.equal(_logits(model, ids), _logits(at_45, ids))
+    resized = compress.resize(model, 0.5)  # the 45 % anchor's factors become the main ones; the 60 % anchor stays
+    for budget in (0.5, 0.6):
+        compress.set_budget(resized, budget)
+        compress.set_budget(model, budget)
+        assert torch.equal(_logits(resized, ids), _logits(model, ids)), budget
