@@ -1,5 +1,6 @@
 """Integration: an elastic compression of the real SmolLM2-135M (layers 0-3, tiny calibration) serves its
-starting budget as a fresh compression does, and a larger one close to a fresh compression at that budget."""
+starting budget as a fresh compression does, and a larger one close to a fresh compression at that budget (as a
+fresh one, with an anchor there)."""
 
 import copy
 
@@ -60,4 +61,21 @@ def test_elastic_budgets_match_fresh_compressions_on_smollm2(smollm2_loaded):
     # serves the compression's own ranks (576-wide matrices: curves thinned to 257 points did not)
     compress.set_budget(elastic, 0.2)
     assert selections(elastic) == served
-    print(f"\nSmolLM2 layers 0-3 at 40 %: elastic {elastic_40:.3f}, fresh {fresh_40:.3f}")
+    # anchored at 40 %: factors of its own, fit on the 40 % model's stream, serve 40 %; the main ones, 20 %
+    anchored = compress.compress(
+        copy.deepcopy(smollm2_loaded.model),
+        [
+            {
+                **STAGE,
+                "reduction": 0.2,
+                "elastic": {"min_reduction": 0.1, "max_reduction": 0.5, "calibrate_on": [0.4], "fit": "anchored"},
+            }
+        ],
+        calibration=calibration,
+        progress=False,
+    )
+    assert torch.equal(anchored(held).logits, elastic(held).logits)
+    compress.set_budget(anchored, 0.4)
+    anchored_40 = ppl(anchored)
+    assert anchored_40 <= 1.02 * fresh_40 and anchored_40 < elastic_40, (anchored_40, fresh_40, elastic_40)
+    print(f"\nSmolLM2 layers 0-3 at 40 %: elastic {elastic_40:.3f}, anchored {anchored_40:.3f}, fresh {fresh_40:.3f}")
