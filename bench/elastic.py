@@ -431,7 +431,7 @@ def render(data: dict) -> str:
         lines += anchored_table(
             cells, model, measured.get("anchored_resize", []), heading="###", note=measured.get("anchored_note", "")
         )
-        lines += healing_table(cells, model, heading="###")
+        lines += healing_table(cells, model, heading="###", note=measured.get("healing_note", ""))
         lines += switching_table(measured.get("switching"), heading="###")
     return "\n".join(lines) + "\n"
 
