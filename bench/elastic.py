@@ -192,18 +192,22 @@ def _fmt(v, digits=4):
     return "-" if v is None else (f"{v:,.{digits}g}" if isinstance(v, float) else f"{v:,}")
 
 
+def perplexity_at_budgets(cell: dict | None) -> dict[float, float]:
+    """{budget: held-out perplexity} of a run's elastic evaluation (``eval.budgets``)."""
+    return {round(b["requested_reduction"], 3): b["perplexity"] for b in (cell or {}).get("budgets") or []}
+
+
 def budget_table(cells: dict, model: str, resizes: list[dict]) -> list[str]:
     """Elastic (switched), resized and fresh perplexity at each budget, resize time and checkpoint bytes."""
     elastic = cells.get(key_of("lowrank-elastic", model, "elastic"))
     if not elastic:
         return []
 
-    def at_budgets(tag: str) -> dict:
-        cell = cells.get(key_of("lowrank-elastic", model, tag)) or {}
-        return {round(b["requested_reduction"], 3): b["perplexity"] for b in cell.get("budgets", [])}
-
     budgets = {round(b["requested_reduction"], 3): b for b in elastic.get("budgets", [])}
-    thinned, factors_only = at_budgets("elastic-thinned-curves"), at_budgets("elastic-factors-only")
+    thinned, factors_only = (
+        perplexity_at_budgets(cells.get(key_of("lowrank-elastic", model, tag)))
+        for tag in ("elastic-thinned-curves", "elastic-factors-only")
+    )
     resized = {r["budget"]: r for r in resizes}
     lines = [
         "| budget | elastic ppl | resized ppl | fresh ppl | elastic / fresh | before: 257-point curves | "
@@ -229,10 +233,8 @@ def anchored_table(cells: dict, model: str, resizes: list[dict], heading: str = 
     if not anchored or not elastic:
         return []
 
-    def at_budgets(cell: dict) -> dict:
-        return {round(b["requested_reduction"], 3): b["perplexity"] for b in cell.get("budgets", [])}
-
-    single, both, resized = at_budgets(elastic), at_budgets(anchored), {r["budget"]: r for r in resizes}
+    single, both = perplexity_at_budgets(elastic), perplexity_at_budgets(anchored)
+    resized = {r["budget"]: r for r in resizes}
     lines = [
         "",
         f"{heading} Anchored: the 50 % budget with factors of its own",
@@ -291,7 +293,7 @@ def healing_table(cells: dict, model: str, heading: str = "##", note: str = "") 
     ]
     for label, c in heal:
         if c:
-            at = {round(b["requested_reduction"], 3): b["perplexity"] for b in c.get("budgets", [])}
+            at = perplexity_at_budgets(c)
             train_s = next((st.get("wall_time_s") for st in c["stages"] if st["method"] == "finetune"), None)
             lines.append(f"| {label} | " + " | ".join(_fmt(at.get(b)) for b in HEALED) + f" | {_fmt(train_s, 4)} |")
     if any(separate.values()):
@@ -381,10 +383,7 @@ def render(data: dict) -> str:
     ]
     variants = [(label, cell) for label, cell in variants if cell]
     if len(variants) > 1:
-        at = [
-            {round(b["requested_reduction"], 3): b["perplexity"] for b in cell.get("budgets", [])}
-            for _, cell in variants
-        ]
+        at = [perplexity_at_budgets(cell) for _, cell in variants]
         lines += [
             "",
             "## The calibration stream",
