@@ -305,9 +305,15 @@ def healing_table(cells: dict, model: str, heading: str = "##", note: str = "") 
         lines.append(
             "| separate (one run per budget) | "
             + " | ".join(_fmt(separate[b]["perplexity"]) if separate[b] else "pending" for b in HEALED)
-            + f" | {_fmt(train, 4)} |"
+            + f" | {_fmt(train, 4)}{_runs_done(separate)} |"
         )
     return lines
+
+
+def _runs_done(runs: dict) -> str:
+    """' (k of n runs)' while some are pending, else ''."""
+    done = sum(1 for run in runs.values() if run)
+    return "" if done == len(runs) else f" ({done} of {len(runs)} runs)"
 
 
 def switching_table(switching: dict | None, heading: str = "##") -> list[str]:
