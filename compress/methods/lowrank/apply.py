@@ -180,7 +180,12 @@ class LowRank(Method):
         if elastic is not None:  # the factors come ordered by importance: every prefix is the best of its rank
             for j, (budget, anchor_rank) in enumerate(elastic.anchors):  # each on its own budget's stream
                 a, b = factorise(
-                    module.weight, anchor_rank, config.backend, stats["variants"][j], shrinkage=config.shrinkage
+                    module.weight,
+                    anchor_rank,
+                    config.backend,
+                    stats["variants"][j],
+                    alpha=config.alpha,
+                    shrinkage=config.shrinkage,
                 )
                 layer.add_anchor(budget, a.to(dtype), b.to(dtype))
             layer.set_curve(torch.arange(rank + 1), elastic.curve[: rank + 1])
