@@ -17,9 +17,11 @@ loss) comes from the method's ``trainable`` hook.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -69,7 +71,17 @@ class Training(BaseModel):
         return {name: getattr(self, name) for name in names}
 
 
-LossFn = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, dict]]
+@dataclass
+class SeparateLosses:
+    """A step's loss as a sum of parts built and backpropagated one at a time: each callable runs a forward
+    pass and returns its part, whose backward runs before the next part is built. The gradients are the
+    sum's, but only one part's graph is alive at a time (an elastic model's budgets: one graph, not one per
+    budget)."""
+
+    parts: list[Callable[[], torch.Tensor]]
+
+
+LossFn = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor | SeparateLosses, dict]]
 
 
 def check_batches_split(recipe) -> None:
@@ -111,14 +123,17 @@ def train_loop(
     Returns ``{"steps", "tokens", "wall_time_s", "losses", "learning_rates"}`` (per step); the model is left
     unwrapped, in eval mode.
     """
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     from .distributed import rank, world_size
 
     params = [p for group in param_groups for p in group["params"]]
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # several processes: a step may leave trainable parameters unused (an elastic budget serves some modules
+    # dense, without their factors; a routed step skips an expert), which DDP must be told to look for
+    unused = DistributedDataParallelKwargs(find_unused_parameters=True)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[unused])
     optimizer = torch.optim.AdamW(param_groups, weight_decay=weight_decay)
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
     processes = world_size()
@@ -146,10 +161,17 @@ def train_loop(
             if processes > 1:
                 batch = batch[rank() :: processes].to(accelerator.device)
             loss, shown = loss_fn(wrapped, batch)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"{desc}: loss became {value} at step {step}; lower lr")
-            accelerator.backward(loss)
+            parts = loss.parts if isinstance(loss, SeparateLosses) else [lambda loss=loss: loss]
+            value = 0.0
+            for index, part in enumerate(parts):
+                # several processes average the gradients once per step, after the last part's backward
+                last = index == len(parts) - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):
+                    piece = part()
+                    value += piece.item()
+                    if not math.isfinite(value):
+                        raise FloatingPointError(f"{desc}: loss became {value} at step {step}; lower lr")
+                    accelerator.backward(piece)
             accelerator.clip_grad_norm_(params, max_grad_norm)
             rates.append(optimizer.param_groups[0]["lr"])
             optimizer.step()

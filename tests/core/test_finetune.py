@@ -116,3 +116,62 @@ def test_distill_without_a_teacher_is_a_clear_error(tiny_llama):
     ctx = StageContext(tokenizer=None, calibration_windows=lambda: torch.zeros(2, 8, dtype=torch.long), progress=False)
     with pytest.raises(CompressError, match="teacher"):
         apply_stage(tiny_llama, recipe.stages[0], ctx)
+
+
+def _one_step(model, windows, separate: bool):
+    """One train_loop step over three forward passes (summed into one loss, or as SeparateLosses): the step's
+    gradient of every trained parameter, and the most saved activations alive at once."""
+    import weakref
+
+    from compress.training import SeparateLosses, train_loop
+
+    live, most, gradients = [0], [0], {}
+
+    class Saved:
+        def __init__(self, tensor):
+            self.tensor = tensor
+            live[0] += 1
+            most[0] = max(most[0], live[0])
+            weakref.finalize(self, lambda: live.__setitem__(0, live[0] - 1))
+
+    def loss_fn(wrapped, batch):
+        parts = [
+            lambda shift=shift: wrapped(input_ids=batch.roll(shift, 1), labels=batch).loss / 3 for shift in (0, 1, 2)
+        ]
+        return (SeparateLosses(parts) if separate else sum(part() for part in parts)), {}
+
+    for name, p in model.named_parameters():
+        p.requires_grad_("mlp" in name)
+        if p.requires_grad:  # the last accumulation is the step's whole gradient (before clipping)
+            p.register_post_accumulate_grad_hook(lambda p, name=name: gradients.__setitem__(name, p.grad.clone()))
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(Saved, lambda saved: saved.tensor):
+        train_loop(
+            model,
+            [{"params": params, "lr": 1e-3}],
+            windows,
+            steps=1,
+            batch_size=4,
+            schedule="constant",
+            warmup_steps=0,
+            max_grad_norm=1.0,
+            loss_fn=loss_fn,
+            progress=False,
+        )
+    return gradients, most[0]
+
+
+def test_separate_losses_give_their_sums_gradient_with_one_graph_alive():
+    import copy
+
+    from tests.tiny import make_tiny_llama
+
+    model = make_tiny_llama()
+    windows = _learnable_windows(n=8)
+    summed, most_summed = _one_step(copy.deepcopy(model), windows, separate=False)
+    separate, most_separate = _one_step(copy.deepcopy(model), windows, separate=True)
+    assert len(summed) == 6 and summed.keys() == separate.keys()
+    for name, gradient in summed.items():
+        assert gradient.abs().max() > 0 and torch.allclose(separate[name], gradient, rtol=1e-5, atol=1e-8), name
+    assert most_separate <= most_summed / 2.5  # three graphs at once when summed, one at a time when separate

@@ -28,6 +28,15 @@ RECIPE = {
     "calibration": {"corpus": "wikipedia", "samples": 8, "seq_len": 64},
     "eval": {"tasks": [], "perplexity_windows": 6, "seq_len": 64},
 }
+# elastic healing backpropagates each budget on its own: the processes average the gradients once, after the last
+ELASTIC_RECIPE = {
+    **RECIPE,
+    "name": "tiny-two-processes-elastic",
+    "stages": [
+        {**RECIPE["stages"][0], "reduction": 0.3, "elastic": {"min_reduction": 0.1, "max_reduction": 0.5}},
+        {**RECIPE["stages"][1], "lr": 1e-2, "elastic": {"budgets": [0.2, 0.4], "rule": "sum"}},
+    ],
+}
 
 
 def _run(command, tmp_path):
@@ -38,11 +47,12 @@ def _run(command, tmp_path):
 
 
 @pytest.mark.integration
-def test_two_processes_give_the_model_one_process_gives(tmp_path, smol_tokenizer):
+@pytest.mark.parametrize("spec", [RECIPE, ELASTIC_RECIPE], ids=["lowrank-finetune", "elastic-healing"])
+def test_two_processes_give_the_model_one_process_gives(tmp_path, smol_tokenizer, spec):
     folder = tmp_path / "tiny"
     save_folder(make_tiny_llama(vocab_size=len(smol_tokenizer)), smol_tokenizer, folder)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(RECIPE))
+    recipe.write_text(yaml.safe_dump(spec))
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, "-m", "compress", "run", str(recipe), str(folder), "--out", str(one), "--quiet"], tmp_path)
     _run(

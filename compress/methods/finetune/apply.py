@@ -20,11 +20,12 @@ from .config import FinetuneConfig
 
 @contextlib.contextmanager
 def elastic_loss(model, elastic):
-    """The next-token loss of an elastic model at its budgets: one sampled per step, or their mean. The model's
-    own budget (active ranks) is restored afterwards."""
+    """The next-token loss of an elastic model at its budgets: one sampled per step, or their mean (each
+    budget's part backpropagated on its own). The model's own budget (active ranks) is restored afterwards."""
     import torch
 
     from ...elastic import ranks_for, select, selections
+    from ...training import SeparateLosses
 
     if any(m.anchor_budgets for m in elastic_modules(model).values()):
         raise CompressError("elastic healing of an anchored checkpoint (elastic.fit: anchored) is not supported")
@@ -33,11 +34,16 @@ def elastic_loss(model, elastic):
 
     def loss(wrapped, batch):
         chosen = allocations if elastic.rule == "sum" else [allocations[int(torch.randint(len(allocations), ()))]]
-        total = 0.0
-        for ranks in chosen:
-            select(model, ranks)
-            total = total + wrapped(input_ids=batch, labels=batch).loss
-        return total / len(chosen), {}
+
+        def at(ranks):
+            def part():
+                select(model, ranks)
+                return wrapped(input_ids=batch, labels=batch).loss / len(chosen)
+
+            return part
+
+        # each budget's graph is backpropagated before the next budget's is built: memory of one budget
+        return SeparateLosses([at(ranks) for ranks in chosen]), {}
 
     try:
         yield loss
