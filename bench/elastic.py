@@ -274,6 +274,7 @@ def healing_table(cells: dict, model: str, heading: str = "##", note: str = "") 
         for label, tag in (
             ("elastic, summed loss (Starbucks)", "elastic-sum"),
             ("elastic, sampled budget (Maestro)", "elastic-sample"),
+            ("before: summed loss, every budget's graph alive at once", "elastic-sum-one-backward"),
             ("before: factors only, summed loss", "elastic-sum-factors-only"),
         )
     ]
@@ -286,28 +287,34 @@ def healing_table(cells: dict, model: str, heading: str = "##", note: str = "") 
         "",
         "96 steps x 2 windows x 512 tokens (one pass over 192 windows), AdamW lr 1e-4 cosine, every row. The "
         "elastic rows are one training run each for all three budgets; `separate` heals a fresh compression "
-        f"at each budget (three runs). {note}".rstrip(),
+        "at each budget (three runs). Peak RSS: the whole `compress run` process (compression, training, "
+        f"evaluation). {note}".rstrip(),
         "",
-        "| healing | " + " | ".join(f"{b:.0%}" for b in HEALED) + " | training s |",
-        "|---|---|---|---|---|",
+        "| healing | " + " | ".join(f"{b:.0%}" for b in HEALED) + " | training s | peak RSS GiB |",
+        "|---|---|---|---|---|---|",
     ]
     for label, c in heal:
         if c:
             at = perplexity_at_budgets(c)
-            train_s = next((st.get("wall_time_s") for st in c["stages"] if st["method"] == "finetune"), None)
-            lines.append(f"| {label} | " + " | ".join(_fmt(at.get(b)) for b in HEALED) + f" | {_fmt(train_s, 4)} |")
+            lines.append(
+                f"| {label} | "
+                + " | ".join(_fmt(at.get(b)) for b in HEALED)
+                + f" | {_fmt(_training_seconds(c), 4)} | {c['peak_rss_bytes'] / 2**30:.2f} |"
+            )
     if any(separate.values()):
-        train = sum(
-            next((st.get("wall_time_s", 0) for st in c["stages"] if st["method"] == "finetune"), 0)
-            for c in separate.values()
-            if c
-        )
+        done = [c for c in separate.values() if c]
         lines.append(
             "| separate (one run per budget) | "
             + " | ".join(_fmt(separate[b]["perplexity"]) if separate[b] else "pending" for b in HEALED)
-            + f" | {_fmt(train, 4)}{_runs_done(separate)} |"
+            + f" | {_fmt(sum(_training_seconds(c) for c in done), 4)}{_runs_done(separate)}"
+            + f" | {max(c['peak_rss_bytes'] for c in done) / 2**30:.2f} (the largest) |"
         )
     return lines
+
+
+def _training_seconds(cell: dict) -> float:
+    """The run's finetune stage's training wall time."""
+    return next(stage["wall_time_s"] for stage in cell["stages"] if stage["method"] == "finetune")
 
 
 def _runs_done(runs: dict) -> str:
