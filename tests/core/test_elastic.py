@@ -371,12 +371,30 @@ def test_an_anchored_run_serves_its_anchor_from_the_streamed_checkpoint(tmp_path
     assert scores["perplexity"]["perplexity"] == pytest.approx(budgets[1]["perplexity"], rel=1e-4)
 
 
-def test_elastic_healing_refuses_an_anchored_checkpoint(anchored_model):
+def test_elastic_healing_trains_each_budget_of_an_anchored_checkpoint_through_its_own_factors(anchored_model):
     import copy
 
-    heal = {"method": "finetune", "steps": 1, "batch_size": 2, "elastic": {"budgets": [0.2, 0.4], "rule": "sum"}}
-    with pytest.raises(CompressError, match="elastic healing of an anchored checkpoint"):
-        compress.compress(copy.deepcopy(anchored_model), [heal], calibration=_windows(4, 32), progress=False)
+    from compress.training import mean_loss
+
+    model, windows = copy.deepcopy(anchored_model), _windows(16, 32)
+
+    def loss_at(budget):
+        compress.set_budget(model, budget)
+        return mean_loss(model, windows, 8)
+
+    before_loss = {budget: loss_at(budget) for budget in (0.2, 0.6)}
+    compress.set_budget(model, 0.3)
+    before = {name: (m.A.clone(), m.anchor_A[0].clone()) for name, m in elastic_modules(model).items()}
+    heal = {"method": "finetune", "steps": 12, "lr": 3e-3, "batch_size": 4}
+    heal["elastic"] = {"budgets": [0.2, 0.6], "rule": "sum"}
+    model = compress.compress(model, [heal], calibration=windows, progress=False)
+    assert all(loss_at(budget) < loss for budget, loss in before_loss.items())
+    at_20, at_60 = ranks_for(model, 0.2), ranks_for(model, 0.6)
+    for name, m in elastic_modules(model).items():
+        main, anchor = before[name]
+        assert torch.equal(m.A, main) == (at_20[name] is None), name  # the 20 % budget trains the main factors
+        assert torch.equal(m.anchor_A[0], anchor) == (at_60[name] is None), name  # the 60 % budget its anchor's
+    compress.set_budget(model, 0.3)
 
 
 def test_several_anchors_each_serve_their_budget_up_to_the_next():

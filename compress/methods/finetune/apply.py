@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 
 from ...elastic import elastic_modules
-from ...errors import CompressError
 from ...registry import register_method
 from ..base import Method, TrainingSetup
 from .config import FinetuneConfig
@@ -27,8 +26,6 @@ def elastic_loss(model, elastic):
     from ...elastic import ranks_for, select, selections
     from ...training import SeparateLosses
 
-    if any(m.anchor_budgets for m in elastic_modules(model).values()):
-        raise CompressError("elastic healing of an anchored checkpoint (elastic.fit: anchored) is not supported")
     before = selections(model)
     allocations = [ranks_for(model, budget) for budget in elastic.budgets]  # once: the curves do not change
 
