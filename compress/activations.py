@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .distributed import shard, sum_, sum_number, world_size
+from .distributed import shard, share_with_all, sum_, sum_number
 from .errors import CompressError
 from .targets import layer_index
 from .utils import trim_heap
@@ -548,7 +548,9 @@ def _clock() -> float:
 
 
 class _IOCollector:
-    """Forward hooks that keep each targeted module's input and output tokens ([N, d] each)."""
+    """Forward hooks that keep each targeted module's input and output tokens ([N, d] each). Several processes:
+    each sees its share of the windows, and every process gets all of them, in window order (the fits that read
+    them then see what one process would)."""
 
     mode = "current"
 
@@ -569,10 +571,10 @@ class _IOCollector:
         self._handles.clear()
 
     def _hook(self, name: str):
-        def keep(module, args, output):
+        def keep(module, args, output):  # [windows, tokens, features]
             x = args[0]
-            self.seen[name][0].append(x.detach().reshape(-1, x.shape[-1]))
-            self.seen[name][1].append(output.detach().reshape(-1, output.shape[-1]))
+            self.seen[name][0].append(x.detach().reshape(x.shape[0], -1, x.shape[-1]))
+            self.seen[name][1].append(output.detach().reshape(output.shape[0], -1, output.shape[-1]))
 
         return keep
 
@@ -580,11 +582,12 @@ class _IOCollector:
         pass
 
     def results(self) -> dict[str, dict]:
-        return {
-            name: {"inputs": torch.cat(xs), "outputs": torch.cat(ys), "tokens": sum(x.shape[0] for x in xs)}
-            for name, (xs, ys) in self.seen.items()
-            if xs
-        }
+        results = {}
+        for name, (xs, ys) in self.seen.items():
+            if xs:
+                inputs, outputs = (share_with_all(torch.cat(t)).flatten(0, 1) for t in (xs, ys))
+                results[name] = {"inputs": inputs, "outputs": outputs, "tokens": inputs.shape[0]}
+        return results
 
 
 LayerTrainer = Callable[[int, nn.Module, list, list, dict], None]
@@ -649,8 +652,6 @@ def calibrate_sequentially(
         raise CompressError("sub-layer calibration needs sequential calibration")
     if variants and not sequential:
         raise CompressError("calibrating on several variants of the model needs sequential calibration")
-    if statistics == "io" and world_size() > 1:
-        raise CompressError("module input/output capture (factorllm's router fit) runs in one process only")
     windows = shard(windows)  # this process's share; the statistics are summed over processes
     prefix, layers = decoder_layers(model, modules)
     by_layer: dict[int, dict[str, nn.Module]] = {}

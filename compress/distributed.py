@@ -115,9 +115,22 @@ def gather_shares(share: torch.Tensor) -> torch.Tensor | None:
         return share
     parts = [None] * world_size() if is_main() else None
     torch.distributed.gather_object(share.cpu(), parts, dst=0)
-    if not is_main():
-        return None
-    whole = share.new_empty((sum(len(p) for p in parts), *share.shape[1:]), device="cpu")
+    return _in_window_order(parts) if is_main() else None
+
+
+def share_with_all(share: torch.Tensor) -> torch.Tensor:
+    """Every process's :func:`shard` of some windows' tensor, reassembled in window order on every process (on
+    ``share``'s device): what one process would hold for all the windows."""
+    if world_size() == 1:
+        return share
+    parts = [None] * world_size()
+    torch.distributed.all_gather_object(parts, share.cpu())
+    return _in_window_order(parts).to(share.device)
+
+
+def _in_window_order(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Process r's part holds windows r, r + world_size, ...: interleave them back."""
+    whole = parts[0].new_empty((sum(len(p) for p in parts), *parts[0].shape[1:]), device="cpu")
     for r, part in enumerate(parts):
-        whole[r :: world_size()] = part
+        whole[r :: len(parts)] = part
     return whole

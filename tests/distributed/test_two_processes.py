@@ -37,6 +37,23 @@ ELASTIC_RECIPE = {
         {**RECIPE["stages"][1], "lr": 1e-2, "elastic": {"budgets": [0.2, 0.4], "rule": "sum"}},
     ],
 }
+# FactorLLM's split and router fit read every FFN input and output: each process gets all the windows' tokens
+FACTORLLM_RECIPE = {
+    **RECIPE,
+    "name": "tiny-two-processes-factorllm",
+    "stages": [
+        {
+            "method": "factorllm",
+            "experts": 4,
+            "top_k": 2,
+            "cluster_tokens": 64,
+            "router_fit": "least_squares",
+            "router_fit_windows": 8,
+            "calibration_batch_size": 2,
+            "train": {"steps": 3, "lr": 1e-3, "batch_size": 2},
+        }
+    ],
+}
 
 
 def _run(command, tmp_path):
@@ -47,7 +64,9 @@ def _run(command, tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("spec", [RECIPE, ELASTIC_RECIPE], ids=["lowrank-finetune", "elastic-healing"])
+@pytest.mark.parametrize(
+    "spec", [RECIPE, ELASTIC_RECIPE, FACTORLLM_RECIPE], ids=["lowrank-finetune", "elastic-healing", "factorllm"]
+)
 def test_two_processes_give_the_model_one_process_gives(tmp_path, smol_tokenizer, spec):
     folder = tmp_path / "tiny"
     save_folder(make_tiny_llama(vocab_size=len(smol_tokenizer)), smol_tokenizer, folder)
@@ -80,9 +99,15 @@ def test_two_processes_give_the_model_one_process_gives(tmp_path, smol_tokenizer
     for key in ("eval_compressed", "eval_dense"):
         a, b = single[key]["perplexity"]["perplexity"], double[key]["perplexity"]["perplexity"]
         assert b == pytest.approx(a, rel=0.002), key
-    assert [r["rank"] for r in single["stages"][0]["rows"]] == [r["rank"] for r in double["stages"][0]["rows"]]
+    # the same ranks; FactorLLM's router fit scored on the same tokens (every window's, in every process)
+    fitted = [
+        [(r.get("rank"), r.get("agreement"), r.get("route_loss")) for r in run["stages"][0]["rows"]]
+        for run in (single, double)
+    ]
+    assert fitted[0] == fitted[1]
     # one schedule step per optimiser step in every process (accelerate's prepared scheduler would take two)
-    lr_one, lr_two = (run["stages"][1]["summary"]["mean_lr"] for run in (single, double))
+    trained = (run["stages"][-1]["summary"] for run in (single, double))  # a finetune stage, or a train: block
+    lr_one, lr_two = (summary.get("training", summary)["mean_lr"] for summary in trained)
     assert lr_two == pytest.approx(lr_one, rel=1e-9)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".one", ".two"))]  # one writer, no leftovers
 
