@@ -426,7 +426,13 @@ def render(data: dict) -> str:
         if timed:
             lines += ["", "Compression time: " + ", ".join(f"{label} {t:.0f} s" for label, t in timed) + "."]
     lines += anchored_table(cells, MODEL, data.get("anchored_resize", []), note=data.get("anchored_note", ""))
-    lines += healing_table(cells, MODEL, note="The elastic rows were measured when checkpoints kept 257-point curves.")
+    lines += healing_table(
+        cells,
+        MODEL,
+        note="The sampled-budget and `before` rows were measured when checkpoints kept 257-point curves; the summed "
+        "row with the curves at every rank and each budget backpropagated on its own, on 2026-12-05 beside other "
+        "jobs (the others on 2026-12-03): training seconds compare only within a day.",
+    )
     lines += switching_table(data.get("switching"))
     for model, measured in data.get("models", {}).items():
         lines += ["", f"## {MODEL_NAMES.get(model, model)}", "", SECOND_MODEL_TEXT, ""]

@@ -106,8 +106,13 @@ def with_overrides(recipe_path: Path, overrides: list[str], folder: Path) -> Pat
     return changed
 
 
+def run_folder(recipe: str, model: str, tag: str) -> str:
+    """Where a run writes its folder, relative to the checkout."""
+    return "runs/bench/" + re.sub(r"[^\w.-]+", "_", f"{recipe}-{model}-{tag}")
+
+
 def run_recipe(recipe: str, model: str, tag: str, threads: int, overrides: list[str]) -> dict:
-    out = ROOT / "runs" / "bench" / re.sub(r"[^\w.-]+", "_", f"{recipe}-{model}-{tag}")
+    out = ROOT / run_folder(recipe, model, tag)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     recipe_path = with_overrides(ROOT / "recipes" / f"{recipe}.yaml", overrides, out)
     command = [
@@ -458,6 +463,8 @@ def merge(roots: list[Path]) -> dict:
     for root in roots:
         for key, cell in load_cells(root / "bench" / "results" / "recipe_runs.json").items():
             folder = root / cell["folder"]
+            if cell["folder"] != run_folder(cell["recipe"], cell["model"], cell["tag"]):
+                continue  # a cell given another tag after its run: its folder now holds the run under its old tag
             if not (folder / "report.json").is_file():
                 print(f"{root}: {key} has no run folder there (a copy of another store's cell): skipped")
                 continue
