@@ -27,6 +27,7 @@ accumulator, so each distinct covariance is computed once.
 from __future__ import annotations
 
 import contextlib
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from torch import nn
 
 from .distributed import shard, share_with_all, sum_, sum_number
 from .errors import CompressError
+from .offload import Activations
 from .targets import layer_index
 from .utils import trim_heap
 
@@ -170,7 +172,7 @@ class _Collector:
         # sub-layer calibration: modules that share one input (q/k/v), in call order; the layer call stops at
         # the first one's input, which is all of theirs (the others' inputs are never computed)
         self.group = group or []
-        self.kept: dict[str, list] | None = None  # when set: the group's input per call, by stream
+        self.kept: defaultdict | None = None  # when set: the group's input per call, by stream
         self.keep_stream: str | None = "current"  # the stream the current-mode calls belong to (None: not kept)
         self.want_cross, self.want_dense_cov = want_cross, want_dense_cov
         self.slots: list[dict[str, InputStats]] = [{}]  # one per stream whose statistics are kept apart
@@ -202,7 +204,7 @@ class _Collector:
 
     def _keep(self, stream: str, name: str, x: torch.Tensor) -> None:
         if self.kept is not None and self.group and name == self.group[0]:
-            self.kept.setdefault(stream, []).append(x.detach())
+            self.kept[stream].append(x.detach())
 
     def _stop_here(self, name: str) -> None:
         if self.group and name == self.group[0]:
@@ -283,9 +285,9 @@ class _FinishedBlocks:
     is its last module's (the attention's is o_proj's) is not even run once more: the pass that calibrates
     that module keeps its inputs, and once it is replaced the block's outputs are the module applied to them
     (:meth:`ending_in`, :meth:`record_from_inputs`). Costs one hidden-state tensor per stream and batch while
-    the layer is calibrated; the results are the same bits."""
+    the layer is calibrated (held where ``activations`` holds the streams); the results are the same bits."""
 
-    def __init__(self, layer: nn.Module, local: str, probe: LayerProbe):
+    def __init__(self, layer: nn.Module, local: str, probe: LayerProbe, activations: Activations):
         self.final_after: dict[str, int] = {}  # child -> the group after whose replacement it is final
         for child, _ in layer.named_children():
             inside = [
@@ -298,8 +300,8 @@ class _FinishedBlocks:
             for child, (name, arity) in probe.terminal.items()
             if child in self.final_after and name in probe.groups[self.final_after[child]]
         }
-        self.local = local
-        self.outputs: dict[tuple, object] = {}
+        self.local, self.activations = local, activations
+        self.outputs: dict[tuple, object] = {}  # (block, stream, batch) -> its output, as activations holds it
         self.group = 0  # the pass being run: group index, len(groups) for the layer's final pass
 
     def ending_in(self, group: int) -> list[tuple[str, str, int]]:
@@ -315,7 +317,11 @@ class _FinishedBlocks:
             inputs[b] = None
             y = module(x)
             del x
-            self.outputs[(child, stream, b)] = (y, *[None] * (arity - 1)) if arity else y
+            self.outputs[(child, stream, b)] = self.activations.hold((y, *[None] * (arity - 1)) if arity else y)
+
+    def _record(self, key: tuple, output) -> None:
+        if key not in self.outputs:
+            self.outputs[key] = self.activations.hold(_copied(output))
 
     @contextlib.contextmanager
     def running(self, layer: nn.Module, stream, batch: int, dense: bool = False, record: bool = True):
@@ -328,12 +334,10 @@ class _FinishedBlocks:
             key = (child, stream, batch)
             module = getattr(layer, child)
             if key in self.outputs:
-                setattr(layer, child, _Replay(self.outputs[key]))
+                setattr(layer, child, _Replay(self.activations.load(self.outputs[key])))
                 swapped.append((child, module))
             elif record:
-                handles.append(
-                    module.register_forward_hook(lambda m, a, out, key=key: self.outputs.setdefault(key, _copied(out)))
-                )
+                handles.append(module.register_forward_hook(lambda m, a, out, key=key: self._record(key, out)))
         try:
             yield
         finally:
@@ -613,6 +617,7 @@ def calibrate_sequentially(
     statistics_dtype: torch.dtype = torch.float64,
     variants: list[Callable[[], contextlib.AbstractContextManager]] = (),
     pool_variants: bool = True,
+    activations: Activations | None = None,
 ) -> EngineReport:
     """Walk decoder layers in order; call ``on_layer(index, {name: module}, {name: stats})`` per layer
     (per group of modules sharing an input, in call order, with ``sublayer``).
@@ -639,7 +644,8 @@ def calibrate_sequentially(
     an elastic model at another budget); each variant keeps its own stream through the already-compressed
     layers, and its passes add to the same statistics as the main stream's, or with ``pool_variants=False``
     to statistics of its own: ``stats[name]["variants"][j]`` (variant j's, same keys; every variant shares the
-    dense stream's inputs).
+    dense stream's inputs). ``activations``: where the streams and the other per-batch hidden states are held
+    (:class:`compress.offload.Activations`; default: on the device, plain lists).
     """
     import copy
     import time
@@ -664,21 +670,27 @@ def calibrate_sequentially(
     report = EngineReport(tokens=int(sum_number(windows.numel())))  # every process's share
     report.note_peak("before the layers")  # loading, planning
     two_streams = sequential and (cross or dense_cov)
+    held = activations or Activations("device")
     with torch.no_grad():
-        current, kwargs_by_kind = capture_layer0_inputs(model, layers, windows, batch_size)
-        if stream_dtype is not None:
-            current = [h.to(stream_dtype) for h in current]
+        captured, kwargs_by_kind = capture_layer0_inputs(model, layers, windows, batch_size)
+        current = held.new(h if stream_dtype is None else h.to(stream_dtype) for h in captured)
+        del captured
         kinds = layer_kinds(model, layers)
-        dense = list(current) if two_streams else None
-        others = [list(current) for _ in variants]  # one stream per variant (nothing compressed yet: equal)
+        dense = held.new(current) if two_streams else None
+        others = [held.new(current) for _ in variants]  # one stream per variant (nothing compressed yet: equal)
         first = getattr(store, "layers_done", 0)
         if first:  # a resumed run: the streams as they entered its first unfinished layer
-            current, dense, *others = store.resumed_streams(current, [True, dense is not None, *[True] * len(others)])
+            saved = store.resumed_streams(current, [True, dense is not None, *[True] * len(others)])
+            current, dense, *others = [None if stream is None else held.new(stream) for stream in saved]
+            del saved
+
+        def run_all(layer, stream, kwargs_list):  # the stream's batches through the whole layer
+            return held.new(run_layer(layer, h, kw) for h, kw in zip(stream, kwargs_list))
 
         def advance(layer, kwargs_list, blocks=None):  # every variant's stream through the (compressed) layer
             for j, (variant, stream) in enumerate(zip(variants, others)):
                 with variant():
-                    stream[:] = _run_final(layer, stream, kwargs_list, blocks, ("variant", j))
+                    stream[:] = _run_final(layer, stream, kwargs_list, blocks, ("variant", j), held)
 
         for i in progress_iter(range(first, last + 1), description, progress, total=last + 1 - first):
             start = time.perf_counter()
@@ -692,9 +704,9 @@ def calibrate_sequentially(
             if targeted is None:  # nothing to compress here: just carry the stream(s) forward
                 if i < last_targeted:
                     with report.timed("forward"):
-                        current = [run_layer(layer, h, kw) for h, kw in zip(current, kwargs_list)]
+                        current = run_all(layer, current, kwargs_list)
                         if dense is not None:
-                            dense = [run_layer(layer, h, kw) for h, kw in zip(dense, kwargs_list)]
+                            dense = run_all(layer, dense, kwargs_list)
                         advance(layer, kwargs_list)
                 if store is not None:
                     with report.timed("write"):
@@ -704,13 +716,13 @@ def calibrate_sequentially(
             if sublayer:
                 if train_layer is not None:  # the dense layer's outputs, before any group is replaced
                     with report.timed("forward"):
-                        targets = [run_layer(layer, h, kw) for h, kw in zip(current, kwargs_list)]
+                        targets = run_all(layer, current, kwargs_list)
                 probe = probe_layer(layer, targeted, current[0], kwargs_list[0])
                 groups = probe.groups
                 # the dense stream needs the layer as it was, while its groups are being replaced
                 dense_layer = copy.deepcopy(layer) if dense is not None else None
                 local = f"{prefix}.{i}."
-                blocks = _FinishedBlocks(layer, local, probe)
+                blocks = _FinishedBlocks(layer, local, probe, held)
                 for g, group in enumerate(groups):
                     blocks.group = g
                     last_group = g == len(groups) - 1  # its dense pass runs the layer whole: the next dense stream
@@ -719,7 +731,7 @@ def calibrate_sequentially(
                         if dense_layer is None
                         else {name: dense_layer.get_submodule(name.removeprefix(local)) for name in group}
                     )
-                    kept = {} if blocks.ending_in(g) else None  # the group's inputs, by stream
+                    kept = defaultdict(held.new) if blocks.ending_in(g) else None  # the group's inputs, by stream
                     stats, _, dense_outputs = _collect(
                         i,
                         layer,
@@ -740,6 +752,7 @@ def calibrate_sequentially(
                         blocks=blocks,
                         dense_to_end=last_group,
                         keep=kept,
+                        activations=held,
                     )
                     with report.timed("factorise"):
                         on_layer(i, {name: targeted[name] for name in group}, stats)
@@ -755,7 +768,7 @@ def calibrate_sequentially(
                 blocks.group = len(groups)
                 final = None if train_layer is not None else blocks  # trained blocks give other outputs now
                 with report.timed("forward"):
-                    current = _run_final(layer, current, kwargs_list, final, "current")
+                    current = _run_final(layer, current, kwargs_list, final, "current", held)
                     if dense is not None:
                         dense = dense_outputs
                     advance(layer, kwargs_list, final)
@@ -778,6 +791,7 @@ def calibrate_sequentially(
                     # the dense layer's outputs serve as training targets or as the next inputs; a sequential
                     # walk without training recomputes them compressed, so they are not kept (a stream's size)
                     keep_outputs=train_layer is not None or not sequential,
+                    activations=held,
                 )
                 with report.timed("factorise"):
                     on_layer(i, targeted, stats)
@@ -787,7 +801,7 @@ def calibrate_sequentially(
                         train_layer(i, layer, current, outputs, kwargs_list[0])
                 if sequential:
                     with report.timed("forward"):
-                        current = [run_layer(layer, h, kw) for h, kw in zip(current, kwargs_list)]
+                        current = run_all(layer, current, kwargs_list)
                         advance(layer, kwargs_list)
                     if dense is not None:
                         dense = next_dense
@@ -802,13 +816,11 @@ def calibrate_sequentially(
     return report
 
 
-def _run_final(layer, stream: list, kwargs_list: list, blocks: _FinishedBlocks | None, name) -> list:
+def _run_final(layer, stream, kwargs_list: list, blocks: _FinishedBlocks | None, name, held: Activations):
     """The stream's batches through the whole layer (its recorded final blocks handed back, when given)."""
-    if blocks is None:
-        return [run_layer(layer, h, kw) for h, kw in zip(stream, kwargs_list)]
-    outputs = []
+    outputs = held.new()
     for b, (h, kw) in enumerate(zip(stream, kwargs_list)):
-        with blocks.running(layer, name, b, record=False):
+        with contextlib.nullcontext() if blocks is None else blocks.running(layer, name, b, record=False):
             outputs.append(run_layer(layer, h, kw))
     return outputs
 
@@ -833,15 +845,18 @@ def _collect(
     statistics_dtype: torch.dtype = torch.float64,
     blocks: _FinishedBlocks | None = None,
     dense_to_end: bool = False,
-    keep: dict | None = None,
+    keep: defaultdict | None = None,
     keep_outputs: bool = True,
+    activations: Activations | None = None,
 ):
     """One pass of the layer over every batch with hooks on ``targeted``: their normalised input
     statistics, and (without ``group``: the modules sharing one input, where the pass stops) the layer's
     outputs on both streams (with ``dense_to_end``, the dense stream's outputs whatever ``group``).
-    ``blocks``: the layer's final blocks, handed back. ``keep`` (a dict): filled with the group's input per
-    batch, by stream (``current``, and ``dense`` when its pass stops). Without ``keep_outputs`` the current
-    stream's outputs are None (not held while the layer is factorised)."""
+    ``blocks``: the layer's final blocks, handed back. ``keep`` (a defaultdict of lists): filled with the group's
+    input per batch, by stream (``current``, and ``dense`` when its pass stops). Without ``keep_outputs`` the
+    current stream's outputs are None (not held while the layer is factorised). The outputs are held in
+    ``activations``."""
+    held = activations or Activations("device")
 
     def running(model, stream, b, dense=False):
         if blocks is None:
@@ -850,7 +865,7 @@ def _collect(
 
     if statistics == "none":
         with report.timed("forward"):
-            outputs = [_run_until_stop(layer, h, kw) for h, kw in zip(current, kwargs_list)]
+            outputs = held.new(_run_until_stop(layer, h, kw) for h, kw in zip(current, kwargs_list))
         report.passes += len(kwargs_list)
         return {name: None for name in targeted}, outputs, []
     if statistics == "io":
@@ -868,7 +883,7 @@ def _collect(
             collector.slots += [{} for _ in variants]
         collector.dense_to_end = dense_to_end
         collector.kept = keep
-    outputs, next_dense = [], []
+    outputs, next_dense = held.new(), held.new()
     start = _clock()
     with collector:
         for b, kw in enumerate(kwargs_list):
@@ -1004,6 +1019,9 @@ class ResidentLayers:
     def leave(self, index: int, streams=None) -> None:
         pass
 
+    def without_outside(self):
+        return contextlib.nullcontext()
+
 
 def sensitivity_walk(
     model: nn.Module,
@@ -1050,36 +1068,42 @@ def sensitivity_walk(
         del hidden
         lowest = min(layer_index(name) for name in modules)  # no gradient is needed below it
         walk = reversed(range(lowest, len(layers)))
-        for i in progress_iter(walk, "sensitivity: backward", progress, total=len(layers) - lowest):
-            local = {n: m for n, m in modules.items() if n.startswith(f"{prefix}.{i}.")}
-            store.enter(i)
-            inputs = torch.load(spill / f"{i}.pt")
-            sums, counts = {name: None for name in local}, {name: 0 for name in local}
-            handles = [m.register_forward_hook(_fisher_hook(n, sums, counts)) for n, m in local.items()]
-            collector = None
-            if statistics and local:
-                collector = _Collector(local, want_cross=False, want_dense_cov=False, product_dtype=statistics_dtype)
-            try:
-                with collector or contextlib.nullcontext(), torch.enable_grad():
-                    for b, x in enumerate(inputs):
-                        if collector is not None:
-                            collector.new_call()
-                        x = x.detach().requires_grad_(True)
-                        out = run_layer(layers[i], x, kwargs[kinds[i]][b])
-                        grads[b] = torch.autograd.grad(out, x, grad_outputs=grads[b])[0]
-            finally:
-                for handle in handles:
-                    handle.remove()
-            if local:  # while the layer is read: on_layer may use its weights
-                missing = [n for n, s in sums.items() if s is None]
-                if missing:
-                    raise CompressError(f"sensitivity: no gradient reached {missing[:3]}")
-                fisher = {name: sum_(sums[name]) / sum_number(counts[name]) for name in local}
-                stats = None if collector is None else _normalised(collector, local, i)
-                on_layer(i, local, stats, fisher)
-                del stats
-                trim_heap()
-            store.leave(i)
+        # the tail's gradient is taken: the embedding and head wait on disk (a streamed model) until the walk ends
+        with store.without_outside():
+            for i in progress_iter(walk, "sensitivity: backward", progress, total=len(layers) - lowest):
+                local = {n: m for n, m in modules.items() if n.startswith(f"{prefix}.{i}.")}
+                store.enter(i)
+                inputs = torch.load(spill / f"{i}.pt")
+                sums, counts = {name: None for name in local}, {name: 0 for name in local}
+                handles = [m.register_forward_hook(_fisher_hook(n, sums, counts)) for n, m in local.items()]
+                collector = None
+                if statistics and local:
+                    collector = _Collector(
+                        local, want_cross=False, want_dense_cov=False, product_dtype=statistics_dtype
+                    )
+                try:
+                    with collector or contextlib.nullcontext(), torch.enable_grad():
+                        for b, x in enumerate(inputs):
+                            if collector is not None:
+                                collector.new_call()
+                            x = x.detach().requires_grad_(True)
+                            out = run_layer(layers[i], x, kwargs[kinds[i]][b])
+                            grads[b] = torch.autograd.grad(out, x, grad_outputs=grads[b])[0]
+                            del out
+                            trim_heap()  # the batch's graph, freed: glibc would keep it resident for the next
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                if local:  # while the layer is read: on_layer may use its weights
+                    missing = [n for n, s in sums.items() if s is None]
+                    if missing:
+                        raise CompressError(f"sensitivity: no gradient reached {missing[:3]}")
+                    fisher = {name: sum_(sums[name]) / sum_number(counts[name]) for name in local}
+                    stats = None if collector is None else _normalised(collector, local, i)
+                    on_layer(i, local, stats, fisher)
+                    del stats
+                    trim_heap()
+                store.leave(i)
     model.train(was_training)
 
 

@@ -102,6 +102,15 @@ def sum_number(value: float) -> float:
     return float(sum_(torch.tensor([value], dtype=torch.float64)).item())
 
 
+def most(value: int) -> int:
+    """The largest of every process's ``value``."""
+    if world_size() == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.int64, device=device())
+    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MAX)
+    return int(total.item())
+
+
 def barrier() -> None:
     """Wait until every process gets here (e.g. until the main one has written what the others read)."""
     if world_size() > 1:

@@ -88,6 +88,20 @@ def _engine_options(calibration) -> dict:
     }
 
 
+def _activations(model: nn.Module, windows: torch.Tensor, ctx: StageContext):
+    """Where the layer walk holds its hidden states: the recipe's place, or (auto) the one they fit in."""
+    from .distributed import world_size
+    from .offload import Activations, choose_place
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    dtype = ctx.activation_dtype or torch.float32
+    share = -(-windows.numel() // world_size())  # this process's tokens
+    stream_bytes = share * config.hidden_size * torch.empty(0, dtype=dtype).element_size()
+    store = ctx.layer_store  # a streamed model's parameters are on the meta device until read
+    device = store.stream.device if store is not None else next(model.parameters()).device
+    return Activations(choose_place(ctx.activation_storage, stream_bytes, device), device)
+
+
 def _running_as(model: nn.Module, selection: dict, made: list[str]):
     """A context manager factory: while open, the modules replaced so far (``made``, which grows) serve the
     ranks of ``selection`` (an elastic model at another budget); their own selections come back after."""
@@ -172,22 +186,25 @@ def _apply_layers(model: nn.Module, method: Method, config, ctx: StageContext, w
                     )
 
         windows = planner.windows(calibration.windows)
-        report = calibrate_sequentially(
-            model,
-            chosen,
-            windows,
-            on_layer,
-            train_layer=train_layer,
-            progress=ctx.progress,
-            description=f"{method.name}: layers",
-            store=ctx.layer_store,
-            stream_dtype=ctx.activation_dtype,
-            statistics_dtype=ctx.statistics_dtype,
-            variants=[_running_as(model, selection, made) for selection in plan.stream_selections],
-            pool_variants=plan.streams_pooled,
-            **_engine_options(calibration),
-        )
+        with _activations(model, windows, ctx) as held:
+            report = calibrate_sequentially(
+                model,
+                chosen,
+                windows,
+                on_layer,
+                train_layer=train_layer,
+                progress=ctx.progress,
+                description=f"{method.name}: layers",
+                store=ctx.layer_store,
+                stream_dtype=ctx.activation_dtype,
+                statistics_dtype=ctx.statistics_dtype,
+                variants=[_running_as(model, selection, made) for selection in plan.stream_selections],
+                pool_variants=plan.streams_pooled,
+                activations=held,
+                **_engine_options(calibration),
+            )
         result.summary["calibration"] = {
+            "activations": held.place,
             "layers": report.layers_calibrated,
             "tokens": report.tokens,
             "layer_seconds_total": sum(report.layer_seconds),

@@ -85,6 +85,14 @@ class CalibrationConfig(_Strict):
         description="the dtype the calibration windows' hidden states are held in between layers (half the "
         "memory in bf16; each layer still computes in float32); auto: bfloat16 on a GPU, float32 on CPU",
     )
+    activation_storage: Literal["auto", "device", "cpu", "disk"] = Field(
+        "auto",
+        description="where the layer walk holds the calibration windows' hidden states (each stream, a layer's "
+        "dense outputs, a sub-layer pass's kept inputs): device = where the layers compute; cpu = host memory "
+        "(from a GPU); disk = files in the temporary folder (TMPDIR), read back batch by batch: memory then holds "
+        "one batch of them. The same model whatever the place. auto: the device when 8 streams' worth fit in "
+        "half its free memory, else host memory, else disk",
+    )
     statistics_dtype: Literal["float64", "float32"] = Field(
         "float64",
         description="the dtype of each batch's input products (x x^T, and the dense-target cross products); "

@@ -10,6 +10,7 @@ head). The shards may hold tensors in any order: the index maps every name to it
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -227,19 +228,18 @@ class StreamedLayers:
             if writer is not None:
                 writer.weight_map, writer.total_size = saved["weight_map"], saved["total_size"]
 
-    def resumed_streams(self, captured: list[torch.Tensor], present: list[bool]) -> list:
+    def resumed_streams(self, captured, present: list[bool]) -> list:
         """The saved streams entering the first unfinished layer (the engine's current, dense and variant
-        streams; ``present``: which it keeps), each as this process's share of the windows split into batches
-        like ``captured`` (its freshly captured layer-0 inputs); None for a stream it does not keep."""
-        from .distributed import shard
-
+        streams; ``present``: which it keeps), each an iterator over this process's share of the windows split
+        into batches like ``captured`` (its freshly captured layer-0 inputs), reading one saved chunk at a time;
+        None for a stream it does not keep."""
+        saved = list(self._saved_streams)
+        if len(saved) != len(present) or any(kept != (chunks is not None) for kept, chunks in zip(present, saved)):
+            raise CompressError("the saved calibration streams do not match this run's")
         sizes = [len(batch) for batch in captured]
         like = captured[0]
-        saved = list(self._saved_streams)
-        if len(saved) != len(present) or any(kept != (whole is not None) for kept, whole in zip(present, saved)):
-            raise CompressError("the saved calibration streams do not match this run's")
         return [
-            None if whole is None else list(shard(whole).to(like.device, like.dtype).split(sizes)) for whole in saved
+            None if chunks is None else _share_in_batches(self.state.parent, chunks, sizes, like) for chunks in saved
         ]
 
     def enter(self, index: int) -> None:
@@ -251,7 +251,7 @@ class StreamedLayers:
         self.done[name] = {"spec": module.spec(), "info": dict(info)}
 
     def leave(self, index: int, streams=None) -> None:
-        from .distributed import gather_shares
+        from .distributed import gather_shares, most
 
         prefix = f"{self.stream.layers_name}.{index}"
         if self.writer is not None:
@@ -260,15 +260,27 @@ class StreamedLayers:
         self.layers_done = index + 1
         if self.state is None:
             return
-        # every process takes part in the gathers; the main one saves
-        whole = [None if s is None else gather_shares(torch.cat(s)) for s in (streams or ())]
+        # every process takes part in the gathers; the main one saves each stream in chunks, one file per batch
+        # index: the batch of every process, in window order (the memory of a batch, wherever the stream is held)
+        self.state.parent.mkdir(parents=True, exist_ok=True)
+        saved_streams, files = [], set()
+        for k, held in enumerate(streams or ()):
+            chunks = None if held is None else []
+            for b in range(0 if held is None else most(len(held))):
+                part = held[b] if b < len(held) else held[0][:0]  # a process with fewer batches adds nothing
+                chunk = gather_shares(part.cpu())
+                if chunk is not None:
+                    chunks.append(f"stream-{self.layers_done}-{k}-{b}.pt")
+                    torch.save(chunk, self.state.parent / chunks[-1])
+                del part, chunk
+            saved_streams.append(chunks)
+            files.update(chunks or ())
         if self.writer is None:
             return
-        self.state.parent.mkdir(parents=True, exist_ok=True)
         saved = {
             "key": self.key,
             "layers_done": self.layers_done,
-            "streams": whole,
+            "streams": saved_streams,
             "done": self.done,
             "weight_map": self.writer.weight_map,
             "total_size": self.writer.total_size,
@@ -276,6 +288,9 @@ class StreamedLayers:
         tmp = self.state.with_suffix(".tmp")
         torch.save(saved, tmp)
         tmp.replace(self.state)
+        for old in self.state.parent.glob("stream-*.pt"):  # the previous layer's, once the state names the new
+            if old.name not in files:
+                old.unlink()
 
     def reading(self) -> ReadLayers:
         """The same layers for a pass that reads them and changes nothing (a plan's pre-pass)."""
@@ -294,6 +309,24 @@ class StreamedLayers:
             shutil.rmtree(self.state.parent, ignore_errors=True)
 
 
+def _share_in_batches(folder: Path, chunks: list[str], sizes: list[int], like: torch.Tensor):
+    """This process's share of a saved stream (its chunks hold consecutive windows, in window order), in batches
+    of ``sizes`` windows like ``like`` (device, dtype): one chunk and at most a batch more in memory at a time."""
+    from .distributed import rank, world_size
+
+    size_of = iter(sizes)
+    wanted, first_window, pending = next(size_of, None), 0, []
+    for name in chunks:
+        chunk = torch.load(folder / name, weights_only=True, map_location="cpu")
+        pending.append(chunk[(rank() - first_window) % world_size() :: world_size()])  # windows rank, rank + W, ...
+        first_window += len(chunk)
+        del chunk
+        while wanted is not None and sum(len(part) for part in pending) >= wanted:
+            joined = torch.cat(pending)
+            yield joined[:wanted].to(like.device, like.dtype)
+            pending, wanted = [joined[wanted:]], next(size_of, None)
+
+
 class ReadLayers:
     """A layer store for a read-only pass: layer i is read before use and freed after."""
 
@@ -305,3 +338,12 @@ class ReadLayers:
 
     def leave(self, index: int, streams=None) -> None:
         self.stream.release(f"{self.stream.layers_name}.{index}")
+
+    @contextlib.contextmanager
+    def without_outside(self):
+        """While open, the parts outside the layers (embedding, head) are not held: read again at exit."""
+        self.stream.release_outside()
+        try:
+            yield
+        finally:
+            self.stream.materialise(skip_layers=True)

@@ -343,7 +343,7 @@ def train_layer(
 
     set_seed(training.seed)
     dtype = next(p.dtype for p in layer.parameters() if p.is_floating_point())  # streams may be held in bf16
-    hidden, wanted = torch.cat(inputs).to(dtype), torch.cat(targets).to(dtype)
+    hidden, wanted = torch.cat(list(inputs)).to(dtype), torch.cat(list(targets)).to(dtype)  # every window trains
     kw = single_window_kwargs(kwargs, inputs[0].shape[0])
 
     def forward(module, index):

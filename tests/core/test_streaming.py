@@ -267,24 +267,29 @@ def test_a_killed_streamed_run_resumes_to_the_same_checkpoint(tmp_path, smol_tok
         "eval": {"tasks": [], "perplexity_windows": 1, "seq_len": 64},
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    run = ["run", str(tmp_path / "r.yaml"), str(source), "--quiet"]
+    # the killed run holds its hidden states on disk (the whole run: in memory): its saved streams come back
+    # into files, and the result is the same either way
+    on_disk = {**recipe, "calibration": {**recipe["calibration"], "activation_storage": "disk"}}
+    (tmp_path / "disk.yaml").write_text(yaml.safe_dump(on_disk))
     # Every run is a process with the same thread count: a float sum split over another number of threads
     # rounds differently, and the checkpoints are compared bit for bit.
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    cli = [sys.executable, "-m", "compress", *run]
+    cli = [sys.executable, "-m", "compress", "run", str(tmp_path / "r.yaml"), str(source), "--quiet"]
     subprocess.run([*cli, "--out", str(tmp_path / "whole")], env=env, check=True)
 
     out = tmp_path / "killed"
+    cli[4] = str(tmp_path / "disk.yaml")
     done = kill_after_layers(cli, out, 2, env=env)
     assert 2 <= done < 8 and not out.exists()
 
     other = tmp_path / "other.yaml"
-    other.write_text(yaml.safe_dump({**recipe, "calibration": {"samples": 12, "seq_len": 64}}))
+    other.write_text(yaml.safe_dump({**on_disk, "calibration": {"samples": 12, "seq_len": 64}}))
     assert main(["run", str(other), str(source), "--quiet", "--out", str(out), "--resume"]) == 2  # another recipe
 
     subprocess.run([*cli, "--out", str(out), "--resume"], env=env, check=True)
     report = json.loads((out / "report.json").read_text())
     assert report["stages"][0]["summary"]["calibration"]["layers"] == 8 - done  # only the unfinished layers ran
+    assert report["stages"][0]["summary"]["calibration"]["activations"] == "disk"
     whole = json.loads((tmp_path / "whole" / "report.json").read_text())
     assert [r["rank"] for r in report["stages"][0]["rows"]] == [r["rank"] for r in whole["stages"][0]["rows"]]
     tensors = {}
@@ -295,3 +300,24 @@ def test_a_killed_streamed_run_resumes_to_the_same_checkpoint(tmp_path, smol_tok
     assert tensors["killed"].keys() == tensors["whole"].keys()
     assert all(torch.equal(tensors["killed"][k], tensors["whole"][k]) for k in tensors["whole"])
     assert not (tmp_path / ".killed.partial").exists()
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_a_saved_stream_is_read_back_as_each_process_share_in_its_batches(tmp_path, monkeypatch, processes):
+    from compress import distributed
+    from compress.streaming import _share_in_batches
+
+    windows = torch.arange(11.0)[:, None, None].expand(11, 4, 3).contiguous()  # window i holds i
+    chunks = []
+    for b, chunk in enumerate(windows.split([4, 4, 3])):  # consecutive windows, as a run with batches of 4 saved
+        torch.save(chunk.clone(), tmp_path / f"{b}.pt")
+        chunks.append(f"{b}.pt")
+    monkeypatch.setattr(distributed, "world_size", lambda: processes)
+    for rank in range(processes):
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        share = list(range(rank, 11, processes))  # shard(): every processes-th window from the rank
+        sizes = [len(part) for part in torch.tensor(share).split(2)]
+        like = torch.zeros(1, dtype=torch.bfloat16)
+        batches = list(_share_in_batches(tmp_path, chunks, sizes, like))
+        assert [len(batch) for batch in batches] == sizes and all(b.dtype == torch.bfloat16 for b in batches)
+        assert torch.cat(batches)[:, 0, 0].tolist() == share

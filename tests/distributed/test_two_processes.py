@@ -122,7 +122,10 @@ def test_two_processes_stream_the_model_one_process_streams_and_resume_its_kille
     model = make_tiny_llama(vocab_size=len(smol_tokenizer), hidden=256, intermediate=768, layers=8)
     save_folder(model, smol_tokenizer, folder)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({**RECIPE, "stages": RECIPE["stages"][:1]}))  # one stage: streamed
+    # one stage: streamed; 9 windows: one process has 3 batches of them, the other 2 (the saved streams gather
+    # each batch index of every process)
+    calibration = {**RECIPE["calibration"], "samples": 9}
+    recipe.write_text(yaml.safe_dump({**RECIPE, "stages": RECIPE["stages"][:1], "calibration": calibration}))
     run = ["compress", "run", str(recipe), str(folder), "--quiet"]
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
     _run([sys.executable, "-m", *run, "--out", str(one)], tmp_path)
