@@ -279,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .distributed import close as leave_processes
     from .distributed import init as init_processes
+    from .utils import map_large_allocations
 
+    map_large_allocations()  # freed activations leave the process instead of staying resident in the heap
     init_processes()  # a launch of several processes (torchrun / accelerate launch): join them
     finished = False
     on_main_thread = threading.current_thread() is threading.main_thread()

@@ -15,3 +15,39 @@ def test_a_child_process_reports_its_own_peak_not_its_parents():
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert child < 400 << 20  # the child imports torch (~300 MiB) but never holds 512 MiB
     del held
+
+
+LARGE_BLOCK = """
+import ctypes
+import sys
+
+import torch
+
+from compress.utils import map_large_allocations
+
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "mapped":
+    map_large_allocations()
+torch.ones(8 << 18)  # 8 MiB, freed at once: glibc's own threshold rises above the block below
+mapped = libc.mallinfo2().hblkhd
+block = torch.ones(6 << 18)  # 6 MiB, as a layer's activations
+print(libc.mallinfo2().hblkhd - mapped)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_large_blocks_get_their_own_mapping_which_freeing_returns():
+    def mapped_bytes(mode):
+        run = subprocess.run([sys.executable, "-c", LARGE_BLOCK, mode], capture_output=True, text=True, check=True)
+        return int(run.stdout)
+
+    assert mapped_bytes("mapped") >= 6 << 20  # its own mapping: unmapped, not kept, when freed
+    assert mapped_bytes("heap") == 0  # glibc's default after a larger free: from the heap, resident once freed
