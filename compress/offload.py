@@ -107,7 +107,9 @@ class OffloadedList(MutableSequence):
         return self._activations.load(self._items[index])
 
     def __setitem__(self, index, value) -> None:
-        if isinstance(index, slice):
+        if isinstance(index, slice) and isinstance(value, OffloadedList) and value._activations is self._activations:
+            self._items[index] = list(value._items)  # the same held items, not a copy of each
+        elif isinstance(index, slice):
             self._items[index] = [self._activations.hold(item) for item in value]
         else:
             self._items[index] = self._activations.hold(value)

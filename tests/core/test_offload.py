@@ -116,6 +116,10 @@ def test_an_offloaded_list_keeps_its_items_in_files_and_deletes_them_with_the_li
         assert len(list(folder.iterdir())) == 2
         stream[:] = [items[0]]
         assert len(stream) == 1 and len(list(folder.iterdir())) == 1
+        other = held.new(items)
+        stream[:] = other  # a list of the same placement shares its files, written once
+        assert len(stream) == 3 and len(list(folder.iterdir())) == 3
+        del other
         held_tuple = held.hold((items[2], None))
         assert torch.equal(held.load(held_tuple)[0], items[2]) and held.load(held_tuple)[1] is None
     assert not any(tmp_path.iterdir())
