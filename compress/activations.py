@@ -413,17 +413,24 @@ def stubbed_layers(layers: nn.ModuleList):
 
 
 def capture_layer0_inputs(
-    model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int
+    model: nn.Module,
+    layers: nn.ModuleList,
+    windows: torch.Tensor,
+    batch_size: int,
+    activations: Activations | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[list[torch.Tensor], dict]:
     """Hidden states entering ``layers[0]`` per batch, and the keyword arguments each layer kind is
     called with: ``{kind: [kwargs per batch]}`` (see :func:`layer_kinds`). The layers are replaced by
     stubs for the call, so no layer computes anything (their weights need not even be loaded) and the
-    forward stops at the first layer of the last kind."""
+    forward stops at the first layer of the last kind. The hidden states (in ``dtype``, when given) are a list
+    of ``activations``, which takes each batch's as it is captured (default: a plain list)."""
     kinds = layer_kinds(model, layers)
     first_of = {}
     for i, kind in enumerate(kinds):
         first_of.setdefault(kind, i)
     records: dict = {kind: [] for kind in first_of}
+    hidden = (activations or Activations("device")).new()
     device = _device(model)
     with stubbed_layers(layers) as stubs, torch.no_grad():
         for i, kind in enumerate(kinds):
@@ -434,10 +441,15 @@ def capture_layer0_inputs(
                 model(input_ids=batch.to(device), use_cache=False)
             except _StopForward:
                 pass
+            if len(records[kinds[0]]) == len(hidden) + 1:  # handed over at once: the records keep the kwargs
+                x = records[kinds[0]][-1][0]
+                hidden.append(x.detach() if dtype is None else x.detach().to(dtype))
+                for calls in records.values():
+                    calls[-1] = (None, calls[-1][1])
+                del x
     batches = len(windows.split(batch_size))
     if any(len(calls) != batches for calls in records.values()):
         raise CompressError("could not capture the inputs of decoder layer 0 (was it called?)")
-    hidden = [x.detach() for x, _ in records[kinds[0]]]
     return hidden, {kind: [dict(kwargs) for _, kwargs in calls] for kind, calls in records.items()}
 
 
@@ -672,9 +684,7 @@ def calibrate_sequentially(
     two_streams = sequential and (cross or dense_cov)
     held = activations or Activations("device")
     with torch.no_grad():
-        captured, kwargs_by_kind = capture_layer0_inputs(model, layers, windows, batch_size)
-        current = held.new(h if stream_dtype is None else h.to(stream_dtype) for h in captured)
-        del captured
+        current, kwargs_by_kind = capture_layer0_inputs(model, layers, windows, batch_size, held, stream_dtype)
         kinds = layer_kinds(model, layers)
         dense = held.new(current) if two_streams else None
         others = [held.new(current) for _ in variants]  # one stream per variant (nothing compressed yet: equal)
@@ -1060,6 +1070,7 @@ def sensitivity_walk(
                 torch.save(hidden, spill / f"{i}.pt")
                 hidden = [run_layer(layers[i], h, kw) for h, kw in zip(hidden, kwargs[kinds[i]])]
                 store.leave(i)
+                trim_heap()
         with stubbed_layers(layers) as stubs:  # the tail: d loss / d last layer's output
             grads = [
                 tail_loss_gradient(model, stubs, h, batch.to(h.device), TAIL_CHUNK_TOKENS)
