@@ -262,7 +262,8 @@ class StreamedLayers:
             return
         # every process takes part in the gathers; the main one saves each stream in chunks, one file per batch
         # index: the batch of every process, in window order (the memory of a batch, wherever the stream is held)
-        self.state.parent.mkdir(parents=True, exist_ok=True)
+        if self.writer is not None:
+            self.state.parent.mkdir(parents=True, exist_ok=True)
         saved_streams, files = [], set()
         for k, held in enumerate(streams or ()):
             chunks = None if held is None else []
