@@ -203,15 +203,21 @@ def recipe_for(recipe: str, model: str) -> dict:
     return {**body, "output": {**body["output"], "dtype": dtype}}
 
 
-def run_row(model: str, in_memory: bool, threads: int, device: str = "cpu", recipe: str = "whiten-20") -> dict:
+def run_row(
+    model: str, in_memory: bool, threads: int, device: str = "cpu", recipe: str = "whiten-20", activations: str = "auto"
+) -> dict:
     from compress.models import model_folder
 
     source = synthetic_checkpoint(model) if synthetic_base(model) else model_folder(model)
+    body = recipe_for(recipe, model)
+    if activations != "auto":  # where the layer walk holds its hidden states: a recipe of its own in the table
+        body["calibration"] = {**body["calibration"], "activation_storage": activations}
+        recipe = f"{recipe}-{activations}"
     tag = f"{model}-{'in-memory' if in_memory else 'streamed'}-{recipe}-{device}"
     out = ROOT / "runs" / "bench" / f"scale-{tag}"
     out.parent.mkdir(parents=True, exist_ok=True)
     recipe_file = out.parent / f"{out.name}.recipe.yaml"
-    recipe_file.write_text(yaml.safe_dump(recipe_for(recipe, model), sort_keys=False))
+    recipe_file.write_text(yaml.safe_dump(body, sort_keys=False))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     command = [sys.executable, "-m", "compress", "run", str(recipe_file), str(source), "--out", str(out)]
     command += ["--overwrite", "--quiet", "--device", device] + (["--in-memory"] if in_memory else [])
@@ -359,7 +365,8 @@ def render_other_rows(rows: list[dict]) -> list[str]:
         "the seconds per layer. `lowrank-20` = the shipped recipe's compression (dense-target whitening, "
         "sub-layer calibration, sensitivity allocation, 64 windows, float32 products) with this benchmark's "
         "evaluation; `whiten-20-f32` = this benchmark's recipe with `calibration.statistics_dtype: float32` (each "
-        "batch's input products in float32, summed in float64). Peak GPU = torch's most allocated at once; "
+        "batch's input products in float32, summed in float64); a `-disk` recipe holds the layer walk's hidden "
+        "states in files (`calibration.activation_storage: disk`). Peak GPU = torch's most allocated at once; "
         "phases as above.",
         "",
         "| model | recipe | device | layers calibrated | targeted params / layer | s / layer | compression s | "
@@ -392,6 +399,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--recipe", default="whiten-20", choices=["whiten-20", "whiten-20-f32", "lowrank-20"])
+    parser.add_argument(
+        "--activations",
+        default="auto",
+        choices=["auto", "device", "cpu", "disk"],
+        help="calibration.activation_storage (not auto: the row's recipe is named RECIPE-PLACE)",
+    )
     parser.add_argument("--paths", nargs="+", default=["streamed", "in-memory"], choices=["streamed", "in-memory"])
     parser.add_argument("--render", action="store_true")
     parser.add_argument("--change", default="", help="what changed since a re-measured row's last measurement")
@@ -400,7 +413,7 @@ def main() -> None:
     if not args.render:
         for model in args.models:
             for path in args.paths:
-                row = run_row(model, path == "in-memory", args.threads, args.device, args.recipe)
+                row = run_row(model, path == "in-memory", args.threads, args.device, args.recipe, args.activations)
                 row["change"] = args.change
                 old = next((r for r in rows if row_key(r) == row_key(row)), None)
                 if old is not None:  # the last measurement stays beside the new one (before / after)

@@ -1,0 +1,117 @@
+"""What mapping large allocations on their own costs and saves -> bench/results/heap_mapping.md (+ .json).
+
+`compress` gives every allocation of 4 MiB or more its own memory mapping (compress.utils.map_large_allocations),
+so a freed block leaves the process at once; glibc's default instead raises that threshold to the largest block
+freed so far, and mid-sized blocks then come from the heap and stay resident once freed. Each row is one
+`compress run` of a recipe, with glibc's default or with the mapping, in turns (default, mapped, default, mapped)
+so that the machine's drift hits both alike; compression wall time and peak RSS come from report.json.
+
+    python bench/heap_mapping.py [--recipe FILE] [--model MODEL] [--rounds N] [--threads T]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scale import RECIPE  # noqa: E402  the scale benchmark's whitening stage at 20 %: a minute or two on SmolLM2
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+STORE, MARKDOWN = RESULTS / "heap_mapping.json", RESULTS / "heap_mapping.md"
+
+# the CLI, with the mapping switched off for "default" (the run is otherwise the user's `compress run`)
+LAUNCH = """
+import sys
+import compress.utils
+if sys.argv[1] == "default":
+    compress.utils.map_large_allocations = lambda: None
+from compress.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def run_once(mode: str, recipe: Path, model: str, threads: int, out: Path) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    command = [sys.executable, "-c", LAUNCH, mode, "run", str(recipe), model, "--out", str(out)]
+    subprocess.run([*command, "--overwrite", "--quiet"], env=env, check=True, capture_output=True)
+    report = json.loads((out / "report.json").read_text())
+    stage = report["stages"][0]["summary"]
+    return {
+        "mode": mode,
+        "compression_s": stage["wall_time_s"],
+        "peak_rss_bytes": stage["peak_rss_bytes"],
+        "phase_seconds": stage.get("calibration", {}).get("phase_seconds", {}),
+    }
+
+
+def render(result: dict) -> str:
+    lines = [
+        "# Large allocations on their own mappings",
+        "",
+        __doc__.splitlines()[2].strip() + " " + " ".join(line.strip() for line in __doc__.splitlines()[3:6]),
+        "",
+        f"Recipe `{result['recipe']}` on {result['model']}, {result['threads']} thread(s), {result['date']}.",
+        "",
+        "| run | allocations | compression s | peak RSS GiB | forward s | statistics s | factorise s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, row in enumerate(result["runs"], 1):
+        phases = row["phase_seconds"]
+        lines.append(
+            f"| {i} | {'glibc default' if row['mode'] == 'default' else 'mapped (4 MiB)'} | "
+            f"{row['compression_s']:.1f} | {row['peak_rss_bytes'] / 2**30:.3f} | {phases.get('forward', 0):.1f} | "
+            f"{phases.get('statistics', 0):.1f} | {phases.get('factorise', 0):.1f} |"
+        )
+    mean = {mode: [r for r in result["runs"] if r["mode"] == mode] for mode in ("default", "mapped")}
+    seconds = {mode: sum(r["compression_s"] for r in rows) / len(rows) for mode, rows in mean.items()}
+    peaks = {mode: max(r["peak_rss_bytes"] for r in rows) / 2**30 for mode, rows in mean.items()}
+    lines += [
+        "",
+        f"Mapped against glibc's default: {seconds['mapped'] / seconds['default']:.3f}x the compression time "
+        f"(mean {seconds['mapped']:.1f} s against {seconds['default']:.1f} s), peak RSS {peaks['mapped']:.3f} GiB "
+        f"against {peaks['default']:.3f}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", type=Path, help="a recipe file (default: a whitening stage at 20 %%)")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="heap-mapping-") as work:
+        work = Path(work)
+        recipe = args.recipe
+        if recipe is None:
+            recipe = work / "whiten-20.yaml"
+            recipe.write_text(yaml.safe_dump(RECIPE))
+        runs = []
+        for _ in range(args.rounds):
+            for mode in ("default", "mapped"):
+                runs.append(run_once(mode, recipe, args.model, args.threads, work / mode))
+                print(json.dumps(runs[-1]), flush=True)
+    result = {
+        "recipe": recipe.stem,
+        "model": args.model,
+        "threads": args.threads,
+        "date": datetime.date.today().isoformat(),
+        "runs": runs,
+    }
+    STORE.write_text(json.dumps(result, indent=2))
+    MARKDOWN.write_text(render(result))
+
+
+if __name__ == "__main__":
+    main()
