@@ -6,7 +6,10 @@ freed so far, and mid-sized blocks then come from the heap and stay resident onc
 `compress run` of a recipe, with glibc's default or with the mapping, in turns (default, mapped, default, mapped)
 so that the machine's drift hits both alike; compression wall time and peak RSS come from report.json.
 
-    python bench/heap_mapping.py [--recipe FILE] [--model MODEL] [--rounds N] [--threads T]
+    python bench/heap_mapping.py [--recipe NAME] [--set PATH=VALUE ...] [--model MODEL] [--rounds N] [--threads T]
+
+A shipped recipe (``--recipe lowrank-20``, changed by ``--set`` as in bench/recipe_runs.py) runs with the scale
+benchmark's evaluation (token perplexity on 4 windows): the compression is what is measured.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recipe_runs import with_overrides  # noqa: E402
 from scale import RECIPE  # noqa: E402  the scale benchmark's whitening stage at 20 %: a minute or two on SmolLM2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,13 +58,23 @@ def run_once(mode: str, recipe: Path, model: str, threads: int, out: Path) -> di
     }
 
 
-def render(result: dict) -> str:
+def render(results: list[dict]) -> str:
     lines = [
         "# Large allocations on their own mappings",
         "",
-        __doc__.splitlines()[2].strip() + " " + " ".join(line.strip() for line in __doc__.splitlines()[3:6]),
+        " ".join(line.strip() for line in __doc__.splitlines()[2:7]),
+    ]
+    for result in results:
+        lines += render_one(result)
+    return "\n".join(lines) + "\n"
+
+
+def render_one(result: dict) -> list[str]:
+    lines = [
         "",
-        f"Recipe `{result['recipe']}` on {result['model']}, {result['threads']} thread(s), {result['date']}.",
+        f"## `{result['recipe']}` on {result['model']}",
+        "",
+        f"{result['threads']} thread(s), {result['date']}.",
         "",
         "| run | allocations | compression s | peak RSS GiB | forward s | statistics s | factorise s |",
         "|---|---|---|---|---|---|---|",
@@ -81,36 +95,43 @@ def render(result: dict) -> str:
         f"(mean {seconds['mapped']:.1f} s against {seconds['default']:.1f} s), peak RSS {peaks['mapped']:.3f} GiB "
         f"against {peaks['default']:.3f}.",
     ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", type=Path, help="a recipe file (default: a whitening stage at 20 %%)")
+    parser.add_argument("--recipe", help="a shipped recipe's name (default: the scale benchmark's whitening at 20 %%)")
+    parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="change one recipe field")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="heap-mapping-") as work:
         work = Path(work)
-        recipe = args.recipe
-        if recipe is None:
-            recipe = work / "whiten-20.yaml"
-            recipe.write_text(yaml.safe_dump(RECIPE))
+        body = RECIPE
+        if args.recipe is not None:
+            body = {**yaml.safe_load((ROOT / "recipes" / f"{args.recipe}.yaml").read_text()), "eval": RECIPE["eval"]}
+        recipe = work / f"{args.recipe or 'whiten-20'}.yaml"
+        recipe.write_text(yaml.safe_dump(body, sort_keys=False))
+        recipe = with_overrides(recipe, args.set, work / "changed")
         runs = []
         for _ in range(args.rounds):
             for mode in ("default", "mapped"):
                 runs.append(run_once(mode, recipe, args.model, args.threads, work / mode))
                 print(json.dumps(runs[-1]), flush=True)
     result = {
-        "recipe": recipe.stem,
+        "recipe": " ".join([args.recipe or "whiten-20", *[f"({item})" for item in args.set]]),
         "model": args.model,
         "threads": args.threads,
         "date": datetime.date.today().isoformat(),
         "runs": runs,
     }
-    STORE.write_text(json.dumps(result, indent=2))
-    MARKDOWN.write_text(render(result))
+    stored = json.loads(STORE.read_text()) if STORE.is_file() else []
+    stored = [stored] if isinstance(stored, dict) else stored
+    same = (result["recipe"], result["model"])
+    results = [r for r in stored if (r["recipe"], r["model"]) != same] + [result]
+    STORE.write_text(json.dumps(results, indent=2))
+    MARKDOWN.write_text(render(results))
 
 
 if __name__ == "__main__":
