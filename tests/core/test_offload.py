@@ -8,21 +8,13 @@ from safetensors.torch import load_file
 
 import compress
 from compress.offload import Activations, OffloadedList, choose_place
+from tests.core.test_streaming import STREAMED_STAGES
 from tests.tiny import make_tiny_llama
 
 # every kind of per-batch list the walk keeps: two streams (dense target), sub-layer passes (kept inputs,
 # recorded block outputs), elastic variants' streams, and layer-local training's targets
 STAGES = {
-    "sub-layer, elastic": {
-        "method": "lowrank",
-        "reduction": 0.3,
-        "backend": "whiten_dense_target",
-        "sublayer": True,
-        "allocation": "sensitivity",
-        "sensitivity_windows": 4,
-        "calibration_batch_size": 2,
-        "elastic": {"min_reduction": 0.1, "max_reduction": 0.5},
-    },
+    "sub-layer, elastic": STREAMED_STAGES["sensitivity, elastic"],
     "layer training": {
         "method": "lowrank",
         "reduction": 0.3,
