@@ -74,7 +74,7 @@ def render_one(result: dict) -> list[str]:
         "",
         f"## `{result['recipe']}` on {result['model']}",
         "",
-        f"{result['threads']} thread(s), {result['date']}.",
+        f"{result['threads']} thread(s), {result['date']}." + (f" {result['note']}" if result.get("note") else ""),
         "",
         "| run | allocations | compression s | peak RSS GiB | forward s | statistics s | factorise s |",
         "|---|---|---|---|---|---|---|",
@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--note", default="", help="the conditions of the runs (e.g. what else the machine ran)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="heap-mapping-") as work:
         work = Path(work)
@@ -124,6 +125,7 @@ def main() -> None:
         "model": args.model,
         "threads": args.threads,
         "date": datetime.date.today().isoformat(),
+        "note": args.note,
         "runs": runs,
     }
     stored = json.loads(STORE.read_text()) if STORE.is_file() else []
