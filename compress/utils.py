@@ -74,9 +74,9 @@ LARGE_ALLOCATION_BYTES = 4 * 2**20
 def map_large_allocations() -> None:
     """Give every allocation of 4 MiB or more its own memory mapping, returned to the system when freed; a no-op
     off glibc. By default glibc raises that threshold to the largest block freed so far (up to 32 MiB), after
-    which a layer's activations come from the heap and their pages stay resident once freed: measured on
-    lowrank-20's sensitivity pass over SmolLM2, 0.9 GiB at its peak against 0.74 with the threshold fixed, for
-    about 3 % more time (each large block's pages are mapped afresh)."""
+    which a layer's activations come from the heap and their pages stay resident once freed. The price: each large
+    block's pages are mapped afresh (bench/results/heap_mapping.md: whitening at 20 % on SmolLM2 peaks at 0.69
+    GiB against up to 0.81, for about 9 % more time)."""
     libc = _libc()
     if libc is not None:
         libc.mallopt(_M_MMAP_THRESHOLD, LARGE_ALLOCATION_BYTES)
