@@ -237,7 +237,8 @@ class _Collector:
                 if (self.want_cross or self.want_dense_cov) and dense is None:
                     dense = x  # no dense stream (non-sequential): the dense input is the current one
                 start = _clock()
-                stats[name].add_current(x, dense)
+                with torch.autocast(x.device.type, enabled=False):  # products in statistics_dtype, not the pass's
+                    stats[name].add_current(x, dense)
                 self.statistics_seconds += _clock() - start
             if self.group and name == self.group[0]:
                 for other in self.group[1:]:

@@ -136,6 +136,7 @@ def compress(
         layer_store=layer_store,
         activation_dtype=getattr(torch, activations),
         statistics_dtype=getattr(torch, recipe.calibration.statistics_dtype),
+        compute_dtype=getattr(torch, recipe.calibration.compute_dtype),
         activation_storage=recipe.calibration.activation_storage,
     )
     start = time.perf_counter()

@@ -58,21 +58,25 @@ class ModelPlanner(Planner):
         store = ResidentLayers() if self._ctx.layer_store is None else self._ctx.layer_store.reading()
         values = {}
 
-        def on_layer(index, layer_modules, stats, fisher):
-            for name, module in layer_modules.items():
-                values[name] = fn(name, module, stats[name], fisher[name])
+        device = _walk_device(self._model, self._ctx)
 
-        sensitivity_walk(
-            self._model,
-            modules,
-            windows,
-            store,
-            on_layer,
-            batch_size=batch_size,
-            statistics=True,
-            statistics_dtype=self._ctx.statistics_dtype,
-            progress=self._ctx.progress,
-        )
+        def on_layer(index, layer_modules, stats, fisher):
+            with _full_precision(device):
+                for name, module in layer_modules.items():
+                    values[name] = fn(name, module, stats[name], fisher[name])
+
+        with _computing(self._ctx, device):
+            sensitivity_walk(
+                self._model,
+                modules,
+                windows,
+                store,
+                on_layer,
+                batch_size=batch_size,
+                statistics=True,
+                statistics_dtype=self._ctx.statistics_dtype,
+                progress=self._ctx.progress,
+            )
         # in the modules' order, not the walk's (top layer first): the rank allocation breaks ties by order, and
         # an elastic resize allocates over the model's modules in model order
         return {name: values[name] for name in modules}
@@ -88,6 +92,25 @@ def _engine_options(calibration) -> dict:
     }
 
 
+def _walk_device(model: nn.Module, ctx: StageContext) -> torch.device:
+    """The device the layer walk computes on."""
+    store = ctx.layer_store  # a streamed model's parameters are on the meta device until read
+    return store.stream.device if store is not None else next(model.parameters()).device
+
+
+def _computing(ctx: StageContext, device: torch.device):
+    """The calibration passes' matrix products in the recipe's compute dtype (autocast; off for float32).
+    Without autocast's cache of cast weights: it would keep a copy of every layer's weights, read one at a time
+    (the whole model again in bf16, and more for the layers' dense copies)."""
+    enabled = ctx.compute_dtype != torch.float32
+    return torch.autocast(device.type, dtype=ctx.compute_dtype, enabled=enabled, cache_enabled=False)
+
+
+def _full_precision(device: torch.device):
+    """Autocast off inside a pass: factorisations, curves and layer training keep their own dtypes."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def _activations(model: nn.Module, windows: torch.Tensor, ctx: StageContext):
     """Where the layer walk holds its hidden states: the recipe's place, or (auto) the one they fit in."""
     from .distributed import world_size
@@ -97,8 +120,7 @@ def _activations(model: nn.Module, windows: torch.Tensor, ctx: StageContext):
     dtype = ctx.activation_dtype or torch.float32
     share = -(-windows.numel() // world_size())  # this process's tokens
     stream_bytes = share * config.hidden_size * torch.empty(0, dtype=dtype).element_size()
-    store = ctx.layer_store  # a streamed model's parameters are on the meta device until read
-    device = store.stream.device if store is not None else next(model.parameters()).device
+    device = _walk_device(model, ctx)
     return Activations(choose_place(ctx.activation_storage, stream_bytes, device), device)
 
 
@@ -163,11 +185,14 @@ def _apply_layers(model: nn.Module, method: Method, config, ctx: StageContext, w
     if chosen and (calibration.statistics != "none" or layer_training is not None):
         from .activations import calibrate_sequentially, decoder_layers
 
+        device = _walk_device(model, ctx)
+
         def on_layer(index, layer_modules, stats):
             # the engine's stats are handed over: each module's entry is dropped as it is replaced, so an
             # input's statistics (q/k/v share one) are freed after their last reader, not at the layer's end
-            for name, module in layer_modules.items():
-                replace(name, module, stats.pop(name))
+            with _full_precision(device):
+                for name, module in layer_modules.items():
+                    replace(name, module, stats.pop(name))
 
         layer_reports = []
         train_layer = None
@@ -181,12 +206,13 @@ def _apply_layers(model: nn.Module, method: Method, config, ctx: StageContext, w
                     name.removeprefix(f"{prefix}.{index}.") for name in made if name.startswith(f"{prefix}.{index}.")
                 ]
                 if local:
-                    layer_reports.append(
-                        train_one_layer(layer, method, config, layer_training, local, inputs, targets, kwargs)
-                    )
+                    with _full_precision(device):
+                        layer_reports.append(
+                            train_one_layer(layer, method, config, layer_training, local, inputs, targets, kwargs)
+                        )
 
         windows = planner.windows(calibration.windows)
-        with _activations(model, windows, ctx) as held:
+        with _activations(model, windows, ctx) as held, _computing(ctx, device):
             report = calibrate_sequentially(
                 model,
                 chosen,
@@ -205,6 +231,7 @@ def _apply_layers(model: nn.Module, method: Method, config, ctx: StageContext, w
             )
         result.summary["calibration"] = {
             "activations": held.place,
+            "compute_dtype": str(ctx.compute_dtype).removeprefix("torch."),
             "layers": report.layers_calibrated,
             "tokens": report.tokens,
             "layer_seconds_total": sum(report.layer_seconds),

@@ -13,6 +13,15 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if half and not x.is_cuda else x.dtype
 
 
+def autocast_input(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """x in ``like``'s dtype while torch.autocast is on for x's device. Autocast hands a module half-precision
+    inputs beside its full-precision weights (e.g. calibration passes in bf16); the products' dtype is then
+    autocast's to choose: the reference's matmuls are autocast ops, as nn.Linear's are."""
+    if x.dtype != like.dtype and torch.is_autocast_enabled(x.device.type):
+        return x.to(like.dtype)
+    return x
+
+
 def check_same(op: str, x: torch.Tensor, named: dict[str, torch.Tensor | None]) -> None:
     """Every float tensor must share x's dtype and device."""
     if not x.is_floating_point():

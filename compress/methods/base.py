@@ -100,6 +100,7 @@ class StageContext:
     layer_store: Any = None  # a streamed model's layers (compress.streaming.StreamedLayers); None: in memory
     activation_dtype: torch.dtype | None = None  # the calibration streams' dtype between layers (None: the model's)
     statistics_dtype: torch.dtype = torch.float64  # each batch's input products (summed in float64)
+    compute_dtype: torch.dtype = torch.float32  # the calibration passes' matrix products (autocast)
     activation_storage: str = "device"  # where the layer walk holds its hidden states (compress.offload)
 
 

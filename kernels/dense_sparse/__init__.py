@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import check_same, check_shape, sum_rows
+from .._common import autocast_input, check_same, check_shape, sum_rows
 from .._dispatch import choose_backend, record
 from ..sparse_format import check_colsparse, colsparse_to_dense
 from .reference import dense_sparse_linear_ref
@@ -68,6 +68,7 @@ def dense_sparse_linear(
     check_colsparse(values, indices, k)
     check_shape(OP, "values", values, (values.shape[0], n))
     check_shape(OP, "bias", bias, (m,))
+    x = autocast_input(x, D)
     check_same(OP, x, {"D": D, "values": values, "bias": bias})
     if indices.device != x.device:
         raise ValueError(f"{OP}: indices are on {indices.device} but x is on {x.device}")

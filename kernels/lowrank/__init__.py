@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import check_same, check_shape, sum_rows
+from .._common import autocast_input, check_same, check_shape, sum_rows
 from .._dispatch import choose_backend, record
 from .reference import lowrank_linear_ref
 
@@ -51,6 +51,7 @@ def lowrank_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torc
     n = x.shape[-1]
     check_shape(OP, "B", B, (k, n))
     check_shape(OP, "bias", bias, (m,))
+    x = autocast_input(x, A)
     check_same(OP, x, {"A": A, "B": B, "bias": bias})
     backend = choose_backend(x, A, B, bias)
     if min(m, k, n) == 0:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import check_same, check_shape, sum_rows
+from .._common import autocast_input, check_same, check_shape, sum_rows
 from .._dispatch import choose_backend, record
 from .reference import lowrank_sparse_linear_ref
 
@@ -68,6 +68,7 @@ def lowrank_sparse_linear(
     check_shape(OP, "V", V, (r, n))
     check_shape(OP, "sc_values", sc_values, (m, c))
     check_shape(OP, "bias", bias, (m,))
+    x = autocast_input(x, U)
     check_same(OP, x, {"U": U, "V": V, "sc_values": sc_values, "bias": bias})
     if sc_channels.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{OP}: sc_channels must be int32 or int64, got {sc_channels.dtype}")
