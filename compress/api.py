@@ -94,7 +94,9 @@ def compress(
     from .methods.base import StageContext
     from .pipeline import compress_model
     from .training import check_batches_split
+    from .utils import bound_kernel_caches
 
+    bound_kernel_caches()  # before the first bf16 matmul (calibration.compute_dtype), or it comes too late
     recipe = as_recipe(recipe)
     source = dict(source or {})
     if isinstance(model, torch.nn.Module):

@@ -279,9 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .distributed import close as leave_processes
     from .distributed import init as init_processes
-    from .utils import map_large_allocations
+    from .utils import bound_kernel_caches, map_large_allocations
 
     map_large_allocations()  # freed activations leave the process instead of staying resident in the heap
+    bound_kernel_caches()  # bf16 matmuls on CPU would keep a compiled kernel for every matrix shape
     init_processes()  # a launch of several processes (torchrun / accelerate launch): join them
     finished = False
     on_main_thread = threading.current_thread() is threading.main_thread()

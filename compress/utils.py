@@ -82,6 +82,19 @@ def map_large_allocations() -> None:
         libc.mallopt(_M_MMAP_THRESHOLD, LARGE_ALLOCATION_BYTES)
 
 
+# entries in oneDNN's primitive cache and ideep's computation cache (PyTorch's bf16 matmuls on CPU): 1024 each by
+# default, a compiled kernel per matrix shape, about 1.2 MB each. Low-rank factors give every module shapes of its
+# own, so a bf16 calibration of SmolLM2 (lowrank-20) grew by 1.2 GB; 64 hold every shape of one layer's passes
+KERNEL_CACHE_ENTRIES = 64
+
+
+def bound_kernel_caches() -> None:
+    """Cap oneDNN's per-shape kernel caches at :data:`KERNEL_CACHE_ENTRIES` (unless the environment sets them).
+    Both are read when oneDNN first runs: call it before any bf16 matmul on CPU."""
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        os.environ.setdefault(name, str(KERNEL_CACHE_ENTRIES))
+
+
 @functools.cache
 def _libc():
     """glibc, loaded once (None elsewhere: no malloc_trim)."""

@@ -51,3 +51,43 @@ def test_large_blocks_get_their_own_mapping_which_freeing_returns():
 
     assert mapped_bytes("mapped") >= 6 << 20  # its own mapping: unmapped, not kept, when freed
     assert mapped_bytes("heap") == 0  # glibc's default after a larger free: from the heap, resident once freed
+
+
+MANY_SHAPES = """
+import sys
+
+import torch
+
+from compress.utils import bound_kernel_caches, trim_heap
+
+
+def resident_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+
+
+if sys.argv[1] == "bounded":
+    bound_kernel_caches()
+x = torch.randn(2048, 576)
+# 100 low-rank modules, each of its own rank, as a sensitivity allocation gives
+factors = [(torch.randn(rank, 576), torch.randn(576, rank)) for rank in range(100, 400, 3)]
+trim_heap()
+start = resident_mib()
+for B, A in factors:
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        y = (x @ B.T) @ A.T
+del y
+trim_heap()  # what stays is what the kernels' caches hold
+print(resident_mib() - start)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resident memory read from /proc")
+def test_bf16_matmuls_of_many_shapes_keep_a_bounded_kernel_cache():
+    def growth(mode):
+        run = subprocess.run([sys.executable, "-c", MANY_SHAPES, mode], capture_output=True, text=True, check=True)
+        return float(run.stdout)
+
+    default = growth("default")
+    if default < 64:
+        pytest.skip(f"bf16 matmuls on this CPU keep no per-shape kernels ({default:.0f} MiB for 100 shapes)")
+    assert growth("bounded") < default / 2
