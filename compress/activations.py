@@ -1089,7 +1089,10 @@ def sensitivity_walk(
                 hidden = [run_layer(layers[i], h, kw) for h, kw in zip(hidden, kwargs[kinds[i]])]
                 store.leave(i)
                 trim_heap()
-        with stubbed_layers(layers) as stubs:  # the tail: d loss / d last layer's output
+        # the tail: d loss / d last layer's output, in full precision: under autocast the head's whole weight
+        # (vocabulary x hidden) would be cast for every chunk of tokens
+        full_precision = torch.autocast(hidden[0].device.type, enabled=False)
+        with stubbed_layers(layers) as stubs, full_precision:
             grads = [
                 tail_loss_gradient(model, stubs, h, batch.to(h.device), TAIL_CHUNK_TOKENS)
                 for h, batch in zip(hidden, windows.split(batch_size))

@@ -84,8 +84,9 @@ def map_large_allocations() -> None:
 
 # entries in oneDNN's primitive cache and ideep's computation cache (PyTorch's bf16 matmuls on CPU): 1024 each by
 # default, a compiled kernel per matrix shape, about 1.2 MB each. Low-rank factors give every module shapes of its
-# own, so a bf16 calibration of SmolLM2 (lowrank-20) grew by 1.2 GB; 64 hold every shape of one layer's passes
-KERNEL_CACHE_ENTRIES = 64
+# own, so a bf16 calibration of SmolLM2 (lowrank-20) grew by 1.2 GB; 32 hold the shapes of one layer's passes
+# (about 20: its dense and low-rank products, forward and backward) for 28 MB
+KERNEL_CACHE_ENTRIES = 32
 
 
 def bound_kernel_caches() -> None:
