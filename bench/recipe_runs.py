@@ -378,7 +378,20 @@ NOTES = {
     "(0.73x; both slower than alone, sharing the memory bus, and a few minutes of unit tests ran beside them "
     "at the start), the same held-out perplexity (34.4661), whole-run peak RSS 3.83 against 2.49 GiB. The issue's "
     "'compression at least halved' against v0.2 does not hold under one day's conditions: the current code "
-    "saves about a quarter.",
+    "saves about a quarter. v0.2-paired2 / v1.6-paired and v0.2-paired3 / v1.7-paired (2026-12-05, the same "
+    "set-up, v0.2's `compress` put first on the path by a folder holding only a link to it, so that "
+    "transformers still imports Hugging Face's `kernels`): lowrank-20 with `calibration.compute_dtype: "
+    "bfloat16` (its passes' matmuls under autocast; d0d0923, then 461f9e6 with oneDNN's kernel caches bounded "
+    "and the sensitivity tail in float32): compression 537 s against 324 s (0.60x) and 536 s against 329 s "
+    "(0.61x), held-out perplexity 34.4661 against 34.4237 and 34.4280 (-0.11 %), last-word accuracy 0.26 "
+    "against 0.27 and 0.26. Still short of half. Compression peaks (report.json, the stage's), in memory: "
+    "1.51 GB for v1.6-paired, 1.47 GB for v1.7-paired; v1.6-bf16 (7534314 with compute_dtype alone, in a "
+    "worktree, beside other work) peaked at 2.40 GB in compression: autocast's cache of cast weights, on "
+    "there, kept a bf16 copy of every weight it had cast (off from d0d0923 on). Its held-out perplexity is "
+    "v1.6-paired's to every digit (34.4237) and its weights are the same bits: keeping down_proj's inputs and "
+    "sharing the layer probe changed nothing in the result. v1.7-disk (the hidden states on disk, beside the "
+    "test suite on the other core): the same weights as v1.7-paired, compression peak 0.81 GB, 1.51x the "
+    "model's 0.54 GB of fp32 (v1.5-disk in float32: 0.74 GiB, 1.48x).",
 }
 
 

@@ -83,9 +83,9 @@ def map_large_allocations() -> None:
 
 
 # entries in oneDNN's primitive cache and ideep's computation cache (PyTorch's bf16 matmuls on CPU): 1024 each by
-# default, a compiled kernel per matrix shape, about 1.2 MB each. Low-rank factors give every module shapes of its
-# own, so a bf16 calibration of SmolLM2 (lowrank-20) grew by 1.2 GB; 32 hold the shapes of one layer's passes
-# (about 20: its dense and low-rank products, forward and backward) for 28 MB
+# default, a compiled kernel per matrix shape. Low-rank factors give every module shapes of its own: 100 of them
+# on 2048 x 576 inputs held 131 MB by default and 28 MB at 32 entries (tests/core/test_peak_memory.py's case), which
+# hold the shapes of one layer's passes (about 20: its dense and low-rank products, forward and backward)
 KERNEL_CACHE_ENTRIES = 32
 
 
