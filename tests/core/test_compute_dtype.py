@@ -8,17 +8,8 @@ from compress.activations import calibrate_sequentially
 from compress.lowrank_math import truncated_svd_factors
 from compress.modules import LowRankLinear
 from compress.targets import replace_module, select_modules
-from tests.core.test_offload import STAGES
+from tests.core.test_offload import STAGES, stage_recipe
 from tests.tiny import make_tiny_llama
-
-
-def _recipe(stage: dict, compute: str) -> dict:
-    return {
-        "name": "compute",
-        "stages": [stage],
-        "calibration": {"samples": 6, "seq_len": 32, "compute_dtype": compute},
-        "eval": {"tasks": []},
-    }
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -35,7 +26,7 @@ def test_bfloat16_passes_give_a_close_model_in_float32(stage, smol_tokenizer):
 
         model.model.layers[1].mlp.register_forward_pre_hook(record)
         models[compute] = compress.compress(
-            model, _recipe(STAGES[stage], compute), tokenizer=smol_tokenizer, progress=False
+            model, stage_recipe(STAGES[stage], compute_dtype=compute), tokenizer=smol_tokenizer, progress=False
         )
         assert models[compute].compression.stages[0].summary["calibration"]["compute_dtype"] == compute
         assert {p.dtype for p in models[compute].parameters()} == {torch.float32}

@@ -25,11 +25,12 @@ STAGES = {
 }
 
 
-def _recipe(stage: dict, storage: str) -> dict:
+def stage_recipe(stage: dict, **calibration) -> dict:
+    """One stage on 6 windows of 32 tokens, no evaluation; ``calibration``: further calibration fields."""
     return {
         "name": "offload",
         "stages": [stage],
-        "calibration": {"samples": 6, "seq_len": 32, "activation_storage": storage},
+        "calibration": {"samples": 6, "seq_len": 32, **calibration},
         "eval": {"tasks": []},
     }
 
@@ -41,7 +42,9 @@ def test_every_placement_gives_the_same_model(stage, smol_tokenizer):
     for storage in ("device", "cpu", "disk"):
         torch.manual_seed(0)
         model = make_tiny_llama(vocab_size=vocab, layers=3, tie=True)
-        compressed = compress.compress(model, _recipe(STAGES[stage], storage), tokenizer=smol_tokenizer, progress=False)
+        compressed = compress.compress(
+            model, stage_recipe(STAGES[stage], activation_storage=storage), tokenizer=smol_tokenizer, progress=False
+        )
         summary = compressed.compression.stages[0].summary
         assert summary["calibration"]["activations"] == storage
         results[storage] = compressed.state_dict()
@@ -73,7 +76,7 @@ def test_compress_run_on_disk_streams_to_the_in_memory_checkpoint(tmp_path, smol
         save(self, path, tensor)
 
     monkeypatch.setattr(offload._File, "__init__", counting)
-    recipe = _recipe(STAGES["sub-layer, elastic"], "disk")
+    recipe = stage_recipe(STAGES["sub-layer, elastic"], activation_storage="disk")
     recipe["eval"] = {"tasks": [], "perplexity_windows": 2, "seq_len": 64}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["run", str(tmp_path / "r.yaml"), str(source), "--out", str(tmp_path / "run"), "--quiet"]) == 0
