@@ -273,7 +273,7 @@ def test_a_killed_streamed_run_resumes_to_the_same_checkpoint(tmp_path, smol_tok
     (tmp_path / "disk.yaml").write_text(yaml.safe_dump(on_disk))
     # Every run is a process with the same thread count: a float sum split over another number of threads
     # rounds differently, and the checkpoints are compared bit for bit.
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TMPDIR=str(tmp_path))
     cli = [sys.executable, "-m", "compress", "run", str(tmp_path / "r.yaml"), str(source), "--quiet"]
     subprocess.run([*cli, "--out", str(tmp_path / "whole")], env=env, check=True)
 
