@@ -138,6 +138,28 @@ def _split_sqrt(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int) -
     return U[:, :rank] * root, root[:, None] * Vh[:rank]
 
 
+def target_moment(
+    W: torch.Tensor,
+    diagonal: torch.Tensor,
+    shrinkage: float,
+    cross: torch.Tensor | None = None,
+    target_cross: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``W D`` with ``D = shrink(C_dc, diag(C_cc), shrinkage)`` (float64, m x n): the dense target's moment
+    against the current inputs, from ``cross = C_dc`` (n x n) or ``target_cross = W C_dc`` (m x n: measured as
+    the dense module's outputs against the current inputs, smaller where the module has fewer outputs than
+    inputs). ``diagonal``: C_cc's diagonal."""
+    W = W.to(torch.float64)
+    if (cross is None) == (target_cross is None):
+        raise ValueError("target_moment needs exactly one of cross and target_cross")
+    if target_cross is None:
+        return W @ shrink(cross, diagonal, shrinkage)
+    WD = target_cross.to(torch.float64, copy=True)
+    if shrinkage > 0:  # W s diag(C_cc): W's columns scaled
+        WD += shrinkage * W * diagonal.to(torch.float64).clamp_min(0)
+    return WD
+
+
 def asvd_scales(abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
     """ASVD's column scales ``s = mean|x|^alpha`` (float64), clamped away from zero: a channel that is never
     active gets the smallest positive scale seen."""
@@ -193,13 +215,15 @@ def whitened_factors(
     cross: torch.Tensor | None = None,
     shrinkage: float = 0.0,
     fixed: tuple[torch.Tensor, torch.Tensor] | None = None,
+    target_cross: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact rank-k minimiser of ``||W X_d - W' X_c||_F`` given only second moments.
 
     ``cov = C_cc = X_c X_c^T`` (the inputs the compressed layer will see; or its :class:`Whitening`,
     computed with the same ``shrinkage``) and ``cross = C_dc = X_d X_c^T`` (dense-model inputs against
-    current inputs). With ``cross=None`` the target is ``W X_c`` itself (C_dc = C_cc): that is SVD-LLM's
-    truncation-aware whitening (arXiv 2403.07378).
+    current inputs; or ``target_cross = W C_dc``, as the engine measures it for a module with fewer outputs than
+    inputs). With neither the target is ``W X_c`` itself (C_dc = C_cc): that is SVD-LLM's truncation-aware
+    whitening (arXiv 2403.07378).
 
     Derivation: with ``C_cc = L L^T`` the objective is ``const + ||W' L - W C_dc L^{-T}||_F^2``,
     so ``W' = [W C_dc L^{-T}]_k L^{-1}`` (Eckart-Young on the whitened target). ``shrinkage``
@@ -213,13 +237,13 @@ def whitened_factors(
     whitening = cov if isinstance(cov, Whitening) else Whitening.of(cov, shrinkage)
     L = whitening.L
     W = weight.detach().to(torch.float64)
-    if cross is None:
+    if cross is None and target_cross is None:
         Z = W @ L  # W C L^{-T} = W L L^T L^{-T} = W L
     else:
-        D = shrink(cross, whitening.diagonal, shrinkage)
+        WD = target_moment(W, whitening.diagonal, shrinkage, cross=cross, target_cross=target_cross)
         # Z = W D L^{-T}  <=>  Z^T = L^{-1} (W D)^T
-        Z = torch.linalg.solve_triangular(L, (W @ D).T, upper=False).T
-        del D
+        Z = torch.linalg.solve_triangular(L, WD.T, upper=False).T
+        del WD
     del W
     if fixed is not None:
         A0, B0 = fixed
@@ -281,21 +305,25 @@ def refine_factors(
     cross: torch.Tensor | None = None,
     shrinkage: float = 0.0,
     sweeps: int = 1,
+    target_cross: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form least-squares refits of ``||W X_d - A B X_c||_F`` (alternating, ``sweeps`` rounds).
 
     B-step (A fixed): ``B = (A^T A)^{-1} A^T W C_dc C_cc^{-1}``; A-step (B fixed):
     ``A = W C_dc B^T (B C_cc B^T)^{-1}``. Each step cannot increase the objective, so the
     result is never worse than the input factors on the (shrunk) calibration statistics.
-    After :func:`whitened_factors` with the same ``cross``/``shrinkage`` it is already optimal.
+    After :func:`whitened_factors` with the same ``cross``/``shrinkage`` it is already optimal. ``target_cross``
+    (``W C_dc``) stands in for ``cross`` as in :func:`whitened_factors`.
     """
     W = weight.detach().to(torch.float64)
     A, B = A.to(torch.float64), B.to(torch.float64)
     C = shrink(cov, cov, shrinkage)
-    D = C if cross is None else shrink(cross, cov, shrinkage)
+    if cross is None and target_cross is None:
+        WD = W @ C
+    else:
+        WD = target_moment(W, cov.diagonal(), shrinkage, cross=cross, target_cross=target_cross)
     L, eps = damped_cholesky(C)
     C = C + eps * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
-    WD = W @ D
     for _ in range(sweeps):
         T = torch.cholesky_solve(WD.T, L).T  # W D C^{-1}
         B = torch.linalg.lstsq(A, T).solution
@@ -310,12 +338,14 @@ def refine_factors(
 
 def truncation_error_profile(
     weight: torch.Tensor,
-    cov: torch.Tensor,
+    cov: torch.Tensor | None,
     out_weights: torch.Tensor | None = None,
     backend: str = "whiten",
     abs_mean: torch.Tensor | None = None,
     alpha: float = 0.5,
     shrinkage: float = 0.0,
+    output_cov: torch.Tensor | None = None,
+    input_power: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Weighted output error ``sum_o f_o E[(W x - W'_k x)_o^2]`` for every rank k = 0 .. min(m, n).
 
@@ -329,10 +359,16 @@ def truncation_error_profile(
     its n x n triangle by a QR first), without an SVD, a Cholesky factor or a division by singular values.
     With ``f`` the mean squared loss gradient per output channel (diagonal empirical Fisher) half of this
     is a second-order estimate of the loss increase per token, comparable across matrices.
+    A wide W (m <= n) needs of C only ``W C W^T`` and C's diagonal: ``output_cov`` (the outputs' second moment,
+    m x m) and ``input_power`` (the diagonal) may stand in for ``cov``.
     Returns float64 of length ``min(m, n) + 1`` (entry k = error at rank k; last entry 0).
     """
     W = weight.detach().to(torch.float64)
-    C = cov.detach().to(torch.float64)
+    m, n = W.shape
+    if cov is None and (output_cov is None or input_power is None or m > n):
+        raise ValueError("truncation_error_profile needs cov, or output_cov and input_power for a wide matrix")
+    C = None if cov is None else cov.detach().to(torch.float64)
+    power = C.diagonal() if C is not None else input_power.detach().to(torch.float64)
     f = (
         torch.ones(W.shape[0], dtype=torch.float64, device=W.device)
         if out_weights is None
@@ -342,20 +378,19 @@ def truncation_error_profile(
         raise ValueError("asvd profile needs abs_mean")
     if backend not in ("svd", "asvd", "whiten", "whiten_dense_target"):
         raise ValueError(f"unknown backend {backend!r}")
-    m, n = W.shape
     F = None  # the output weights in the coordinates worked in: diag(f), unless a QR rotates them
     if m > n:  # the outputs live in the n columns of Q (W = Q R): work in those coordinates
         Q, W = torch.linalg.qr(W)
         F = Q.T @ (f[:, None] * Q)
         del Q
-    WCW = W @ C @ W.T
+    WCW = W @ C @ W.T if C is not None else output_cov.detach().to(torch.float64)
     WCW = (WCW + WCW.T) / 2
     if backend == "svd":
         K = W @ W.T
     elif backend == "asvd":
         K = (W * asvd_scales(abs_mean, alpha) ** 2) @ W.T
     else:
-        K = WCW + shrinkage * (W * C.diagonal().clamp_min(0)) @ W.T if shrinkage > 0 else WCW
+        K = WCW + shrinkage * (W * power.clamp_min(0)) @ W.T if shrinkage > 0 else WCW
     U = torch.linalg.eigh((K + K.T) / 2).eigenvectors.flip(1)  # largest first
     FU = f[:, None] * U if F is None else F @ U
     P = (U.T @ FU) * (U.T @ WCW @ U)

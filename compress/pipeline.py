@@ -52,7 +52,7 @@ class ModelPlanner(Planner):
         items = list(items)
         return progress_iter(items, description, self._ctx.progress, total=len(items))
 
-    def map_sensitivity_statistics(self, modules, fn, windows, batch_size):
+    def map_sensitivity_statistics(self, modules, fn, windows, batch_size, output_side=False):
         from .activations import ResidentLayers, sensitivity_walk
 
         store = ResidentLayers() if self._ctx.layer_store is None else self._ctx.layer_store.reading()
@@ -76,6 +76,7 @@ class ModelPlanner(Planner):
                 statistics=True,
                 statistics_dtype=self._ctx.statistics_dtype,
                 progress=self._ctx.progress,
+                output_side=output_side,
             )
         # in the modules' order, not the walk's (top layer first): the rank allocation breaks ties by order, and
         # an elastic resize allocates over the model's modules in model order
@@ -89,6 +90,7 @@ def _engine_options(calibration) -> dict:
         "sublayer": calibration.sublayer,
         "cross": calibration.statistics == "dense_cross" and calibration.sequential,
         "batch_size": calibration.batch_size,
+        "output_side": calibration.output_side,
     }
 
 

@@ -68,6 +68,9 @@ class Calibration:
     output tokens, ``inputs``/``outputs`` [N, d]). ``sequential``: layer i is measured on the outputs of the
     already-compressed layers < i; ``sublayer``: also inside a layer, modules grouped by shared input in
     call order (q/k/v, then o, then gate/up, then down). ``windows``: at most this many calibration windows.
+    ``output_side``: the method reads ``cross`` only as ``W cross`` (W: the module's weight): where that is less
+    work to measure (a module alone in the last group of a sub-layer walk, with fewer outputs than inputs),
+    ``stats`` hold ``target_cross`` = W cross instead.
     """
 
     statistics: Statistics = "none"
@@ -75,6 +78,7 @@ class Calibration:
     sublayer: bool = False
     windows: int | None = None
     batch_size: int = 4
+    output_side: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,10 +166,14 @@ class Planner:
         fn: Callable[[str, nn.Module, dict, torch.Tensor], Any],
         windows: torch.Tensor,
         batch_size: int,
+        output_side: bool = False,
     ) -> dict[str, Any]:
         """``{name: fn(name, module, stats, fisher)}`` with each module's dense input statistics
         (``input_cov``) and ``fisher``: the mean squared gradient of the token loss w.r.t. each of its output
-        channels; both measured on one walk over the decoder layers (one layer's statistics held at once)."""
+        channels; both measured on one walk over the decoder layers (one layer's statistics held at once).
+        ``output_side``: ``fn`` reads ``cov`` only as ``W cov W^T`` and its diagonal: a module alone on its input
+        with fewer outputs than inputs gets ``output_cov`` (the outputs' second moment, bias removed) and
+        ``input_power`` (cov's diagonal) instead, less work to measure."""
         raise NotImplementedError
 
 

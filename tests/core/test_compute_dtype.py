@@ -75,6 +75,24 @@ def test_statistics_products_are_not_rounded_by_the_autocast_around_the_passes()
             assert (got[key] - want[key]).abs().max() <= 1e-5 * scale, (name, key)
 
 
+def test_the_sensitivity_tail_casts_the_head_once_under_autocast():
+    """The sensitivity pass's tail (final norm, head, loss) runs under the passes' autocast with its cache of
+    cast weights on (the head's weight cast once, not per chunk of tokens), and leaves the cache off after."""
+    from compress.activations import ResidentLayers, sensitivity_walk
+
+    model = make_tiny_llama(layers=2)
+    seen = []
+    model.lm_head.register_forward_pre_hook(
+        lambda m, a: seen.append((torch.is_autocast_enabled("cpu"), torch.is_autocast_cache_enabled()))
+    )
+    modules = select_modules(model, [r"re:.*\.(q|k|v|o|gate|up|down)_proj$"])
+    windows = torch.randint(3, 256, (4, 24), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        sensitivity_walk(model, modules, windows, ResidentLayers(), lambda *args: None)
+        assert not torch.is_autocast_cache_enabled()
+    assert seen and all(enabled and cached for enabled, cached in seen)
+
+
 def _ops():
     """Each matmul op with float32 weights, as a function of x, and its float64 reference."""
     from compress.kernels import dense_sparse_linear, lowrank_linear, lowrank_sparse_linear

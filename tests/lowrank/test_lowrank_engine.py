@@ -464,3 +464,77 @@ def test_a_variant_streams_statistics_are_pooled_with_the_main_streams():
     # layer 0 sees the same inputs on both streams: its statistics are the main stream's
     first = _direct_input_cov(model, "model.layers.0.self_attn.q_proj", windows)
     assert torch.allclose(seen["model.layers.0.self_attn.q_proj"]["cov"], first.T @ first / first.shape[0], rtol=1e-5)
+
+
+def _engine_statistics(output_side: bool) -> dict:
+    """Each module's (weight, stats) from a sub-layer dense-target walk of a fresh tiny Llama (float64 products)."""
+    torch.manual_seed(0)
+    model = make_tiny_llama()
+    seen = {}
+
+    def on_layer(index, layer_modules, stats):
+        for name, module in layer_modules.items():
+            seen[name] = (module.weight.detach().clone(), stats[name])
+            A, B = truncated_svd_factors(module.weight, 4)
+            replace_module(model, name, LowRankLinear.from_factors(A, B, module.bias))
+
+    calibrate_sequentially(
+        model,
+        select_modules(model, TARGETS),
+        _windows(),
+        on_layer,
+        sequential=True,
+        sublayer=True,
+        cross=True,
+        batch_size=4,
+        output_side=output_side,
+    )
+    return seen
+
+
+def test_output_side_cross_moments_are_the_weighted_input_side_ones():
+    """With output_side, down_proj (alone in the last group, fewer outputs than inputs) gets target_cross, its
+    dense module's outputs against its current inputs: W times the cross moment it would get otherwise; every
+    other module's statistics are the same bits as without it."""
+    inputs, outputs = _engine_statistics(False), _engine_statistics(True)
+    for name, (W, stats) in outputs.items():
+        want = inputs[name][1]
+        if name.endswith("down_proj"):
+            assert "cross" not in stats and stats["target_cross"].shape == W.shape
+            expected = W.double() @ want["cross"]
+            assert torch.allclose(stats["target_cross"], expected, rtol=0, atol=1e-6 * float(expected.abs().max()))
+            assert torch.equal(stats["cov"], want["cov"])
+        else:
+            assert "target_cross" not in stats
+            assert all(torch.equal(stats[key], want[key]) for key in ("cov", "cross", "abs_mean"))
+
+
+def test_output_side_sensitivity_moments_are_the_weighted_input_side_ones():
+    """The sensitivity walk with output_side gives down_proj its outputs' second moment and its input's power:
+    W C W^T and C's diagonal, as measured from the inputs."""
+    from compress.activations import ResidentLayers, sensitivity_walk
+
+    seen = {}
+    for output_side in (False, True):
+        torch.manual_seed(0)
+        model = make_tiny_llama()
+        got = seen[output_side] = {}
+
+        def on_layer(index, layer_modules, stats, fisher, got=got):
+            for name, module in layer_modules.items():
+                got[name] = (module.weight.detach().clone(), stats[name], fisher[name])
+
+        modules = select_modules(model, TARGETS)
+        sensitivity_walk(
+            model, modules, _windows(n=4), ResidentLayers(), on_layer, statistics=True, output_side=output_side
+        )
+    for name, (W, stats, fisher) in seen[True].items():
+        _, want, want_fisher = seen[False][name]
+        assert torch.equal(fisher, want_fisher)
+        if name.endswith("down_proj"):
+            assert "cov" not in stats
+            expected = W.double() @ want["cov"] @ W.double().T
+            assert torch.allclose(stats["output_cov"], expected, rtol=0, atol=1e-6 * float(expected.abs().max()))
+            assert torch.allclose(stats["input_power"], want["cov"].diagonal(), rtol=1e-6)
+        else:
+            assert "output_cov" not in stats and torch.equal(stats["cov"], want["cov"])

@@ -112,6 +112,35 @@ def test_dense_target_beats_plain_whitening_on_its_objective():
         assert output_error(W, A3, B3, Ccc, Cdc, Cdd) < output_error(W, A1, B1, Ccc, Cdc, Cdd)
 
 
+def test_output_side_moments_give_what_the_input_side_ones_give():
+    """For a module with fewer outputs than inputs the engine may measure W C_dc (target_cross) instead of C_dc,
+    and W C W^T with C's diagonal (output_cov, input_power) instead of C: the factors, the refit and the error
+    curve are the same as from the n x n moments, to rounding."""
+    W, Xd = _data(m=10, n=24, tokens=300)
+    g = torch.Generator().manual_seed(1)
+    Xc = Xd + 0.3 * torch.randn(Xd.shape, generator=g, dtype=torch.float64) * Xd.std(1, keepdim=True)
+    Ccc, Cdc = Xc @ Xc.T, Xd @ Xc.T
+    Yd, Yc = W @ Xd, W @ Xc  # the dense module's outputs, and the module's own on the current inputs
+    for k in (3, 8):
+        want = whitened_factors(W, Ccc, k, cross=Cdc, shrinkage=0.1)
+        got = whitened_factors(W, Ccc, k, target_cross=Yd @ Xc.T, shrinkage=0.1)
+        assert torch.allclose(want[0] @ want[1], got[0] @ got[1], rtol=0, atol=1e-10 * float(W.abs().max()))
+        want = refine_factors(W, *want, Ccc, cross=Cdc, shrinkage=0.1)
+        got = refine_factors(W, *got, Ccc, target_cross=Yd @ Xc.T, shrinkage=0.1)
+        assert torch.allclose(want[0] @ want[1], got[0] @ got[1], rtol=0, atol=1e-10 * float(W.abs().max()))
+    f = torch.rand(10, dtype=torch.float64) + 0.1
+    for backend in ("svd", "whiten"):
+        want = truncation_error_profile(W, Ccc, f, backend=backend, shrinkage=0.1)
+        got = truncation_error_profile(
+            W, None, f, backend=backend, shrinkage=0.1, output_cov=Yc @ Yc.T, input_power=(Xc**2).sum(1)
+        )
+        assert torch.allclose(got, want, rtol=1e-9, atol=1e-12 * float(want[0]))
+    with pytest.raises(ValueError):  # a tall matrix's curve needs C itself
+        truncation_error_profile(W.T, None, output_cov=Xc.T @ Xc, input_power=(Yc**2).sum(1))
+    with pytest.raises(ValueError):
+        whitened_factors(W, Ccc, 3, cross=Cdc, target_cross=Yd @ Xc.T)
+
+
 def test_asvd_full_rank_is_exact_and_rank_is_kept():
     W, X = _data()
     A, B = asvd_factors(W, X.abs().mean(1), 16)

@@ -52,16 +52,24 @@ def factorise(
         if backend == "asvd":
             A, B = asvd_factors(weight, stats["abs_mean"], rank, alpha)
         elif backend in ("whiten", "whiten_dense_target"):
-            cross = stats.get("cross") if backend == "whiten_dense_target" else None
             whitening = _whitening(stats, shrinkage, keep_cov=refine)
-            A, B = whitened_factors(weight, whitening, rank, cross=cross, shrinkage=shrinkage)
+            A, B = whitened_factors(weight, whitening, rank, shrinkage=shrinkage, **_dense_target(stats, backend))
         else:
             raise CompressError(f"unknown lowrank backend {backend!r}")
     if refine:
         if stats is None:
             raise CompressError("lowrank refine needs activation statistics")
-        A, B = refine_factors(weight, A, B, stats["cov"], cross=stats.get("cross"), shrinkage=shrinkage)
+        crosses = {"cross": stats.get("cross"), "target_cross": stats.get("target_cross")}
+        A, B = refine_factors(weight, A, B, stats["cov"], shrinkage=shrinkage, **crosses)
     return A, B
+
+
+def _dense_target(stats: dict, backend: str) -> dict:
+    """The cross moment the dense-target backend fits, in the form the engine measured it (``cross`` = C_dc, or
+    ``target_cross`` = W C_dc for a module with fewer outputs than inputs); none for the other backends."""
+    if backend != "whiten_dense_target":
+        return {}
+    return {"cross": stats.get("cross"), "target_cross": stats.get("target_cross")}
 
 
 def _whitening(stats: dict, shrinkage: float, keep_cov: bool) -> Whitening:
@@ -84,18 +92,21 @@ def sensitivity_curves(
     def curve(name, module, stats, fisher):
         loss = 0.5 * truncation_error_profile(
             module.weight,
-            stats["cov"],
+            stats.get("cov"),
             fisher,
             backend=backend,
             abs_mean=stats["abs_mean"],
             alpha=config.alpha,
             shrinkage=config.shrinkage,
+            output_cov=stats.get("output_cov"),
+            input_power=stats.get("input_power"),
         )
         return module.out_features, module.in_features, loss.cpu()
 
     # the sensitivity pass's batches: half the calibration's (a backward pass holds more per window)
     batch_size = max(1, config.calibration_batch_size // 2)
-    return planner.map_sensitivity_statistics(modules, curve, windows, batch_size=batch_size)
+    # the curves read each input covariance only as W C W^T and its diagonal
+    return planner.map_sensitivity_statistics(modules, curve, windows, batch_size=batch_size, output_side=True)
 
 
 @register_method
@@ -114,6 +125,7 @@ class LowRank(Method):
             sublayer=config.sublayer,
             windows=config.calibration_windows,
             batch_size=config.calibration_batch_size,
+            output_side=True,  # the factorisations read the cross moment only as W C_dc
         )
 
     def streams(self, config: LowRankConfig) -> bool:
@@ -232,14 +244,13 @@ def nested_factors(weight: torch.Tensor, segments, stats: dict, config: LowRankC
     start = 0
     for end, j in segments:
         s = streams[j]
-        cross = s.get("cross") if config.backend == "whiten_dense_target" else None
         a, b = whitened_factors(
             weight,
             _whitening(s, config.shrinkage, keep_cov=False),
             end - start,
-            cross=cross,
             shrinkage=config.shrinkage,
             fixed=None if A is None else (A, B),
+            **_dense_target(s, config.backend),
         )
         A, B = (a, b) if A is None else (torch.cat([A, a], dim=1), torch.cat([B, b], dim=0))
         start = end
