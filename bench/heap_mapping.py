@@ -1,10 +1,10 @@
 """What mapping large allocations on their own costs and saves -> bench/results/heap_mapping.md (+ .json).
 
-`compress` gives every allocation of 4 MiB or more its own memory mapping (compress.utils.map_large_allocations),
-so a freed block leaves the process at once; glibc's default instead raises that threshold to the largest block
-freed so far, and mid-sized blocks then come from the heap and stay resident once freed. Each row is one
-`compress run` of a recipe, with glibc's default or with the mapping, in turns (default, mapped, default, mapped)
-so that the machine's drift hits both alike; compression wall time and peak RSS come from report.json.
+Where memory is tight `compress` gives every allocation of 4 MiB or more its own memory mapping, so that a freed
+block leaves the process at once (compress.utils.map_large_allocations_when_tight); glibc's default instead raises
+that threshold to the largest block freed so far, and mid-sized blocks come from the heap and stay resident once
+freed, but are reused without fresh page faults. Each row is one `compress run` of a recipe, with glibc's default
+or with the mapping, in turns (default, mapped, ...); compression wall time and peak RSS come from report.json.
 
     python bench/heap_mapping.py [--recipe NAME] [--set PATH=VALUE ...] [--model MODEL] [--rounds N] [--threads T]
 
@@ -33,12 +33,16 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 STORE, MARKDOWN = RESULTS / "heap_mapping.json", RESULTS / "heap_mapping.md"
 
-# the CLI, with the mapping switched off for "default" (the run is otherwise the user's `compress run`)
+# the CLI with glibc's heap throughout ("default") or every large block mapped from the start ("mapped"), whatever
+# the run's memory (the run is otherwise the user's `compress run`)
 LAUNCH = """
 import sys
+import compress.pipeline
 import compress.utils
 if sys.argv[1] == "default":
-    compress.utils.map_large_allocations = lambda: None
+    compress.utils.map_large_allocations = compress.pipeline.map_large_allocations = lambda: None
+else:
+    compress.utils.map_large_allocations()
 from compress.cli import main
 sys.exit(main(sys.argv[2:]))
 """

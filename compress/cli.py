@@ -109,6 +109,9 @@ def _cmd_eval(args) -> None:
         from transformers import AutoTokenizer
 
         from .models import model_folder, verify_folder
+        from .utils import map_large_allocations
+
+        map_large_allocations()  # a streamed evaluation is for memory that is tight: freed blocks leave at once
 
         folder = model_folder(args.model_id)
         verify_folder(folder)
@@ -279,9 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .distributed import close as leave_processes
     from .distributed import init as init_processes
-    from .utils import bound_kernel_caches, map_large_allocations
+    from .utils import bound_kernel_caches
 
-    map_large_allocations()  # freed activations leave the process instead of staying resident in the heap
     bound_kernel_caches()  # bf16 matmuls on CPU would keep a compiled kernel for every matrix shape
     init_processes()  # a launch of several processes (torchrun / accelerate launch): join them
     finished = False

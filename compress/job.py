@@ -20,7 +20,16 @@ from pathlib import Path
 
 from . import distributed
 from .errors import CompressError, RunIncomplete, describe_exception, write_traceback
-from .utils import StagedFolder, folder_bytes, peak_gpu_bytes, peak_rss_bytes, require, return_freed_memory
+from .utils import (
+    StagedFolder,
+    folder_bytes,
+    large_allocations_mapped,
+    map_large_allocations_when_tight,
+    peak_gpu_bytes,
+    peak_rss_bytes,
+    require,
+    return_freed_memory,
+)
 
 ERROR_LOG = "error.log"
 
@@ -83,6 +92,7 @@ def _follow(recipe, model_id: str, device: str, out: Path, streamed: bool, resum
     dense_eval = recipe.eval.model_copy(update={"budgets": None})
     if not streamed:
         loaded = load_model(model_id)
+        map_large_allocations_when_tight(4 * count_params(loaded.model))
         model = compress(
             loaded.model.to(device), recipe, tokenizer=loaded.tokenizer, progress=False, source=loaded.source
         )
@@ -97,6 +107,7 @@ def _follow(recipe, model_id: str, device: str, out: Path, streamed: bool, resum
     from .streaming import StreamedLayers
 
     loaded = open_streamed(model_id, device)
+    map_large_allocations_when_tight(4 * count_params(loaded.model))
     state = StagedFolder.partial_path(out) / ".resume" / "state.pt"
     store = StreamedLayers(loaded.stream, None, state=state, key=resume_key(recipe, loaded.folder), resume=resume)
     model = compress(
@@ -221,6 +232,7 @@ def run_job(
     echo(f"{'opening' if streamed else 'loading'} {model_id} ...")
     loaded = open_streamed(model_id, device) if streamed else load_model(model_id)
     model, tokenizer = (loaded.model if streamed else loaded.model.to(device)), loaded.tokenizer
+    map_large_allocations_when_tight(4 * count_params(model))
     state = _prepare_resume(out, recipe, loaded.folder if streamed else None, resume, echo)
     with StagedFolder(out, overwrite=overwrite, partial=streamed) as staged:
         tmp = staged.path
@@ -278,6 +290,7 @@ def run_job(
                 "compression_wall_time_s": info.wall_time_s,
                 "peak_rss_bytes": peak_rss_bytes(),
                 "peak_gpu_bytes": peak_gpu_bytes(),
+                "large_allocations_mapped": large_allocations_mapped(),
             },
             "calibration": None
             if info.calibration is None

@@ -23,7 +23,7 @@ from torch import nn
 from .methods.base import Method, ModelStats, Planner, StageContext, StageResult
 from .registry import get_method
 from .targets import layer_index, replace_module, select_modules
-from .utils import peak_gpu_bytes, peak_rss_bytes, progress_iter, trim_heap
+from .utils import map_large_allocations, peak_gpu_bytes, peak_rss_bytes, progress_iter, trim_heap
 
 
 class ModelPlanner(Planner):
@@ -123,7 +123,10 @@ def _activations(model: nn.Module, windows: torch.Tensor, ctx: StageContext):
     share = -(-windows.numel() // world_size())  # this process's tokens
     stream_bytes = share * config.hidden_size * torch.empty(0, dtype=dtype).element_size()
     device = _walk_device(model, ctx)
-    return Activations(choose_place(ctx.activation_storage, stream_bytes, device), device)
+    place = choose_place(ctx.activation_storage, stream_bytes, device)
+    if place == "disk":  # memory is what the walk saves: freed blocks leave the process at once
+        map_large_allocations()
+    return Activations(place, device)
 
 
 def _running_as(model: nn.Module, selection: dict, made: list[str]):

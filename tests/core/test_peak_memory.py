@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from compress.utils import map_large_allocations
+from compress.utils import map_large_allocations, map_large_allocations_when_tight
 
 
 class MallInfo2(ctypes.Structure):
@@ -36,6 +36,8 @@ libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo2
 if sys.argv[1] == "mapped":
     map_large_allocations()
+if sys.argv[1] in ("tight", "roomy"):  # a model of 1 PB, or of nothing, against the memory available
+    assert map_large_allocations_when_tight(10**15 if sys.argv[1] == "tight" else 0) == (sys.argv[1] == "tight")
 torch.ones(8 << 18)  # 8 MiB, freed at once: glibc's own threshold rises above the block below
 mapped = libc.mallinfo2().hblkhd
 block = torch.ones(6 << 18)  # 6 MiB, as a layer's activations
@@ -51,6 +53,9 @@ def test_large_blocks_get_their_own_mapping_which_freeing_returns():
 
     assert mapped_bytes("mapped") >= 6 << 20  # its own mapping: unmapped, not kept, when freed
     assert mapped_bytes("heap") == 0  # glibc's default after a larger free: from the heap, resident once freed
+    # mapped only where memory is tight: elsewhere the heap reuses freed blocks without fresh page faults
+    assert mapped_bytes("tight") >= 6 << 20
+    assert mapped_bytes("roomy") == 0
 
 
 MANY_SHAPES = """
