@@ -50,8 +50,8 @@ class InputStats:
     may have its second moments taken on the output side, where they are smaller and are all the low-rank
     maths reads of them: ``output_cov`` = sum y y^T (y = W x, bias removed) and the input's ``input_power``
     (sum x^2, the diagonal of ``cov``) instead of ``cov``; ``target_cross`` = sum y_dense x_current^T (y_dense =
-    W x_dense, the dense module's own output) instead of ``cross``. (:func:`compress.lowrank_math.output_moment`
-    and :func:`compress.lowrank_math.target_moment` give W cov W^T and W cross from either form.)"""
+    W x_dense, the dense module's own output) instead of ``cross``. (:func:`compress.lowrank_math.target_moment`
+    gives W cross from either form; :func:`compress.lowrank_math.truncation_error_profile` takes either.)"""
 
     in_features: int
     want_cross: bool = False
