@@ -39,7 +39,7 @@ from .distributed import shard, share_with_all, sum_, sum_number
 from .errors import CompressError
 from .offload import Activations
 from .targets import layer_index
-from .utils import trim_heap
+from .utils import large_allocations_mapped, trim_heap
 
 
 @dataclass
@@ -1260,7 +1260,9 @@ def sensitivity_walk(
                             x = x.detach().requires_grad_(True)
                             out = run_layer(layers[i], x, kwargs[kinds[i]][b])
                             grads[b] = torch.autograd.grad(out, x, grad_outputs=grads[b])[0]
-                            del out  # the batch's graph: the next batch reuses its memory (trimmed per layer)
+                            del out  # the batch's graph: the next batch reuses its memory, unless it was mapped
+                            if large_allocations_mapped():  # memory is tight: its heap part goes back too
+                                trim_heap()
                 finally:
                     for handle in handles:
                         handle.remove()

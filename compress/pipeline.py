@@ -152,6 +152,8 @@ def _running_as(model: nn.Module, selection: dict, made: list[str]):
 def _apply_layers(model: nn.Module, method: Method, config, ctx: StageContext, where: str) -> StageResult:
     modules = select_modules(model, config.targets, config.ignore, f"{where}.targets")
     planner = ModelPlanner(model, ctx)
+    if ctx.activation_storage == "disk":  # memory is what the run saves, from its planning pass on
+        map_large_allocations()
     start = time.perf_counter()
     plan = method.plan(modules, config, planner)
     result = plan.result
