@@ -391,7 +391,20 @@ NOTES = {
     "v1.6-paired's to every digit (34.4237) and its weights are the same bits: keeping down_proj's inputs and "
     "sharing the layer probe changed nothing in the result. v1.7-disk (the hidden states on disk, beside the "
     "test suite on the other core): the same weights as v1.7-paired, compression peak 0.81 GB, 1.51x the "
-    "model's 0.54 GB of fp32 (v1.5-disk in float32: 0.74 GiB, 1.48x).",
+    "model's 0.54 GB of fp32 (v1.5-disk in float32: 0.74 GiB, 1.48x). v0.2-paired4 / v1.8-paired and "
+    "v0.2-paired5 / v1.8-paired2 (2026-12-05, the same set-up; b47365b and d67a4f2: down_proj's moments taken on "
+    "its output side, W C W^T in the sensitivity pass and W C_dc in the calibration; the Fisher's per-batch sums "
+    "in float32; the sensitivity tail's head cast to bf16 once; large allocations from glibc's heap, the model "
+    "being small against the memory available): compression 534 against 257 s and 523 against 250 s (0.48x "
+    "both), held-out perplexity 34.4246 against 34.4661 (-0.12 %), last-word accuracy 0.26, word perplexity "
+    "124.0; the two new runs give the same weights. Compression peaks in memory 1.51 and 1.54 GB. v1.8-disk and "
+    "v1.8-disk-f32 (beside the test suite; the latter's '+dirty' is the former's uncommitted results files): the "
+    "same weights as in memory, compression peaks 0.90 GB (bf16) and 0.87 GB (float32), 1.65x and 1.61x, both "
+    "set in the planning, which ran on glibc's heap: the disk placement mapped large allocations only once the "
+    "layer walk began. From b8daa90 on a recipe that asks for disk maps them before its plan: v1.9-disk-f32 "
+    "peaks at 0.78 GB, 1.44x (the same weights as v1.8-disk-f32), v1.9-disk at 0.86 GB, 1.59x, still set in the "
+    "planning: the sensitivity tail's bf16 copy of the head (57 MB), held while the loss gradient is taken "
+    "(v1.7-disk, with the tail in float32: 0.81 GB, 1.51x).",
 }
 
 

@@ -11,6 +11,9 @@ layer's targeted Linears that accumulate
 * ``cross``  = sum x_dense x_current^T (optional): the input the dense model gives the module,
   against the one the partly compressed model gives it (a parallel dense stream is kept),
 * ``dense_cov`` = sum x_dense x_dense^T (optional),
+* or, where the caller reads them only through the weight (``output_side``) and that is less work, their
+  output-side forms: ``target_cross`` = W ``cross`` and, in the sensitivity pass, ``output_cov`` = W ``cov`` W^T
+  with ``input_power`` = diag(``cov``) (:class:`InputStats`),
 
 hands them to a callback that replaces the layer's modules, and re-runs the compressed layer to
 produce layer i+1's inputs (``sequential=True``: layer i sees the compressed layers before it).
