@@ -99,8 +99,9 @@ TIGHT_MEMORY_SHARE = 1 / 8
 def map_large_allocations_when_tight(model_bytes: int) -> bool:
     """:func:`map_large_allocations` when memory is tight: the model's float32 bytes are at least
     :data:`TIGHT_MEMORY_SHARE` of the memory available now. Otherwise glibc's heap keeps reusing freed blocks:
-    fresh mappings cost their page faults on every large allocation, 17 % of lowrank-20's compression time on
-    SmolLM2 (0.54 GB against 24 GB: 256 s against 307 s, for a 3 % higher peak). Returns whether it mapped."""
+    fresh mappings cost their page faults on every large allocation: lowrank-20 on SmolLM2 (0.54 GB against
+    24 GB) compresses in 257 s on the heap against 293 s mapped, for a peak of 1.42 against 1.34 GiB
+    (bench/results/heap_mapping.md). Returns whether it mapped."""
     import psutil
 
     tight = model_bytes >= TIGHT_MEMORY_SHARE * psutil.virtual_memory().available
