@@ -34,6 +34,12 @@ from .utils import (
 ERROR_LOG = "error.log"
 
 
+def _map_allocations_if_tight(model) -> None:
+    """Large allocations on their own mappings for the rest of the run when the model's float32 weights make
+    memory tight (:func:`compress.utils.map_large_allocations_when_tight`)."""
+    map_large_allocations_when_tight(4 * count_params(model))
+
+
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())  # shared (tied) tensors counted once
 
@@ -92,7 +98,7 @@ def _follow(recipe, model_id: str, device: str, out: Path, streamed: bool, resum
     dense_eval = recipe.eval.model_copy(update={"budgets": None})
     if not streamed:
         loaded = load_model(model_id)
-        map_large_allocations_when_tight(4 * count_params(loaded.model))
+        _map_allocations_if_tight(loaded.model)
         model = compress(
             loaded.model.to(device), recipe, tokenizer=loaded.tokenizer, progress=False, source=loaded.source
         )
@@ -107,7 +113,7 @@ def _follow(recipe, model_id: str, device: str, out: Path, streamed: bool, resum
     from .streaming import StreamedLayers
 
     loaded = open_streamed(model_id, device)
-    map_large_allocations_when_tight(4 * count_params(loaded.model))
+    _map_allocations_if_tight(loaded.model)
     state = StagedFolder.partial_path(out) / ".resume" / "state.pt"
     store = StreamedLayers(loaded.stream, None, state=state, key=resume_key(recipe, loaded.folder), resume=resume)
     model = compress(
@@ -232,7 +238,7 @@ def run_job(
     echo(f"{'opening' if streamed else 'loading'} {model_id} ...")
     loaded = open_streamed(model_id, device) if streamed else load_model(model_id)
     model, tokenizer = (loaded.model if streamed else loaded.model.to(device)), loaded.tokenizer
-    map_large_allocations_when_tight(4 * count_params(model))
+    _map_allocations_if_tight(model)
     state = _prepare_resume(out, recipe, loaded.folder if streamed else None, resume, echo)
     with StagedFolder(out, overwrite=overwrite, partial=streamed) as staged:
         tmp = staged.path
