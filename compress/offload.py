@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import tempfile
+from collections import defaultdict
 from collections.abc import MutableSequence
 from pathlib import Path
 
@@ -26,18 +27,51 @@ PLACES = ("device", "cpu", "disk")
 _LISTS_AT_ONCE = 8
 
 
-class _File:
-    """A tensor saved in a file, deleted with this handle (the last list that held it let go)."""
+class _FilePool:
+    """The files of a disk placement. A freed item's file is written over by a later item, not deleted: writing over
+    a file's cached pages is about 10x faster than filling a new file's (measured: 0.4 against 3-9 ms per 4.7 MB,
+    a quarter of the sub-layer walk's time on disk). The folder holds as many files as items were alive at once."""
 
-    def __init__(self, path: Path, tensor: torch.Tensor):
-        self.path = path
-        torch.save(tensor.detach().cpu(), path)
+    def __init__(self, folder: Path):
+        self.folder, self._names, self._free = folder, itertools.count(), defaultdict(list)
+
+    def take(self, nbytes: int) -> Path:
+        """A free file, one of ``nbytes`` where there is one (nothing to truncate or extend), else a new one."""
+        if self._free[nbytes]:
+            return self._free[nbytes].pop()
+        other = next((paths for paths in self._free.values() if paths), None)
+        return other.pop() if other else self.folder / f"{next(self._names)}.bin"
+
+    def give_back(self, path: Path, nbytes: int) -> None:
+        self._free[nbytes].append(path)
+
+
+class _File:
+    """A tensor's bytes in a file of ``pool``; the file goes back to the pool with this handle (the last list that
+    held it let go)."""
+
+    def __init__(self, pool: _FilePool, tensor: torch.Tensor):
+        tensor = tensor.detach().to("cpu").contiguous()
+        self.pool, self.dtype, self.shape, self.nbytes = pool, tensor.dtype, tensor.shape, tensor.nbytes
+        self.path = pool.take(self.nbytes)
+        with open(self.path, "r+b" if self.path.exists() else "wb") as file:
+            file.write(_bytes_of(tensor))
+            file.truncate()
 
     def load(self) -> torch.Tensor:
-        return torch.load(self.path, weights_only=True)
+        tensor = torch.empty(self.shape, dtype=self.dtype)
+        with open(self.path, "rb") as file:
+            if file.readinto(_bytes_of(tensor)) != self.nbytes:
+                raise OSError(f"{self.path} is shorter than the {self.nbytes} bytes written to it")
+        return tensor
 
     def __del__(self):
-        self.path.unlink(missing_ok=True)
+        self.pool.give_back(self.path, self.nbytes)
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's memory as bytes (numpy has no bfloat16: viewed as uint8 first)."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
 class Activations:
@@ -50,11 +84,12 @@ class Activations:
         if place not in PLACES:
             raise ValueError(f"unknown activation placement {place!r}: one of {', '.join(PLACES)}")
         self.place, self.device = place, torch.device(device)
-        self._parent, self._folder, self._names = folder, None, itertools.count()
+        self._parent, self._folder, self._files = folder, None, None
 
     def __enter__(self) -> Activations:
         if self.place == "disk":
             self._folder = tempfile.TemporaryDirectory(prefix="compress-activations-", dir=self._parent)
+            self._files = _FilePool(Path(self._folder.name))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -82,7 +117,7 @@ class Activations:
             return value
         if self.place == "cpu":
             return value.detach().to("cpu")
-        return _File(Path(self._folder.name) / f"{next(self._names)}.pt", value)
+        return _File(self._files, value)
 
     def load(self, held):
         if isinstance(held, tuple):

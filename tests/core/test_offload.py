@@ -71,9 +71,9 @@ def test_compress_run_on_disk_streams_to_the_in_memory_checkpoint(tmp_path, smol
     seen = []
     save = offload._File.__init__
 
-    def counting(self, path, tensor):  # the files that exist while the walk writes one more
-        seen.append(len(list(path.parent.iterdir())))
-        save(self, path, tensor)
+    def counting(self, pool, tensor):  # the files that exist while the walk writes one more
+        seen.append(len(list(pool.folder.iterdir())))
+        save(self, pool, tensor)
 
     monkeypatch.setattr(offload._File, "__init__", counting)
     recipe = stage_recipe(STAGES["sub-layer, elastic"], activation_storage="disk")
@@ -96,7 +96,7 @@ def test_compress_run_on_disk_streams_to_the_in_memory_checkpoint(tmp_path, smol
     assert all(torch.equal(written[k], expected[k].to(written[k].dtype)) for k in written)
 
 
-def test_an_offloaded_list_keeps_its_items_in_files_and_deletes_them_with_the_list(tmp_path):
+def test_an_offloaded_list_keeps_its_items_in_files_and_reuses_a_freed_items_file(tmp_path):
     items = [torch.randn(2, 3, 4) for _ in range(3)]
     with Activations("disk", folder=tmp_path) as held:
         stream = held.new(items)
@@ -108,16 +108,21 @@ def test_an_offloaded_list_keeps_its_items_in_files_and_deletes_them_with_the_li
         assert len(list(folder.iterdir())) == 3
         stream[1] = None  # as record_from_inputs drops an input once used
         assert stream[1] is None and torch.equal(copy[1], items[1])
-        del copy
-        assert len(list(folder.iterdir())) == 2
-        stream[:] = [items[0]]
-        assert len(stream) == 1 and len(list(folder.iterdir())) == 1
+        del copy  # items[1]'s file is free now: the next item is written over it
+        smaller = torch.arange(5, dtype=torch.bfloat16)  # another size and dtype: the file is cut to its bytes
+        stream[1] = smaller
+        assert len(list(folder.iterdir())) == 3 and torch.equal(stream[1], smaller)
+        assert stream[1].dtype == torch.bfloat16 and torch.equal(stream[0], items[0])
         other = held.new(items)
         stream[:] = other  # a list of the same placement shares its files, written once
-        assert len(stream) == 3 and len(list(folder.iterdir())) == 3
+        assert len(stream) == 3 and len(list(folder.iterdir())) == 6
+        assert all(torch.equal(a, b) for a, b in zip(stream, items))
         del other
-        held_tuple = held.hold((items[2], None))
+        held_tuple = held.hold((items[2], None))  # written over a freed file: no seventh
         assert torch.equal(held.load(held_tuple)[0], items[2]) and held.load(held_tuple)[1] is None
+        assert len(list(folder.iterdir())) == 6
+        scalar = held.hold(torch.tensor(3.5))
+        assert held.load(scalar).shape == () and held.load(scalar).item() == 3.5
     assert not any(tmp_path.iterdir())
 
 
