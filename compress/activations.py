@@ -42,7 +42,7 @@ from .distributed import shard, share_with_all, sum_, sum_number
 from .errors import CompressError
 from .offload import Activations
 from .targets import layer_index
-from .utils import large_allocations_mapped, trim_heap
+from .utils import trim_heap
 
 
 @dataclass
@@ -1179,6 +1179,9 @@ class ResidentLayers:
     def without_outside(self):
         return contextlib.nullcontext()
 
+    def tail_only(self, dtype):
+        return contextlib.nullcontext()
+
 
 def sensitivity_walk(
     model: nn.Module,
@@ -1228,14 +1231,17 @@ def sensitivity_walk(
                 hidden = [run_layer(layers[i], h, kw) for h, kw in zip(hidden, kwargs[kinds[i]])]
                 store.leave(i)
                 trim_heap()
-        # the tail: d loss / d last layer's output, in the passes' dtype; autocast's cache on, so that the head's
-        # weight (vocabulary x hidden) is cast once, not for every chunk of tokens (2x faster on SmolLM2)
-        with stubbed_layers(layers) as stubs, _casting_weights_once(hidden[0].device.type):
-            grads = [
-                tail_loss_gradient(model, stubs, h, batch.to(h.device), TAIL_CHUNK_TOKENS)
-                for h, batch in zip(hidden, windows.split(batch_size))
-            ]
-        del hidden
+        # the tail: d loss / d last layer's output, in the passes' dtype; the head's weight (vocabulary x hidden)
+        # cast once, not for every chunk of tokens (2x faster on SmolLM2): a streamed model reads the head alone in
+        # that dtype, a model held whole keeps autocast's copies while the tail runs
+        device_type = hidden[0].device.type
+        cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        grads = []
+        with store.tail_only(cast), stubbed_layers(layers) as stubs, _casting_weights_once(device_type):
+            for batch in windows.split(batch_size):
+                h = hidden.pop(0)  # not needed after: the backward walk reads the layers' inputs from disk
+                grads.append(tail_loss_gradient(model, stubs, h, batch.to(h.device), TAIL_CHUNK_TOKENS))
+                del h
         lowest = min(layer_index(name) for name in modules)  # no gradient is needed below it
         walk = reversed(range(lowest, len(layers)))
         # the tail's gradient is taken: the embedding and head wait on disk (a streamed model) until the walk ends
@@ -1263,9 +1269,9 @@ def sensitivity_walk(
                             x = x.detach().requires_grad_(True)
                             out = run_layer(layers[i], x, kwargs[kinds[i]][b])
                             grads[b] = torch.autograd.grad(out, x, grad_outputs=grads[b])[0]
-                            del out  # the batch's graph: the next batch reuses its memory, unless it was mapped
-                            if large_allocations_mapped():  # memory is tight: its heap part goes back too
-                                trim_heap()
+                            del (
+                                out
+                            )  # the batch's graph: the next batch reuses its memory (the heap is trimmed per layer)
                 finally:
                     for handle in handles:
                         handle.remove()
@@ -1314,7 +1320,8 @@ def tail_loss_gradient(model: nn.Module, stubs, hidden: torch.Tensor, ids: torch
             x = states[start : start + chunk].detach()[None].requires_grad_(True)
             stubs[0].replay = x
             target = targets[start : start + chunk]
-            logits = model(input_ids=target[None], use_cache=False).logits[0].float()
+            # the embedding is not read: the stubs replay x whatever enters them
+            logits = model(inputs_embeds=x.detach(), use_cache=False).logits[0].float()
             loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
             parts.append(torch.autograd.grad(loss, x)[0][0])
     stubs[0].replay = None

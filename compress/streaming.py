@@ -112,6 +112,30 @@ class StreamedModel:
         self._tie()  # moved one by one, a tied head got its own tensor: the model would count it twice
         trim_heap()
 
+    def materialise_tail(self, head_dtype: torch.dtype) -> None:
+        """Read what is outside the layers but the input embedding (final norm, head), the head (a plain Linear) in
+        ``head_dtype`` from the shards (of a tied head: the embedding's tensor); call :meth:`release_outside`
+        first. Under an autocast to ``head_dtype`` the head computes what it would in float32: autocast's copy of
+        its weight is this cast."""
+        from accelerate.utils import set_module_tensor_to_device
+        from safetensors import safe_open
+
+        head_module = self.model.get_output_embeddings()
+        if type(head_module) is not nn.Linear:  # a replaced head may run ops autocast does not cast
+            head_dtype = self.dtype
+        inside, head = f"{self.layers_name}.", self._name_of(head_module)
+        embedding = self._name_of(self.model.get_input_embeddings())
+        for name, tensor in self.tensors(""):
+            if name.startswith((inside, f"{embedding}.")) or tensor.device.type != "meta":
+                continue
+            stored = f"{embedding}.weight" if self._tied(name) else name
+            with safe_open(self.files[stored], framework="pt") as shard:
+                value = shard.get_tensor(stored)
+            in_head = name.startswith(f"{head}.")
+            dtype = (head_dtype if in_head else self.dtype) if value.is_floating_point() else None
+            set_module_tensor_to_device(self.model, name, self.device, value=value, dtype=dtype)
+        self._outside_loaded = True  # in part: release_outside drops it again
+
     def release(self, prefix: str) -> None:
         """Drop every tensor under ``prefix`` back to the meta device."""
         from accelerate.utils import set_module_tensor_to_device
@@ -347,4 +371,20 @@ class ReadLayers:
         try:
             yield
         finally:
+            self.stream.materialise(skip_layers=True)
+
+    @contextlib.contextmanager
+    def tail_only(self, dtype: torch.dtype | None):
+        """While open, the parts outside the layers are held without the input embedding, the head in ``dtype``
+        (the passes' autocast dtype; None: all as they are): a model's tail run on hidden states needs no
+        embedding, and its head no float32 copy beside autocast's. Read again whole at exit."""
+        if dtype is None:
+            yield
+            return
+        self.stream.release_outside()
+        self.stream.materialise_tail(dtype)
+        try:
+            yield
+        finally:
+            self.stream.release_outside()
             self.stream.materialise(skip_layers=True)

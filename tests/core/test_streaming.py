@@ -216,6 +216,35 @@ def test_streamed_output_sensitivities_equal_the_whole_model_ones(tmp_path, monk
     assert all(p.device.type == "meta" for n, p in stream.model.named_parameters() if ".layers." in n)
 
 
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_under_autocast_a_streamed_tail_reads_the_tail_only_in_its_dtype_to_the_same_sensitivities(tmp_path, tie):
+    """The tail of a streamed model's sensitivity pass holds its head in the autocast dtype and no embedding (the
+    copy autocast would make of a float32 head): the sensitivities of the model held whole, bit for bit."""
+    from compress.activations import ResidentLayers, sensitivity_walk
+    from compress.streaming import ReadLayers
+
+    folder = _save(make_tiny_llama(layers=3, tie=tie), tmp_path / "m")
+    stream = StreamedModel(folder)
+    stream.materialise(skip_layers=True)
+    whole = AutoModelForCausalLM.from_pretrained(folder).eval()
+    names = [n for n, m in whole.named_modules() if n.endswith(("q_proj", "o_proj", "down_proj"))]
+    windows = _windows(5, 24)
+    seen = []
+    embedding, head = stream.model.get_input_embeddings(), stream.model.get_output_embeddings()
+    head.register_forward_pre_hook(lambda m, a: seen.append((m.weight.dtype, embedding.weight.device.type)))
+    results = {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for key, model, store in (("whole", whole, ResidentLayers()), ("streamed", stream.model, ReadLayers(stream))):
+            modules = {n: model.get_submodule(n) for n in names}
+            sensitivity_walk(
+                model, modules, windows, store, lambda i, local, s, f, key=key: results.setdefault(key, {}).update(f)
+            )
+    assert all(torch.equal(results["streamed"][n], results["whole"][n]) for n in names)
+    assert seen and all(dtype == torch.bfloat16 and place == "meta" for dtype, place in seen)
+    assert head.weight.dtype == torch.float32 and head.weight.device.type == "cpu"  # read again whole after
+    assert (head.weight is embedding.weight) == tie
+
+
 def test_the_sensitivity_walk_measures_input_statistics_and_sensitivities_in_one_pass(tmp_path):
     from compress.activations import ResidentLayers, calibrate_sequentially, output_fisher, sensitivity_walk
 
