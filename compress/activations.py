@@ -1232,8 +1232,8 @@ def sensitivity_walk(
                 store.leave(i)
                 trim_heap()
         # the tail: d loss / d last layer's output, in the passes' dtype; the head's weight (vocabulary x hidden)
-        # cast once, not for every chunk of tokens (2x faster on SmolLM2): a streamed model reads the head alone in
-        # that dtype, a model held whole keeps autocast's copies while the tail runs
+        # cast once, not for every chunk of tokens (2x faster on SmolLM2): a streamed model reads its tail without
+        # the embedding, the head in that dtype; a model held whole keeps autocast's copies while the tail runs
         device_type = hidden[0].device.type
         cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         grads = []
@@ -1269,9 +1269,8 @@ def sensitivity_walk(
                             x = x.detach().requires_grad_(True)
                             out = run_layer(layers[i], x, kwargs[kinds[i]][b])
                             grads[b] = torch.autograd.grad(out, x, grad_outputs=grads[b])[0]
-                            del (
-                                out
-                            )  # the batch's graph: the next batch reuses its memory (the heap is trimmed per layer)
+                            # the batch's graph: the next batch reuses its memory (the heap is trimmed per layer)
+                            del out
                 finally:
                     for handle in handles:
                         handle.remove()
