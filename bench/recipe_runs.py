@@ -410,9 +410,10 @@ NOTES = {
     "tail holds its head alone, read from the shards in bf16, with no embedding; the backward walk trims the heap "
     "per layer only): lowrank-20 with its hidden states on disk, compression 544 against 265 s (0.49x) and 548 "
     "against 272 s (0.50x), peaks 0.77 and 0.79 GB (1.44x and 1.47x the model's 0.54 GB of fp32; both set before "
-    "the layer walk), the weights of v1.8-paired (in memory) bit for bit, held-out 34.4246. Alone on the machine, "
-    "the same recipe on disk with eval off took 292 s before these changes (forward passes 139 s, planning 104 s; "
-    "peak 0.87 GB) and 266 s after them (121 s, 90 s; the in-memory run: 261 s, 118 s, 86 s).",
+    "the layer walk), the weights of v1.8-paired (in memory) bit for bit, held-out 34.4246. Traced alone on the machine "
+    "(eval off, not stored here): the same recipe on disk took 292 s before these changes (forward passes 139 s, "
+    "planning 104 s; peak 0.87 GB) and 266 s with the files written over and the per-layer trim (121 s, 90 s); "
+    "in memory 261 s (118 s, 86 s).",
 }
 
 

@@ -239,7 +239,7 @@ class StreamedLayers:
         resume: bool = False,
     ):
         self.stream, self.writer, self.state, self.key = stream, writer, state, key
-        self.layers_done, self._saved_streams = 0, None
+        self.layers_done, self._saved_streams, self._spare_files = 0, None, []
         self.done: dict[str, dict] = {}  # module name -> {"spec", "info"} of the finished layers
         if resume and state is not None and state.is_file():
             saved = torch.load(state, weights_only=True, map_location="cpu")
@@ -296,7 +296,7 @@ class StreamedLayers:
                 chunk = gather_shares(part.cpu())
                 if chunk is not None:
                     chunks.append(f"stream-{self.layers_done}-{k}-{b}.pt")
-                    torch.save(chunk, self.state.parent / chunks[-1])
+                    self._save_chunk(chunk, self.state.parent / chunks[-1])
                 del part, chunk
             saved_streams.append(chunks)
             files.update(chunks or ())
@@ -313,9 +313,20 @@ class StreamedLayers:
         tmp = self.state.with_suffix(".tmp")
         torch.save(saved, tmp)
         tmp.replace(self.state)
-        for old in self.state.parent.glob("stream-*.pt"):  # the previous layer's, once the state names the new
-            if old.name not in files:
-                old.unlink()
+        # the previous layer's, once the state names the new: the next layer's chunks are written over them
+        self._spare_files = [old for old in self.state.parent.glob("stream-*.pt") if old.name not in files]
+
+    def _save_chunk(self, chunk: torch.Tensor, path: Path) -> None:
+        """torch.save ``chunk`` at ``path``, written over a spare file (renamed) where there is one: overwriting a
+        file's cached pages is about 10x faster than filling a new file's (SmolLM2's 30 layers: about 10 s)."""
+        spare = self._spare_files.pop() if self._spare_files else None
+        if spare is None:
+            torch.save(chunk, path)
+            return
+        spare.rename(path)
+        with open(path, "r+b") as file:
+            torch.save(chunk, file)
+            file.truncate()
 
     def reading(self) -> ReadLayers:
         """The same layers for a pass that reads them and changes nothing (a plan's pre-pass)."""
