@@ -413,7 +413,11 @@ NOTES = {
     "the layer walk), the weights of v1.8-paired (in memory) bit for bit, held-out 34.4246. Traced alone on the machine "
     "(eval off, not stored here): the same recipe on disk took 292 s before these changes (forward passes 139 s, "
     "planning 104 s; peak 0.87 GB) and 266 s with the files written over and the per-layer trim (121 s, 90 s); "
-    "in memory 261 s (118 s, 86 s).",
+    "in memory 261 s (118 s, 86 s). v0.2-paired8 / v2.1-disk-paired (d9cad07: the resume state's stream chunks "
+    "also written over the files of the layer before, its writing 10 -> 3 s): 544 against 286 s (0.53x), peak "
+    "0.78 GB (1.44x), the same weights; its forward passes took 144 s against 120 and 126 s in the two pairs "
+    "before (114 s in memory, v1.8-paired*). On disk every large allocation is a fresh mapping; how much its page "
+    "faults cost varies from run to run on this machine (a run alone, traced, took 164 s in its forward passes).",
 }
 
 
