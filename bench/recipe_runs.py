@@ -405,19 +405,19 @@ NOTES = {
     "peaks at 0.78 GB, 1.44x (the same weights as v1.8-disk-f32), v1.9-disk at 0.86 GB, 1.59x, still set in the "
     "planning: the sensitivity tail's bf16 copy of the head (57 MB), held while the loss gradient is taken "
     "(v1.7-disk, with the tail in float32: 0.81 GB, 1.51x). v0.2-paired6 / v2.0-disk-paired and v0.2-paired7 / "
-    "v2.0-disk-paired2 (2026-12-05, the same set-up; ceee290 and 7b9213f: a disk placement writes over freed "
-    "items' files instead of filling new ones, raw bytes instead of torch.save; a streamed model's sensitivity "
-    "tail holds its head alone, read from the shards in bf16, with no embedding; the backward walk trims the heap "
-    "per layer only): lowrank-20 with its hidden states on disk, compression 544 against 265 s (0.49x) and 548 "
-    "against 272 s (0.50x), peaks 0.77 and 0.79 GB (1.44x and 1.47x the model's 0.54 GB of fp32; both set before "
-    "the layer walk), the weights of v1.8-paired (in memory) bit for bit, held-out 34.4246. Traced alone on the "
-    "machine (eval off, not stored here): the same recipe on disk took 292 s before these changes (forward "
-    "passes 139 s, planning 104 s; peak 0.87 GB) and 266 s with the files written over and the per-layer trim (121 s, 90 s); "
-    "in memory 261 s (118 s, 86 s). v0.2-paired8 / v2.1-disk-paired (d9cad07: the resume state's stream chunks "
-    "also written over the files of the layer before, its writing 10 -> 3 s): 544 against 286 s (0.53x), peak "
-    "0.78 GB (1.44x), the same weights; its forward passes took 144 s against 120 and 126 s in the two pairs "
-    "before (114 s in memory, v1.8-paired*). On disk every large allocation is a fresh mapping; how much its page "
-    "faults cost varies from run to run on this machine (a run alone, traced, took 164 s in its forward passes).",
+    "v2.0-disk-paired2 (2026-12-05, the same set-up; ceee290 and 7b9213f: a disk placement writes over freed items'"
+    " files instead of filling new ones, raw bytes instead of torch.save; a streamed model's sensitivity tail holds"
+    " its head alone, read from the shards in bf16, with no embedding; the backward walk trims the heap per layer "
+    "only): lowrank-20 with its hidden states on disk, compression 544 against 265 s (0.49x) and 548 against 272 s "
+    "(0.50x), peaks 0.77 and 0.79 GB (1.44x and 1.47x the model's 0.54 GB of fp32; both set before the layer walk),"
+    " the weights of v1.8-paired (in memory) bit for bit, held-out 34.4246. Traced alone on the machine (eval off, "
+    "not stored here): the same recipe on disk took 292 s before these changes (forward passes 139 s, planning 104 "
+    "s; peak 0.87 GB) and 266 s with the files written over and the per-layer trim (121 s, 90 s); in memory 261 s "
+    "(118 s, 86 s). v0.2-paired8 / v2.1-disk-paired (d9cad07: the resume state's stream chunks also written over "
+    "the files of the layer before, its writing 10 -> 3 s): 544 against 286 s (0.53x), peak 0.78 GB (1.44x), the "
+    "same weights; its forward passes took 144 s against 120 and 126 s in the two pairs before (114 s in memory, "
+    "v1.8-paired*). On disk every large allocation is a fresh mapping; how much its page faults cost varies from "
+    "run to run on this machine (a run alone, traced, took 164 s in its forward passes).",
 }
 
 
