@@ -190,6 +190,17 @@ def test_compress_run_streams_a_streamable_recipe_to_the_in_memory_checkpoint(tm
     assert torch.equal(reloaded(ids).logits, in_memory(ids).logits)
 
 
+def _streamed_and_whole(tmp_path, tie: bool):
+    """A tiny model saved, opened streamed (nothing of its layers read) and loaded whole; the module names whose
+    sensitivities are compared, and 5 windows of 24 tokens."""
+    folder = _save(make_tiny_llama(layers=3, tie=tie), tmp_path / "m")
+    stream = StreamedModel(folder)
+    stream.materialise(skip_layers=True)
+    whole = AutoModelForCausalLM.from_pretrained(folder).eval()
+    names = [n for n, m in whole.named_modules() if n.endswith(("q_proj", "o_proj", "down_proj"))]
+    return stream, whole, names, _windows(5, 24)
+
+
 @pytest.mark.parametrize("chunk", [None, 7], ids=["one-chunk", "chunked-tail"])
 def test_streamed_output_sensitivities_equal_the_whole_model_ones(tmp_path, monkeypatch, chunk):
     from compress import activations
@@ -199,12 +210,7 @@ def test_streamed_output_sensitivities_equal_the_whole_model_ones(tmp_path, monk
     if chunk is not None:  # the head's loss over 7 tokens at a time instead of a batch's 46
         monkeypatch.setattr(activations, "TAIL_CHUNK_TOKENS", chunk)
 
-    folder = _save(make_tiny_llama(layers=3, tie=True), tmp_path / "m")
-    stream = StreamedModel(folder)
-    stream.materialise(skip_layers=True)
-    whole = AutoModelForCausalLM.from_pretrained(folder).eval()
-    names = [n for n, m in whole.named_modules() if n.endswith(("q_proj", "o_proj", "down_proj"))]
-    windows = _windows(5, 24)
+    stream, whole, names, windows = _streamed_and_whole(tmp_path, tie=True)
     expected = output_fisher(whole, {n: whole.get_submodule(n) for n in names}, windows, batch_size=2)
     modules = {n: stream.model.get_submodule(n) for n in names}
     streamed = {}
@@ -217,18 +223,13 @@ def test_streamed_output_sensitivities_equal_the_whole_model_ones(tmp_path, monk
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-def test_under_autocast_a_streamed_tail_reads_the_tail_only_in_its_dtype_to_the_same_sensitivities(tmp_path, tie):
+def test_under_autocast_a_streamed_tail_holds_its_head_in_that_dtype_and_no_embedding(tmp_path, tie):
     """The tail of a streamed model's sensitivity pass holds its head in the autocast dtype and no embedding (the
     copy autocast would make of a float32 head): the sensitivities of the model held whole, bit for bit."""
     from compress.activations import ResidentLayers, sensitivity_walk
     from compress.streaming import ReadLayers
 
-    folder = _save(make_tiny_llama(layers=3, tie=tie), tmp_path / "m")
-    stream = StreamedModel(folder)
-    stream.materialise(skip_layers=True)
-    whole = AutoModelForCausalLM.from_pretrained(folder).eval()
-    names = [n for n, m in whole.named_modules() if n.endswith(("q_proj", "o_proj", "down_proj"))]
-    windows = _windows(5, 24)
+    stream, whole, names, windows = _streamed_and_whole(tmp_path, tie)
     seen = []
     embedding, head = stream.model.get_input_embeddings(), stream.model.get_output_embeddings()
     head.register_forward_pre_hook(lambda m, a: seen.append((m.weight.dtype, embedding.weight.device.type)))
