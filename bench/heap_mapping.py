@@ -40,7 +40,7 @@ import sys
 import compress.pipeline
 import compress.utils
 if sys.argv[1] == "default":
-    compress.utils.map_large_allocations = compress.pipeline.map_large_allocations = lambda: None
+    compress.utils.map_large_allocations = compress.pipeline.map_large_allocations = lambda *_: None
 else:
     compress.utils.map_large_allocations()
 from compress.cli import main
