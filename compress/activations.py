@@ -33,7 +33,6 @@ import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -1206,8 +1205,7 @@ def sensitivity_walk(
     ``output_side``: the caller reads a module's ``cov`` only as ``W cov W^T`` and its diagonal: a module alone on
     its input with fewer outputs than inputs gets ``output_cov`` and ``input_power`` instead (:class:`InputStats`;
     7x less work for a Llama's down_proj)."""
-    import tempfile
-
+    from .offload import Activations
     from .utils import progress_iter
 
     prefix, layers = decoder_layers(model, modules)
@@ -1215,14 +1213,16 @@ def sensitivity_walk(
     windows = shard(windows)
     was_training = model.training
     model.eval()
-    with tempfile.TemporaryDirectory(prefix="compress-fisher-") as spill:
-        spill = Path(spill)
+    with torch.no_grad():
+        hidden, kwargs = capture_layer0_inputs(model, layers, windows, batch_size)
+    # each layer's inputs, a file per batch: the backward walk reads one batch at a time
+    with Activations("disk", hidden[0].device) as spill:
+        inputs_of = {}
         with torch.no_grad():
-            hidden, kwargs = capture_layer0_inputs(model, layers, windows, batch_size)
             probes, output_gram = {}, {}  # by layer: the modules whose moments are taken on the output side
             for i in progress_iter(range(len(layers)), "sensitivity: forward", progress, total=len(layers)):
                 store.enter(i)
-                torch.save(hidden, spill / f"{i}.pt")
+                inputs_of[i] = spill.new(hidden)
                 local = f"{prefix}.{i}."
                 targeted = {n: m for n, m in modules.items() if n.startswith(local)}
                 if output_side and statistics and targeted:
@@ -1249,7 +1249,7 @@ def sensitivity_walk(
             for i in progress_iter(walk, "sensitivity: backward", progress, total=len(layers) - lowest):
                 local = {n: m for n, m in modules.items() if n.startswith(f"{prefix}.{i}.")}
                 store.enter(i)
-                inputs = torch.load(spill / f"{i}.pt")
+                inputs = inputs_of.pop(i)
                 sums, counts = {name: None for name in local}, {name: 0 for name in local}
                 handles = [m.register_forward_hook(_fisher_hook(n, sums, counts)) for n, m in local.items()]
                 collector = None
