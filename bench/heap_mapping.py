@@ -33,8 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 STORE, MARKDOWN = RESULTS / "heap_mapping.json", RESULTS / "heap_mapping.md"
 
-# the CLI with glibc's heap throughout ("default") or every large block mapped from the start ("mapped"), whatever
-# the run's memory (the run is otherwise the user's `compress run`)
+# the CLI with glibc's heap throughout ("default") or large blocks mapped from the start ("mapped"), whatever the
+# run's memory (the run is otherwise the user's `compress run`: from 2026-12-06 on, a walk with its hidden states on
+# disk maps only blocks above a batch's activations, and the heap's top is kept)
 LAUNCH = """
 import sys
 import compress.pipeline

@@ -416,8 +416,16 @@ NOTES = {
     "(118 s, 86 s). v0.2-paired8 / v2.1-disk-paired (d9cad07: the resume state's stream chunks also written over "
     "the files of the layer before, its writing 10 -> 3 s): 544 against 286 s (0.53x), peak 0.78 GB (1.44x), the "
     "same weights; its forward passes took 144 s against 120 and 126 s in the two pairs before (114 s in memory, "
-    "v1.8-paired*). On disk every large allocation is a fresh mapping; how much its page faults cost varies from "
-    "run to run on this machine (a run alone, traced, took 164 s in its forward passes).",
+    "v1.8-paired*). On disk every large allocation was a fresh mapping; how much its page faults cost varied from "
+    "run to run on this machine (a run alone, traced, took 164 s in its forward passes). v0.2-paired9 / "
+    "v2.2-disk-paired (7fcf03f-bf633a3: a mapping threshold set by hand keeps 64 MiB at the heap's top instead of "
+    "glibc's 128 KiB; on disk the layer walk maps only blocks above a batch's widest activation, the planning "
+    "from 4 MiB; the sensitivity pass reads its inputs a batch at a time; the recipe's batches of 2 windows, "
+    "not 4): compression 159 against 408 s (0.39x; v0.2 ran beside the new run's evaluation for most of its "
+    "compression), peak 0.78 GB (1.45x, set in the planning), held-out 34.4115 (new weights: the batches "
+    "changed the sums' order). v0.2-paired11 / v2.2-disk-paired2, the same set-up: 157 against 408 s (0.38x), peak "
+    "0.77 GB (1.44x), the same weights. v0.2-paired10 / v2.2-paired, in memory: 149 against 389 s (0.38x), peak "
+    "1.49 GB, the same weights as on disk.",
 }
 
 
