@@ -1215,14 +1215,16 @@ def sensitivity_walk(
     model.eval()
     with torch.no_grad():
         hidden, kwargs = capture_layer0_inputs(model, layers, windows, batch_size)
-    # each layer's inputs, a file per batch: the backward walk reads one batch at a time
+    lowest = min(layer_index(name) for name in modules)  # no gradient is needed below it
+    # each layer's inputs from the lowest on, a file per batch: the backward walk reads one batch at a time
     with Activations("disk", hidden[0].device) as spill:
         inputs_of = {}
         with torch.no_grad():
             probes, output_gram = {}, {}  # by layer: the modules whose moments are taken on the output side
             for i in progress_iter(range(len(layers)), "sensitivity: forward", progress, total=len(layers)):
                 store.enter(i)
-                inputs_of[i] = spill.new(hidden)
+                if i >= lowest:
+                    inputs_of[i] = spill.new(hidden)
                 local = f"{prefix}.{i}."
                 targeted = {n: m for n, m in modules.items() if n.startswith(local)}
                 if output_side and statistics and targeted:
@@ -1242,7 +1244,6 @@ def sensitivity_walk(
                 h = hidden.pop(0)  # not needed after: the backward walk reads the layers' inputs from disk
                 grads.append(tail_loss_gradient(model, stubs, h, batch.to(h.device), TAIL_CHUNK_TOKENS))
                 del h
-        lowest = min(layer_index(name) for name in modules)  # no gradient is needed below it
         walk = reversed(range(lowest, len(layers)))
         # the tail's gradient is taken: the embedding and head wait on disk (a streamed model) until the walk ends
         with store.without_outside():
